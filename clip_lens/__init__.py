@@ -1,0 +1,38 @@
+"""clip_lens: TransformerLens-style mechanistic interpretability for OpenCLIP models."""
+
+from clip_lens.cache import CLIPActivationCache
+from clip_lens.config import TowerConfig
+from clip_lens.decompose import Decomposition, decompose
+from clip_lens.errors import (
+    CheckpointNotFoundError,
+    ClipLensError,
+    CorruptCheckpointError,
+    HookNameError,
+    IndexOutOfRangeError,
+    InputError,
+    ModelNotFoundError,
+    StateDictMismatchError,
+    UnsupportedArchitectureError,
+)
+from clip_lens.hooked_clip import HookedCLIP
+from clip_lens.loading import list_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLIPActivationCache",
+    "CheckpointNotFoundError",
+    "ClipLensError",
+    "CorruptCheckpointError",
+    "Decomposition",
+    "HookNameError",
+    "HookedCLIP",
+    "IndexOutOfRangeError",
+    "InputError",
+    "ModelNotFoundError",
+    "StateDictMismatchError",
+    "TowerConfig",
+    "UnsupportedArchitectureError",
+    "decompose",
+    "list_models",
+]

@@ -1,0 +1,59 @@
+"""Configuration of a hooked tower, read off the open_clip modules it wraps.
+
+``HookedCLIP.cfg`` (vision) and ``HookedCLIP.text.cfg`` (text) are :class:`TowerConfig`
+objects. They carry the fields TransformerLens' ``ActivationCache`` helpers read
+(``n_layers``, ``n_heads``, ``d_model``, ``d_head``, ``d_mlp``, ``normalization_type``,
+``attn_only``) plus what describes the CLIP tower (pooling, image size, context length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+
+
+@dataclass
+class TowerConfig:
+    """Shape and feature summary of one tower (vision or text)."""
+
+    tower: str
+    """``"vision"`` or ``"text"``."""
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    n_ctx: int
+    """Sequence length: 1 + patches for vision, context length (+1 with a CLS) for text."""
+    d_embed: Optional[int]
+    """Width of the joint embedding (output of the projection); None without projection."""
+    act_fn: str
+    pool_type: str
+    """vision: ``tok``/``avg``/``none``/``attn``; text: ``argmax``/``eos``/``first``/``last``/``none``."""
+    final_ln_after_pool: bool = False
+    has_ln_pre: bool = False
+    layer_scale: bool = False
+    image_size: Optional[tuple[int, int]] = None
+    patch_size: Optional[tuple[int, int]] = None
+    grid_size: Optional[tuple[int, int]] = None
+    context_length: Optional[int] = None
+    vocab_size: Optional[int] = None
+    causal: bool = False
+    attn_pooler_heads: Optional[int] = None
+    attn_pooler_queries: Optional[int] = None
+    model_name: Optional[str] = None
+    normalization_type: str = "LN"
+    attn_only: bool = False
+    final_rms: bool = False
+    positional_embedding_type: str = "standard"
+    use_attn_result: bool = False
+    """Compute ``hook_result`` on every forward (otherwise only when it is hooked)."""
+    dtype: torch.dtype = torch.float32
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dtype"] = str(self.dtype)
+        return d

@@ -1,0 +1,251 @@
+"""HookedCLIP: an OpenCLIP model with TransformerLens hook points on both towers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from clip_lens.cache import CLIPActivationCache
+from clip_lens.config import TowerConfig
+from clip_lens.errors import HookNameError, InputError, close_matches
+from clip_lens.text import TextTower
+from clip_lens.vision import VisionTower
+
+TOWER_PREFIX = "visual."  # the image tower's hooks are exposed without this prefix
+
+
+def _eval_transform(model: nn.Module) -> Optional[Callable]:
+    """open_clip's evaluation transform (PIL image -> tensor) from the model's preprocess config."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    cfg = getattr(model.visual, "preprocess_cfg", None)
+    if not cfg:
+        return None
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+
+
+class HookedCLIP(HookedRootModule):
+    """An OpenCLIP model whose image and text towers expose named hook points.
+
+    The image tower's hooks sit at the top level (``blocks.3.attn.hook_pattern``), the text
+    tower's under ``text.`` (``text.blocks.3.attn.hook_pattern``); see
+    :mod:`clip_lens.hook_names` for the full ordered list with shapes. Parameters are shared
+    with the open_clip model it was built from. Outputs equal open_clip's (fp32, ≤1e-5).
+
+    Build one with :meth:`from_pretrained` (a model name from ``open_clip.list_models()``)
+    or :meth:`from_open_clip` (a model you already have).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        model_name: Optional[str] = None,
+        pretrained: Optional[str] = None,
+        preprocess: Optional[Callable] = None,
+    ):
+        super().__init__()
+        self.visual = VisionTower(model.visual, model_name)
+        self.text = TextTower(model, model_name)
+        self.logit_scale = model.logit_scale
+        self.logit_bias = getattr(model, "logit_bias", None)
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.preprocess = preprocess if preprocess is not None else _eval_transform(model)
+        self.eval()
+        self.setup()
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name: str,
+        pretrained: Union[str, Path, None] = None,
+        *,
+        device: Union[str, torch.device] = "cpu",
+        dtype: torch.dtype = torch.float32,
+        config_overrides: Optional[dict[str, Any]] = None,
+        cache_dir: Optional[str] = None,
+    ) -> "HookedCLIP":
+        """Build a hooked model by name.
+
+        Args:
+            model_name: an ``open_clip.list_models()`` name (e.g. ``"ViT-B-16"``).
+            pretrained: an open_clip pretrained tag (``"laion2b_s34b_b88k"``; downloaded by
+                open_clip), a local checkpoint (``.safetensors``, or ``.pt``/``.pth``/``.bin``
+                read with ``torch.load(weights_only=True)``), or ``None`` for random weights.
+            device, dtype: where and in which precision the model lives.
+            config_overrides: nested dict merged into the open_clip config before building,
+                e.g. ``{"vision_cfg": {"layers": 2}}`` for a shallow copy of an architecture.
+            cache_dir: download cache for pretrained tags.
+        """
+        from clip_lens.loading import load_open_clip
+
+        model, name, tag, preprocess = load_open_clip(
+            model_name, pretrained, config_overrides=config_overrides, cache_dir=cache_dir
+        )
+        return cls(model, model_name=name, pretrained=tag, preprocess=preprocess).to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_open_clip(cls, model: nn.Module, model_name: Optional[str] = None) -> "HookedCLIP":
+        """Wrap an open_clip ``CLIP``/``CustomTextCLIP``/``CoCa`` model, sharing its parameters."""
+        return cls(model, model_name=model_name)
+
+    def setup(self) -> None:
+        super().setup()
+        renamed = {}
+        for name, module in self.mod_dict.items():
+            if name.startswith(TOWER_PREFIX):
+                name = name[len(TOWER_PREFIX):]
+                module.name = name
+            renamed[name] = module
+        self.mod_dict = renamed
+        self.hook_dict = {n: m for n, m in renamed.items() if isinstance(m, HookPoint)}
+
+    # --- TransformerLens surface (what ActivationCache helpers read) ---------------------
+    @property
+    def cfg(self) -> TowerConfig:
+        """The image tower's config (``model.text.cfg`` for the text tower)."""
+        return self.visual.cfg
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.visual.blocks
+
+    @property
+    def ln_final(self) -> nn.Module:
+        """Alias of ``ln_post`` for TransformerLens helpers that look for ``ln_final``."""
+        return self.visual.ln_post
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual.conv1.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def _enable_hook_with_name(self, name: str, hook: Callable, dir: str) -> None:
+        self.check_hook_name(name)
+        super()._enable_hook_with_name(name, hook, dir)
+
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
+        if isinstance(name, str):
+            self.check_hook_name(name)
+        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def check_hook_name(self, name: str) -> None:
+        """Raise :class:`HookNameError` (listing close names) for an unknown hook name."""
+        if name not in self.hook_dict:
+            raise HookNameError(f"No hook named '{name}'.{close_matches(name, self.hook_dict)}")
+
+    def run_with_cache(self, *model_args: Any, names_filter=None, **kwargs: Any):
+        """Run the model and return ``(output, CLIPActivationCache)`` (TransformerLens semantics).
+
+        ``names_filter`` may be a hook name, a list of names or a predicate; unknown names in a
+        list raise :class:`HookNameError`.
+        """
+        for name in [names_filter] if isinstance(names_filter, str) else names_filter or []:
+            if isinstance(names_filter, (str, list, tuple)):
+                self.check_hook_name(name)
+        if isinstance(names_filter, tuple):
+            names_filter = list(names_filter)
+        remove_batch_dim = kwargs.get("remove_batch_dim", False)
+        out, cache_dict = super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
+        return out, CLIPActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+
+    # --- inputs -------------------------------------------------------------------------
+    def check_images(self, images: Any) -> Float[Tensor, "batch 3 H W"]:
+        """Validate a pixel batch ``[batch, 3, H, W]`` (preprocessed floats at the model's size)."""
+        if not isinstance(images, Tensor):
+            raise InputError(
+                f"images must be a torch.Tensor [batch, 3, H, W], got {type(images).__name__}; "
+                "preprocess PIL images with model.preprocess first."
+            )
+        if not images.is_floating_point():
+            raise InputError(
+                f"images must be floating point (got {images.dtype}); convert with model.preprocess "
+                "or images.float() / 255 and normalise."
+            )
+        if images.ndim == 3:
+            raise InputError(f"images must be batched [batch, 3, H, W], got {tuple(images.shape)}; use images[None].")
+        h, w = self.cfg.image_size
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise InputError(f"images must have shape [batch, 3, {h}, {w}], got {tuple(images.shape)}.")
+        if tuple(images.shape[-2:]) != (h, w):
+            raise InputError(
+                f"images are {images.shape[-2]}x{images.shape[-1]} but {self.model_name or 'this model'} "
+                f"takes {h}x{w}; resize with model.preprocess."
+            )
+        if not torch.isfinite(images).all():
+            raise InputError("images contain NaN or inf values.")
+        return images.to(device=self.device, dtype=self.dtype)
+
+    def check_tokens(self, tokens: Any) -> Int[Tensor, "batch ctx"]:
+        """Validate token ids ``[batch, ctx]`` with ``ctx <= context_length``; strings are tokenized."""
+        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
+            tokens = self.to_tokens(tokens)
+        if not isinstance(tokens, Tensor):
+            raise InputError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}.")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise InputError(f"tokens must be integer token ids, got dtype {tokens.dtype}; use model.to_tokens(texts).")
+        if tokens.ndim == 1:
+            raise InputError(f"tokens must be batched [batch, ctx], got {tuple(tokens.shape)}; use tokens[None].")
+        if tokens.ndim != 2:
+            raise InputError(f"tokens must have shape [batch, ctx], got {tuple(tokens.shape)}.")
+        ctx = self.text.cfg.context_length
+        if tokens.shape[1] > ctx:
+            raise InputError(f"tokens have {tokens.shape[1]} positions but the context length is {ctx}; truncate them.")
+        vocab = self.text.cfg.vocab_size
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab):
+            raise InputError(f"token ids must lie in [0, {vocab}), got [{int(tokens.min())}, {int(tokens.max())}].")
+        return tokens.to(self.device)
+
+    def to_tokens(self, texts: Union[str, Sequence[str]]) -> Int[Tensor, "batch ctx"]:
+        """Tokenize with the model's open_clip tokenizer (``open_clip.get_tokenizer(name)``)."""
+        import open_clip
+
+        if not self.model_name:
+            raise InputError("this model has no open_clip name, so its tokenizer is unknown; pass token ids.")
+        tokenizer = open_clip.get_tokenizer(self.model_name, context_length=self.text.cfg.context_length)
+        return tokenizer([texts] if isinstance(texts, str) else list(texts)).to(self.device)
+
+    # --- forward ------------------------------------------------------------------------
+    def encode_image(self, images: Tensor, normalize: bool = False) -> Float[Tensor, "batch d_embed"]:
+        """Image embeddings, as ``open_clip`` ``encode_image``."""
+        out = self.visual(self.check_images(images))
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def encode_text(self, tokens: Any, normalize: bool = False) -> Float[Tensor, "batch d_embed"]:
+        """Text embeddings, as ``open_clip`` ``encode_text``."""
+        out = self.text(self.check_tokens(tokens))
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def forward(self, image: Optional[Tensor] = None, text: Any = None):
+        """``(image_features, text_features, logit_scale[, logit_bias])`` as open_clip's ``CLIP.forward``."""
+        image_features = self.encode_image(image, normalize=True) if image is not None else None
+        text_features = self.encode_text(text, normalize=True) if text is not None else None
+        if self.logit_bias is not None:
+            return image_features, text_features, self.logit_scale.exp(), self.logit_bias
+        return image_features, text_features, self.logit_scale.exp()
+
+    def get_logits(self, image: Tensor, text: Any) -> tuple[Tensor, Tensor]:
+        """``(logits_per_image, logits_per_text)`` as open_clip's ``get_logits``."""
+        image_features = self.encode_image(image, normalize=True)
+        text_features = self.encode_text(text, normalize=True)
+        logits = self.logit_scale.exp() * image_features @ text_features.T
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        return logits, logits.T
+
+    def decompose(self, images: Tensor, **kwargs: Any):
+        """Exact direct-contribution decomposition of the image embedding; see :func:`clip_lens.decompose`."""
+        from clip_lens.decompose import decompose
+
+        return decompose(self, images, **kwargs)

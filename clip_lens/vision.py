@@ -1,0 +1,119 @@
+"""The hooked image tower: an open_clip ``VisionTransformer`` with TransformerLens hooks."""
+
+from __future__ import annotations
+
+import einops
+import torch
+from jaxtyping import Float
+from open_clip.transformer import VisionTransformer
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from clip_lens.components import AttentionalPooler, LayerNorm, TransformerBlock
+from clip_lens.config import TowerConfig
+from clip_lens.errors import UnsupportedArchitectureError
+
+
+def _unsupported_visual(visual: nn.Module) -> str:
+    name = type(visual).__name__
+    if name == "ModifiedResNet":
+        return "ResNet image towers (RN50, RN101, …) are not supported: HookedCLIP wraps vision transformers."
+    if name == "TimmModel":
+        timm_name = getattr(getattr(visual, "trunk", None), "default_cfg", {}).get("architecture", "?")
+        return f"timm image towers ({timm_name}) are not supported: HookedCLIP wraps open_clip's own VisionTransformer."
+    return f"image tower {name} is not supported: HookedCLIP wraps open_clip's VisionTransformer."
+
+
+class VisionTower(nn.Module):
+    """Hooked copy of an open_clip ``VisionTransformer`` sharing its parameters.
+
+    Hooks, in forward order (``n = 1 + grid_h * grid_w``, ``m = d_model``, ``E = d_embed``):
+
+    ========================================  =====================================
+    ``hook_embed``                            ``[batch, n, m]`` CLS + patch embeddings
+    ``hook_pos_embed``                        ``[batch, n, m]`` positional embedding
+    ``ln_pre.hook_scale/normalized``          ``[batch, n, 1]`` / ``[batch, n, m]``
+    ``blocks.{l}.*``                          see :class:`TransformerBlock`
+    ``attn_pool.*`` (attentional pooler)      see :class:`AttentionalPooler`
+    ``ln_post.hook_scale/normalized``         per token, or ``[batch, 1]`` after pooling
+    ``hook_pooled``                           ``[batch, m]`` (``[batch, d_out]`` with a pooler)
+    ``hook_image_embed``                      ``[batch, E]`` un-normalised image embedding
+    ========================================  =====================================
+    """
+
+    def __init__(self, visual: nn.Module, model_name: str | None = None):
+        super().__init__()
+        if not isinstance(visual, VisionTransformer):
+            raise UnsupportedArchitectureError(_unsupported_visual(visual))
+        if getattr(visual, "attn_pool_type", "") in ("parallel", "cascade"):
+            raise UnsupportedArchitectureError(
+                f"attentional_pool='{visual.attn_pool_type}' (open_clip marks it untested WIP) is not supported."
+            )
+        self.conv1 = visual.conv1
+        self.class_embedding = visual.class_embedding
+        self.positional_embedding = visual.positional_embedding
+        self.hook_embed = HookPoint()
+        self.hook_pos_embed = HookPoint()
+        self.ln_pre = None if isinstance(visual.ln_pre, nn.Identity) else LayerNorm(visual.ln_pre)
+        self.blocks = nn.ModuleList(TransformerBlock(b) for b in visual.transformer.resblocks)
+        self.attn_pool = None if visual.attn_pool is None else AttentionalPooler(visual.attn_pool)
+        self.ln_post = LayerNorm(visual.ln_post)
+        self.proj = visual.proj
+        self.pool_type = visual.pool_type
+        self.final_ln_after_pool = bool(visual.final_ln_after_pool) and self.attn_pool is None
+        self.hook_pooled = HookPoint()
+        self.hook_image_embed = HookPoint()
+
+        first = visual.transformer.resblocks[0]
+        d_model = visual.transformer.width
+        self.cfg = TowerConfig(
+            tower="vision",
+            n_layers=len(self.blocks),
+            n_heads=first.attn.num_heads,
+            d_model=d_model,
+            d_head=first.attn.head_dim,
+            d_mlp=first.mlp.c_fc.out_features,
+            n_ctx=self.positional_embedding.shape[0],
+            d_embed=None if self.proj is None else self.proj.shape[1],
+            act_fn=type(first.mlp.gelu).__name__,
+            pool_type="attn" if self.attn_pool is not None else self.pool_type,
+            final_ln_after_pool=self.final_ln_after_pool,
+            has_ln_pre=self.ln_pre is not None,
+            layer_scale=self.blocks[0].attn.layer_scale is not None,
+            image_size=tuple(visual.image_size),
+            patch_size=tuple(visual.patch_size),
+            grid_size=tuple(visual.grid_size),
+            attn_pooler_heads=None if self.attn_pool is None else self.attn_pool.n_heads,
+            attn_pooler_queries=None if self.attn_pool is None else self.attn_pool.query.shape[0],
+            model_name=model_name,
+            dtype=self.conv1.weight.dtype,
+        )
+
+    def pool(self, x: Float[Tensor, "batch n m"]) -> Float[Tensor, "batch m"]:
+        if self.pool_type == "avg":
+            return x[:, 1:].mean(dim=1)
+        if self.pool_type == "tok":
+            return x[:, 0]
+        return x
+
+    def forward(self, images: Float[Tensor, "batch 3 H W"]) -> Float[Tensor, "batch E"]:
+        x = self.conv1(images)
+        x = einops.rearrange(x, "b m gh gw -> b (gh gw) m")
+        cls = self.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        embed = self.hook_embed(torch.cat([cls, x], dim=1))
+        pos = self.hook_pos_embed(self.positional_embedding.to(x.dtype).expand(x.shape[0], -1, -1))
+        x = embed + pos
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
+        for block in self.blocks:
+            x = block(x)
+        if self.attn_pool is not None:
+            pooled = self.pool(self.ln_post(self.attn_pool(x)))
+        elif self.final_ln_after_pool:
+            pooled = self.ln_post(self.pool(x))
+        else:
+            pooled = self.pool(self.ln_post(x))
+        pooled = self.hook_pooled(pooled)
+        if self.proj is not None:
+            pooled = pooled @ self.proj
+        return self.hook_image_embed(pooled)
