@@ -163,21 +163,38 @@ class HookedCLIP(HookedRootModule):
     # --- inputs -------------------------------------------------------------------------
     def check_images(self, images: Any) -> Float[Tensor, "batch 3 H W"]:
         """Validate a pixel batch ``[batch, 3, H, W]`` (preprocessed floats at the model's size)."""
+        h, w = self.cfg.image_size
         if not isinstance(images, Tensor):
-            raise InputError(
-                f"images must be a torch.Tensor [batch, 3, H, W], got {type(images).__name__}; "
-                "preprocess PIL images with model.preprocess first."
-            )
+            kind = type(images).__name__
+            if type(images).__module__ == "numpy":
+                hint = "convert with torch.from_numpy(images) (float, [batch, 3, H, W])"
+            elif isinstance(images, (list, tuple)):
+                hint = "preprocess and stack them: torch.stack([model.preprocess(im) for im in images])"
+            else:
+                hint = "preprocess PIL images with model.preprocess(image)[None]"
+            raise InputError(f"images must be a torch.Tensor [batch, 3, {h}, {w}], got {kind}; {hint}.")
         if not images.is_floating_point():
             raise InputError(
                 f"images must be floating point (got {images.dtype}); convert with model.preprocess "
                 "or images.float() / 255 and normalise."
             )
         if images.ndim == 3:
-            raise InputError(f"images must be batched [batch, 3, H, W], got {tuple(images.shape)}; use images[None].")
-        h, w = self.cfg.image_size
-        if images.ndim != 4 or images.shape[1] != 3:
+            raise InputError(
+                f"images must be batched [batch, 3, {h}, {w}], got {tuple(images.shape)}; "
+                "for a single image use images[None]."
+            )
+        if images.ndim != 4:
             raise InputError(f"images must have shape [batch, 3, {h}, {w}], got {tuple(images.shape)}.")
+        if images.shape[1] != 3:
+            hint = "use images.permute(0, 3, 1, 2) for channels-last input" if images.shape[-1] == 3 else (
+                "repeat grey images with images.expand(-1, 3, -1, -1)" if images.shape[1] == 1
+                else "drop the alpha channel with images[:, :3]" if images.shape[1] == 4
+                else "convert them to RGB"
+            )
+            raise InputError(
+                f"images have {images.shape[1]} channels (shape {tuple(images.shape)}) but the model takes 3 "
+                f"(RGB, [batch, 3, {h}, {w}]); {hint}."
+            )
         if tuple(images.shape[-2:]) != (h, w):
             raise InputError(
                 f"images are {images.shape[-2]}x{images.shape[-1]} but {self.model_name or 'this model'} "
@@ -188,11 +205,20 @@ class HookedCLIP(HookedRootModule):
         return images.to(device=self.device, dtype=self.dtype)
 
     def check_tokens(self, tokens: Any) -> Int[Tensor, "batch ctx"]:
-        """Validate token ids ``[batch, ctx]`` with ``ctx <= context_length``; strings are tokenized."""
-        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
+        """Validate token ids ``[batch, ctx]`` with ``0 < ctx <= context_length``; strings are tokenized."""
+        if isinstance(tokens, str) or (
+            isinstance(tokens, (list, tuple)) and tokens and any(isinstance(t, str) for t in tokens)
+        ):
             tokens = self.to_tokens(tokens)
         if not isinstance(tokens, Tensor):
-            raise InputError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}.")
+            hint = "use model.to_tokens(texts)"
+            if type(tokens).__module__ == "numpy":
+                hint = "convert with torch.from_numpy(tokens)"
+            elif isinstance(tokens, (list, tuple)) and tokens:
+                hint = "convert with torch.tensor(tokens) or " + hint
+            raise InputError(
+                f"tokens must be a torch.Tensor of token ids or a list of strings, got {type(tokens).__name__}; {hint}."
+            )
         if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
             raise InputError(f"tokens must be integer token ids, got dtype {tokens.dtype}; use model.to_tokens(texts).")
         if tokens.ndim == 1:
@@ -202,10 +228,14 @@ class HookedCLIP(HookedRootModule):
         ctx = self.text.cfg.context_length
         if tokens.shape[1] > ctx:
             raise InputError(f"tokens have {tokens.shape[1]} positions but the context length is {ctx}; truncate them.")
+        if tokens.shape[1] == 0:
+            raise InputError(f"tokens have 0 positions (shape {tuple(tokens.shape)}); use model.to_tokens(texts).")
         vocab = self.text.cfg.vocab_size
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab):
-            raise InputError(f"token ids must lie in [0, {vocab}), got [{int(tokens.min())}, {int(tokens.max())}].")
-        return tokens.to(self.device)
+        if tokens.numel():
+            lo, hi = int(tokens.min()), int(tokens.max())  # python ints: no uint8 wrap-around in comparisons
+            if lo < 0 or hi >= vocab:
+                raise InputError(f"token ids must lie in [0, {vocab}), got [{lo}, {hi}].")
+        return tokens.to(device=self.device, dtype=torch.long)
 
     def to_tokens(self, texts: Union[str, Sequence[str]]) -> Int[Tensor, "batch ctx"]:
         """Tokenize with the model's open_clip tokenizer (``open_clip.get_tokenizer(name)``)."""
@@ -213,8 +243,18 @@ class HookedCLIP(HookedRootModule):
 
         if not self.model_name:
             raise InputError("this model has no open_clip name, so its tokenizer is unknown; pass token ids.")
-        tokenizer = open_clip.get_tokenizer(self.model_name, context_length=self.text.cfg.context_length)
-        return tokenizer([texts] if isinstance(texts, str) else list(texts)).to(self.device)
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            found = type(texts).__name__ if not isinstance(texts, (list, tuple)) else ", ".join(
+                sorted({type(t).__name__ for t in texts if not isinstance(t, str)})
+            )
+            raise InputError(f"to_tokens takes a string or a list of strings, got {found}.")
+        key = (self.model_name, self.text.cfg.context_length)
+        cached = getattr(self, "_tokenizer_cache", None)
+        if cached is None or cached[0] != key:  # building a tokenizer reads its BPE file: do it once
+            cached = (key, open_clip.get_tokenizer(self.model_name, context_length=key[1]))
+            self._tokenizer_cache = cached
+        return cached[1](list(texts)).to(self.device)
 
     # --- forward ------------------------------------------------------------------------
     def encode_image(self, images: Tensor, normalize: bool = False) -> Float[Tensor, "batch d_embed"]:

@@ -7,8 +7,11 @@ code from user files is ever executed.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -64,15 +67,83 @@ def _merge(base: dict, overrides: Mapping[str, Any]) -> dict:
     return out
 
 
+def _override_fields() -> tuple[set[str], dict[str, set[str]]]:
+    """Keys open_clip accepts at the top level of a model config, and inside each sub-config."""
+    from open_clip.coca_model import CoCa, MultimodalCfg
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
+
+    top = {"custom_text"}
+    for cls in (CLIP, CustomTextCLIP, CoCa):
+        top |= {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "cast_dtype")}
+    nested = {
+        "vision_cfg": {f.name for f in dataclasses.fields(CLIPVisionCfg)},
+        "text_cfg": {f.name for f in dataclasses.fields(CLIPTextCfg)},
+        "multimodal_cfg": {f.name for f in dataclasses.fields(MultimodalCfg)},
+    }
+    return top, nested
+
+
+def _check_overrides(model_name: str, config: Mapping[str, Any], overrides: Any) -> None:
+    """Raise :class:`InputError` naming any ``config_overrides`` key open_clip would reject."""
+    if not isinstance(overrides, Mapping):
+        raise InputError(
+            "config_overrides must be a dict such as {'vision_cfg': {'layers': 2}}, "
+            f"got {type(overrides).__name__}."
+        )
+    try:
+        top, nested = _override_fields()
+    except Exception:  # an open_clip without these classes: open_clip itself will complain
+        return
+    top |= set(config)
+    for key, value in overrides.items():
+        if key not in top:
+            raise InputError(
+                f"Invalid config_overrides for {model_name}: unknown key '{key}'.{close_matches(str(key), top)} "
+                f"Top-level keys: {', '.join(sorted(top))}."
+            )
+        if key in nested:
+            if not isinstance(value, Mapping):
+                raise InputError(
+                    f"Invalid config_overrides for {model_name}: '{key}' must be a dict of fields, "
+                    f"got {type(value).__name__}."
+                )
+            for sub in value:
+                if sub not in nested[key]:
+                    raise InputError(
+                        f"Invalid config_overrides for {model_name}: unknown key '{key}.{sub}'."
+                        f"{close_matches(str(sub), nested[key])} "
+                        f"Valid {key} keys: {', '.join(sorted(nested[key]))}."
+                    )
+
+
 def model_config(model_name: str, overrides: Optional[Mapping[str, Any]] = None) -> dict:
-    """The open_clip config of ``model_name`` with ``overrides`` merged in (nested dicts merge)."""
-    config = get_model_config(model_name)
+    """The open_clip config of ``model_name`` with ``overrides`` merged in (nested dicts merge).
+
+    Unknown override keys raise :class:`InputError` naming the key and the close valid ones.
+    """
+    if not isinstance(model_name, str):
+        raise InputError(f"model_name must be a string such as 'ViT-B-16', got {type(model_name).__name__}.")
+    try:
+        config = get_model_config(model_name)  # 'hf-hub:' names fetch their config, 'local-dir:' read it
+    except FileNotFoundError as exc:
+        raise CheckpointNotFoundError(
+            f"No open_clip config for '{model_name}' ({exc}). A 'local-dir:' model needs "
+            "open_clip_config.json in that directory."
+        ) from exc
+    except Exception as exc:
+        raise ModelNotFoundError(
+            f"Could not fetch the config of '{model_name}' ({type(exc).__name__}: {exc}). Hub models need "
+            "network access; offline, use a built-in name (clip_lens.list_models()) with a local checkpoint path."
+        ) from exc
     if config is None:
         raise ModelNotFoundError(
             f"Unknown model '{model_name}'.{close_matches(model_name, open_clip.list_models())} "
             "clip_lens.list_models() lists the names HookedCLIP supports."
         )
-    return _merge(config, overrides or {})
+    if overrides is None:
+        return config
+    _check_overrides(model_name, config, overrides)
+    return _merge(config, overrides)
 
 
 def _looks_like_path(pretrained: Union[str, Path]) -> bool:
@@ -80,8 +151,29 @@ def _looks_like_path(pretrained: Union[str, Path]) -> bool:
     return isinstance(pretrained, Path) or os.sep in text or text.endswith(CHECKPOINT_SUFFIXES) or os.path.exists(text)
 
 
+def _refusal_reason(exc: BaseException) -> str:
+    """The useful part of torch's weights_only refusal (the global it would not import)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it would import {found.group(1)}, which is not a tensor type"
+    found = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    line = found.group(1) if found else (text.strip().splitlines() or [type(exc).__name__])[0]
+    return line[:300]
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"tensor {tuple(value.shape)}"
+    return type(value).__name__
+
+
 def read_state_dict(path: Union[str, Path]) -> dict[str, Tensor]:
-    """Read a checkpoint file into a flat ``{name: tensor}`` dict without running pickled code."""
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict without running pickled code.
+
+    Accepts ``.safetensors`` and ``torch.save`` files of a state dict, optionally wrapped as
+    ``{"state_dict": ...}`` (open_clip training checkpoints) with ``module.`` prefixes (DDP).
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"Checkpoint not found: {path}. Check the path (it is read from local disk).")
@@ -98,17 +190,33 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, Tensor]:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
+            if "Weights only load failed" not in str(exc):
+                raise CorruptCheckpointError(
+                    f"Cannot read checkpoint {path}: it is corrupt or not a PyTorch checkpoint "
+                    f"({_refusal_reason(exc)}). Is the file complete?"
+                ) from exc
             raise CorruptCheckpointError(
-                f"{path} is not a tensor-only checkpoint, or it is corrupt ({str(exc).splitlines()[0]}). "
+                f"{path} is not a tensor-only checkpoint ({_refusal_reason(exc)}). "
                 "clip_lens loads with torch.load(weights_only=True) and never unpickles code: "
                 "re-save it with torch.save(model.state_dict(), path) or as .safetensors."
             ) from exc
         except Exception as exc:
-            raise CorruptCheckpointError(f"Cannot read checkpoint {path} ({type(exc).__name__}: {exc}).") from exc
+            raise CorruptCheckpointError(
+                f"Cannot read checkpoint {path} ({path.stat().st_size} bytes): it is truncated, corrupt or not a "
+                f"PyTorch checkpoint ({type(exc).__name__}: {exc})."
+            ) from exc
     if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
         checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
-        raise CorruptCheckpointError(f"{path} does not hold a state dict of tensors (got {type(checkpoint).__name__}).")
+    if not isinstance(checkpoint, Mapping):
+        raise CorruptCheckpointError(
+            f"{path} does not hold a state dict {{name: tensor}} (got {type(checkpoint).__name__})."
+        )
+    bad = [f"{k} ({_describe(v)})" for k, v in checkpoint.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CorruptCheckpointError(
+            f"{path} does not hold a state dict {{name: tensor}}: non-tensor entries {_listing(bad)}. "
+            "Save model.state_dict() itself (or a dict with the weights under 'state_dict')."
+        )
     state_dict = dict(checkpoint)
     if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from DistributedDataParallel
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
@@ -122,6 +230,7 @@ def _listing(keys: list[str], limit: int = 10) -> str:
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
     """Load ``state_dict`` into an open_clip model, naming every missing, unexpected or misshapen key."""
+    state_dict = dict(state_dict)  # never modify the caller's dict
     if "positional_embedding" in state_dict and not hasattr(model, "positional_embedding"):
         state_dict = convert_to_custom_text_state_dict(state_dict)
     expected = model.state_dict()
@@ -163,8 +272,11 @@ def load_open_clip(
 
     Returns ``(model, model_name, pretrained_tag_or_path, preprocess)``.
     """
-    if not isinstance(model_name, str):
-        raise InputError(f"model_name must be a string such as 'ViT-B-16', got {type(model_name).__name__}.")
+    if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
+        raise InputError(
+            "pretrained must be None, an open_clip pretrained tag or a checkpoint path, "
+            f"got {type(pretrained).__name__}."
+        )
     config = model_config(model_name, config_overrides)
     feature = unsupported_feature(config)
     if feature is not None:
@@ -175,29 +287,39 @@ def load_open_clip(
     kwargs: dict[str, Any] = {}
     if config_overrides:
         kwargs = {k: v for k, v in config.items() if k in config_overrides}
-    try:
-        if pretrained is None:
-            model = open_clip.create_model(model_name, pretrained=None, **kwargs)
-        elif _looks_like_path(pretrained):
-            state_dict = read_state_dict(pretrained)
-            model = open_clip.create_model(model_name, pretrained=None, **kwargs)
-            load_state_dict_strict(model, state_dict, source=f"checkpoint {pretrained}")
-            pretrained = str(pretrained)
-        elif pretrained in open_clip.list_pretrained_tags_by_model(model_name):
-            try:
-                model = open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
-            except RuntimeError as exc:
-                raise ClipLensError(
-                    f"Could not fetch the '{pretrained}' weights of {model_name} ({exc}). Without network "
-                    "access, download the checkpoint elsewhere and pass its local path as pretrained=."
-                ) from exc
-        else:
-            tags = open_clip.list_pretrained_tags_by_model(model_name)
-            raise ModelNotFoundError(
-                f"'{pretrained}' is neither a pretrained tag of {model_name} nor an existing checkpoint file."
-                f"{close_matches(str(pretrained), tags)} Tags: {', '.join(tags) or 'none'}."
-            )
-    except TypeError as exc:  # open_clip's config dataclasses reject unknown keys
-        raise InputError(f"Invalid config_overrides for {model_name}: {exc}") from exc
+
+    def build(tag: Optional[str] = None) -> nn.Module:
+        try:
+            return open_clip.create_model(model_name, pretrained=tag, cache_dir=cache_dir, **kwargs)
+        except (TypeError, ValueError, AssertionError) as exc:
+            if not config_overrides:
+                raise
+            # open_clip's constructors reject override values of the wrong type or range
+            raise InputError(
+                f"Invalid config_overrides for {model_name}: building the model failed with "
+                f"{type(exc).__name__}: {exc or '(no message)'}. Check the overridden values."
+            ) from exc
+
+    if pretrained is None:
+        model = build()
+    elif _looks_like_path(pretrained):
+        state_dict = read_state_dict(pretrained)  # read (and fail) before building anything
+        model = build()
+        load_state_dict_strict(model, state_dict, source=f"checkpoint {pretrained}")
+        pretrained = str(pretrained)
+    elif pretrained in open_clip.list_pretrained_tags_by_model(model_name):
+        try:
+            model = build(pretrained)
+        except RuntimeError as exc:
+            raise ClipLensError(
+                f"Could not fetch the '{pretrained}' weights of {model_name} ({exc}). Without network "
+                "access, download the checkpoint elsewhere and pass its local path as pretrained=."
+            ) from exc
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise ModelNotFoundError(
+            f"'{pretrained}' is neither a pretrained tag of {model_name} nor an existing checkpoint file."
+            f"{close_matches(str(pretrained), tags)} Tags: {', '.join(tags) or 'none'}."
+        )
     model.eval()
     return model, model_name, None if pretrained is None else str(pretrained), None
