@@ -8,7 +8,7 @@ import torch
 from transformer_lens import ActivationCache
 from transformer_lens.utilities import Slice
 
-from clip_lens.errors import HookNameError, close_matches
+from clip_lens.errors import HookNameError, UnsupportedArchitectureError, close_matches
 
 
 class CLIPActivationCache(ActivationCache):
@@ -20,7 +20,11 @@ class CLIPActivationCache(ActivationCache):
     for the same helpers on the text tower. The final LayerNorm of the image tower is
     ``ln_post`` (``ln_final`` for text): ``apply_ln_to_stack(stack, layer=n_layers)`` divides
     by its cached scale after centring, so ``(stack.sum(0) * ln_post.w + ln_post.b) @ proj``
-    reproduces the embedding.
+    reproduces the embedding (taking the pooled position: CLS for ``tok``). With
+    ``final_ln_after_pool`` (LN of the pooled vector) every token is divided by its image's one
+    pooled scale, so average-pooling the result over patches gives the LN input's share. With an
+    attentional pooler the final LayerNorm acts on the pooler's output, not on the residual
+    stream, and applying it to a residual stack raises ``UnsupportedArchitectureError``.
     """
 
     final_ln = "ln_post"
@@ -40,6 +44,12 @@ class CLIPActivationCache(ActivationCache):
         self, layer: Optional[int], mlp_input: bool, pos_slice: Slice, batch_slice: Optional[Slice] = None
     ) -> torch.Tensor:
         if layer is None or layer == self.model.cfg.n_layers:
+            if self.model.cfg.pool_type == "attn":
+                raise UnsupportedArchitectureError(
+                    f"{self.final_ln} normalises the attentional pooler's output, not the residual stream, "
+                    "so it cannot be applied to a residual stack (layer=n_layers); use a layer < n_layers "
+                    "or apply_ln=False."
+                )
             scale = self[f"{self.final_ln}.hook_scale"]
             if scale.ndim >= 2 + self.has_batch_dim:  # a position axis: LN before pooling
                 scale = pos_slice.apply(scale, dim=-2)
@@ -48,7 +58,51 @@ class CLIPActivationCache(ActivationCache):
             return scale
         return super()._get_cached_ln_scale(layer, mlp_input, pos_slice, batch_slice)
 
-    def decompose_resid(self, layer: Optional[int] = None, *args: Any, incl_embeds: bool = True, **kwargs: Any):
+    def apply_ln_to_stack(
+        self,
+        residual_stack: torch.Tensor,
+        layer: Optional[int] = None,
+        mlp_input: bool = False,
+        pos_slice: Any = None,
+        batch_slice: Any = None,
+        has_batch_dim: bool = True,
+        recompute_ln: bool = False,
+    ) -> torch.Tensor:
+        """TransformerLens ``apply_ln_to_stack``; a pooled final LN scale also divides per-token stacks.
+
+        With ``final_ln_after_pool`` the cached ``ln_post.hook_scale`` is one value per image
+        (``[batch, 1]``). A stack with a position axis (``[components, batch, pos, d_model]``) is
+        centred per token and divided by that image's scale; pooling it afterwards (mean over
+        patches) equals centring and scaling the pooled vector, as the model does.
+        """
+        if layer is None or layer == -1:
+            layer = self.model.cfg.n_layers
+        if not (layer == self.model.cfg.n_layers and self.model.cfg.final_ln_after_pool and not recompute_ln):
+            return super().apply_ln_to_stack(
+                residual_stack, layer, mlp_input, pos_slice, batch_slice, has_batch_dim, recompute_ln
+            )
+        if not isinstance(batch_slice, Slice):
+            batch_slice = Slice(batch_slice)
+        if has_batch_dim:
+            residual_stack = batch_slice.apply(residual_stack, dim=1)
+        residual_stack = residual_stack - residual_stack.mean(dim=-1, keepdim=True)
+        scale = self[f"{self.final_ln}.hook_scale"]
+        if self.has_batch_dim:
+            scale = batch_slice.apply(scale)
+        if residual_stack.ndim > scale.ndim + 1:  # a position axis the pooled scale lacks
+            scale = scale.unsqueeze(-2)
+        return residual_stack / scale
+
+    def decompose_resid(
+        self,
+        layer: Optional[int] = None,
+        mlp_input: bool = False,
+        mode: str = "all",
+        apply_ln: bool = False,
+        pos_slice: Any = None,
+        incl_embeds: bool = True,
+        return_labels: bool = False,
+    ):
         """TransformerLens ``decompose_resid``; with ``ln_pre`` the embedding term is its output.
 
         ``hook_embed + hook_pos_embed`` only equals ``blocks.0.hook_resid_pre`` when the tower
@@ -56,20 +110,23 @@ class CLIPActivationCache(ActivationCache):
         that the components always add up to the residual stream.
         """
         if not incl_embeds or not self.model.cfg.has_ln_pre:
-            return super().decompose_resid(layer, *args, incl_embeds=incl_embeds, **kwargs)
-        return_labels = kwargs.pop("return_labels", False)
-        apply_ln = kwargs.pop("apply_ln", False)
-        pos_slice = Slice.unwrap(kwargs.get("pos_slice")) if kwargs.get("pos_slice") is not None else None
-        rest, labels = super().decompose_resid(layer, *args, incl_embeds=False, return_labels=True, **kwargs)
-        embed = self["blocks.0.hook_resid_pre"]
-        if pos_slice is not None:
-            embed = Slice(pos_slice).apply(embed, dim=-2)
-        components = torch.cat([embed[None], rest], dim=0) if len(labels) else embed[None]
-        labels = ["embed"] + labels
-        if apply_ln:
-            components = self.apply_ln_to_stack(
-                components, layer, pos_slice=kwargs.get("pos_slice"), mlp_input=kwargs.get("mlp_input", False)
+            return super().decompose_resid(
+                layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels  # type: ignore[arg-type]
             )
+        if not isinstance(pos_slice, Slice):
+            pos_slice = Slice(pos_slice)  # as TransformerLens: an int index drops the position axis
+        if layer is None or layer == -1:
+            layer = self.model.cfg.n_layers
+        components = pos_slice.apply(self["blocks.0.hook_resid_pre"], dim=-2)[None]
+        labels = ["embed"]
+        if layer > 0 or (mlp_input and mode != "mlp"):  # any block outputs to add
+            rest, rest_labels = super().decompose_resid(
+                layer, mlp_input, mode, False, pos_slice, incl_embeds=False, return_labels=True  # type: ignore[arg-type]
+            )
+            components = torch.cat([components, rest], dim=0)
+            labels += rest_labels
+        if apply_ln:
+            components = self.apply_ln_to_stack(components, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (components, labels) if return_labels else components
 
     @property

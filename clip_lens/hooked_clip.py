@@ -36,7 +36,8 @@ class HookedCLIP(HookedRootModule):
 
     The image tower's hooks sit at the top level (``blocks.3.attn.hook_pattern``), the text
     tower's under ``text.`` (``text.blocks.3.attn.hook_pattern``); see
-    :mod:`clip_lens.hook_names` for the full ordered list with shapes. Parameters are shared
+    the tables in :class:`~clip_lens.vision.VisionTower`, :class:`~clip_lens.text.TextTower` and
+``docs/concepts/hooks.md`` for the full ordered list with shapes. Parameters are shared
     with the open_clip model it was built from. Outputs equal open_clip's (fp32, ≤1e-5).
 
     Build one with :meth:`from_pretrained` (a model name from ``open_clip.list_models()``)
@@ -151,10 +152,11 @@ class HookedCLIP(HookedRootModule):
         ``names_filter`` may be a hook name, a list of names or a predicate; unknown names in a
         list raise :class:`HookNameError`.
         """
-        for name in [names_filter] if isinstance(names_filter, str) else names_filter or []:
-            if isinstance(names_filter, (str, list, tuple)):
+        if isinstance(names_filter, str):
+            self.check_hook_name(names_filter)
+        elif isinstance(names_filter, (list, tuple)):
+            for name in names_filter:
                 self.check_hook_name(name)
-        if isinstance(names_filter, tuple):
             names_filter = list(names_filter)
         remove_batch_dim = kwargs.get("remove_batch_dim", False)
         out, cache_dict = super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
