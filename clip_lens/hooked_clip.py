@@ -81,7 +81,8 @@ class HookedCLIP(HookedRootModule):
             pretrained: an open_clip pretrained tag (``"laion2b_s34b_b88k"``; downloaded by
                 open_clip), a local checkpoint (``.safetensors``, or ``.pt``/``.pth``/``.bin``
                 read with ``torch.load(weights_only=True)``), or ``None`` for random weights.
-            device, dtype: where and in which precision the model lives.
+            device: where the model lives.
+            dtype: its parameter precision (``torch.float32`` by default).
             config_overrides: nested dict merged into the open_clip config before building,
                 e.g. ``{"vision_cfg": {"layers": 2}}`` for a shallow copy of an architecture.
             cache_dir: download cache for pretrained tags.

@@ -145,10 +145,10 @@ class Attention(nn.Module):
 class AttentionalPooler(nn.Module):
     """open_clip's ``AttentionalPooler``: learned queries cross-attend to the tokens.
 
-    Hooks: ``ln_q``/``ln_k`` LayerNorm hooks, ``hook_q [batch, n_queries, h, d]``,
-    ``hook_k``/``hook_v [batch, n, h, d]``, ``hook_attn_scores``/``hook_pattern
-    [batch, h, n_queries, n]``, ``hook_z [batch, n_queries, h, d]``, ``hook_out
-    [batch, n_queries, d_out]``.
+    Hooks (under ``attn_pool.``): ``ln_q.*`` ``[batch, n_queries, ·]``, ``ln_k.*`` ``[batch, n, ·]``,
+    ``attn.hook_q [batch, n_queries, h, d]``, ``attn.hook_k``/``attn.hook_v [batch, n, h, d]``,
+    ``attn.hook_attn_scores``/``attn.hook_pattern [batch, h, n_queries, n]``,
+    ``attn.hook_z [batch, n_queries, h, d]``, ``hook_out [batch, n_queries, d_out]``.
     """
 
     def __init__(self, pooler: nn.Module):
@@ -166,7 +166,8 @@ class AttentionalPooler(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch n m"]) -> Float[Tensor, "batch n_queries d_out"]:
         x = self.ln_k(x)
-        q = self.ln_q(self.query).unsqueeze(0).expand(x.shape[0], -1, -1)
+        # Expanded before ln_q (row-wise, so identical) to give every hook a batch axis.
+        q = self.ln_q(self.query.unsqueeze(0).expand(x.shape[0], -1, -1))
         attn = self.attn
         q = attn.hook_q(attn.project(q, 0))
         k = attn.hook_k(attn.project(x, 1))

@@ -1,0 +1,382 @@
+"""The ``clip-lens report`` job: synthetic images, a decomposition, figures and a summary.
+
+Everything here is plain functions over a :class:`~clip_lens.HookedCLIP` and a
+:class:`~clip_lens.Decomposition`, so the CLI stays a thin shell:
+
+* :func:`synthetic_images` — a seeded batch of smooth colour-blob images, normalised like CLIP;
+* :func:`summarize` — the numbers (per-layer and per-head contribution norms, sum check);
+* :func:`plot_decomposition`, :func:`plot_tokens` — matplotlib figures (Agg backend);
+* :func:`render_html` — a self-contained page with the figures embedded as base64;
+* :func:`atomic_write` — every output file is written to a temporary file in the same folder
+  and moved into place with ``os.replace``, so an interrupted run never leaves a half file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from clip_lens.errors import InputError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from clip_lens.decompose import Decomposition
+    from clip_lens.hooked_clip import HookedCLIP
+
+# open_clip's OPENAI_DATASET_MEAN / STD: the fallback when a model has no preprocess config.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+REPORT_FILES = ("decomposition.png", "tokens.png", "summary.json", "report.html")
+CAPTIONS = {
+    "decomposition.png": "left, the mean norm of each head's direct contribution to the image embedding; "
+    "right, each layer's attention and MLP contribution norms (means over the images).",
+    "tokens.png": "the first image and, for the last layer, the norm of each patch's contribution "
+    "(summed over heads) to its embedding, on the patch grid.",
+}
+
+
+# --- inputs -------------------------------------------------------------------------------
+def normalization(model: "HookedCLIP") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of the model's own preprocess transform (CLIP's values if it has none)."""
+    for transform in getattr(model.preprocess, "transforms", []):
+        if type(transform).__name__ == "Normalize":
+            return tuple(float(m) for m in transform.mean), tuple(float(s) for s in transform.std)
+    return CLIP_MEAN, CLIP_STD
+
+
+def synthetic_images(
+    n_images: int,
+    image_size: Sequence[int],
+    seed: int = 0,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    n_blobs: tuple[int, int] = (3, 7),
+) -> tuple[Float[Tensor, "batch 3 H W"], Float[Tensor, "batch 3 H W"]]:
+    """A seeded batch of smooth random colour blobs on a coloured background.
+
+    Returns ``(normalised, pixels)``: ``pixels`` in ``[0, 1]`` and ``normalised`` =
+    ``(pixels - mean) / std``, ready for :meth:`HookedCLIP.decompose`. The same ``seed`` gives
+    the same images on every machine (CPU generator).
+    """
+    if n_images < 1:
+        raise InputError(f"n_images must be at least 1, got {n_images}.")
+    height, width = int(image_size[0]), int(image_size[1])
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.linspace(0, 1, height).view(height, 1)
+    xs = torch.linspace(0, 1, width).view(1, width)
+    images = []
+    for _ in range(n_images):
+        # background: a gentle linear gradient between two random colours
+        c0, c1 = torch.rand(3, 1, 1, generator=g), torch.rand(3, 1, 1, generator=g)
+        angle = float(torch.rand((), generator=g)) * 2 * math.pi
+        t = (math.cos(angle) * xs + math.sin(angle) * ys - min(0, math.cos(angle)) - min(0, math.sin(angle)))
+        t = t / (abs(math.cos(angle)) + abs(math.sin(angle)))
+        img = c0 * (1 - t) + c1 * t
+        k = int(torch.randint(n_blobs[0], n_blobs[1] + 1, (), generator=g))
+        for _ in range(k):
+            cy, cx = torch.rand(2, generator=g).tolist()
+            ry, rx = (0.06 + 0.16 * torch.rand(2, generator=g)).tolist()
+            radius = torch.sqrt(((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2)
+            alpha = torch.sigmoid((1 - radius) / 0.12)  # an ellipse with a soft edge
+            colour = torch.rand(3, 1, 1, generator=g)
+            img = img * (1 - alpha) + colour * alpha
+        images.append(img.clamp(0, 1))
+    pixels = torch.stack(images)
+    mean_t = torch.tensor(mean, dtype=pixels.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=pixels.dtype).view(1, 3, 1, 1)
+    return (pixels - mean_t) / std_t, pixels
+
+
+# --- numbers ------------------------------------------------------------------------------
+def token_norms(decomposition: "Decomposition", image: int = 0) -> Float[Tensor, "token"]:
+    """‖Σ_h tokens[image, last token layer, h, t]‖ for every source token ``t``."""
+    if decomposition.tokens is None:
+        raise InputError("this decomposition has no per-token terms; call decompose(..., tokens=[layer]).")
+    return decomposition.tokens[image, -1].sum(0).norm(dim=-1)
+
+
+def summarize(model: "HookedCLIP", decomposition: "Decomposition", **extra: Any) -> dict[str, Any]:
+    """The JSON-ready numbers of a report (norms are means over the batch of ‖term‖₂)."""
+    d = decomposition
+    cfg = model.cfg
+    errors = d.relative_error()
+    summary: dict[str, Any] = {
+        "model": model.model_name,
+        "pretrained": model.pretrained,
+        "random_weights": model.pretrained is None,
+        **extra,
+        "cfg": cfg.to_dict(),
+        "text_cfg": model.text.cfg.to_dict(),
+        "sum_check": {
+            "max_relative_error": float(errors.max()),
+            "mean_relative_error": float(errors.mean()),
+            "what": "max over images of ||sum of all terms - image embedding|| / ||image embedding||",
+        },
+        "embedding_norm_mean": float(d.embedding_norm.mean()),
+        "embed_norm_mean": float(d.embed.norm(dim=-1).mean()),
+        "bias_norm_mean": float(d.bias.norm(dim=-1).mean()),
+        "layers": [
+            {
+                "layer": layer,
+                "attn_norm_mean": float(d.attn[:, layer].norm(dim=-1).mean()),
+                "mlp_norm_mean": float(d.mlp[:, layer].norm(dim=-1).mean()),
+                "attn_bias_norm_mean": float(d.attn_bias[:, layer].norm(dim=-1).mean()),
+            }
+            for layer in range(cfg.n_layers)
+        ],
+        "head_layers": d.head_layers,
+        "head_norm_mean": None if d.heads is None else d.heads.norm(dim=-1).mean(0).tolist(),
+        "token_layers": d.token_layers,
+    }
+    if d.tokens is not None:
+        norms = token_norms(d)
+        summary["tokens_image0"] = {"layer": d.token_layers[-1], "norms": norms.tolist()}
+    return summary
+
+
+# --- figures ------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _title(summary: dict[str, Any]) -> str:
+    weights = "random weights" if summary["random_weights"] else f"weights: {Path(str(summary['pretrained'])).name}"
+    return f"{summary['model']} ({weights}), {summary.get('n_images', '?')} synthetic images"
+
+
+def plot_decomposition(summary: dict[str, Any]) -> "Figure":
+    """Heatmap of mean ‖head term‖ (layer × head) and bars of per-layer attention vs MLP norms."""
+    plt = _pyplot()
+    layers = [row["layer"] for row in summary["layers"]]
+    fig, (ax_heads, ax_layers) = plt.subplots(
+        1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.15, 1]}, constrained_layout=True
+    )
+    fig.suptitle(f"Direct contributions to the image embedding — {_title(summary)}")
+
+    heads = summary["head_norm_mean"]
+    if heads:
+        import numpy as np
+
+        grid = np.array(heads)
+        im = ax_heads.imshow(grid, aspect="auto", cmap="viridis", origin="upper")
+        ax_heads.set_yticks(range(len(summary["head_layers"])), [str(l) for l in summary["head_layers"]])
+        n_heads = grid.shape[1]
+        step = max(1, n_heads // 16)
+        ax_heads.set_xticks(range(0, n_heads, step))
+        fig.colorbar(im, ax=ax_heads, label="mean ‖head contribution‖₂")
+    ax_heads.set_xlabel("head")
+    ax_heads.set_ylabel("layer")
+    ax_heads.set_title("Per-head contribution norm (mean over images)")
+
+    width = 0.4
+    attn = [row["attn_norm_mean"] for row in summary["layers"]]
+    mlp = [row["mlp_norm_mean"] for row in summary["layers"]]
+    ax_layers.bar([l - width / 2 for l in layers], attn, width, label="attention (all heads + bias)", color="#3b75af")
+    ax_layers.bar([l + width / 2 for l in layers], mlp, width, label="MLP", color="#ef8636")
+    ax_layers.axhline(summary["embed_norm_mean"], color="grey", ls="--", lw=1, label="embedding term")
+    ax_layers.set_xticks(layers)
+    ax_layers.set_xlabel("layer")
+    ax_layers.set_ylabel("mean ‖contribution‖₂")
+    ax_layers.set_title(f"Per-layer attention vs MLP (sum check: max rel. error "
+                        f"{summary['sum_check']['max_relative_error']:.1e})")
+    ax_layers.legend(loc="upper left", fontsize="small")
+    return fig
+
+
+def plot_tokens(
+    summary: dict[str, Any], norms: Float[Tensor, "token"], pixels: Float[Tensor, "3 H W"],
+    grid_size: Sequence[int], pool_type: str,
+) -> "Figure":
+    """The first image beside its per-patch contribution norms (last layer, summed over heads)."""
+    plt = _pyplot()
+    n_patches = int(grid_size[0]) * int(grid_size[1])
+    has_cls = norms.shape[0] == n_patches + 1
+    patches = norms[1:] if has_cls else norms[:n_patches]
+    grid = patches.reshape(int(grid_size[0]), int(grid_size[1])).cpu().numpy()
+    layer = summary["tokens_image0"]["layer"]
+
+    fig, (ax_img, ax_map) = plt.subplots(1, 2, figsize=(11, 5), constrained_layout=True)
+    fig.suptitle(f"Layer {layer} attention, per source token (image 0) — {_title(summary)}")
+    ax_img.imshow(pixels.permute(1, 2, 0).cpu().numpy())
+    ax_img.set_title("input image (synthetic)")
+    ax_img.set_xlabel("x (pixels)")
+    ax_img.set_ylabel("y (pixels)")
+    im = ax_map.imshow(grid, cmap="magma", origin="upper")
+    cls = f"; CLS token: {float(norms[0]):.3g}" if has_cls else ""
+    ax_map.set_title(f"‖Σ_heads contribution of each patch‖₂ (pool: {pool_type}{cls})", fontsize="medium")
+    ax_map.set_xlabel("patch column")
+    ax_map.set_ylabel("patch row")
+    fig.colorbar(im, ax=ax_map, label="‖contribution‖₂")
+    return fig
+
+
+def figure_png(fig: "Figure", dpi: int = 110) -> bytes:
+    """Render a figure to PNG bytes and close it."""
+    plt = _pyplot()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# --- html ---------------------------------------------------------------------------------
+def render_html(summary: dict[str, Any], pngs: dict[str, bytes]) -> str:
+    """A self-contained HTML page: the figures as base64 data URIs plus the numbers."""
+    esc = html.escape
+    rows = "\n".join(
+        f"<tr><td>{r['layer']}</td><td>{r['attn_norm_mean']:.4g}</td><td>{r['mlp_norm_mean']:.4g}</td>"
+        f"<td>{r['attn_bias_norm_mean']:.4g}</td></tr>"
+        for r in summary["layers"]
+    )
+    figures = "\n".join(
+        f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+        f"<figcaption><code>{esc(name)}</code>: {esc(CAPTIONS.get(name, ''))}</figcaption></figure>"
+        for name, data in pngs.items()
+    )
+    overrides = summary.get("config_overrides")
+    overrides_html = f" Config overrides: <code>{esc(json.dumps(overrides))}</code>." if overrides else ""
+    warning = (
+        '<p class="warn">Weights are <b>random</b> (no --pretrained given): the figures show the '
+        "machinery, not what a trained model has learned.</p>"
+        if summary["random_weights"]
+        else f"<p>Weights: <code>{esc(str(summary['pretrained']))}</code></p>"
+    )
+    cfg = summary["cfg"]
+    sum_check = summary["sum_check"]
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>clip_lens report: {esc(str(summary['model']))}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; }}
+img {{ max-width: 100%; }} figure {{ margin: 1.5em 0; }}
+.warn {{ background: #fff3cd; border: 1px solid #e0c060; padding: 0.6em; }}
+code {{ background: #f3f3f3; padding: 0 0.2em; }}
+</style></head><body>
+<h1>clip_lens report: {esc(str(summary['model']))}</h1>
+{warning}
+<p>{summary.get('n_images', '?')} synthetic images (seed {summary.get('seed', '?')}),
+vision tower: {cfg['n_layers']} layers × {cfg['n_heads']} heads, d_model {cfg['d_model']},
+image {cfg['image_size']}, patch {cfg['patch_size']}, pooling <code>{esc(str(cfg['pool_type']))}</code>.{overrides_html}</p>
+<h2>Sum check</h2>
+<p>The decomposition's terms add up to the image embedding with a maximum relative error of
+<b>{sum_check['max_relative_error']:.3e}</b> (mean {sum_check['mean_relative_error']:.3e}).</p>
+<p>Mean norms: embedding {summary['embedding_norm_mean']:.4g}, embedding term {summary['embed_norm_mean']:.4g},
+constant (bias) term {summary['bias_norm_mean']:.4g}.</p>
+{figures}
+<h2>Per-layer contribution norms (mean over images)</h2>
+<table><tr><th>layer</th><th>attention</th><th>MLP</th><th>attention out_proj bias</th></tr>
+{rows}
+</table>
+<p>Full numbers: <code>summary.json</code> next to this file.</p>
+</body></html>
+"""
+
+
+# --- files --------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_report(
+    out_dir: Union[str, Path], summary: dict[str, Any], pngs: dict[str, bytes]
+) -> dict[str, Path]:
+    """Write the PNGs, ``summary.json`` and ``report.html`` into ``out_dir`` (created if needed)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {name: atomic_write(out_dir / name, data) for name, data in pngs.items()}
+    written["summary.json"] = atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    written["report.html"] = atomic_write(out_dir / "report.html", render_html(summary, pngs))
+    return written
+
+
+def build_report(
+    model: "HookedCLIP",
+    out_dir: Union[str, Path],
+    *,
+    n_images: int = 8,
+    seed: int = 0,
+    progress: Optional[Any] = None,
+    extra: Optional[dict[str, Any]] = None,
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Synthetic images → ``decompose(heads="all", tokens=[last layer])`` → figures → files.
+
+    ``progress`` is an optional tqdm bar advanced once per step (images, decompose, figures,
+    write); ``extra`` is stored in the summary (e.g. the config overrides). Returns
+    ``(summary, {file name: path})``.
+    """
+
+    def step(label: str) -> None:
+        if progress is not None:
+            progress.set_postfix_str(label)
+
+    def done() -> None:
+        if progress is not None:
+            progress.update(1)
+
+    step("images")
+    mean, std = normalization(model)
+    images, pixels = synthetic_images(n_images, model.cfg.image_size, seed, mean, std)
+    done()
+
+    step("decompose")
+    last = model.cfg.n_layers - 1
+    decomposition = model.decompose(images, heads="all", tokens=[last])
+    summary = summarize(
+        model, decomposition, n_images=n_images, seed=seed, images="synthetic colour blobs", **(extra or {})
+    )
+    done()
+
+    step("figures")
+    pngs = {
+        "decomposition.png": figure_png(plot_decomposition(summary)),
+        "tokens.png": figure_png(
+            plot_tokens(summary, token_norms(decomposition), pixels[0], model.cfg.grid_size, model.cfg.pool_type)
+        ),
+    }
+    done()
+
+    step("write")
+    written = write_report(out_dir, summary, pngs)
+    done()
+    return summary, written
