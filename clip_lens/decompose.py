@@ -248,7 +248,8 @@ def decompose(
 
     def save(key, index=None):
         def hook(activation: Tensor, hook) -> None:
-            store[key] = activation if index is None else activation[index]
+            # clone the slice: a view would keep the whole activation alive until we return
+            store[key] = activation if index is None else activation[index].clone()
 
         return hook
 
@@ -287,41 +288,57 @@ def decompose(
 
 
 def _contributions(model, readout: Readout, store: dict, head_layers, token_layers, embedding, embedding_norm, projected):
+    """Contract the captured activations with the read-out, all layers at once where possible."""
     blocks = model.visual.blocks
-    pooled_weight = readout.weights.sum(-1)  # [batch, channel]
-    attn, attn_bias, mlp, heads, tokens = [], [], [], [], []
-    for layer, block in enumerate(blocks):
-        W_O = block.attn.W_O  # [head, d_head, d_model]
-        bias = torch.einsum("br,m,rmo->bo", pooled_weight, block.attn.b_O, readout.maps)
-        attn_bias.append(bias)
-        mlp.append(readout.apply(store[("mlp", layer)]))
-        if layer in head_layers:
-            z = torch.einsum("brp,bphk->brhk", readout.weights, store[("z", layer)])
-            per_head = torch.einsum("brhk,hkm,rmo->bho", z, W_O, readout.maps)
-            heads.append(per_head)
-            attn.append(per_head.sum(1) + bias)
-        else:
-            attn.append(readout.apply(store[("attn", layer)]))
-        if layer in token_layers:
-            pattern = torch.einsum("brp,bhpt->brht", readout.weights, store[("pattern", layer)])
-            head_maps = torch.einsum("hkm,rmo->rhko", W_O, readout.maps)
-            v = store[("v", layer)]
-            per_token = sum(
-                pattern[:, r, :, :, None] * torch.einsum("bthk,hko->bhto", v, head_maps[r])
-                for r in range(head_maps.shape[0])
-            )
-            tokens.append(per_token)
+    n_layers = len(blocks)
+    weights, maps = readout.weights, readout.maps
+    pooled_weight = weights.sum(-1)  # [batch, channel]
+    b_O = torch.stack([block.attn.b_O for block in blocks])  # [layer, d_model]
+    attn_bias = torch.einsum("br,lm,rmo->blo", pooled_weight, b_O, maps)
+    mlp = _apply_stacked(readout, [store[("mlp", layer)] for layer in range(n_layers)])
+
+    attn = torch.empty_like(mlp)
+    heads = None
+    if head_layers:
+        W_O = torch.stack([blocks[layer].attn.W_O for layer in head_layers])  # [layer, head, d_head, d_model]
+        z = torch.stack([store[("z", layer)] for layer in head_layers], 1)  # [batch, layer, pos, head, d_head]
+        z = torch.einsum("brp,blphk->blrhk", weights, z)
+        written = torch.einsum("blrhk,lhkm->blrhm", z, W_O)
+        heads = torch.einsum("blrhm,rmo->blho", written, maps)
+        attn[:, head_layers] = heads.sum(2) + attn_bias[:, head_layers]
+    other_layers = [layer for layer in range(n_layers) if layer not in head_layers]
+    if other_layers:
+        attn[:, other_layers] = _apply_stacked(readout, [store[("attn", layer)] for layer in other_layers])
+
+    tokens = None
+    if token_layers:
+        first_v = store[("v", token_layers[0])]
+        batch, n_tokens = first_v.shape[:2]
+        tokens = first_v.new_zeros(batch, len(token_layers), model.cfg.n_heads, n_tokens, maps.shape[-1])
+        for i, layer in enumerate(token_layers):
+            pattern = torch.einsum("brp,bhpt->brht", weights, store[("pattern", layer)])
+            head_maps = torch.einsum("hkm,rmo->rhko", blocks[layer].attn.W_O, maps)  # W_O^h folded with read-out
+            for r in range(head_maps.shape[0]):
+                values = torch.einsum("bthk,hko->bhto", store[("v", layer)], head_maps[r])
+                tokens[:, i].addcmul_(pattern[:, r, :, :, None], values)
     return Decomposition(
         embedding=embedding,
         embedding_norm=embedding_norm,
         embed=readout.apply(store["embed"]),
-        attn=torch.stack(attn, 1),
-        attn_bias=torch.stack(attn_bias, 1),
-        mlp=torch.stack(mlp, 1),
+        attn=attn,
+        attn_bias=attn_bias,
+        mlp=mlp,
         bias=readout.const,
-        heads=torch.stack(heads, 1) if heads else None,
-        tokens=torch.stack(tokens, 1) if tokens else None,
+        heads=heads,
+        tokens=tokens,
         head_layers=list(head_layers),
         token_layers=list(token_layers),
         projected=projected,
     )
+
+
+def _apply_stacked(readout: Readout, components: list[Tensor]) -> Float[Tensor, "batch layer out"]:
+    """``readout.apply`` on several components at once: ``[batch, layer, out]``."""
+    stacked = torch.stack(components, 1)  # [batch, layer, pos, d_model]
+    pooled = torch.einsum("brp,blpd->blrd", readout.weights, stacked)
+    return torch.einsum("blrd,rdo->blo", pooled, readout.maps)

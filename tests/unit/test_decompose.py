@@ -142,3 +142,16 @@ def test_per_token_embeddings_cannot_be_decomposed():
     _, model = hooked_pair("ViT-B-32", {"vision_cfg": {"layers": 1, "pool_type": "none"}, "text_cfg": {"layers": 1}})
     with pytest.raises(UnsupportedArchitectureError, match="pool_type='none'"):
         model.decompose(random_images(model, batch=1))
+
+
+def test_bfloat16_model_matches_open_clip_and_decomposes_to_bf16_precision():
+    open_clip_model, model = hooked_pair("ViT-B-32")
+    open_clip_model.to(torch.bfloat16)
+    images = random_images(model, batch=2).to(torch.bfloat16)
+    with torch.no_grad():
+        reference = open_clip_model.encode_image(images, normalize=True).float()
+        hooked = model.encode_image(images, normalize=True).float()
+    assert (reference - hooked).abs().max().item() <= 4e-3  # bf16 resolution is 2**-8
+    parts = model.decompose(images, tokens=[-1])
+    assert parts.tokens.dtype == torch.bfloat16
+    assert parts.relative_error().max().item() <= 2e-2
