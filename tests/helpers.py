@@ -23,9 +23,29 @@ def build_open_clip(name: str, overrides: Optional[dict[str, Any]] = None, seed:
     return model.eval()
 
 
-def hooked_pair(name: str, overrides: Optional[dict[str, Any]] = None, seed: int = 0):
-    """``(open_clip_model, HookedCLIP)`` sharing parameters."""
+def randomize_vectors(model: torch.nn.Module, seed: int = 1) -> None:
+    """Give every 1-d parameter (biases, LN affine, LayerScale, class embedding) random values.
+
+    open_clip zero-inits biases, sets LayerNorm to (1, 0) and LayerScale to 1e-4, which would hide
+    a dropped bias or gamma; random values make every term matter.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim != 1 or name in ("logit_scale", "logit_bias"):
+                continue
+            noise = 0.1 * torch.randn(p.shape, generator=g)
+            if name.endswith(("ls_1.gamma", "ls_2.gamma")):
+                p.copy_(0.5 + noise)
+            else:
+                p.add_(noise)
+
+
+def hooked_pair(name: str, overrides: Optional[dict[str, Any]] = None, seed: int = 0, randomize: bool = False):
+    """``(open_clip_model, HookedCLIP)`` sharing parameters (``randomize``: see :func:`randomize_vectors`)."""
     model = build_open_clip(name, overrides, seed)
+    if randomize:
+        randomize_vectors(model, seed + 1)
     return model, HookedCLIP.from_open_clip(model, name)
 
 

@@ -13,7 +13,7 @@ import torch
 
 import clip_lens
 from clip_lens import HookedCLIP, UnsupportedArchitectureError
-from tests.helpers import hooked_pair, random_images
+from tests.helpers import hooked_pair, random_images, randomize_vectors
 
 ATOL = 1e-5
 L2 = {"layers": 2}
@@ -51,20 +51,6 @@ CONFIGS = {
     ),
 }
 NAMES = list(CONFIGS)
-
-
-def randomize_vectors(model: torch.nn.Module, seed: int = 1) -> None:
-    """Give every 1-d parameter (biases, LN affine, LayerScale, class/CLS embeddings) random values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim != 1 or name in ("logit_scale", "logit_bias"):
-                continue
-            noise = 0.1 * torch.randn(p.shape, generator=g)
-            if name.endswith(("ls_1.gamma", "ls_2.gamma")):
-                p.copy_(0.5 + noise)  # 1e-4 at init would make every block invisible
-            else:
-                p.add_(noise)
 
 
 def make_tokens(hooked: HookedCLIP, seed: int = 0) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from clip_lens import UnsupportedArchitectureError
 from clip_lens.cache import CLIPActivationCache
-from tests.helpers import hooked_pair, random_images, random_tokens
+from tests.helpers import hooked_pair, random_images, random_tokens, randomize_vectors
 
 ATOL = 1e-5
 VISION = {"layers": 2, "width": 64, "patch_size": 32, "head_width": 16}
@@ -32,25 +32,11 @@ MODELS = {
 NAMES = list(MODELS)
 
 
-def _randomize_vectors(model: torch.nn.Module, seed: int = 1) -> None:
-    """Random biases / LN affine / LayerScale, so that every term of a decomposition matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim != 1 or name in ("logit_scale", "logit_bias"):
-                continue
-            noise = 0.1 * torch.randn(p.shape, generator=g)
-            if name.endswith(("ls_1.gamma", "ls_2.gamma")):
-                p.copy_(0.5 + noise)
-            else:
-                p.add_(noise)
-
-
 @pytest.fixture(scope="module", params=NAMES)
 def run(request):
     name = request.param
     model, hooked = hooked_pair(name, MODELS[name])
-    _randomize_vectors(model)
+    randomize_vectors(model)
     images = random_images(hooked, batch=2)
     tokens = random_tokens(hooked, batch=2)
     tokens[1, 5:10] = 0  # two lengths (EOT at 4 and 9)
@@ -165,7 +151,7 @@ def test_stack_head_results(run, tower, from_z):
 def test_layer_scale_is_in_head_results():
     """Guard for the from_z case: with LayerScale, W_O without gamma would not add up."""
     model, hooked = hooked_pair("ViT-M-16-alt", MODELS["ViT-M-16-alt"])
-    _randomize_vectors(model)
+    randomize_vectors(model)
     attn = hooked.blocks[0].attn
     gamma = model.visual.transformer.resblocks[0].ls_1.gamma
     assert attn.layer_scale is gamma

@@ -20,7 +20,7 @@ POOLING_CONFIGS = {
 
 @pytest.fixture(scope="module", params=list(POOLING_CONFIGS))
 def pair(request):
-    return hooked_pair(request.param, POOLING_CONFIGS[request.param])
+    return hooked_pair(request.param, POOLING_CONFIGS[request.param], randomize=True)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -55,7 +55,7 @@ def test_projected_decomposition_equals_projecting_each_term(pair):
 def test_head_term_matches_cached_head_result_through_frozen_ln_post():
     """Independent check on a CLS-pooled model: the head term is its result at the CLS
     position, centred, divided by the cached ln_post scale, scaled by γ and projected."""
-    _, model = hooked_pair("ViT-B-32")
+    _, model = hooked_pair("ViT-B-32", randomize=True)
     images = random_images(model, batch=2)
     parts = model.decompose(images)
     _, cache = model.run_with_cache(images)
@@ -69,7 +69,7 @@ def test_head_term_matches_cached_head_result_through_frozen_ln_post():
 
 
 def test_token_term_is_pattern_times_value_through_w_o():
-    _, model = hooked_pair("ViT-B-32")
+    _, model = hooked_pair("ViT-B-32", randomize=True)
     images = random_images(model, batch=1)
     layer = 1
     parts = model.decompose(images, tokens=[layer])
@@ -86,7 +86,7 @@ def test_token_term_is_pattern_times_value_through_w_o():
 def test_planted_single_writer_head_receives_everything_but_embed_and_bias():
     """Ground truth: silence every MLP and every head's output except one; the decomposition
     must attribute all of the layers' contribution to that head."""
-    open_clip_model, model = hooked_pair("ViT-B-32", seed=5)
+    open_clip_model, model = hooked_pair("ViT-B-32", seed=5, randomize=True)
     keep_layer, keep_head, d_head = 1, 3, model.cfg.d_head
     with torch.no_grad():
         for layer, block in enumerate(open_clip_model.visual.transformer.resblocks):
@@ -110,7 +110,7 @@ def test_planted_single_writer_head_receives_everything_but_embed_and_bias():
 
 
 def test_layer_selection_and_normalized_terms():
-    _, model = hooked_pair("ViT-B-32")
+    _, model = hooked_pair("ViT-B-32", randomize=True)
     images = random_images(model, batch=2)
     parts = model.decompose(images, heads=[0], tokens=None)
     assert parts.heads.shape == (2, 1, model.cfg.n_heads, model.cfg.d_embed)
@@ -124,7 +124,7 @@ def test_layer_selection_and_normalized_terms():
 
 
 def test_bad_arguments_raise_clear_errors():
-    _, model = hooked_pair("ViT-B-32")
+    _, model = hooked_pair("ViT-B-32", randomize=True)
     images = random_images(model, batch=1)
     with pytest.raises(IndexOutOfRangeError, match="layer 2 is out of range for a 2-layer"):
         model.decompose(images, tokens=[2])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clip_lens import HookNameError
-from tests.helpers import hooked_pair, random_images, random_tokens
+from tests.helpers import hooked_pair, random_images, random_tokens, randomize_vectors
 
 TINY = {
     "vision_cfg": {"layers": 2, "width": 64, "patch_size": 32, "head_width": 16},
@@ -161,18 +161,9 @@ EXPECTED_COCA_VISION_HOOKS = (
 )
 
 
-def _randomize_vectors(model: torch.nn.Module, seed: int = 1) -> None:
-    """open_clip zero-inits biases and sets LN to (1, 0); random values make every term matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and name not in ("logit_scale", "logit_bias"):
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-
-
 def _build(name, overrides):
     model, hooked = hooked_pair(name, overrides)
-    _randomize_vectors(model)
+    randomize_vectors(model)
     images = random_images(hooked, batch=2)
     tokens = random_tokens(hooked, batch=2)
     tokens[1, 5:10] = 0  # rows of different length (EOT at position 4 in row 1)
