@@ -281,13 +281,17 @@ def _encode(hooked, name, images, tokens):
     return hooked.encode_text(tokens) if name.startswith("text.") else hooked.encode_image(images)
 
 
-@pytest.mark.parametrize("name", EXPECTED_VISION_HOOKS + EXPECTED_TEXT_HOOKS)
-def test_every_hook_output_is_used(tiny, base_outputs, name):
-    _, hooked, images, tokens = tiny
-    ref = base_outputs[1] if name.startswith("text.") else base_outputs[0]
+def _assert_intervention_changes_output(built, reference, name):
+    _, hooked, images, tokens = built
+    ref = reference[1] if name.startswith("text.") else reference[0]
     with torch.no_grad(), hooked.hooks(fwd_hooks=[(name, _perturb(name))]):
         out = _encode(hooked, name, images, tokens)
     assert (out - ref).abs().max().item() > 1e-4, f"intervening on {name} did not change the output"
+
+
+@pytest.mark.parametrize("name", EXPECTED_VISION_HOOKS + EXPECTED_TEXT_HOOKS)
+def test_every_hook_output_is_used(tiny, base_outputs, name):
+    _assert_intervention_changes_output(tiny, base_outputs, name)
 
 
 @pytest.fixture(scope="module")
@@ -299,11 +303,7 @@ def coca_base(tiny_coca):
 
 @pytest.mark.parametrize("name", EXPECTED_COCA_VISION_HOOKS + EXPECTED_TEXT_HOOKS)
 def test_every_coca_hook_output_is_used(tiny_coca, coca_base, name):
-    _, hooked, images, tokens = tiny_coca
-    ref = coca_base[1] if name.startswith("text.") else coca_base[0]
-    with torch.no_grad(), hooked.hooks(fwd_hooks=[(name, _perturb(name))]):
-        out = _encode(hooked, name, images, tokens)
-    assert (out - ref).abs().max().item() > 1e-4, f"intervening on {name} did not change the output"
+    _assert_intervention_changes_output(tiny_coca, coca_base, name)
 
 
 # --- caching ------------------------------------------------------------------------------------
