@@ -1,0 +1,201 @@
+"""Train a small CLIP on the shapes world (``python -m clip_lens.toy.train``).
+
+The model is an open_clip ``CLIP`` built from a custom config (data, see :func:`model_config`).
+Captions keep each attribute with probability ``keep_prob``; several captions in a batch can be
+true of the same image ("a red shape"), so the loss treats every caption that is true of an image
+as a positive (multi-positive InfoNCE). With one positive per row it equals open_clip's
+``ClipLoss`` (tested). Training is seeded and resumable: batch ``k`` always holds scenes
+``k*batch … (k+1)*batch-1`` and their captions, and checkpoints keep model, optimizer and step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from tqdm import tqdm
+
+from clip_lens.toy.texts import vocabulary
+from clip_lens.toy.tokenizer import WordTokenizer
+from clip_lens.toy.world import ATTRIBUTES, VALUES, Scene, ShapesWorld, attribute_prompt, batch_images
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 100
+    keep_prob: float = 0.5
+    seed: int = 0
+    image_size: int = 64
+    eval_every: int = 250
+    eval_images: int = 512
+    checkpoint_every: int = 250
+    max_minutes: Optional[float] = None
+
+
+def model_config(vocab_size: int, image_size: int = 64, context_length: int = 32) -> dict:
+    """The open_clip config of the shapes-world CLIP (4×4-head ViT on 8×8 patches, 3-layer text)."""
+    return {
+        "embed_dim": 128,
+        "vision_cfg": {"image_size": image_size, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": context_length, "vocab_size": vocab_size, "width": 128, "heads": 4, "layers": 3},
+    }
+
+
+def build_model(config: dict) -> CLIP:
+    return CLIP(**config)
+
+
+def sample_keep(rng: np.random.Generator, keep_prob: float) -> dict[str, bool]:
+    """Which attributes a caption mentions (at least one)."""
+    while True:
+        keep = {a: bool(rng.random() < keep_prob) for a in ATTRIBUTES}
+        if any(keep.values()):
+            return keep
+
+
+def caption_batch(scenes: list[Scene], seed: int, step: int, keep_prob: float):
+    """Partial captions for a batch and the ``[image, caption]`` matrix of which captions are true."""
+    rng = np.random.default_rng([seed, 1, step])
+    keeps = [sample_keep(rng, keep_prob) for _ in scenes]
+    captions = [s.caption(k) for s, k in zip(scenes, keeps)]
+    facts = [{**s.objects[0].attributes(), "background": s.background} for s in scenes]
+    claims = [{a: f[a] for a in ATTRIBUTES if k[a]} for f, k in zip(facts, keeps)]
+    true = torch.tensor([[all(f[a] == v for a, v in c.items()) for c in claims] for f in facts])
+    return captions, true
+
+
+def multi_positive_loss(image_features, text_features, logit_scale, positives: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE where every true (image, caption) pair is a positive."""
+    logits = logit_scale * image_features @ text_features.T
+    masked = logits.masked_fill(~positives, float("-inf"))
+    per_image = torch.logsumexp(logits, 1) - torch.logsumexp(masked, 1)
+    per_text = torch.logsumexp(logits, 0) - torch.logsumexp(masked, 0)
+    return (per_image.mean() + per_text.mean()) / 2
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, tokenizer, world: ShapesWorld, n: int, batch: int = 256) -> dict[str, float]:
+    """Single-attribute zero-shot accuracy (argmax over each attribute's value prompts)."""
+    model.eval()
+    text = {a: F.normalize(model.encode_text(tokenizer([attribute_prompt(a, v) for v in VALUES[a]])), dim=-1) for a in ATTRIBUTES}
+    correct = {a: 0 for a in ATTRIBUTES}
+    for start in range(0, n, batch):
+        scenes = [world.scene(i) for i in range(start, min(n, start + batch))]
+        image = F.normalize(model.encode_image(batch_images(scenes)), dim=-1)
+        for a in ATTRIBUTES:
+            pred = (image @ text[a].T).argmax(-1)
+            truth = torch.tensor([VALUES[a].index(s.background if a == "background" else getattr(s.objects[0], a)) for s in scenes])
+            correct[a] += int((pred == truth).sum())
+    return {a: correct[a] / n for a in ATTRIBUTES}
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(out: str | Path, config: TrainConfig = TrainConfig(), log=print) -> dict:
+    """Train (or resume) into ``out``; returns the final metrics. Writes ``checkpoint.pt``,
+    ``model.safetensors``, ``config.json`` and ``metrics.json``."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    tokenizer = WordTokenizer(vocabulary(), context_length=32)
+    spec = model_config(tokenizer.vocab_size, config.image_size)
+    model = build_model(spec)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr
+    )
+    ckpt_path = out / "checkpoint.pt"
+    step, history, elapsed = 0, [], 0.0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = int(state["step"]), float(state["elapsed"])
+        history = json.loads(state["history"])
+        log(f"resumed from step {step}")
+    world = ShapesWorld(seed=config.seed, image_size=config.image_size)
+    held_out = ShapesWorld(seed=config.seed + 1000, image_size=config.image_size)
+
+    def lr_at(s: int) -> float:
+        if s < config.warmup:
+            return config.lr * (s + 1) / config.warmup
+        progress = (s - config.warmup) / max(1, config.steps - config.warmup)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def checkpoint() -> None:
+        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                      "elapsed": elapsed, "history": json.dumps(history)}, ckpt_path)
+
+    bar = tqdm(total=config.steps, initial=step, desc="train shapes-world CLIP", unit="step")
+    started = time.time() - elapsed
+    while step < config.steps:
+        if config.max_minutes is not None and (time.time() - started) / 60 > config.max_minutes:
+            log(f"stopping at step {step}: time budget of {config.max_minutes} min reached")
+            break
+        model.train()
+        scenes = [world.scene(i) for i in range(step * config.batch_size, (step + 1) * config.batch_size)]
+        captions, positives = caption_batch(scenes, config.seed, step, config.keep_prob)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        image_features = F.normalize(model.encode_image(batch_images(scenes)), dim=-1)
+        text_features = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
+        loss = multi_positive_loss(image_features, text_features, model.logit_scale.exp(), positives)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        elapsed = time.time() - started
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % config.eval_every == 0 or step == config.steps:
+            acc = zero_shot_accuracy(model, tokenizer, held_out, config.eval_images)
+            history.append({"step": step, "loss": loss.item(), "minutes": elapsed / 60, **acc})
+            log(json.dumps(history[-1]))
+        if step % config.checkpoint_every == 0:
+            checkpoint()
+    bar.close()
+    checkpoint()
+    model.eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    meta = {"model_cfg": spec, "tokenizer": tokenizer.to_dict(), "train": asdict(config), "steps_done": step,
+            "minutes": elapsed / 60, "history": history}
+    (out / "config.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="toy_shapes_run")
+    for name, value in asdict(TrainConfig()).items():
+        kind = float if name in ("lr", "weight_decay", "keep_prob", "max_minutes") else int
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out")
+    train(out, TrainConfig(**args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""The shapes world: seeded images of coloured shapes with known attributes and pixel masks.
+
+Every scene is a background texture with one or more objects. Each object has a colour, a shape,
+a position (a cell of a 3×3 grid) and a size; the scene has a background. Everything is rendered
+with numpy from the attributes, so the masks are exact and the same seed gives the same images.
+
+>>> world = ShapesWorld(seed=0)
+>>> scene = world.scene(0)
+>>> scene.image.shape, scene.caption()   # doctest: +SKIP
+((64, 64, 3), 'a small red triangle at the top left on a striped background')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from clip_lens.errors import InputError
+
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.90, 0.10, 0.10),
+    "orange": (1.00, 0.55, 0.00),
+    "yellow": (0.95, 0.90, 0.10),
+    "green": (0.10, 0.75, 0.15),
+    "cyan": (0.10, 0.85, 0.90),
+    "blue": (0.10, 0.25, 0.95),
+    "purple": (0.60, 0.15, 0.85),
+    "pink": (1.00, 0.50, 0.75),
+}
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
+SIZES = {"small": 0.16, "large": 0.27}  # object radius as a fraction of the image side
+ROWS = ("top", "middle", "bottom")
+COLUMNS = ("left", "center", "right")
+POSITIONS = tuple(f"{r} {c}" for r in ROWS for c in COLUMNS)
+BACKGROUNDS = ("plain", "striped", "checkered", "dotted")
+ATTRIBUTES = ("colour", "shape", "size", "position", "background")
+VALUES: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "size": tuple(SIZES),
+    "position": POSITIONS,
+    "background": BACKGROUNDS,
+}
+
+POSITION_PHRASES = {
+    "top left": "at the top left", "top center": "at the top", "top right": "at the top right",
+    "middle left": "on the left", "middle center": "in the center", "middle right": "on the right",
+    "bottom left": "at the bottom left", "bottom center": "at the bottom", "bottom right": "at the bottom right",
+}
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One object of a scene."""
+
+    colour: str
+    shape: str
+    size: str
+    position: str
+
+    def attributes(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def phrase(objects: Sequence[dict[str, str]], background: Optional[str] = None) -> str:
+    """The caption of (partial) object descriptions: ``{"colour": "red", "shape": "circle"}`` →
+    ``"a red circle"``; missing attributes are left out ("a red shape", "a shape on the left")."""
+    parts = []
+    for obj in objects:
+        words = ["a"]
+        if "size" in obj:
+            words.append(obj["size"])
+        if "colour" in obj:
+            words.append(obj["colour"])
+        words.append(obj.get("shape", "shape"))
+        if "position" in obj:
+            words.append(POSITION_PHRASES[obj["position"]])
+        parts.append(" ".join(words))
+    text = " and ".join(parts) if parts else "a scene"
+    if background is not None:
+        text += f" on a {background} background"
+    return text
+
+
+def attribute_prompt(attribute: str, value: str) -> str:
+    """The single-attribute prompt used for zero-shot evaluation (same template as captions)."""
+    if attribute == "background":
+        return phrase([{}], value)
+    return phrase([{attribute: value}])
+
+
+@dataclass
+class Scene:
+    """A rendered scene: image, exact masks and attributes."""
+
+    image: np.ndarray
+    """``uint8 [H, W, 3]``."""
+    objects: list[ShapeObject]
+    background: str
+    object_masks: np.ndarray
+    """``bool [n_objects, H, W]``: visible pixels of each object (later objects occlude earlier)."""
+    index: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def caption(self, keep: Optional[dict[str, bool]] = None) -> str:
+        """Full caption, or a partial one keeping the attributes with ``keep[attr]`` true."""
+        keep = keep or {a: True for a in ATTRIBUTES}
+        objects = [{a: v for a, v in o.attributes().items() if keep.get(a)} for o in self.objects]
+        return phrase(objects, self.background if keep.get("background") else None)
+
+    def attribute_mask(self, attribute: str, value: str) -> np.ndarray:
+        """``bool [H, W]``: pixels showing ``attribute == value`` (background: the uncovered pixels)."""
+        if attribute == "background":
+            return ~self.object_masks.any(0) if value == self.background else np.zeros(self.image.shape[:2], bool)
+        mask = np.zeros(self.image.shape[:2], bool)
+        for obj, obj_mask in zip(self.objects, self.object_masks):
+            if getattr(obj, attribute) == value:
+                mask |= obj_mask
+        return mask
+
+    def record(self) -> dict:
+        return {"index": self.index, "background": self.background, "objects": [o.attributes() for o in self.objects]}
+
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Inside test in the object's unit frame (u right, v down, radius 1)."""
+    if shape == "circle":
+        return u**2 + v**2 <= 1.0
+    if shape == "square":
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.8
+    if shape == "diamond":
+        return np.abs(u) + np.abs(v) <= 1.0
+    if shape == "triangle":
+        return (v <= 0.75) & (v >= -1.0 + 1.75 * np.abs(u))
+    if shape == "cross":
+        return ((np.abs(u) <= 0.33) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= 0.33) & (np.abs(u) <= 1.0))
+    if shape == "star":
+        rho, theta = np.hypot(u, v), np.arctan2(v, u) + np.pi / 2
+        return rho <= 0.42 + 0.58 * ((np.cos(5 * theta) + 1) / 2) ** 2
+    raise InputError(f"unknown shape '{shape}'; choose from {', '.join(SHAPES)}.")
+
+
+def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    base, alt = 0.30 + 0.05 * rng.random(), 0.50 + 0.05 * rng.random()
+    period = max(4, size // 8)
+    phase = rng.integers(period)
+    if kind == "plain":
+        pattern = np.zeros((size, size), bool)
+    elif kind == "striped":
+        pattern = ((xx + yy + phase) // (period // 2)) % 2 == 0
+    elif kind == "checkered":
+        pattern = (((xx + phase) // period) + ((yy + phase) // period)) % 2 == 0
+    elif kind == "dotted":
+        pattern = (((xx + phase) % period - period / 2) ** 2 + ((yy + phase) % period - period / 2) ** 2) <= (period / 4) ** 2
+    else:
+        raise InputError(f"unknown background '{kind}'; choose from {', '.join(BACKGROUNDS)}.")
+    grey = np.where(pattern, alt, base)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+class ShapesWorld(Dataset):
+    """A seeded, indexable world of scenes (``world[i]`` is always the same scene).
+
+    Args:
+        seed: world seed; scenes of different seeds are independent.
+        image_size: side of the square images in pixels (default 64).
+        n_objects: objects per scene, an int or an inclusive ``(min, max)`` range.
+        length: nominal dataset length for ``len()`` / iteration.
+        transform: optional callable applied to the ``uint8 [H, W, 3]`` image in ``__getitem__``.
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        image_size: int = 64,
+        n_objects: int | tuple[int, int] = 1,
+        length: int = 10_000,
+        transform=None,
+    ):
+        lo, hi = (n_objects, n_objects) if isinstance(n_objects, int) else n_objects
+        if image_size < 16:
+            raise InputError(f"image_size must be at least 16 pixels, got {image_size}.")
+        if not 1 <= lo <= hi <= 4:
+            raise InputError(f"n_objects must lie in 1..4, got {n_objects}.")
+        self.seed, self.image_size, self.n_objects, self.length, self.transform = seed, image_size, (lo, hi), length, transform
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, index])
+
+    def sample_attributes(self, rng: np.random.Generator) -> tuple[list[ShapeObject], str]:
+        n = int(rng.integers(self.n_objects[0], self.n_objects[1] + 1))
+        cells = rng.choice(len(POSITIONS), size=n, replace=False)
+        objects = [
+            ShapeObject(
+                colour=str(rng.choice(VALUES["colour"])),
+                shape=str(rng.choice(SHAPES)),
+                size=str(rng.choice(VALUES["size"])),
+                position=POSITIONS[int(c)],
+            )
+            for c in cells
+        ]
+        return objects, str(rng.choice(BACKGROUNDS))
+
+    def render(self, objects: Sequence[ShapeObject], background: str, rng: np.random.Generator) -> Scene:
+        size = self.image_size
+        image = _background(background, size, rng)
+        masks = np.zeros((len(objects), size, size), bool)
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+        cell = size / 3
+        for i, obj in enumerate(objects):
+            row, col = ROWS.index(obj.position.split()[0]), COLUMNS.index(obj.position.split()[1])
+            radius = SIZES[obj.size] * size / 2 * (1 + 0.08 * rng.standard_normal())
+            slack = max(0.0, cell / 2 - radius)
+            cx = (col + 0.5) * cell + rng.uniform(-slack, slack) * 0.6
+            cy = (row + 0.5) * cell + rng.uniform(-slack, slack) * 0.6
+            mask = _shape_mask(obj.shape, (xx - cx) / radius, (yy - cy) / radius)
+            masks[:i] &= ~mask  # occlusion: later objects are drawn on top
+            masks[i] = mask
+            colour = np.clip(np.array(COLOURS[obj.colour]) + 0.04 * rng.standard_normal(3), 0, 1)
+            image[mask] = colour
+        image = np.clip(image + 0.02 * rng.standard_normal(image.shape), 0, 1)
+        return Scene((image * 255).round().astype(np.uint8), list(objects), background, masks)
+
+    def scene(self, index: int) -> Scene:
+        """The scene at ``index`` (deterministic in ``(seed, index)``)."""
+        rng = self._rng(index)
+        objects, background = self.sample_attributes(rng)
+        scene = self.render(objects, background, rng)
+        scene.index = index
+        return scene
+
+    def __getitem__(self, index: int) -> dict:
+        scene = self.scene(index)
+        image = scene.image if self.transform is None else self.transform(scene.image)
+        return {"image": image, "caption": scene.caption(), "record": scene.record()}
+
+    def __iter__(self) -> Iterator[Scene]:
+        return (self.scene(i) for i in range(self.length))
+
+    def export(self, folder: str | os.PathLike, n: int, start: int = 0) -> Path:
+        """Write ``n`` scenes as ``images/{i}.png``, ``masks/{i}.npz`` and ``scenes.json`` (atomically)."""
+        from PIL import Image
+
+        folder = Path(folder)
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "masks").mkdir(parents=True, exist_ok=True)
+        records = []
+        for i in range(start, start + n):
+            scene = self.scene(i)
+            _atomic(folder / "images" / f"{i:06d}.png", lambda f: Image.fromarray(scene.image).save(f, format="PNG"))
+            _atomic(folder / "masks" / f"{i:06d}.npz", lambda f: np.savez_compressed(f, objects=scene.object_masks))
+            records.append({**scene.record(), "image": f"images/{i:06d}.png", "masks": f"masks/{i:06d}.npz", "caption": scene.caption()})
+        meta = {"seed": self.seed, "image_size": self.image_size, "n_objects": list(self.n_objects), "scenes": records}
+        _atomic(folder / "scenes.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        return folder
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: no half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def batch_images(scenes: Sequence[Scene]) -> torch.Tensor:
+    """``uint8 [H, W, 3]`` scenes → model input ``[batch, 3, H, W]`` normalised to [-1, 1]."""
+    array = np.stack([s.image for s in scenes]).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
