@@ -75,9 +75,9 @@ def _load(model: str, pretrained: Optional[str], overrides: Optional[dict]):
 @app.command()
 @_user_errors
 def report(
-    model: str = typer.Option(..., "--model", "-m", help="open_clip model name (see `clip-lens models`)."),
+    model: str = typer.Option("toy-shapes", "--model", "-m", help="model name (see `clip-lens models`)."),
     pretrained: Optional[str] = typer.Option(
-        None, "--pretrained", "-p", help="pretrained tag or local checkpoint; omitted: RANDOM weights."
+        None, "--pretrained", "-p", help="pretrained tag or local checkpoint; omitted: RANDOM weights (bundled models excepted)."
     ),
     n_images: int = typer.Option(8, "--n-images", min=1, help="number of synthetic images."),
     seed: int = typer.Option(0, "--seed", help="seed of the synthetic images."),
@@ -96,7 +96,7 @@ def report(
     with tqdm(total=5, desc="clip-lens report", unit="step") as bar:
         bar.set_postfix_str("build model")
         hooked = _load(model, pretrained, overrides)
-        if pretrained is None:
+        if hooked.pretrained is None:
             bar.write(f"Note: no --pretrained given, so {model} has RANDOM weights: the report shows the machinery, "
                       "not what a trained model has learned.")
         bar.update(1)
@@ -128,7 +128,9 @@ def hooks(
         _fail(f"--tower must be 'vision' or 'text', got '{tower}'.")
     import torch
 
-    hooked = _load(model, None, SHRUNK)
+    from clip_lens.loading import bundled_models
+
+    hooked = _load(model, None, None if model in bundled_models() else SHRUNK)
     if tower == "vision":
         inputs: dict[str, Any] = {"image": torch.zeros(1, 3, *hooked.cfg.image_size)}
     else:
@@ -138,13 +140,26 @@ def hooks(
         inputs = {"text": tokens}
     _, cache = hooked.run_with_cache(**inputs)
     names = [name for name in cache.keys() if name.startswith("text.") == (tower == "text")]
-    typer.echo(
-        f"# {model} {tower} tower, shrunk to 1 layer for speed (blocks.0.* repeats for every layer); "
-        "shapes for a batch of 1"
-    )
+    shrunk = "" if model in bundled_models() else ", shrunk to 1 layer for speed (blocks.0.* repeats for every layer)"
+    typer.echo(f"# {model} {tower} tower{shrunk}; shapes for a batch of 1")
     width = max(len(name) for name in names)
     for name in names:
         typer.echo(f"{name:<{width}}  {list(cache[name].shape)}")
+
+
+@app.command("train-toy")
+def train_toy(
+    out: Path = typer.Option(Path("toy_shapes_run"), "--out", "-o", help="run folder (resumes if it holds a checkpoint)."),
+    steps: int = typer.Option(2800, "--steps", min=1),
+    batch_size: int = typer.Option(256, "--batch-size", min=2),
+    seed: int = typer.Option(0, "--seed"),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="stop (and checkpoint) after this long."),
+) -> None:
+    """Train the shapes-world CLIP (same as `python -m clip_lens.toy.train`)."""
+    from clip_lens.toy.train import TrainConfig, train
+
+    meta = train(out, TrainConfig(steps=steps, batch_size=batch_size, seed=seed, max_minutes=max_minutes), log=typer.echo)
+    typer.echo(f"done: {meta['steps_done']} steps in {meta['minutes']:.1f} min; weights in {out / 'model.safetensors'}")
 
 
 def main() -> None:  # pragma: no cover - `python -m clip_lens.cli`

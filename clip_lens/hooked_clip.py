@@ -50,6 +50,7 @@ class HookedCLIP(HookedRootModule):
         model_name: Optional[str] = None,
         pretrained: Optional[str] = None,
         preprocess: Optional[Callable] = None,
+        tokenizer: Optional[Callable] = None,
     ):
         super().__init__()
         self.visual = VisionTower(model.visual, model_name)
@@ -59,6 +60,7 @@ class HookedCLIP(HookedRootModule):
         self.model_name = model_name
         self.pretrained = pretrained
         self.preprocess = preprocess if preprocess is not None else _eval_transform(model)
+        self.tokenizer = tokenizer
         self.eval()
         self.setup()
 
@@ -77,7 +79,8 @@ class HookedCLIP(HookedRootModule):
         """Build a hooked model by name.
 
         Args:
-            model_name: an ``open_clip.list_models()`` name (e.g. ``"ViT-B-16"``).
+            model_name: a name from ``clip_lens.list_models()``: an open_clip model (``"ViT-B-16"``)
+                or a bundled one (``"toy-shapes"``, the shapes-world CLIP, works offline).
             pretrained: an open_clip pretrained tag (``"laion2b_s34b_b88k"``; downloaded by
                 open_clip), a local checkpoint (``.safetensors``, or ``.pt``/``.pth``/``.bin``
                 read with ``torch.load(weights_only=True)``), or ``None`` for random weights.
@@ -89,10 +92,9 @@ class HookedCLIP(HookedRootModule):
         """
         from clip_lens.loading import load_open_clip
 
-        model, name, tag, preprocess = load_open_clip(
-            model_name, pretrained, config_overrides=config_overrides, cache_dir=cache_dir
-        )
-        return cls(model, model_name=name, pretrained=tag, preprocess=preprocess).to(device=device, dtype=dtype)
+        loaded = load_open_clip(model_name, pretrained, config_overrides=config_overrides, cache_dir=cache_dir)
+        hooked = cls(loaded.model, model_name=loaded.name, pretrained=loaded.pretrained, tokenizer=loaded.tokenizer)
+        return hooked.to(device=device, dtype=dtype)
 
     @classmethod
     def from_open_clip(cls, model: nn.Module, model_name: Optional[str] = None) -> "HookedCLIP":
@@ -241,10 +243,10 @@ class HookedCLIP(HookedRootModule):
         return tokens.to(device=self.device, dtype=torch.long)
 
     def to_tokens(self, texts: Union[str, Sequence[str]]) -> Int[Tensor, "batch ctx"]:
-        """Tokenize with the model's open_clip tokenizer (``open_clip.get_tokenizer(name)``)."""
+        """Tokenize with the model's tokenizer (bundled, or ``open_clip.get_tokenizer(name)``)."""
         import open_clip
 
-        if not self.model_name:
+        if self.tokenizer is None and not self.model_name:
             raise InputError("this model has no open_clip name, so its tokenizer is unknown; pass token ids.")
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
@@ -252,6 +254,8 @@ class HookedCLIP(HookedRootModule):
                 sorted({type(t).__name__ for t in texts if not isinstance(t, str)})
             )
             raise InputError(f"to_tokens takes a string or a list of strings, got {found}.")
+        if self.tokenizer is not None:
+            return self.tokenizer(list(texts)).to(self.device)
         key = (self.model_name, self.text.cfg.context_length)
         cached = getattr(self, "_tokenizer_cache", None)
         if cached is None or cached[0] != key:  # building a tokenizer reads its BPE file: do it once

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import json
+from dataclasses import dataclass
+from importlib import resources
 import inspect
 import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import open_clip
 import torch
@@ -32,11 +36,53 @@ from clip_lens.errors import (
 )
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+BUNDLED_REGISTRY = "pretrained.json"  # models whose weights ship inside the package (data, not code)
+
+
+@dataclass
+class LoadedModel:
+    """What :func:`load_open_clip` builds: the open_clip model and how to feed it."""
+
+    model: nn.Module
+    name: str
+    pretrained: Optional[str]
+    tokenizer: Optional[Callable] = None
+
+
+@functools.cache
+def bundled_models() -> dict[str, dict[str, Any]]:
+    """The registry of bundled models: ``{name: {"config": file, "weights": file, …}}``."""
+    return json.loads(resources.files("clip_lens").joinpath(BUNDLED_REGISTRY).read_text())
+
+
+def load_bundled(name: str) -> LoadedModel:
+    """Build a bundled model (e.g. ``"toy-shapes"``) from the weights inside the package."""
+    from open_clip.factory import set_model_preprocess_cfg
+    from open_clip.model import CLIP
+
+    from clip_lens.toy.tokenizer import WordTokenizer
+
+    entry = bundled_models()[name]
+    package = resources.files("clip_lens")
+    meta = json.loads(package.joinpath(entry["config"]).read_text())
+    weights = package.joinpath(entry["weights"])
+    if not weights.is_file():
+        raise CheckpointNotFoundError(
+            f"The bundled weights of '{name}' are missing ({entry['weights']}); reinstall clip_lens or "
+            f"train them with `python -m clip_lens.toy.train`."
+        )
+    with resources.as_file(weights) as path:
+        state_dict = read_state_dict(path)
+    model = CLIP(**meta["model_cfg"])
+    load_state_dict_strict(model, state_dict, source=f"bundled checkpoint of {name}")
+    set_model_preprocess_cfg(model, meta["preprocess_cfg"])
+    return LoadedModel(model.eval(), name, f"bundled:{entry['weights']}", WordTokenizer.from_dict(meta["tokenizer"]))
 
 
 def list_models() -> list[str]:
     """open_clip model names whose towers HookedCLIP reproduces exactly (ViT image + text)."""
-    return [name for name in open_clip.list_models() if unsupported_feature(get_model_config(name)) is None]
+    native = [name for name in open_clip.list_models() if unsupported_feature(get_model_config(name)) is None]
+    return [*bundled_models(), *native]
 
 
 def unsupported_feature(config: Mapping[str, Any]) -> Optional[str]:
@@ -137,7 +183,7 @@ def model_config(model_name: str, overrides: Optional[Mapping[str, Any]] = None)
         ) from exc
     if config is None:
         raise ModelNotFoundError(
-            f"Unknown model '{model_name}'.{close_matches(model_name, open_clip.list_models())} "
+            f"Unknown model '{model_name}'.{close_matches(model_name, [*bundled_models(), *open_clip.list_models()])} "
             "clip_lens.list_models() lists the names HookedCLIP supports."
         )
     if overrides is None:
@@ -267,16 +313,17 @@ def load_open_clip(
     *,
     config_overrides: Optional[Mapping[str, Any]] = None,
     cache_dir: Optional[str] = None,
-) -> tuple[nn.Module, str, Optional[str], Any]:
-    """Build the open_clip model behind :meth:`HookedCLIP.from_pretrained`.
-
-    Returns ``(model, model_name, pretrained_tag_or_path, preprocess)``.
-    """
+) -> LoadedModel:
+    """Build the open_clip model behind :meth:`HookedCLIP.from_pretrained`."""
     if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
         raise InputError(
             "pretrained must be None, an open_clip pretrained tag or a checkpoint path, "
             f"got {type(pretrained).__name__}."
         )
+    if isinstance(model_name, str) and model_name in bundled_models():
+        if pretrained is not None or config_overrides:
+            raise InputError(f"'{model_name}' is a bundled model: it takes no pretrained= or config_overrides=.")
+        return load_bundled(model_name)
     config = model_config(model_name, config_overrides)
     feature = unsupported_feature(config)
     if feature is not None:
@@ -322,4 +369,4 @@ def load_open_clip(
             f"{close_matches(str(pretrained), tags)} Tags: {', '.join(tags) or 'none'}."
         )
     model.eval()
-    return model, model_name, None if pretrained is None else str(pretrained), None
+    return LoadedModel(model, model_name, None if pretrained is None else str(pretrained))

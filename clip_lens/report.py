@@ -100,6 +100,25 @@ def synthetic_images(
     return (pixels - mean_t) / std_t, pixels
 
 
+def report_images(model: "HookedCLIP", n_images: int, seed: int = 0) -> tuple[Tensor, Tensor, str]:
+    """``(normalised, pixels in [0, 1], description)``: held-out shapes-world scenes for a
+    shapes-world model (it has the world's word tokenizer), synthetic colour blobs otherwise."""
+    from clip_lens.toy import ShapesWorld, WordTokenizer, batch_images
+    from clip_lens.toy.evaluate import HELD_OUT_SEED
+
+    if isinstance(model.tokenizer, WordTokenizer):
+        if n_images < 1:
+            raise InputError(f"n_images must be at least 1, got {n_images}.")
+        world = ShapesWorld(seed=HELD_OUT_SEED + seed, image_size=model.cfg.image_size[0])
+        scenes = [world.scene(i) for i in range(n_images)]
+        images = batch_images(scenes)
+        captions = "; ".join(s.caption() for s in scenes[:3])
+        return images, (images + 1) / 2, f"held-out shapes-world scenes ({captions}; …)"
+    mean, std = normalization(model)
+    images, pixels = synthetic_images(n_images, model.cfg.image_size, seed, mean, std)
+    return images, pixels, "synthetic colour blobs"
+
+
 # --- numbers ------------------------------------------------------------------------------
 def token_norms(decomposition: "Decomposition", image: int = 0) -> Float[Tensor, "token"]:
     """‖Σ_h tokens[image, last token layer, h, t]‖ for every source token ``t``."""
@@ -355,15 +374,14 @@ def build_report(
             progress.update(1)
 
     step("images")
-    mean, std = normalization(model)
-    images, pixels = synthetic_images(n_images, model.cfg.image_size, seed, mean, std)
+    images, pixels, description = report_images(model, n_images, seed)
     done()
 
     step("decompose")
     last = model.cfg.n_layers - 1
     decomposition = model.decompose(images, heads="all", tokens=[last])
     summary = summarize(
-        model, decomposition, n_images=n_images, seed=seed, images="synthetic colour blobs", **(extra or {})
+        model, decomposition, n_images=n_images, seed=seed, images=description, **(extra or {})
     )
     done()
 

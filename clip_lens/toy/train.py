@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from tqdm import tqdm
 
+from clip_lens.toy.evaluate import zero_shot_accuracy
 from clip_lens.toy.texts import vocabulary
 from clip_lens.toy.tokenizer import WordTokenizer
-from clip_lens.toy.world import ATTRIBUTES, VALUES, Scene, ShapesWorld, attribute_prompt, batch_images
+from clip_lens.toy.world import ATTRIBUTES, Scene, ShapesWorld, batch_images
 
 
 @dataclass
@@ -44,6 +45,8 @@ class TrainConfig:
     eval_images: int = 512
     checkpoint_every: int = 250
     max_minutes: Optional[float] = None
+    stop_at: Optional[int] = None
+    """Stop (checkpointed, resumable) after this step, as an interrupted run would; None: run to ``steps``."""
 
 
 def model_config(vocab_size: int, image_size: int = 64, context_length: int = 32) -> dict:
@@ -87,22 +90,6 @@ def multi_positive_loss(image_features, text_features, logit_scale, positives: t
     return (per_image.mean() + per_text.mean()) / 2
 
 
-@torch.no_grad()
-def zero_shot_accuracy(model, tokenizer, world: ShapesWorld, n: int, batch: int = 256) -> dict[str, float]:
-    """Single-attribute zero-shot accuracy (argmax over each attribute's value prompts)."""
-    model.eval()
-    text = {a: F.normalize(model.encode_text(tokenizer([attribute_prompt(a, v) for v in VALUES[a]])), dim=-1) for a in ATTRIBUTES}
-    correct = {a: 0 for a in ATTRIBUTES}
-    for start in range(0, n, batch):
-        scenes = [world.scene(i) for i in range(start, min(n, start + batch))]
-        image = F.normalize(model.encode_image(batch_images(scenes)), dim=-1)
-        for a in ATTRIBUTES:
-            pred = (image @ text[a].T).argmax(-1)
-            truth = torch.tensor([VALUES[a].index(s.background if a == "background" else getattr(s.objects[0], a)) for s in scenes])
-            correct[a] += int((pred == truth).sum())
-    return {a: correct[a] / n for a in ATTRIBUTES}
-
-
 def _save_atomic(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -126,16 +113,15 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), log=print) -> di
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr
     )
     ckpt_path = out / "checkpoint.pt"
-    step, history, elapsed = 0, [], 0.0
+    step, history, losses, elapsed = 0, [], [], 0.0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = int(state["step"]), float(state["elapsed"])
-        history = json.loads(state["history"])
+        history, losses = json.loads(state["history"]), json.loads(state.get("losses", "[]"))
         log(f"resumed from step {step}")
     world = ShapesWorld(seed=config.seed, image_size=config.image_size)
-    held_out = ShapesWorld(seed=config.seed + 1000, image_size=config.image_size)
 
     def lr_at(s: int) -> float:
         if s < config.warmup:
@@ -145,13 +131,16 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), log=print) -> di
 
     def checkpoint() -> None:
         _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                      "elapsed": elapsed, "history": json.dumps(history)}, ckpt_path)
+                      "elapsed": elapsed, "history": json.dumps(history), "losses": json.dumps(losses)}, ckpt_path)
 
     bar = tqdm(total=config.steps, initial=step, desc="train shapes-world CLIP", unit="step")
     started = time.time() - elapsed
     while step < config.steps:
         if config.max_minutes is not None and (time.time() - started) / 60 > config.max_minutes:
             log(f"stopping at step {step}: time budget of {config.max_minutes} min reached")
+            break
+        if config.stop_at is not None and step >= config.stop_at:
+            log(f"stopping at step {step} (stop_at); run again to resume")
             break
         model.train()
         scenes = [world.scene(i) for i in range(step * config.batch_size, (step + 1) * config.batch_size)]
@@ -167,11 +156,13 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), log=print) -> di
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         step += 1
+        losses.append(round(loss.item(), 5))
         elapsed = time.time() - started
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % config.eval_every == 0 or step == config.steps:
-            acc = zero_shot_accuracy(model, tokenizer, held_out, config.eval_images)
+            model.eval()
+            acc = zero_shot_accuracy(model, config.eval_images, tokenize=tokenizer, image_size=config.image_size).accuracy
             history.append({"step": step, "loss": loss.item(), "minutes": elapsed / 60, **acc})
             log(json.dumps(history[-1]))
         if step % config.checkpoint_every == 0:
@@ -181,7 +172,7 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), log=print) -> di
     model.eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     meta = {"model_cfg": spec, "tokenizer": tokenizer.to_dict(), "train": asdict(config), "steps_done": step,
-            "minutes": elapsed / 60, "history": history}
+            "minutes": elapsed / 60, "history": history, "losses": losses}
     (out / "config.json").write_text(json.dumps(meta, indent=1))
     return meta
 

@@ -6,7 +6,6 @@ reach a model hub; the download entry points are patched to fail where a test co
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 

@@ -1,0 +1,64 @@
+"""Package a finished training run as the bundled ``toy-shapes`` model.
+
+``python -m clip_lens.toy.bundle RUN_DIR`` copies the run's weights into ``clip_lens/toy/weights``,
+measures zero-shot accuracy on 2,000 held-out scenes through :class:`~clip_lens.HookedCLIP`, and
+writes the config with the tokenizer, preprocessing, provenance and the measured metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from clip_lens.report import atomic_write
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+PREPROCESS = {"size": 64, "mode": "RGB", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+              "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
+
+
+def bundle(run_dir: str | Path, name: str = "toy-shapes", n_eval: int = 2000) -> dict:
+    from clip_lens import HookedCLIP
+    from clip_lens.toy.evaluate import zero_shot_accuracy
+
+    run_dir = Path(run_dir)
+    meta = json.loads((run_dir / "config.json").read_text())
+    WEIGHTS_DIR.mkdir(exist_ok=True)
+    weights = WEIGHTS_DIR / f"{name}.safetensors"
+    shutil.copyfile(run_dir / "model.safetensors", weights.with_suffix(".tmp"))
+    weights.with_suffix(".tmp").replace(weights)
+    preprocess = {**PREPROCESS, "size": meta["model_cfg"]["vision_cfg"]["image_size"]}
+    config = {
+        "model_cfg": meta["model_cfg"],
+        "tokenizer": meta["tokenizer"],
+        "preprocess_cfg": preprocess,
+        "provenance": {
+            "command": f"python -m clip_lens.toy.train --steps {meta['train']['steps']} --seed {meta['train']['seed']}"
+            + (f" --max-minutes {meta['train']['max_minutes']}" if meta["train"]["max_minutes"] else ""),
+            "train": meta["train"],
+            "steps_done": meta["steps_done"],
+            "minutes": round(meta["minutes"], 1),
+            "history": meta["history"],
+        },
+    }
+    atomic_write(WEIGHTS_DIR / f"{name}.json", json.dumps(config, indent=1))
+    model = HookedCLIP.from_pretrained(name)
+    result = zero_shot_accuracy(model, n_images=n_eval)
+    config["metrics"] = result.to_dict()
+    atomic_write(WEIGHTS_DIR / f"{name}.json", json.dumps(config, indent=1))
+    return config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--name", default="toy-shapes")
+    args = parser.parse_args()
+    config = bundle(args.run_dir, args.name)
+    print(json.dumps(config["metrics"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The bundled shapes-world CLIP loads offline, matches open_clip and knows the world's attributes."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+import torch
+from open_clip.model import CLIP
+
+from clip_lens import HookedCLIP, list_models
+from clip_lens.toy import ShapesWorld, batch_images, zero_shot_accuracy
+
+TARGETS = {"colour": 0.95, "shape": 0.95, "position": 0.90, "size": 0.90, "background": 0.90}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return HookedCLIP.from_pretrained("toy-shapes")
+
+
+def test_bundled_model_is_listed_small_and_matches_open_clip(model):
+    assert "toy-shapes" in list_models()
+    weights = resources.files("clip_lens").joinpath("toy/weights/toy-shapes.safetensors")
+    assert weights.stat().st_size <= 25 * 2**20
+    meta = json.loads(resources.files("clip_lens").joinpath("toy/weights/toy-shapes.json").read_text())
+    reference = CLIP(**meta["model_cfg"]).eval()
+    reference.load_state_dict(_bundled_state_dict(), strict=True)
+    images = batch_images([ShapesWorld(seed=7).scene(i) for i in range(4)])
+    tokens = model.to_tokens(["a red circle", "a shape on a striped background"])
+    with torch.no_grad():
+        assert (reference.encode_image(images, normalize=True) - model.encode_image(images, normalize=True)).abs().max() <= 1e-5
+        assert (reference.encode_text(tokens, normalize=True) - model.encode_text(tokens, normalize=True)).abs().max() <= 1e-5
+
+
+def _bundled_state_dict():
+    from safetensors.torch import load_file
+
+    with resources.as_file(resources.files("clip_lens").joinpath("toy/weights/toy-shapes.safetensors")) as path:
+        return load_file(str(path))
+
+
+def test_zero_shot_accuracy_on_held_out_scenes_meets_the_targets(model):
+    result = zero_shot_accuracy(model, n_images=500)
+    for attribute, target in TARGETS.items():
+        assert result.accuracy[attribute] >= target, f"{attribute}: {result.accuracy[attribute]:.3f} < {target}"
+        assert result.accuracy[attribute] > 2 * result.chance[attribute]
+
+
+def test_decomposition_of_the_bundled_model_is_exact(model):
+    images = batch_images([ShapesWorld(seed=8).scene(i) for i in range(8)])
+    parts = model.decompose(images, tokens="all")
+    assert parts.relative_error().max().item() <= 1e-4
+    assert parts.tokens.shape == (8, 4, 4, 65, 128)
+
+
+def test_readme_main_job_reports_on_the_bundled_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from clip_lens.cli import app
+
+    result = CliRunner().invoke(app, ["report", "--n-images", "4", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["model"] == "toy-shapes" and summary["random_weights"] is False
+    assert summary["images"].startswith("held-out shapes-world scenes")
+    assert summary["sum_check"]["max_relative_error"] <= 1e-4
+    assert "RANDOM" not in result.output

@@ -1,0 +1,54 @@
+"""Training the shapes-world CLIP: the loss, the positives, a short run and resuming it."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+from clip_lens.toy import ShapesWorld
+from clip_lens.toy.train import TrainConfig, caption_batch, multi_positive_loss, train
+
+
+def test_multi_positive_loss_equals_open_clip_loss_with_one_positive_per_row():
+    g = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    texts = F.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    ours = multi_positive_loss(images, texts, scale, torch.eye(8, dtype=torch.bool))
+    torch.testing.assert_close(ours, ClipLoss()(images, texts, scale), rtol=1e-6, atol=1e-6)
+
+
+def test_captions_true_of_several_images_are_positives_for_all_of_them():
+    scenes = [ShapesWorld(seed=0).scene(i) for i in range(64)]
+    captions, positives = caption_batch(scenes, seed=0, step=0, keep_prob=0.5)
+    assert positives.diagonal().all()
+    assert positives.sum() > 64  # partial captions ("a red shape") fit other images too
+    for j, caption in enumerate(captions):
+        for i, scene in enumerate(scenes):
+            if positives[i, j]:
+                obj = scene.objects[0]
+                for value in (obj.colour, obj.shape, scene.background):
+                    if value in caption.split() and value not in scene.caption().split():
+                        raise AssertionError(f"{caption!r} marked true of {scene.caption()!r}")
+
+
+def test_short_training_run_lowers_the_loss_and_resumes_exactly(tmp_path):
+    config = TrainConfig(steps=60, batch_size=48, warmup=5, eval_every=1000, eval_images=32, checkpoint_every=30)
+    meta = train(tmp_path / "full", config, log=lambda *_: None)
+    losses = meta["losses"]
+    assert len(losses) == 60
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    assert (tmp_path / "full" / "model.safetensors").exists()
+
+    # Interrupt after 30 steps (the checkpoint), resume to 60: the same weights as one run.
+    train(tmp_path / "resumed", TrainConfig(**{**config.__dict__, "stop_at": 30}), log=lambda *_: None)
+    resumed = train(tmp_path / "resumed", config, log=lambda *_: None)
+    assert resumed["losses"][:30] == losses[:30]
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["steps_done"] == 60
