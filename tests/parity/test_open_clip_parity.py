@@ -222,7 +222,8 @@ def test_list_models_supported_and_unsupported():
         assert name in names
     for name in ("RN50", "RN101", "ViT-B-16-SigLIP", "convnext_base", "roberta-ViT-B-32", "xlm-roberta-base-ViT-B-32"):
         assert name not in names
-    assert set(names) <= set(open_clip.list_models())
+    assert set(names) <= set(open_clip.list_models()) | {"toy-shapes"}  # plus the bundled model
+    assert names[0] == "toy-shapes"
 
 
 @pytest.mark.parametrize(
