@@ -1,4 +1,4 @@
-"""The ``clip-lens report`` job: synthetic images, a decomposition, figures and a summary.
+"""The ``clip-lens report`` job: images (shapes-world scenes or synthetic blobs), a decomposition, figures and a summary.
 
 Everything here is plain functions over a :class:`~clip_lens.HookedCLIP` and a
 :class:`~clip_lens.Decomposition`, so the CLI stays a thin shell:
@@ -178,7 +178,8 @@ def _pyplot():
 
 def _title(summary: dict[str, Any]) -> str:
     weights = "random weights" if summary["random_weights"] else f"weights: {Path(str(summary['pretrained'])).name}"
-    return f"{summary['model']} ({weights}), {summary.get('n_images', '?')} synthetic images"
+    kind = "shapes-world scenes" if str(summary.get("images", "")).startswith("held-out shapes") else "synthetic images"
+    return f"{summary['model']} ({weights}), {summary.get('n_images', '?')} {kind}"
 
 
 def plot_decomposition(summary: dict[str, Any]) -> "Figure":
@@ -235,7 +236,7 @@ def plot_tokens(
     fig, (ax_img, ax_map) = plt.subplots(1, 2, figsize=(11, 5), constrained_layout=True)
     fig.suptitle(f"Layer {layer} attention, per source token (image 0) — {_title(summary)}")
     ax_img.imshow(pixels.permute(1, 2, 0).cpu().numpy())
-    ax_img.set_title("input image (synthetic)")
+    ax_img.set_title("input image")
     ax_img.set_xlabel("x (pixels)")
     ax_img.set_ylabel("y (pixels)")
     im = ax_map.imshow(grid, cmap="magma", origin="upper")
@@ -293,7 +294,7 @@ code {{ background: #f3f3f3; padding: 0 0.2em; }}
 </style></head><body>
 <h1>clip_lens report: {esc(str(summary['model']))}</h1>
 {warning}
-<p>{summary.get('n_images', '?')} synthetic images (seed {summary.get('seed', '?')}),
+<p>{summary.get('n_images', '?')} images: {esc(str(summary.get('images', '')))} (seed {summary.get('seed', '?')}),
 vision tower: {cfg['n_layers']} layers × {cfg['n_heads']} heads, d_model {cfg['d_model']},
 image {cfg['image_size']}, patch {cfg['patch_size']}, pooling <code>{esc(str(cfg['pool_type']))}</code>.{overrides_html}</p>
 <h2>Sum check</h2>
