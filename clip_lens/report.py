@@ -7,8 +7,7 @@ Everything here is plain functions over a :class:`~clip_lens.HookedCLIP` and a
 * :func:`summarize` — the numbers (per-layer and per-head contribution norms, sum check);
 * :func:`plot_decomposition`, :func:`plot_tokens` — matplotlib figures (Agg backend);
 * :func:`render_html` — a self-contained page with the figures embedded as base64;
-* :func:`atomic_write` — every output file is written to a temporary file in the same folder
-  and moved into place with ``os.replace``, so an interrupted run never leaves a half file.
+* files go through :func:`clip_lens.files.atomic_write`, so an interrupted run never leaves a half file.
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
@@ -28,6 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from clip_lens.errors import InputError
+from clip_lens.files import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -313,31 +311,6 @@ constant (bias) term {summary['bias_norm_mean']:.4g}.</p>
 
 
 # --- files --------------------------------------------------------------------------------
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Union[str, Path], data: Union[bytes, str]) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_report(
     out_dir: Union[str, Path], summary: dict[str, Any], pngs: dict[str, bytes]
 ) -> dict[str, Path]:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
-from clip_lens.report import atomic_write
+from clip_lens.files import atomic_write
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 PREPROCESS = {"size": 64, "mode": "RGB", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
@@ -26,9 +25,7 @@ def bundle(run_dir: str | Path, name: str = "toy-shapes", n_eval: int = 2000) ->
     run_dir = Path(run_dir)
     meta = json.loads((run_dir / "config.json").read_text())
     WEIGHTS_DIR.mkdir(exist_ok=True)
-    weights = WEIGHTS_DIR / f"{name}.safetensors"
-    shutil.copyfile(run_dir / "model.safetensors", weights.with_suffix(".tmp"))
-    weights.with_suffix(".tmp").replace(weights)
+    atomic_write(WEIGHTS_DIR / f"{name}.safetensors", (run_dir / "model.safetensors").read_bytes())
     preprocess = {**PREPROCESS, "size": meta["model_cfg"]["vision_cfg"]["image_size"]}
     config = {
         "model_cfg": meta["model_cfg"],
@@ -43,7 +40,7 @@ def bundle(run_dir: str | Path, name: str = "toy-shapes", n_eval: int = 2000) ->
             "history": meta["history"],
         },
     }
-    atomic_write(WEIGHTS_DIR / f"{name}.json", json.dumps(config, indent=1))
+    atomic_write(WEIGHTS_DIR / f"{name}.json", json.dumps(config, indent=1))  # from_pretrained reads it
     model = HookedCLIP.from_pretrained(name)
     result = zero_shot_accuracy(model, n_images=n_eval)
     config["metrics"] = result.to_dict()

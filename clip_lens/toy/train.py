@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from tqdm import tqdm
 
+from clip_lens.files import atomic_write
 from clip_lens.toy.evaluate import zero_shot_accuracy
 from clip_lens.toy.texts import vocabulary
 from clip_lens.toy.tokenizer import WordTokenizer
@@ -75,7 +75,7 @@ def caption_batch(scenes: list[Scene], seed: int, step: int, keep_prob: float):
     rng = np.random.default_rng([seed, 1, step])
     keeps = [sample_keep(rng, keep_prob) for _ in scenes]
     captions = [s.caption(k) for s, k in zip(scenes, keeps)]
-    facts = [{**s.objects[0].attributes(), "background": s.background} for s in scenes]
+    facts = [{a: s.value(a) for a in ATTRIBUTES} for s in scenes]
     claims = [{a: f[a] for a in ATTRIBUTES if k[a]} for f, k in zip(facts, keeps)]
     true = torch.tensor([[all(f[a] == v for a, v in c.items()) for c in claims] for f in facts])
     return captions, true
@@ -88,12 +88,6 @@ def multi_positive_loss(image_features, text_features, logit_scale, positives: t
     per_image = torch.logsumexp(logits, 1) - torch.logsumexp(masked, 1)
     per_text = torch.logsumexp(logits, 0) - torch.logsumexp(masked, 0)
     return (per_image.mean() + per_text.mean()) / 2
-
-
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def train(out: str | Path, config: TrainConfig = TrainConfig(), log=print) -> dict:
@@ -130,8 +124,9 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), log=print) -> di
         return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     def checkpoint() -> None:
-        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                      "elapsed": elapsed, "history": json.dumps(history), "losses": json.dumps(losses)}, ckpt_path)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "elapsed": elapsed, "history": json.dumps(history), "losses": json.dumps(losses)}
+        atomic_write(ckpt_path, lambda f: torch.save(state, f))
 
     bar = tqdm(total=config.steps, initial=step, desc="train shapes-world CLIP", unit="step")
     started = time.time() - elapsed

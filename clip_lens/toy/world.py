@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -24,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from clip_lens.errors import InputError
+from clip_lens.files import atomic_write
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.90, 0.10, 0.10),
@@ -115,6 +115,10 @@ class Scene:
         keep = keep or {a: True for a in ATTRIBUTES}
         objects = [{a: v for a, v in o.attributes().items() if keep.get(a)} for o in self.objects]
         return phrase(objects, self.background if keep.get("background") else None)
+
+    def value(self, attribute: str) -> str:
+        """The scene's value of ``attribute``: the background, or the first object's attribute."""
+        return self.background if attribute == "background" else getattr(self.objects[0], attribute)
 
     def attribute_mask(self, attribute: str, value: str) -> np.ndarray:
         """``bool [H, W]``: pixels showing ``attribute == value`` (background: the uncovered pixels)."""
@@ -259,24 +263,12 @@ class ShapesWorld(Dataset):
         records = []
         for i in range(start, start + n):
             scene = self.scene(i)
-            _atomic(folder / "images" / f"{i:06d}.png", lambda f: Image.fromarray(scene.image).save(f, format="PNG"))
-            _atomic(folder / "masks" / f"{i:06d}.npz", lambda f: np.savez_compressed(f, objects=scene.object_masks))
+            atomic_write(folder / "images" / f"{i:06d}.png", lambda f: Image.fromarray(scene.image).save(f, format="PNG"))
+            atomic_write(folder / "masks" / f"{i:06d}.npz", lambda f: np.savez_compressed(f, objects=scene.object_masks))
             records.append({**scene.record(), "image": f"images/{i:06d}.png", "masks": f"masks/{i:06d}.npz", "caption": scene.caption()})
         meta = {"seed": self.seed, "image_size": self.image_size, "n_objects": list(self.n_objects), "scenes": records}
-        _atomic(folder / "scenes.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        atomic_write(folder / "scenes.json", json.dumps(meta, indent=1))
         return folder
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: no half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def batch_images(scenes: Sequence[Scene]) -> torch.Tensor:

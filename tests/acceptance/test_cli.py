@@ -135,16 +135,18 @@ class TestModelsAndHooks:
 
 class TestAtomicWrites:
     def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(self, tmp_path, monkeypatch):
-        from clip_lens import report
+        import os
+
+        from clip_lens.files import atomic_write
 
         target = tmp_path / "summary.json"
-        report.atomic_write(target, "old")
+        atomic_write(target, "old")
 
         def crash(fd):
             raise OSError("disk full")
 
-        monkeypatch.setattr(report.os, "fsync", crash)
+        monkeypatch.setattr(os, "fsync", crash)
         with pytest.raises(OSError, match="disk full"):
-            report.atomic_write(target, "new")
+            atomic_write(target, "new")
         assert target.read_text() == "old"
         assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
