@@ -115,9 +115,11 @@ class Readout:
     maps: Float[Tensor, "channel d_model out"]
     const: Float[Tensor, "batch out"]
 
-    def apply(self, component: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch out"]:
-        pooled = torch.einsum("brp,bpd->brd", self.weights, component)
-        return torch.einsum("brd,rdo->bo", pooled, self.maps)
+    def apply(self, components: list[Float[Tensor, "batch pos d_model"]]) -> Float[Tensor, "batch component out"]:
+        """The contribution of each component, all at once: ``[batch, component, out]``."""
+        stacked = torch.stack(components, 1)  # [batch, component, pos, d_model]
+        pooled = torch.einsum("brp,blpd->blrd", self.weights, stacked)
+        return torch.einsum("blrd,rdo->blo", pooled, self.maps)
 
 
 def _layers(spec: LayerSpec, n_layers: int, what: str) -> list[int]:
@@ -295,7 +297,7 @@ def _contributions(model, readout: Readout, store: dict, head_layers, token_laye
     pooled_weight = weights.sum(-1)  # [batch, channel]
     b_O = torch.stack([block.attn.b_O for block in blocks])  # [layer, d_model]
     attn_bias = torch.einsum("br,lm,rmo->blo", pooled_weight, b_O, maps)
-    mlp = _apply_stacked(readout, [store[("mlp", layer)] for layer in range(n_layers)])
+    mlp = readout.apply([store[("mlp", layer)] for layer in range(n_layers)])
 
     attn = torch.empty_like(mlp)
     heads = None
@@ -308,7 +310,7 @@ def _contributions(model, readout: Readout, store: dict, head_layers, token_laye
         attn[:, head_layers] = heads.sum(2) + attn_bias[:, head_layers]
     other_layers = [layer for layer in range(n_layers) if layer not in head_layers]
     if other_layers:
-        attn[:, other_layers] = _apply_stacked(readout, [store[("attn", layer)] for layer in other_layers])
+        attn[:, other_layers] = readout.apply([store[("attn", layer)] for layer in other_layers])
 
     tokens = None
     if token_layers:
@@ -324,7 +326,7 @@ def _contributions(model, readout: Readout, store: dict, head_layers, token_laye
     return Decomposition(
         embedding=embedding,
         embedding_norm=embedding_norm,
-        embed=readout.apply(store["embed"]),
+        embed=readout.apply([store["embed"]])[:, 0],
         attn=attn,
         attn_bias=attn_bias,
         mlp=mlp,
@@ -335,10 +337,3 @@ def _contributions(model, readout: Readout, store: dict, head_layers, token_laye
         token_layers=list(token_layers),
         projected=projected,
     )
-
-
-def _apply_stacked(readout: Readout, components: list[Tensor]) -> Float[Tensor, "batch layer out"]:
-    """``readout.apply`` on several components at once: ``[batch, layer, out]``."""
-    stacked = torch.stack(components, 1)  # [batch, layer, pos, d_model]
-    pooled = torch.einsum("brp,blpd->blrd", readout.weights, stacked)
-    return torch.einsum("blrd,rdo->blo", pooled, readout.maps)

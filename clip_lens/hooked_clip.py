@@ -35,12 +35,12 @@ class HookedCLIP(HookedRootModule):
     """An OpenCLIP model whose image and text towers expose named hook points.
 
     The image tower's hooks sit at the top level (``blocks.3.attn.hook_pattern``), the text
-    tower's under ``text.`` (``text.blocks.3.attn.hook_pattern``); see
-    the tables in :class:`~clip_lens.vision.VisionTower`, :class:`~clip_lens.text.TextTower` and
-``docs/concepts/hooks.md`` for the full ordered list with shapes. Parameters are shared
+    tower's under ``text.`` (``text.blocks.3.attn.hook_pattern``); see the tables in
+    :class:`~clip_lens.vision.VisionTower`, :class:`~clip_lens.text.TextTower` and
+    ``docs/concepts/hooks.md`` for the full ordered list with shapes. Parameters are shared
     with the open_clip model it was built from. Outputs equal open_clip's (fp32, ≤1e-5).
 
-    Build one with :meth:`from_pretrained` (a model name from ``open_clip.list_models()``)
+    Build one with :meth:`from_pretrained` (a model name from ``clip_lens.list_models()``)
     or :meth:`from_open_clip` (a model you already have).
     """
 
@@ -254,14 +254,9 @@ class HookedCLIP(HookedRootModule):
                 sorted({type(t).__name__ for t in texts if not isinstance(t, str)})
             )
             raise InputError(f"to_tokens takes a string or a list of strings, got {found}.")
-        if self.tokenizer is not None:
-            return self.tokenizer(list(texts)).to(self.device)
-        key = (self.model_name, self.text.cfg.context_length)
-        cached = getattr(self, "_tokenizer_cache", None)
-        if cached is None or cached[0] != key:  # building a tokenizer reads its BPE file: do it once
-            cached = (key, open_clip.get_tokenizer(self.model_name, context_length=key[1]))
-            self._tokenizer_cache = cached
-        return cached[1](list(texts)).to(self.device)
+        if self.tokenizer is None:  # building open_clip's tokenizer reads its BPE file: do it once
+            self.tokenizer = open_clip.get_tokenizer(self.model_name, context_length=self.text.cfg.context_length)
+        return self.tokenizer(list(texts)).to(self.device)
 
     # --- forward ------------------------------------------------------------------------
     def encode_image(self, images: Tensor, normalize: bool = False) -> Float[Tensor, "batch d_embed"]:

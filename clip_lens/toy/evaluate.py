@@ -56,7 +56,7 @@ def zero_shot_accuracy(
         scenes = [world.scene(i) for i in range(start, min(n_images, start + batch_size))]
         images = model.encode_image(batch_images(scenes).to(parameter.device, parameter.dtype), normalize=True)
         for a in ATTRIBUTES:
-            truth = torch.tensor([VALUES[a].index(s.background if a == "background" else getattr(s.objects[0], a)) for s in scenes])
+            truth = torch.tensor([VALUES[a].index(s.value(a)) for s in scenes])
             correct[a] += int(((images @ prompts[a].T).argmax(-1).cpu() == truth).sum())
     return ZeroShotResult(
         accuracy={a: correct[a] / n_images for a in ATTRIBUTES},
