@@ -6,10 +6,13 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from clip_lens.analyses import JSONResult
 from clip_lens.errors import InputError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 HEAD_KEY = re.compile(r"^L(\d+)H(\d+)$")
 
@@ -78,3 +81,42 @@ class HeadLabelsResult(JSONResult):
 
     def by_head(self) -> dict[str, HeadLabel]:
         return {h.head: h for h in self.heads}
+
+    def plot(self) -> "Figure":
+        """Layer × head grid: each cell coloured by its head's label (legend), its confidence written in it.
+
+        Built on ``matplotlib.figure.Figure`` (no pyplot): nothing global, works headless; save with
+        ``fig.savefig(path)``. Colours follow :attr:`properties`, so a label keeps its colour across tables.
+        """
+        import numpy as np
+        from matplotlib import colormaps
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Patch
+
+        where = {h.head: parse_head(h.head) for h in self.heads}
+        layers = sorted({layer for layer, _ in where.values()})
+        n_heads = 1 + max((head for _, head in where.values()), default=0)
+        vocabulary = list(dict.fromkeys([*self.properties, *(h.label for h in self.heads if h.label is not None)]))
+        palette = colormaps["tab20"]
+        colour = {label: palette(i % palette.N) for i, label in enumerate(vocabulary)}
+        colour[None] = (0.85, 0.85, 0.85, 1.0)  # grey: no label
+
+        fig = Figure(figsize=(3.5 + 0.6 * n_heads, 1.5 + 0.5 * len(layers)), layout="constrained")
+        ax = fig.add_subplot()
+        grid = np.ones((len(layers), n_heads, 4))  # white: head not analysed
+        for h in self.heads:
+            row, col = layers.index(where[h.head][0]), where[h.head][1]
+            grid[row, col] = colour[h.label]
+            ax.text(col, row, f"{h.confidence:.2f}", ha="center", va="center", fontsize=8)
+        ax.imshow(grid, aspect="auto")
+        ax.set_xticks(range(n_heads))
+        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"Head labels: {self.model}, {self.labeler}\n(number: confidence)", fontsize="medium")
+        shown = [label for label in [*vocabulary, None] if any(h.label == label for h in self.heads)]
+        ax.legend(
+            handles=[Patch(color=colour[label], label=label or "none") for label in shown],
+            loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small",
+        )
+        return fig

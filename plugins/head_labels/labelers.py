@@ -1,0 +1,391 @@
+"""Head labelers: each head's TextSpan texts → a property label, and a judge of texts against a label.
+
+Both labelers implement :class:`Labeler`:
+
+* :class:`PrototypeLabeler` (offline default): a text's property is the nearest set of prototype
+  phrases in the model's text-embedding space (``prototypes_general.json`` for real CLIP models,
+  :func:`shapes_prototypes` for the bundled ``toy-shapes`` model);
+* :class:`LLMLabeler`: in-context labelling by a chat model behind any OpenAI-compatible endpoint,
+  with the few-shot prompt of ``prompt.md`` (standard-library HTTP, no extra dependency).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from clip_lens.errors import ClipLensError, InputError, close_matches
+from clip_lens.toy.world import VALUES, attribute_prompt
+from clip_lens_plugins.head_labels.result import HeadLabel
+
+Encoder = Callable[[list[str]], torch.Tensor]
+"""``n`` texts → ``[n, d]`` text embeddings."""
+
+TOY_MODEL = "toy-shapes"  # the bundled model (clip_lens/pretrained.json), which knows only shapes-world words
+SHAPES_PROPERTIES = {"colour": "colour", "shape": "shape", "size": "size", "location": "position", "texture": "background"}
+"""Shapes-world property → the world attribute whose values it covers."""
+
+ENV_URL, ENV_MODEL, ENV_KEY = "CLIP_LENS_LLM_URL", "CLIP_LENS_LLM_MODEL", "CLIP_LENS_LLM_KEY"
+
+
+class LabelerError(ClipLensError, RuntimeError):
+    """A labeler could not label: LLM endpoint unconfigured, unreachable, or answering badly."""
+
+
+@runtime_checkable
+class Labeler(Protocol):
+    """What :class:`~clip_lens_plugins.head_labels.HeadLabels` and the metrics use."""
+
+    name: str
+    """Recorded as :attr:`HeadLabelsResult.labeler`: ``"prototype"`` or ``"llm:<model name>"``."""
+    properties: list[str]
+    """The labels it chooses from (empty: any label)."""
+
+    def label(self, spans: dict[str, list[str]]) -> list[HeadLabel]:
+        """One label per head of ``spans`` (head key → texts in TextSpan order), in the same order."""
+
+    def fits(self, texts: list[str], label: Optional[str]) -> list[bool]:
+        """``fits[i]``: ``texts[i]`` expresses property ``label`` (the judge behind the metrics; None fits nothing)."""
+        ...
+
+
+# --- prototype sets ----------------------------------------------------------------------------
+def general_prototypes() -> dict[str, list[str]]:
+    """Property → short phrases, for real CLIP models (``prototypes_general.json``)."""
+    return json.loads(resources.files(__package__).joinpath("prototypes_general.json").read_text())
+
+
+def shapes_prototypes() -> dict[str, list[str]]:
+    """Property → the shapes world's single-attribute prompts of its values ("a red shape", "a shape
+    at the top left"), so every word is in the toy model's vocabulary."""
+    return {prop: [attribute_prompt(attr, value) for value in VALUES[attr]] for prop, attr in SHAPES_PROPERTIES.items()}
+
+
+PROTOTYPE_SETS: dict[str, Callable[[], dict[str, list[str]]]] = {"general": general_prototypes, "shapes": shapes_prototypes}
+
+
+def resolve_prototypes(prototypes: Union[str, Mapping[str, Sequence[str]]], model_name: Optional[str] = None) -> dict[str, list[str]]:
+    """A prototype set: a mapping as given, a name of :data:`PROTOTYPE_SETS`, or ``"auto"`` (``"shapes"``
+    for the bundled toy model, else ``"general"``)."""
+    if not isinstance(prototypes, str):
+        return {prop: list(phrases) for prop, phrases in prototypes.items()}
+    name = ("shapes" if model_name == TOY_MODEL else "general") if prototypes == "auto" else prototypes
+    if name not in PROTOTYPE_SETS:
+        raise InputError(
+            f"unknown prototype set '{name}'.{close_matches(name, PROTOTYPE_SETS)} Choose 'auto', "
+            f"{', '.join(repr(n) for n in PROTOTYPE_SETS)}, or pass a dict property → phrases."
+        )
+    return PROTOTYPE_SETS[name]()
+
+
+# --- prototype labeler -------------------------------------------------------------------------
+class PrototypeLabeler:
+    """Labels heads by nearest prototype property in a text-embedding space (offline, deterministic).
+
+    A text's property is the one whose prototype phrases come closest (cosine similarity, max over
+    the property's phrases; ties go to the property listed first). A head's label is the property
+    most of its texts have (ties: the one reached first in TextSpan order) and its confidence the
+    share of texts that have it; below ``min_confidence`` the label is None.
+
+    Args:
+        encode: ``n`` texts → ``[n, d]`` embeddings (re-normalised here, so any scale works).
+        prototypes: property → short phrases describing it.
+        min_confidence: the smallest share of fitting texts that still gives a label (0..1).
+    """
+
+    name = "prototype"
+
+    def __init__(self, encode: Encoder, prototypes: Mapping[str, Sequence[str]], min_confidence: float = 0.4):
+        if not prototypes or any(not phrases or not all(isinstance(p, str) and p.strip() for p in phrases) for phrases in prototypes.values()):
+            raise InputError("prototypes must map each property to a non-empty list of non-empty phrases.")
+        if not 0.0 <= min_confidence <= 1.0:
+            raise InputError(f"min_confidence is a share of texts in [0, 1], got {min_confidence}.")
+        self.encode = encode
+        self.prototypes = {prop: list(phrases) for prop, phrases in prototypes.items()}
+        self.properties = list(self.prototypes)
+        self.min_confidence = min_confidence
+        self._phrases = [p for phrases in self.prototypes.values() for p in phrases]
+        self._owner = torch.tensor([i for i, phrases in enumerate(self.prototypes.values()) for _ in phrases])
+        """``[n_phrases]``: the property index of each phrase."""
+        self._phrase_embeddings: Optional[torch.Tensor] = None  # embedded on first use, once
+
+    @classmethod
+    def from_model(
+        cls, model: Any, prototypes: Union[str, Mapping[str, Sequence[str]]] = "auto",
+        min_confidence: float = 0.4, batch_size: int = 256,
+    ) -> "PrototypeLabeler":
+        """A labeler embedding with a :class:`~clip_lens.HookedCLIP`'s text tower (``batch_size`` texts a pass)."""
+
+        @torch.no_grad()
+        def encode(texts: list[str]) -> torch.Tensor:
+            chunks = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
+            return torch.cat([model.encode_text(model.to_tokens(chunk), normalize=True).float().cpu() for chunk in chunks])
+
+        return cls(encode, resolve_prototypes(prototypes, getattr(model, "model_name", None)), min_confidence)
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        """``[n, d]`` unit-norm embeddings."""
+        out = self.encode(texts)
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != len(texts):
+            found = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise InputError(f"encode must return a [{len(texts)}, d] tensor for {len(texts)} texts, got {found}.")
+        return F.normalize(out.detach().float().cpu(), dim=-1)
+
+    def nearest(self, texts: Sequence[str]) -> list[str]:
+        """Each text's nearest property (each distinct text is embedded once)."""
+        distinct = list(dict.fromkeys(texts))
+        if not distinct:
+            return []
+        if self._phrase_embeddings is None:
+            self._phrase_embeddings = self._embed(self._phrases)
+        similarity = self._embed(distinct) @ self._phrase_embeddings.T  # [n_distinct, n_phrases]
+        per_property = torch.stack([similarity[:, self._owner == i].amax(1) for i in range(len(self.properties))], 1)
+        by_text = {text: self.properties[i] for text, i in zip(distinct, per_property.argmax(1).tolist())}
+        return [by_text[t] for t in texts]
+
+    def label(self, spans: dict[str, list[str]]) -> list[HeadLabel]:
+        every_text = list(dict.fromkeys(t for texts in spans.values() for t in texts))
+        nearest = dict(zip(every_text, self.nearest(every_text)))  # one batch: heads share many texts
+        heads = []
+        for head, texts in spans.items():
+            properties = [nearest[t] for t in texts]
+            counts = Counter(properties)  # insertion order = TextSpan order, and max keeps the first of equals
+            label = max(counts, key=counts.__getitem__) if counts else None
+            confidence = counts[label] / len(texts) if texts else 0.0
+            if confidence < self.min_confidence:
+                label = None
+            heads.append(HeadLabel(head, label, confidence, list(texts), [p == label for p in properties]))
+        return heads
+
+    def fits(self, texts: list[str], label: Optional[str]) -> list[bool]:
+        if label is None:
+            return [False] * len(texts)
+        if label not in self.properties:
+            raise InputError(
+                f"'{label}' is not a property of this labeler.{close_matches(label, self.properties)} "
+                f"Properties: {', '.join(self.properties)}."
+            )
+        return [p == label for p in self.nearest(texts)]
+
+
+# --- LLM labeler -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prompt:
+    """The parts of ``prompt.md``."""
+
+    system: str
+    examples: list[dict]
+    """``[{"texts": [...], "label": str | None, "fits": [...]}]``."""
+    judge: str
+
+
+def load_prompt() -> Prompt:
+    """Read ``prompt.md``: ``## System``, ``## Example…`` (a JSON block each) and ``## Judge`` sections."""
+    text = resources.files(__package__).joinpath("prompt.md").read_text()
+    sections = {}
+    examples = []
+    for section in re.split(r"^## ", text, flags=re.M)[1:]:  # what precedes the first heading is for readers
+        title, _, body = section.partition("\n")
+        if title.startswith("Example"):
+            examples.append(json.loads(re.search(r"```json\s*(.*?)```", body, re.S).group(1)))
+        else:
+            sections[title.strip()] = body.strip()
+    return Prompt(sections["System"], examples, sections["Judge"])
+
+
+def check_examples(examples: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Worked examples as plain dicts, or :class:`InputError` naming the first bad one."""
+    checked = []
+    for i, example in enumerate(examples):
+        texts, label, fits = example.get("texts"), example.get("label"), example.get("fits")
+        if (
+            not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts)
+            or not (label is None or isinstance(label, str))
+            or not isinstance(fits, list) or len(fits) != len(texts) or not all(isinstance(f, bool) for f in fits)
+        ):
+            raise InputError(
+                f"example {i} must be {{'texts': [str, ...], 'label': str or None, 'fits': [bool per text]}}, got {dict(example)!r}."
+            )
+        checked.append({"texts": list(texts), "label": label, "fits": list(fits)})
+    return checked
+
+
+def render_texts(texts: Sequence[str]) -> str:
+    """The numbered text list of a user message (numbers help the model give one flag per text)."""
+    return "Texts:\n" + "\n".join(f"{i}. {t}" for i, t in enumerate(texts, 1))
+
+
+FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)  # models often wrap JSON in a code fence
+
+
+class LLMLabeler:
+    """In-context labelling by a chat model behind any OpenAI-compatible endpoint.
+
+    One request per head: the system message and worked examples of ``prompt.md``, then the head's
+    numbered texts; the model answers ``{"label": ..., "fits": [...]}``, so labelling and judging
+    take one call. ``confidence`` is the share of texts that fit. :meth:`fits` asks the judge prompt.
+
+    Args:
+        url: API base such as ``http://localhost:8000/v1`` (requests go to ``{url}/chat/completions``);
+            default ``$CLIP_LENS_LLM_URL``.
+        model: chat model name; default ``$CLIP_LENS_LLM_MODEL``.
+        api_key: sent as ``Authorization: Bearer <key>``; default ``$CLIP_LENS_LLM_KEY`` (unset: no
+            header, for local servers). Never shown in messages or ``repr``.
+        timeout: seconds per request.
+        examples: worked examples ``[{"texts": [...], "label": str | None, "fits": [...]}]``;
+            default those of ``prompt.md``. With ``properties``, only those whose label is allowed
+            (or null) are sent.
+        properties: the allowed labels (the model picks one or null); default: any label.
+
+    Raises:
+        LabelerError: no URL or model configured; later, any failed or malformed exchange.
+    """
+
+    def __init__(
+        self, url: Optional[str] = None, model: Optional[str] = None, api_key: Optional[str] = None,
+        timeout: float = 30, examples: Optional[Sequence[Mapping[str, Any]]] = None,
+        properties: Optional[Sequence[str]] = None,
+    ):
+        url = url or os.environ.get(ENV_URL)
+        model = model or os.environ.get(ENV_MODEL)
+        if not url or not model:
+            missing = " and ".join(f"{what} (pass {arg}= or set {env})" for what, arg, env, value in (
+                ("an endpoint URL", "url", ENV_URL, url), ("a model name", "model", ENV_MODEL, model)) if not value)
+            raise LabelerError(
+                f"the LLM labeler needs {missing}, e.g. {ENV_URL}=http://localhost:8000/v1. "
+                "Without an LLM, use labeler='prototype'."
+            )
+        self.url = url.rstrip("/")
+        self.model = model
+        self._api_key = api_key or os.environ.get(ENV_KEY)
+        self.timeout = timeout
+        self.properties = list(properties or [])
+        self.name = f"llm:{model}"
+        prompt = load_prompt()
+        self.examples = check_examples(prompt.examples if examples is None else examples)
+        self._judge_system = prompt.judge
+        allowed = f"\n\nAllowed labels: {', '.join(self.properties)}, or null. Use these names exactly." if self.properties else ""
+        self._few_shot = [{"role": "system", "content": prompt.system + allowed}]
+        for example in self.examples:
+            if self.properties and example["label"] not in (None, *self.properties):
+                continue  # an example must never show a label the model may not use
+            self._few_shot += [
+                {"role": "user", "content": render_texts(example["texts"])},
+                {"role": "assistant", "content": json.dumps({"label": example["label"], "fits": example["fits"]})},
+            ]
+
+    def __repr__(self) -> str:
+        return f"LLMLabeler(url={self.url!r}, model={self.model!r}, api_key={'set' if self._api_key else 'unset'})"
+
+    def messages(self, texts: Sequence[str]) -> list[dict]:
+        """The chat messages of one head's request: system, worked examples, the head's texts."""
+        return [*self._few_shot, {"role": "user", "content": render_texts(texts)}]
+
+    def label(self, spans: dict[str, list[str]]) -> list[HeadLabel]:
+        return [self._label_head(head, list(texts)) for head, texts in spans.items()]
+
+    def _label_head(self, head: str, texts: list[str]) -> HeadLabel:
+        if not texts:
+            return HeadLabel(head, None, 0.0, [], [])
+        where = f"LLM labeler, head {head}"
+        answer = self._ask(self.messages(texts), where, {"label", "fits"})
+        label = answer["label"]
+        if not (label is None or (isinstance(label, str) and label.strip())):
+            raise self._error(f"{where}: the label must be a property name or null, got {label!r}.")
+        label = label.strip() if label is not None else None
+        if label is not None and self.properties and label not in self.properties:
+            raise self._error(
+                f"{where}: the model answered label '{label}', which is not one of the allowed properties "
+                f"({', '.join(self.properties)}).{close_matches(label, self.properties)} Use a stronger model or "
+                "extend properties=."
+            )
+        fits = self._check_fits(answer["fits"], len(texts), where)
+        if label is None:
+            fits = [False] * len(texts)  # no property: nothing fits it, whatever the flags said
+        return HeadLabel(head, label, sum(fits) / len(texts), texts, fits)
+
+    def fits(self, texts: list[str], label: Optional[str]) -> list[bool]:
+        if label is None or not texts:
+            return [False] * len(texts)
+        where = f"LLM judge, label '{label}'"
+        messages = [
+            {"role": "system", "content": self._judge_system},
+            {"role": "user", "content": f"Property: {label}\n{render_texts(texts)}"},
+        ]
+        return self._check_fits(self._ask(messages, where, {"fits"})["fits"], len(texts), where)
+
+    # --- one exchange ---------------------------------------------------------------------------
+    def _error(self, message: str) -> LabelerError:
+        if self._api_key:  # a server may echo the request back: the key must never reach a message
+            message = message.replace(self._api_key, "***")
+        return LabelerError(message)
+
+    def _check_fits(self, fits: Any, n_texts: int, where: str) -> list[bool]:
+        if not isinstance(fits, list) or len(fits) != n_texts or not all(isinstance(f, bool) for f in fits):
+            raise self._error(f"{where}: 'fits' must be {n_texts} true/false values, one per text; got {fits!r}.")
+        return fits
+
+    def _ask(self, messages: list[dict], where: str, keys: set[str]) -> dict:
+        """POST the chat and return the model's answer: a JSON object with exactly ``keys``."""
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        endpoint = f"{self.url}/chat/completions"
+        request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
+        # `from None` below: the message says everything; a urllib/json traceback would only bury it
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = exc.read(300).decode(errors="replace").strip()
+            except OSError:
+                detail = ""
+            raise self._error(
+                f"{where}: {endpoint} answered HTTP {exc.code} {exc.reason}{f': {detail}' if detail else ''}. "
+                f"Check the URL, model name and API key ({ENV_URL}, {ENV_MODEL}, {ENV_KEY})."
+            ) from None
+        except (OSError, http.client.HTTPException) as exc:
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            if isinstance(reason, TimeoutError):
+                message = f"no answer from {endpoint} within {self.timeout} s; raise timeout= or check the server"
+            else:
+                message = f"cannot reach {endpoint} ({reason}); check {ENV_URL} and that the server runs"
+            raise self._error(f"{where}: {message}.") from None
+        try:
+            content = json.loads(raw)["choices"][0]["message"]["content"]
+        except json.JSONDecodeError:
+            raise self._error(
+                f"{where}: {endpoint} did not answer JSON (got {raw[:80]!r}); {ENV_URL} must be the API base "
+                "of an OpenAI-compatible server, e.g. http://localhost:8000/v1."
+            ) from None
+        except (KeyError, IndexError, TypeError):
+            raise self._error(f"{where}: {endpoint} did not answer a chat completion (no choices[0].message.content): {raw[:200]!r}.") from None
+        return self._parse_answer(content, where, keys)
+
+    def _parse_answer(self, content: Any, where: str, keys: set[str]) -> dict:
+        text = content.strip() if isinstance(content, str) else ""
+        text = FENCE.sub(r"\1", text)
+        expected = "{" + ", ".join(f'"{k}": …' for k in sorted(keys)) + "}"
+        try:
+            answer = json.loads(text)
+        except json.JSONDecodeError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise self._error(f"{where}: the model's answer is not a JSON object {expected}: {str(content)[:200]!r}. "
+                              "Use a model that follows JSON instructions, or labeler='prototype'.")
+        if set(answer) != keys:
+            raise self._error(f"{where}: the model's answer has keys {sorted(answer)}, expected exactly {sorted(keys)}: {text[:200]!r}.")
+        return answer
