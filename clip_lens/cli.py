@@ -85,15 +85,23 @@ def report(
     config_override: Optional[str] = typer.Option(
         None, "--config-override", help='JSON merged into the open_clip config, e.g. \'{"vision_cfg": {"layers": 2}}\'.'
     ),
+    head_images: Optional[int] = typer.Option(
+        None, "--head-images", min=0,
+        help="shapes-world scenes for the head analyses (TextSpan, labels, metrics); default 1000 for toy-shapes, 0 (off) otherwise.",
+    ),
+    images: Optional[Path] = typer.Option(None, "--images", help="folder of real images for the head analyses."),
+    bank: Optional[str] = typer.Option(None, "--bank", help="text bank: general, shapes or a text file (default: shapes for toy-shapes)."),
 ) -> None:
-    """Decompose synthetic images and write figures, summary.json and report.html into --out."""
+    """Decompose images, run the head analyses and write figures, summary.json and report.html into --out."""
     from tqdm import tqdm
 
     from clip_lens.report import build_report
 
     overrides = _parse_overrides(config_override)
     start = time.perf_counter()
-    with tqdm(total=5, desc="clip-lens report", unit="step") as bar:
+    if head_images is None:
+        head_images = 1000 if model == "toy-shapes" and images is None else 0
+    with tqdm(total=6 if head_images or images else 5, desc="clip-lens report", unit="step") as bar:
         bar.set_postfix_str("build model")
         hooked = _load(model, pretrained, overrides)
         if hooked.pretrained is None:
@@ -101,7 +109,8 @@ def report(
                       "not what a trained model has learned.")
         bar.update(1)
         summary, written = build_report(
-            hooked, out, n_images=n_images, seed=seed, progress=bar, extra={"config_overrides": overrides}
+            hooked, out, n_images=n_images, seed=seed, progress=bar, extra={"config_overrides": overrides},
+            head_images=head_images, head_source=images, bank=bank,
         )
     error = summary["sum_check"]["max_relative_error"]
     typer.echo(f"Sum check: terms add up to the image embedding, max relative error {error:.2e}.")

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from clip_lens.errors import InputError
 from clip_lens.files import atomic_write
+from clip_lens.head_report import analyse_heads, render_sections
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -43,6 +44,10 @@ CAPTIONS = {
     "right, each layer's attention and MLP contribution norms (means over the images).",
     "tokens.png": "the first image and, for the last layer, the norm of each patch's contribution "
     "(summed over heads) to its embedding, on the patch grid.",
+    "head_labels.png": "each head coloured by the property its span texts share (confidence in the cell).",
+    "span_variance.png": "share of each head's output variance explained by its first TextSpan texts.",
+    "metrics.png": "left, the share of heads with each concept-consistency score; right, CCS per head.",
+    "ablation.png": "zero-shot accuracy lost per attribute when each head's direct effect is mean-ablated.",
 }
 
 
@@ -264,11 +269,13 @@ def render_html(summary: dict[str, Any], pngs: dict[str, bytes]) -> str:
         f"<td>{r['attn_bias_norm_mean']:.4g}</td></tr>"
         for r in summary["layers"]
     )
-    figures = "\n".join(
-        f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+    tags = {
+        name: f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
         f"<figcaption><code>{esc(name)}</code>: {esc(CAPTIONS.get(name, ''))}</figcaption></figure>"
         for name, data in pngs.items()
-    )
+    }
+    figures = tags.get("decomposition.png", "") + tags.get("tokens.png", "")
+    head_sections = render_sections(summary["heads"], tags) if "heads" in summary else ""
     overrides = summary.get("config_overrides")
     overrides_html = f" Config overrides: <code>{esc(json.dumps(overrides))}</code>." if overrides else ""
     warning = (
@@ -305,6 +312,7 @@ constant (bias) term {summary['bias_norm_mean']:.4g}.</p>
 <table><tr><th>layer</th><th>attention</th><th>MLP</th><th>attention out_proj bias</th></tr>
 {rows}
 </table>
+{head_sections}
 <p>Full numbers: <code>summary.json</code> next to this file.</p>
 </body></html>
 """
@@ -331,11 +339,16 @@ def build_report(
     seed: int = 0,
     progress: Optional[Any] = None,
     extra: Optional[dict[str, Any]] = None,
+    head_images: int = 0,
+    head_source: Any = None,
+    bank: Optional[str] = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Synthetic images → ``decompose(heads="all", tokens=[last layer])`` → figures → files.
 
     ``progress`` is an optional tqdm bar advanced once per step (images, decompose, figures,
-    write); ``extra`` is stored in the summary (e.g. the config overrides). Returns
+    write); ``extra`` is stored in the summary (e.g. the config overrides). With ``head_images``
+    (shapes-world scenes) or ``head_source`` (a folder, tensor or dataset of images), the head analyses of
+    :mod:`clip_lens.head_report` run too (store in ``out_dir/store``). Returns
     ``(summary, {file name: path})``.
     """
 
@@ -367,6 +380,12 @@ def build_report(
         ),
     }
     done()
+
+    if head_images or head_source is not None:
+        step("head analyses")
+        summary["heads"], head_pngs = analyse_heads(model, Path(out_dir), n_images=head_images, images=head_source, bank=bank)
+        pngs.update(head_pngs)
+        done()
 
     step("write")
     written = write_report(out_dir, summary, pngs)

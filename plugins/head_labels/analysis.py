@@ -43,6 +43,7 @@ class HeadLabels:
         "examples": "llm: worked examples [{texts, label, fits}]; default those of prompt.md",
         "properties": "llm: allowed labels; default with a model: its prototype set's properties, without: any",
         "model_name": "run: the model name recorded in the result; default the model's name",
+        "n_texts": "run: label from each head's first n texts (default 5; None: all)",
     }
     needs = ("spans",)
 
@@ -64,10 +65,15 @@ class HeadLabels:
         else:
             raise InputError(f"labeler must be one of {', '.join(LABELERS)} or a Labeler instance, got {labeler!r}.")
 
-    def run(self, spans: Any, model_name: Optional[str] = None) -> HeadLabelsResult:
+    def run(self, spans: Any, model_name: Optional[str] = None, n_texts: Optional[int] = 5) -> HeadLabelsResult:
         """Label every head of ``spans``: a dict ``"L{layer}H{head}"`` → texts (TextSpan order), or a
-        TextSpan result (anything with ``texts_by_head()``). Heads come out sorted by (layer, head)."""
-        texts = texts_by_head(spans)
+        TextSpan result (anything with ``texts_by_head()``). Heads come out sorted by (layer, head).
+
+        ``n_texts``: label from each head's first texts only (default 5, as for CCS: later span texts
+        explain little variance); None uses all."""
+        if n_texts is not None and n_texts < 1:
+            raise InputError(f"n_texts must be positive or None, got {n_texts}.")
+        texts = {head: t[:n_texts] for head, t in texts_by_head(spans).items()}
         model_name = model_name or getattr(self.model, "model_name", None)
         if not model_name:
             raise InputError("pass run(..., model_name=...): the name of the model the spans come from.")

@@ -117,12 +117,20 @@ def textspan(
     cov = frame.transpose(-1, -2) @ cov @ frame  # [H, k, k]
     rt = texts.to(cov.dtype) @ frame  # [H, T, k]: texts in the frame's coordinates
     heads = torch.arange(c.shape[0])
-    picked, explained, basis = [], [], []
+    picked, explained, basis, chosen = [], [], [], []
+    taken = torch.zeros(rt.shape[:2], dtype=torch.bool)
     for _ in range(m):
         score = ((rt @ cov) * rt).sum(-1)  # variance of the outputs along each (deflated) text
-        j = score.argmax(-1)
+        j = score.masked_fill(taken, float("-inf")).argmax(-1)  # no text twice, even once nothing is left
+        taken[heads, j] = True
         u = rt[heads, j]  # [H, k]
-        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        scale = u.norm(dim=-1, keepdim=True)
+        for v in chosen:  # re-orthogonalise: deflated texts are orthogonal only up to rounding
+            u = u - (u * v).sum(-1, keepdim=True) * v
+        norm = u.norm(dim=-1, keepdim=True)
+        # a text with nothing left once the span is exhausted adds no direction (and no variance)
+        u = torch.where(norm > 1e-9 * scale.clamp_min(1e-30), u / norm.clamp_min(1e-30), torch.zeros_like(u))
+        chosen.append(u)
         before = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
         project = torch.eye(u.shape[-1], dtype=cov.dtype) - u.unsqueeze(-1) * u.unsqueeze(-2)
         cov = project @ cov @ project

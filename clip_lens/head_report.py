@@ -1,0 +1,166 @@
+"""The head analyses of ``clip-lens report``: collect → TextSpan → head labels → metrics (+ checks).
+
+The plugins are reached through the registry (:mod:`clip_lens.analyses`), as any user would; the
+core never imports them. On the shapes world the report also checks the analyses against ground
+truth: zero-shot accuracy per attribute, TextSpan's span-replacement validation, and whether the
+heads labelled with a property are the ones whose ablation hurts that property most.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from clip_lens import analyses
+from clip_lens.collect import collect, shapes_world_images
+from clip_lens.errors import InputError
+
+if TYPE_CHECKING:
+    from clip_lens.hooked_clip import HookedCLIP
+
+PROPERTY_ATTRIBUTE = {"colour": "colour", "shape": "shape", "size": "size", "location": "position", "texture": "background"}
+"""Shapes-world property label → the world attribute it is checked against."""
+REPORT_SEED = 2024  # report images: an independent shapes world (training used 0, evaluation 1000)
+
+
+def attribute_tasks(model: "HookedCLIP", n_images: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per world attribute: (prompt embeddings ``[values, D]``, true value index per image ``[N]``)."""
+    from clip_lens.toy.world import ATTRIBUTES, VALUES, ShapesWorld, attribute_prompt
+
+    world = ShapesWorld(seed=seed, image_size=model.cfg.image_size[0])
+    scenes = [world.scene(i) for i in range(n_images)]
+    tasks = {}
+    with torch.no_grad():
+        for attribute in ATTRIBUTES:
+            prompts = [attribute_prompt(attribute, v) for v in VALUES[attribute]]
+            classifier = model.encode_text(model.to_tokens(prompts).to(model.device), normalize=True).float().cpu()
+            labels = torch.tensor([VALUES[attribute].index(s.value(attribute)) for s in scenes])
+            tasks[attribute] = (classifier, labels)
+    return tasks
+
+
+def ground_truth_agreement(labels, ablation) -> list[dict[str, Any]]:
+    """For each property with labelled heads: of the ``k`` heads labelled with it, how many are
+    among the ``k`` heads whose mean-ablation costs the matching attribute the most accuracy."""
+    rows = []
+    for prop, attribute in PROPERTY_ATTRIBUTE.items():
+        labelled = [h.head for h in labels.heads if h.label == prop]
+        if not labelled:
+            continue
+        top = ablation.top_heads(attribute, len(labelled))
+        rows.append({
+            "property": prop, "attribute": attribute, "labelled_heads": labelled, "top_ablation_heads": top,
+            "agreement": len(set(labelled) & set(top)) / len(labelled),
+        })
+    return rows
+
+
+def analyse_heads(
+    model: "HookedCLIP",
+    out_dir: Path,
+    *,
+    n_images: int = 1000,
+    images: Any = None,
+    bank: Optional[str] = None,
+    m: int = 20,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Run the head analyses into ``out_dir`` (store in ``out_dir/store``, resumable).
+
+    Returns the summary (JSON-able) and the figures as PNG bytes.
+    """
+    from clip_lens.report import figure_png
+
+    toy = images is None
+    if toy and model.cfg.image_size is None:
+        raise InputError("this model has no image size; pass images.")
+    source = shapes_world_images(n_images, REPORT_SEED, model.cfg.image_size[0]) if toy else images
+    store = collect(model, source, Path(out_dir) / "store", chunk_size=250, batch_size=125, progress=progress)
+    bank = bank or ("shapes" if model.model_name == "toy-shapes" else "general")
+
+    spans = analyses.get("textspan")(model).run(store, bank=bank, m=m)
+    labels = analyses.get("head_labels")(model).run(spans)
+    metrics = analyses.get("interp_metrics")().run(labels)
+    summary: dict[str, Any] = {
+        "n_images": store.n_images, "images": store.meta["source"], "bank": spans.bank, "m": m,
+        "spans": spans.to_dict(), "labels": labels.to_dict(), "metrics": metrics.to_dict(),
+    }
+    pngs = {
+        "head_labels.png": figure_png(labels.plot()),
+        "span_variance.png": figure_png(spans.plot()),
+        "metrics.png": figure_png(metrics.plot()),
+    }
+    if toy:
+        tasks = attribute_tasks(model, n_images, REPORT_SEED)
+        summary["zero_shot"] = {a: float(((torch.nn.functional.normalize(store.read("embedding"), dim=-1) @ c.T)
+                                          .argmax(-1) == y).float().mean()) for a, (c, y) in tasks.items()}
+        summary["span_replacement"] = {a: spans.replacement_accuracy(store, c, y, ms=(5, 10, 20)) for a, (c, y) in tasks.items()}
+        ablation = analyses.get("ablation")().run(store, tasks)
+        summary["ablation"] = ablation.to_dict()
+        summary["ground_truth"] = ground_truth_agreement(labels, ablation)
+        pngs["ablation.png"] = figure_png(ablation.plot())
+    return summary, pngs
+
+
+def render_sections(summary: dict[str, Any], image_tags: dict[str, str]) -> str:
+    """HTML of the head-analysis sections (``image_tags``: figure name → ``<figure>`` HTML)."""
+    esc = html.escape
+    labels = {h["head"]: h for h in summary["labels"]["heads"]}
+    ccs = summary["metrics"]["per_head"]
+    span_rows = []
+    for h in summary["spans"]["heads"]:
+        label = labels[h["head"]]
+        texts = "".join(
+            f"<li>{esc(t)} <small>({v:.1%}){' ✓' if fit else ''}</small></li>"
+            for t, v, fit in zip(h["texts"][:10], h["explained_variance"], label["fits"])
+        )
+        span_rows.append(
+            f"<tr><td><b>{h['head']}</b></td><td>{esc(str(label['label']))}<br><small>confidence "
+            f"{label['confidence']:.2f}, CCS {ccs[h['head']]['ccs']}</small></td>"
+            f"<td><ol>{texts}</ol></td><td>{h['cumulative'][min(9, len(h['cumulative']) - 1)]:.1%}</td></tr>"
+        )
+    m = summary["metrics"]
+    metric_rows = "".join(
+        f"<tr><td>{name}</td><td>{value}</td></tr>"
+        for name, value in [
+            ("association (higher: more consistent heads)", f"{m['association']:.3f}"),
+            ("entanglement (lower: fewer heads share a property)", f"{m['entanglement']:.3f}"),
+            ("concentrated-concept ratio", f"{m['ccr']:.3f}"),
+            *[(f"CCS@{k}", f"{v:.3f}") for k, v in m["ccs_at_k"].items()],
+        ]
+    )
+    parts = [
+        f"<h2>Head spans (TextSpan, bank <code>{esc(summary['bank'])}</code>, {summary['n_images']} images)</h2>",
+        image_tags.get("head_labels.png", ""),
+        "<table><tr><th>head</th><th>label</th><th>span texts (variance explained; ✓ fits the label)</th>"
+        "<th>variance by 10 texts</th></tr>" + "".join(span_rows) + "</table>",
+        image_tags.get("span_variance.png", ""),
+        "<h2>Interpretability metrics</h2><table><tr><th>metric</th><th>value</th></tr>" + metric_rows + "</table>",
+        image_tags.get("metrics.png", ""),
+    ]
+    if "zero_shot" in summary:
+        attributes = list(summary["zero_shot"])
+        columns = list(next(iter(summary["span_replacement"].values())))
+        rows = "".join(
+            f"<tr><td>{a}</td>" + "".join(f"<td>{summary['span_replacement'][a][c]:.3f}</td>" for c in columns) + "</tr>"
+            for a in attributes
+        )
+        truth = "".join(
+            f"<tr><td>{r['property']}</td><td>{', '.join(r['labelled_heads'])}</td><td>{', '.join(r['top_ablation_heads'])}</td>"
+            f"<td>{r['agreement']:.2f}</td></tr>"
+            for r in summary["ground_truth"]
+        )
+        parts += [
+            "<h2>Checks against ground truth (shapes world)</h2>",
+            "<p>Zero-shot accuracy per attribute with every head replaced by its span reconstruction "
+            "(first <i>m</i> texts), against the original model.</p>",
+            "<table><tr><th>attribute</th>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>" + rows + "</table>",
+            "<p>Heads labelled with a property vs. the heads whose mean-ablation costs that attribute the most accuracy.</p>",
+            "<table><tr><th>property</th><th>labelled heads</th><th>top ablation heads</th><th>agreement</th></tr>"
+            + truth + "</table>",
+            image_tags.get("ablation.png", ""),
+        ]
+    return "\n".join(parts)

@@ -1,0 +1,64 @@
+"""Mean ablation of direct effects on a store."""
+
+import pytest
+import torch
+
+import clip_lens.analyses
+from clip_lens import HookedCLIP
+from clip_lens.collect import collect, shapes_world_images
+from clip_lens.errors import InputError
+from clip_lens.head_report import attribute_tasks, ground_truth_agreement
+from clip_lens_plugins.ablation import AblationResult, MeanAblation, mean_ablate_heads
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    toy = HookedCLIP.from_pretrained("toy-shapes")
+    store = collect(toy, shapes_world_images(120, seed=9), tmp_path_factory.mktemp("a") / "s", progress=False)
+    return toy, store
+
+
+def test_ablating_every_head_leaves_their_means(setup):
+    _, store = setup
+    embedding, heads = store.read("embedding"), store.read("heads")
+    keys = [f"L{l}H{h}" for l in range(4) for h in range(4)]
+    ablated = mean_ablate_heads(embedding, heads, store.head_layers, keys)
+    expected = embedding - heads.sum((1, 2)) + heads.mean(0).sum((0, 1))
+    torch.testing.assert_close(ablated, expected, atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="L9H0 is not in the store"):
+        mean_ablate_heads(embedding, heads, store.head_layers, ["L9H0"])
+
+
+def test_mean_ablation_reports_drops_per_task(setup):
+    toy, store = setup
+    assert clip_lens.analyses.get("ablation") is MeanAblation
+    tasks = attribute_tasks(toy, 120, seed=9)
+    result = MeanAblation().run(store, {"colour": tasks["colour"]})
+    assert len(result.heads) == 16
+    embedding, heads = store.read("embedding"), store.read("heads")
+    classifier, labels = tasks["colour"]
+    changed = embedding - heads[:, 0, 1] + heads[:, 0, 1].mean(0)
+    expected = float(((changed @ classifier.T).argmax(-1) == labels).float().mean())
+    assert result.ablated["L0H1"]["colour"] == pytest.approx(expected)
+    drops = result.drop("colour")
+    assert result.top_heads("colour", 2) == sorted(drops, key=lambda h: -drops[h])[:2]
+    with pytest.raises(InputError, match="3 labels for 120"):
+        MeanAblation().run(store, {"colour": (classifier, labels[:3])})
+
+
+def test_ground_truth_agreement_counts_labelled_heads_among_top_ablations():
+    from clip_lens_plugins.head_labels import HeadLabel, HeadLabelsResult
+
+    labels = HeadLabelsResult("m", "prototype", [
+        HeadLabel("L0H0", "colour", 1.0, ["a"], [True]), HeadLabel("L0H1", "colour", 1.0, ["a"], [True]),
+        HeadLabel("L1H0", "shape", 1.0, ["a"], [True]), HeadLabel("L1H1", None, 0.0, ["a"], [False]),
+    ])
+    ablation = AblationResult(
+        "m", {"colour": 0.9, "shape": 0.8},
+        {"L0H0": {"colour": 0.5, "shape": 0.8}, "L0H1": {"colour": 0.88, "shape": 0.8},
+         "L1H0": {"colour": 0.9, "shape": 0.85}, "L1H1": {"colour": 0.7, "shape": 0.3}},
+        ["L0H0", "L0H1", "L1H0", "L1H1"],
+    )
+    rows = {r["property"]: r for r in ground_truth_agreement(labels, ablation)}
+    assert rows["colour"]["top_ablation_heads"] == ["L0H0", "L1H1"] and rows["colour"]["agreement"] == 0.5
+    assert rows["shape"]["top_ablation_heads"] == ["L1H1"] and rows["shape"]["agreement"] == 0.0
