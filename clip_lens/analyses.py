@@ -68,7 +68,8 @@ class Analysis(Protocol):
 
 
 class JSONResult:
-    """Mixin for results: ``save`` writes ``to_dict()`` as JSON, atomically."""
+    """Mixin for results: ``save`` writes ``to_dict()`` as JSON, atomically; ``load`` reads it back
+    through the result's ``from_dict``."""
 
     def to_dict(self) -> dict:  # pragma: no cover - every result defines it
         raise NotImplementedError
@@ -80,6 +81,17 @@ class JSONResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(self.to_dict(), indent=1))
         return path
+
+    @classmethod
+    def load(cls, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"no {cls.__name__} file at {path}.")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} is not valid JSON ({exc}).") from exc
+        return cls.from_dict(data)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,18 @@
-"""``clip-lens``: the command-line shell over :mod:`clip_lens` (report, models, hooks).
+"""``clip-lens``: the command-line shell over :mod:`clip_lens`.
+
+Commands: ``report``, ``models``, ``hooks``, ``train-toy``, and the head-analysis pipeline
+``collect`` → ``spans`` (TextSpan, optionally head labels) → ``compare``; ``analyses`` lists the
+installed analysis plugins. Plugins are reached through :mod:`clip_lens.analyses` only.
 
 Errors raised by clip_lens (:class:`~clip_lens.ClipLensError`) are printed as one line and
-exit with status 2; the work itself lives in :mod:`clip_lens.report`.
+exit with status 2; the work itself lives in the library (:mod:`clip_lens.report`,
+:mod:`clip_lens.collect`, the plugins).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import time
 from pathlib import Path
@@ -169,6 +175,189 @@ def train_toy(
 
     meta = train(out, TrainConfig(steps=steps, batch_size=batch_size, seed=seed, max_minutes=max_minutes), log=typer.echo)
     typer.echo(f"done: {meta['steps_done']} steps in {meta['minutes']:.1f} min; weights in {out / 'model.safetensors'}")
+
+
+def _parse_layers(text: str, option: str) -> Any:
+    """``"all"`` → ``"all"``, ``"none"`` → None, ``"0,1,-1"`` → ``[0, 1, -1]`` (else a one-line error)."""
+    value = text.strip().lower()
+    if value in ("all", "none"):
+        return None if value == "none" else "all"
+    try:
+        layers = [int(part) for part in value.split(",")]
+    except ValueError:
+        _fail(f"{option} must be 'all', 'none' or comma-separated layer indices such as 0,1,2; got '{text}'.")
+    return layers
+
+
+def _random_weights_note(hooked, model: str) -> None:
+    if hooked.pretrained is None:
+        typer.echo(f"Note: no --pretrained given, so {model} has RANDOM weights.", err=True)
+
+
+@app.command("collect")
+@_user_errors
+def collect_command(
+    model: str = typer.Option(..., "--model", "-m", help="model name (see `clip-lens models`)."),
+    pretrained: Optional[str] = typer.Option(
+        None, "--pretrained", "-p", help="pretrained tag or local checkpoint; omitted: RANDOM weights (bundled models excepted)."
+    ),
+    images: Optional[Path] = typer.Option(None, "--images", help="folder of images (searched recursively)."),
+    shapes: Optional[int] = typer.Option(None, "--shapes", min=1, help="use this many shapes-world scenes instead of --images."),
+    seed: int = typer.Option(0, "--seed", help="seed of the shapes-world scenes."),
+    out: Path = typer.Option(..., "--out", "-o", help="store folder; an unfinished store made by the same command is resumed."),
+    heads: str = typer.Option("all", "--heads", help="layers whose per-head terms are kept: all, none or e.g. 0,1,2."),
+    tokens: str = typer.Option("none", "--tokens", help="layers whose per-head, per-token terms are kept (large): none, all or e.g. 11."),
+    chunk_size: int = typer.Option(256, "--chunk-size", min=1, help="images per store chunk (the unit of resumption)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="images per forward pass."),
+) -> None:
+    """Stream images through the model into a resumable store of direct contributions (for `spans`)."""
+    from clip_lens.collect import Store, collect, shapes_world_images
+    from clip_lens.errors import InputError
+
+    if (images is None) == (shapes is None):
+        _fail("give exactly one image source: --images FOLDER or --shapes N.")
+    head_layers, token_layers = _parse_layers(heads, "--heads"), _parse_layers(tokens, "--tokens")
+    finished = 0
+    if (out / "zarr.json").is_file():
+        try:
+            finished = len(Store.open(out).done_chunks())
+        except InputError:
+            pass  # collect explains what is wrong with the folder
+    elif out.is_file() or (out.is_dir() and any(out.iterdir())):  # checked before the (slow) model load
+        raise InputError(f"{out} exists and is not a clip_lens store; choose an empty or new folder for --out.")
+    hooked = _load(model, pretrained, None)
+    _random_weights_note(hooked, model)
+    if shapes is not None:
+        if hooked.cfg.image_size is None:
+            raise InputError(f"{model} has no fixed image size, so shapes-world scenes cannot be rendered for it; use --images.")
+        source: Any = shapes_world_images(shapes, seed, hooked.cfg.image_size[0])
+    else:
+        source = images
+    store = collect(
+        hooked, source, out, heads=head_layers, tokens=token_layers, chunk_size=chunk_size, batch_size=batch_size
+    )
+    if finished:
+        typer.echo(f"Resumed: {finished} of {store.n_chunks} chunks were already done.")
+    kept = f"per-head layers {store.head_layers}" if store.head_layers else "no per-head terms"
+    if store.token_layers:
+        kept += f", per-token layers {store.token_layers}"
+    typer.echo(f"Store {out.resolve()}: {store.n_images} images in {store.n_chunks} chunks ({kept}).")
+
+
+@app.command()
+@_user_errors
+def spans(
+    store: Path = typer.Option(..., "--store", "-s", help="store folder written by `clip-lens collect`."),
+    model: str = typer.Option(..., "--model", "-m", help="the model the store was collected with."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="the --pretrained the store was collected with."),
+    bank: Optional[str] = typer.Option(
+        None, "--bank", help="text bank: general, shapes or a text file, one text per line (default: shapes for toy-shapes, else general)."
+    ),
+    m: int = typer.Option(10, "--m", min=1, help="texts per head."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="layers to analyse, e.g. 10,11, or all (default: the last 4 collected)."),
+    out: Path = typer.Option(Path("spans.json"), "--out", "-o", help="where to save the spans (JSON)."),
+    labels: Optional[Path] = typer.Option(
+        None, "--labels", help="also label each head (head_labels, offline prototype labeler) and save the table here (JSON)."
+    ),
+) -> None:
+    """TextSpan on every head of a store: the texts that span each head's outputs (and optionally head labels)."""
+    from tqdm import tqdm
+
+    from clip_lens import analyses
+    from clip_lens.banks import load_bank
+    from clip_lens.collect import Store
+    from clip_lens.errors import InputError
+
+    text_bank = load_bank(bank or ("shapes" if model == "toy-shapes" else "general"))  # fail fast, before the model
+    opened = Store.open(store)
+    if not opened.complete:
+        raise InputError(
+            f"store {store} is incomplete ({len(opened.done_chunks())} of {opened.n_chunks} chunks); run the same "
+            "`clip-lens collect` command again to finish it."
+        )
+    if opened.meta.get("model") != model:
+        raise InputError(f"store {store} was collected with model '{opened.meta.get('model')}'; pass --model {opened.meta.get('model')}.")
+    chosen = None
+    if layers is not None:
+        chosen = _parse_layers(layers, "--layers")
+        chosen = opened.head_layers if chosen == "all" else (chosen or [])
+        if not chosen:
+            _fail("--layers none leaves nothing to analyse; give 'all' or layer indices such as 2,3.")
+    with tqdm(total=3 if labels else 2, desc="clip-lens spans", unit="step") as bar:
+        bar.set_postfix_str("build model")
+        hooked = _load(model, pretrained, None)
+        _random_weights_note(hooked, model)
+        bar.update(1)
+        bar.set_postfix_str("textspan")
+        result = analyses.get("textspan")(hooked).run(opened, bank=text_bank, m=m, layers=chosen)
+        saved = result.save(out)
+        bar.update(1)
+        table = None
+        if labels is not None:
+            bar.set_postfix_str("head labels")
+            table = analyses.get("head_labels")(hooked).run(result)
+            labels_saved = table.save(labels)
+            bar.update(1)
+    by_head = table.by_head() if table is not None else {}
+    for head in result.heads:
+        title = head.head
+        if head.head in by_head:
+            label = by_head[head.head]
+            title += f"  label: {label.label or 'none'} (confidence {label.confidence:.2f})"
+        typer.echo(title)
+        for text, cumulative in list(zip(head.texts, head.cumulative))[:3]:
+            typer.echo(f"  {cumulative:6.1%}  {text}")
+    typer.echo(f"TextSpan of {len(result.heads)} heads ({result.m} texts each, bank {result.bank}, {result.n_images} images) "
+               f"saved to {saved.resolve()}; percentages: cumulative share of each head's variance.")
+    if table is not None:
+        typer.echo(f"Head labels ({table.labeler}) saved to {labels_saved.resolve()}.")
+
+
+@app.command()
+@_user_errors
+def compare(
+    files: list[Path] = typer.Argument(..., help="saved head label tables (`spans --labels`) or interp_metrics results (JSON)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the table as HTML here."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="K for CCS (default: the interp_metrics plugin's, 5)."),
+) -> None:
+    """Interpretability metrics of several models side by side (one row per model, from the interp_metrics plugin)."""
+    import html
+
+    from clip_lens import analyses
+    from clip_lens.files import atomic_write
+
+    plugin = analyses.get("interp_metrics")
+    package = importlib.import_module(plugin.__module__.rsplit(".", 1)[0])
+    compare_files = getattr(package, "compare_files", None)
+    if compare_files is None:
+        _fail(f"the installed interp_metrics plugin ({package.__name__}) has no compare_files; upgrade or reinstall it.")
+    table = compare_files(files) if top_k is None else compare_files(files, top_k=top_k)
+    typer.echo(table.to_markdown())
+    if out is not None:
+        page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>clip_lens: interpretability metrics</title></head>\n"
+                f"<body>\n<h1>Interpretability metrics (K = {table.top_k})</h1>\n{table.to_html()}\n"
+                f"<p>Sources: {html.escape(', '.join(str(f) for f in files))}</p>\n</body></html>\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, page)
+        typer.echo(f"HTML table written to {out.resolve()}")
+
+
+@app.command("analyses")
+def analyses_command() -> None:
+    """List the installed analysis plugins (entry-point group clip_lens.analyses), broken ones with their error."""
+    from clip_lens import analyses
+
+    infos = analyses.list()
+    if not infos:
+        typer.echo(f"no analyses installed (plugins register in the entry-point group '{analyses.GROUP}').")
+        return
+    width = max(len(info.name) for info in infos)
+    for info in infos:
+        where = f"[{info.distribution or 'unknown distribution'}]"
+        if info.ok:
+            typer.echo(f"{info.name:<{width}}  {info.description}  {where}")
+        else:
+            typer.echo(f"{info.name:<{width}}  BROKEN {where}: {' '.join(str(info.error).split())}")
 
 
 def main() -> None:  # pragma: no cover - `python -m clip_lens.cli`

@@ -227,7 +227,7 @@ class Store:
         return self.read("heads")[:, self.head_layers.index(layer), head]
 
 
-def _fingerprint(model: "HookedCLIP") -> str:
+def weights_fingerprint(model: "HookedCLIP") -> str:
     """A short hash of the weights, so that a store is never resumed with another model."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -279,7 +279,7 @@ def collect(
         raise InputError(f"directions must be [K, {cfg.d_embed}], got {tuple(directions.shape)}.")
     n, d = len(source), cfg.d_embed
     params = {
-        "format": FORMAT, "model": model.model_name, "pretrained": str(model.pretrained), "weights": _fingerprint(model),
+        "format": FORMAT, "model": model.model_name, "pretrained": str(model.pretrained), "weights": weights_fingerprint(model),
         "n_images": n, "chunk_size": chunk_size, "head_layers": head_layers, "token_layers": token_layers,
         "directions": None if directions is None else hashlib.sha256(directions.float().cpu().numpy().tobytes()).hexdigest()[:16],
         "source": source.description,

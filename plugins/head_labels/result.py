@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from clip_lens.analyses import JSONResult
@@ -67,17 +65,6 @@ class HeadLabelsResult(JSONResult):
             return cls(model=data["model"], labeler=data["labeler"], heads=heads, properties=list(data.get("properties", [])))
         except (KeyError, TypeError) as exc:
             raise InputError(f"not a head label table ({exc}); expected the JSON written by HeadLabelsResult.save.") from exc
-
-    @classmethod
-    def load(cls, path: str | Path) -> "HeadLabelsResult":
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"no head label file at {path}.")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path} is not valid JSON ({exc}).") from exc
-        return cls.from_dict(data)
 
     def by_head(self) -> dict[str, HeadLabel]:
         return {h.head: h for h in self.heads}

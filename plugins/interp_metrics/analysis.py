@@ -8,7 +8,6 @@ The metric definitions are in :mod:`clip_lens_plugins.interp_metrics.metrics`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -89,17 +88,6 @@ class MetricsResult(JSONResult):
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"not an interp_metrics result ({exc!r}); expected the JSON written by MetricsResult.save.") from exc
-
-    @classmethod
-    def load(cls, path: Union[str, Path]) -> "MetricsResult":
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"no interp_metrics result at {path}.")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path} is not valid JSON ({exc}).") from exc
-        return cls.from_dict(data)
 
     def to_markdown(self) -> str:
         """A two-column table, one metric per line, then the warnings."""

@@ -179,7 +179,7 @@ class TestMetricsResult:
         assert result.save(tmp_path).name == "MetricsResult.json"  # a folder gets the class name
 
     def test_load_errors(self, tmp_path):
-        with pytest.raises(InputError, match="no interp_metrics result"):
+        with pytest.raises(InputError, match="no MetricsResult file"):
             MetricsResult.load(tmp_path / "missing.json")
         (tmp_path / "other.json").write_text('{"model": "m"}')
         with pytest.raises(InputError, match="not an interp_metrics result"):
