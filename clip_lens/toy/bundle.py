@@ -32,8 +32,9 @@ def bundle(run_dir: str | Path, name: str = "toy-shapes", n_eval: int = 2000) ->
         "tokenizer": meta["tokenizer"],
         "preprocess_cfg": preprocess,
         "provenance": {
+            # the step the run ended at, not its time budget, so that the command reproduces the weights
             "command": f"python -m clip_lens.toy.train --steps {meta['train']['steps']} --seed {meta['train']['seed']}"
-            + (f" --max-minutes {meta['train']['max_minutes']}" if meta["train"]["max_minutes"] else ""),
+            + (f" --stop-at {meta['steps_done']}" if meta["steps_done"] < meta["train"]["steps"] else ""),
             "train": meta["train"],
             "steps_done": meta["steps_done"],
             "minutes": round(meta["minutes"], 1),

@@ -1,11 +1,14 @@
 """Train a small CLIP on the shapes world (``python -m clip_lens.toy.train``).
 
 The model is an open_clip ``CLIP`` built from a custom config (data, see :func:`model_config`).
-Captions keep each attribute with probability ``keep_prob``; several captions in a batch can be
-true of the same image ("a red shape"), so the loss treats every caption that is true of an image
-as a positive (multi-positive InfoNCE). With one positive per row it equals open_clip's
-``ClipLoss`` (tested). Training is seeded and resumable: batch ``k`` always holds scenes
-``k*batch … (k+1)*batch-1`` and their captions, and checkpoints keep model, optimizer and step.
+Half of each batch is random scenes whose captions keep each attribute with probability
+``keep_prob``; the other half is minimal sets (:meth:`ShapesWorld.variants`): scenes identical
+but for one attribute, which their captions always name, so the loss cannot ignore an attribute
+that the rest of a caption makes redundant (shape, without them). Several captions in a batch can
+be true of the same image ("a red shape"), so the loss treats every caption that is true of an
+image as a positive (multi-positive InfoNCE); with one positive per row it equals open_clip's
+``ClipLoss`` (tested). Training is seeded and resumable: batch ``k`` is a function of
+``(seed, k)`` only (:func:`training_batch`), and checkpoints keep model, optimizer and step.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from clip_lens.files import atomic_write
 from clip_lens.toy.evaluate import zero_shot_accuracy
 from clip_lens.toy.texts import vocabulary
 from clip_lens.toy.tokenizer import WordTokenizer
-from clip_lens.toy.world import ATTRIBUTES, Scene, ShapesWorld, batch_images
+from clip_lens.toy.world import ATTRIBUTES, VALUES, Scene, ShapesWorld, batch_images
 
 
 @dataclass
@@ -38,7 +41,10 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: int = 100
-    keep_prob: float = 0.5
+    keep_prob: float = 0.3
+    contrast: float = 0.5
+    """Share of each batch made of minimal sets (:meth:`ShapesWorld.variants`) that differ in one attribute."""
+    group_size: int = 4
     seed: int = 0
     image_size: int = 64
     eval_every: int = 250
@@ -62,6 +68,11 @@ def build_model(config: dict) -> CLIP:
     return CLIP(**config)
 
 
+CONTRAST_WEIGHTS = {"colour": 0.1, "shape": 0.5, "size": 0.2, "position": 0.1, "background": 0.1}
+"""Which attribute a minimal set varies: mostly the ones a random batch rarely needs (shape, size)."""
+CONTRAST_INDEX = 2**40  # minimal sets come from world indices far from the random scenes'
+
+
 def sample_keep(rng: np.random.Generator, keep_prob: float) -> dict[str, bool]:
     """Which attributes a caption mentions (at least one)."""
     while True:
@@ -70,15 +81,39 @@ def sample_keep(rng: np.random.Generator, keep_prob: float) -> dict[str, bool]:
             return keep
 
 
-def caption_batch(scenes: list[Scene], seed: int, step: int, keep_prob: float):
-    """Partial captions for a batch and the ``[image, caption]`` matrix of which captions are true."""
+def caption_batch(scenes: list[Scene], seed: int, step: int, keep_prob: float, varied: Optional[list] = None):
+    """Partial captions for a batch and the ``[image, caption]`` matrix of which captions are true.
+
+    ``varied[i]`` names an attribute caption ``i`` must mention (the one its minimal set varies).
+    """
     rng = np.random.default_rng([seed, 1, step])
     keeps = [sample_keep(rng, keep_prob) for _ in scenes]
+    for keep, attribute in zip(keeps, varied or []):
+        if attribute is not None:
+            keep[attribute] = True
     captions = [s.caption(k) for s, k in zip(scenes, keeps)]
     facts = [{a: s.value(a) for a in ATTRIBUTES} for s in scenes]
     claims = [{a: f[a] for a in ATTRIBUTES if k[a]} for f, k in zip(facts, keeps)]
     true = torch.tensor([[all(f[a] == v for a, v in c.items()) for c in claims] for f in facts])
     return captions, true
+
+
+def training_batch(world: ShapesWorld, config: TrainConfig, step: int):
+    """Scenes, captions and positives of batch ``step`` (deterministic in ``(config.seed, step)``):
+    random scenes plus minimal sets of ``group_size`` scenes that differ in one attribute."""
+    n_groups = int(config.contrast * config.batch_size) // config.group_size
+    rng = np.random.default_rng([config.seed, 2, step])
+    attributes = rng.choice(list(CONTRAST_WEIGHTS), size=n_groups, p=list(CONTRAST_WEIGHTS.values()))
+    grouped, varied = [], []
+    for j, attribute in enumerate(map(str, attributes)):
+        group = world.variants(CONTRAST_INDEX + step * n_groups + j, attribute, min(config.group_size, len(VALUES[attribute])))
+        grouped += group
+        varied += [attribute] * len(group)
+    start = step * config.batch_size
+    scenes = [world.scene(i) for i in range(start, start + config.batch_size - len(grouped))] + grouped
+    varied = [None] * (config.batch_size - len(grouped)) + varied
+    captions, positives = caption_batch(scenes, config.seed, step, config.keep_prob, varied)
+    return scenes, captions, positives
 
 
 def multi_positive_loss(image_features, text_features, logit_scale, positives: torch.Tensor) -> torch.Tensor:
@@ -138,8 +173,7 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), log=print) -> di
             log(f"stopping at step {step} (stop_at); run again to resume")
             break
         model.train()
-        scenes = [world.scene(i) for i in range(step * config.batch_size, (step + 1) * config.batch_size)]
-        captions, positives = caption_batch(scenes, config.seed, step, config.keep_prob)
+        scenes, captions, positives = training_batch(world, config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         image_features = F.normalize(model.encode_image(batch_images(scenes)), dim=-1)
@@ -176,7 +210,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="toy_shapes_run")
     for name, value in asdict(TrainConfig()).items():
-        kind = float if name in ("lr", "weight_decay", "keep_prob", "max_minutes") else int
+        kind = float if name in ("lr", "weight_decay", "keep_prob", "contrast", "max_minutes") else int
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
     args = vars(parser.parse_args(argv))
     out = args.pop("out")

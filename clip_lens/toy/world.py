@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -36,7 +36,7 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "pink": (1.00, 0.50, 0.75),
 }
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
-SIZES = {"small": 0.16, "large": 0.27}  # object radius as a fraction of the image side
+SIZES = {"small": 0.22, "large": 0.34}  # object diameter as a fraction of the image side
 ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "center", "right")
 POSITIONS = tuple(f"{r} {c}" for r in ROWS for c in COLUMNS)
@@ -244,6 +244,33 @@ class ShapesWorld(Dataset):
         scene = self.render(objects, background, rng)
         scene.index = index
         return scene
+
+    def variants(self, index: int, attribute: str, n: int) -> list[Scene]:
+        """``n`` scenes that differ only in ``attribute`` (of the first object, or the background).
+
+        Minimal sets: every variant shares the other attributes and the same rendering noise, so
+        the only visible difference is the attribute. Training batches mix them in so that the
+        contrastive loss cannot ignore an attribute the rest of the caption makes redundant.
+        """
+        if attribute not in VALUES:
+            raise InputError(f"unknown attribute '{attribute}'; choose from {', '.join(ATTRIBUTES)}.")
+        rng = self._rng(index)
+        objects, background = self.sample_attributes(rng)
+        taken = {o.position for o in objects[1:]}
+        choices = [v for v in VALUES[attribute] if attribute != "position" or v not in taken]
+        if not 1 <= n <= len(choices):
+            raise InputError(f"n must lie in 1..{len(choices)} for attribute '{attribute}', got {n}.")
+        render_seed = int(rng.integers(2**63))
+        scenes = []
+        for value in rng.choice(choices, size=n, replace=False):
+            if attribute == "background":
+                varied, back = objects, str(value)
+            else:
+                varied, back = [replace(objects[0], **{attribute: str(value)}), *objects[1:]], background
+            scene = self.render(varied, back, np.random.default_rng(render_seed))
+            scene.index = index
+            scenes.append(scene)
+        return scenes
 
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)

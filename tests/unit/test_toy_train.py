@@ -73,3 +73,23 @@ def test_short_training_run_lowers_the_loss_and_resumes_exactly(tmp_path):
     a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert json.loads((tmp_path / "full" / "config.json").read_text())["steps_done"] == 100
+
+
+def test_training_batches_mix_random_scenes_and_minimal_sets_that_always_name_their_attribute():
+    from clip_lens.toy.train import CONTRAST_WEIGHTS, training_batch
+    from clip_lens.toy.world import ShapesWorld
+
+    config = TrainConfig(batch_size=64, contrast=0.5, group_size=4)
+    scenes, captions, positives = training_batch(ShapesWorld(seed=0), config, step=3)
+    again = training_batch(ShapesWorld(seed=0), config, step=3)
+    assert len(scenes) == len(captions) == 64 and positives.shape == (64, 64)
+    assert captions == again[1] and torch.equal(positives, again[2])  # deterministic in (seed, step)
+    assert positives.diagonal().all()
+    grouped = scenes[64 - sum(1 for s in scenes if s.index >= 2**40):]
+    assert len(grouped) >= 32 - 4  # half the batch in minimal sets (size sets have only 2 members)
+    # in every minimal set the captions differ, so each caption is false of the other members
+    start = 64 - len(grouped)
+    block = positives[start:, start:]
+    same_set = torch.tensor([[a.index == b.index for b in grouped] for a in grouped])
+    assert not (block & same_set & ~torch.eye(len(grouped), dtype=torch.bool)).any()
+    assert set(CONTRAST_WEIGHTS) == {"colour", "shape", "size", "position", "background"}

@@ -132,3 +132,22 @@ def test_text_bank_and_descriptors_are_covered_by_the_vocabulary():
     assert set(DESCRIPTORS) == set(VALUES["shape"]) and all(len(d) >= 5 for d in DESCRIPTORS.values())
     tokenizer = WordTokenizer(vocabulary())
     assert (tokenizer(bank) == 1).sum().item() == 0  # no unknown words
+
+
+@pytest.mark.parametrize("attribute", ["colour", "shape", "size", "position", "background"])
+def test_variants_differ_only_in_the_varied_attribute(attribute):
+    world = ShapesWorld(seed=4)
+    scenes = world.variants(17, attribute, 2)
+    first, second = scenes
+    assert first.value(attribute) != second.value(attribute)
+    for other in ("colour", "shape", "size", "position", "background"):
+        if other != attribute:
+            assert first.value(other) == second.value(other), other
+    if attribute == "background":  # same object pixels, only the texture changes
+        assert (first.object_masks == second.object_masks).all()
+        assert (first.image[first.object_masks[0]] == second.image[second.object_masks[0]]).all()
+    else:  # same background texture and noise wherever neither object is drawn
+        uncovered = ~(first.object_masks.any(0) | second.object_masks.any(0))
+        assert (first.image[uncovered] == second.image[uncovered]).all()
+    with pytest.raises(InputError, match="n must lie in 1..2"):
+        world.variants(17, "size", 3)
