@@ -484,7 +484,7 @@ TEMPLATES: dict[str, list[str]] = {
 }
 
 CATEGORIES = list(TEMPLATES)
-BUILTIN_BANKS = ["general", "shapes"]
+BUILTIN_BANKS = ["general", "shapes", "shapes-attributes"]
 GENERAL_BANK_FILE = "general_bank.txt"
 
 
@@ -602,7 +602,7 @@ def load_bank(
 
     Args:
         spec: ``"general"`` (the shipped bank of short image descriptions), ``"shapes"`` (the toy
-            world's bank), a path to a UTF-8 text file with one text per line (whitespace is
+            world's bank), ``"shapes-attributes"`` (its texts that name one attribute each), a path to a UTF-8 text file with one text per line (whitespace is
             stripped; empty lines and lines starting with ``#`` are skipped and counted), or a
             list of strings.
         max_chars: the longest text allowed, in characters.
@@ -616,10 +616,11 @@ def load_bank(
         if str(spec) == "general":
             data = resources.files("clip_lens").joinpath("data", GENERAL_BANK_FILE).read_text(encoding="utf-8")
             return _validate("general", "builtin", list(enumerate(data.splitlines(), 1)), max_chars, dedupe, "text")
-        if str(spec) == "shapes":
-            from clip_lens.toy.texts import text_bank
+        if str(spec) in ("shapes", "shapes-attributes"):
+            from clip_lens.toy.texts import attribute_bank, text_bank
 
-            return _validate("shapes", "builtin", list(enumerate(text_bank(), 1)), max_chars, dedupe, "text")
+            texts = text_bank() if str(spec) == "shapes" else attribute_bank()
+            return _validate(str(spec), "builtin", list(enumerate(texts, 1)), max_chars, dedupe, "text")
         return _load_file(spec, max_chars, dedupe)
     if not isinstance(spec, Sequence) or not all(isinstance(text, str) for text in spec):
         found = type(spec).__name__ if not isinstance(spec, Sequence) else next(

@@ -79,7 +79,8 @@ def analyse_heads(
         raise InputError("this model has no image size; pass images.")
     source = shapes_world_images(n_images, REPORT_SEED, model.cfg.image_size[0]) if toy else images
     store = collect(model, source, Path(out_dir) / "store", chunk_size=250, batch_size=125, progress=progress)
-    bank = bank or ("shapes" if model.model_name == "toy-shapes" else "general")
+    # one attribute per text on the shapes world, so that a head's property can be read off its texts
+    bank = bank or ("shapes-attributes" if model.model_name == "toy-shapes" else "general")
 
     spans = analyses.get("textspan")(model).run(store, bank=bank, m=m)
     labels = analyses.get("head_labels")(model).run(spans)

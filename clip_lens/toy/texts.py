@@ -43,6 +43,19 @@ def vocabulary() -> list[str]:
     return list(dict.fromkeys(w.lower() for w in words))
 
 
+def attribute_bank() -> list[str]:
+    """The texts of :func:`text_bank` that name a single attribute (plus descriptors and distractors).
+
+    A head's property can be read off these directly; a text such as "a pink star" names two, and
+    the text tower puts it nearer to "a star", so a colour head spanned by such texts looks like a
+    shape head to a labeler.
+    """
+    bank = [attribute_prompt(a, v) for a in ATTRIBUTES for v in VALUES[a]]
+    bank.extend(f"something with {d}" for d in dict.fromkeys(itertools.chain(*DESCRIPTORS.values())))
+    bank.extend(DISTRACTORS)
+    return list(dict.fromkeys(bank))
+
+
 def text_bank() -> list[str]:
     """The shapes-world text bank: single attributes, pairs, full descriptions and distractors."""
     bank = [attribute_prompt(a, v) for a in ATTRIBUTES for v in VALUES[a]]

@@ -30,6 +30,14 @@ class ZeroShotTask:
         logits = torch.nn.functional.normalize(embedding, dim=-1) @ self.classifier.T
         return float((logits.argmax(-1) == self.labels).float().mean())
 
+    def margin(self, embedding: Float[Tensor, "n d"]) -> float:
+        """Mean over images of (true class cosine − best other class cosine): a graded accuracy,
+        so that heads whose ablation flips no prediction can still be ranked."""
+        logits = torch.nn.functional.normalize(embedding, dim=-1) @ self.classifier.T
+        true = logits.gather(1, self.labels[:, None]).squeeze(1)
+        other = logits.scatter(1, self.labels[:, None], float("-inf")).max(1).values
+        return float((true - other).mean())
+
 
 def mean_ablate_heads(
     embedding: Float[Tensor, "n d"],
@@ -60,21 +68,30 @@ class AblationResult(JSONResult):
     ablated: dict[str, dict[str, float]]
     """head → task → accuracy with that head mean-ablated."""
     heads: list[str] = field(default_factory=list)
+    original_margin: dict[str, float] = field(default_factory=dict)
+    ablated_margin: dict[str, dict[str, float]] = field(default_factory=dict)
+    """head → task → mean margin (:meth:`ZeroShotTask.margin`) with that head mean-ablated."""
 
     def drop(self, task: str) -> dict[str, float]:
         """head → accuracy lost on ``task`` when it is ablated."""
         return {h: self.original[task] - self.ablated[h][task] for h in self.heads}
 
+    def margin_drop(self, task: str) -> dict[str, float]:
+        """head → mean margin lost on ``task`` when it is ablated."""
+        return {h: self.original_margin[task] - self.ablated_margin[h][task] for h in self.heads}
+
     def top_heads(self, task: str, k: int) -> list[str]:
-        """The ``k`` heads whose ablation hurts ``task`` most."""
-        drops = self.drop(task)
-        return sorted(self.heads, key=lambda h: -drops[h])[:k]
+        """The ``k`` heads whose ablation hurts ``task`` most: by accuracy lost, ties (common: one
+        head rarely flips a prediction) broken by margin lost."""
+        drops, margins = self.drop(task), self.margin_drop(task)
+        return sorted(self.heads, key=lambda h: (-drops[h], -margins[h]))[:k]
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "original": self.original, "ablated": self.ablated, "heads": self.heads}
+        return {"model": self.model, "original": self.original, "ablated": self.ablated, "heads": self.heads,
+                "original_margin": self.original_margin, "ablated_margin": self.ablated_margin}
 
     def plot(self):
-        """Layer × head heatmap of the accuracy drop, one panel per task."""
+        """Layer × head heatmap of the margin drop (graded accuracy), one panel per task."""
         from matplotlib.figure import Figure
 
         layers = sorted({int(h[1:].split("H")[0]) for h in self.heads})
@@ -84,14 +101,14 @@ class AblationResult(JSONResult):
         axes = fig.subplots(1, len(tasks), squeeze=False)[0]
         for ax, task in zip(axes, tasks):
             grid = torch.full((len(layers), n_heads), float("nan"))
-            for h, value in self.drop(task).items():
+            for h, value in self.margin_drop(task).items():
                 layer, head = (int(x) for x in h[1:].split("H"))
                 grid[layers.index(layer), head] = value
             image = ax.imshow(grid.numpy(), cmap="Reds", vmin=0)
-            ax.set_title(f"{task}\n(base {self.original[task]:.2f})", fontsize=9)
+            ax.set_title(f"{task}\n(accuracy {self.original[task]:.2f})", fontsize=9)
             ax.set_yticks(range(len(layers)), [f"L{l}" for l in layers])
             ax.set_xticks(range(n_heads), [f"H{h}" for h in range(n_heads)])
-            fig.colorbar(image, ax=ax, shrink=0.8, label="accuracy drop")
+            fig.colorbar(image, ax=ax, shrink=0.8, label="margin drop")
         return fig
 
 
@@ -120,8 +137,10 @@ class MeanAblation:
         embedding, terms = store.read("embedding"), store.read("heads")
         heads = list(heads) if heads is not None else [f"L{l}H{h}" for l in store.head_layers for h in range(terms.shape[2])]
         original = {name: task.accuracy(embedding) for name, task in tasks.items()}
-        ablated = {}
+        original_margin = {name: task.margin(embedding) for name, task in tasks.items()}
+        ablated, ablated_margin = {}, {}
         for head in heads:
             changed = mean_ablate_heads(embedding, terms, store.head_layers, [head])
             ablated[head] = {name: task.accuracy(changed) for name, task in tasks.items()}
-        return AblationResult(store.meta.get("model", "?"), original, ablated, heads)
+            ablated_margin[head] = {name: task.margin(changed) for name, task in tasks.items()}
+        return AblationResult(store.meta.get("model", "?"), original, ablated, heads, original_margin, ablated_margin)

@@ -79,3 +79,15 @@ def test_readme_main_job_reports_on_the_bundled_model(tmp_path):
     assert summary["images"].startswith("held-out shapes-world scenes")
     assert summary["sum_check"]["max_relative_error"] <= 1e-4
     assert "RANDOM" not in result.output
+
+    heads = summary["heads"]  # the head analyses on 1,000 shapes-world scenes
+    assert heads["n_images"] == 1000 and heads["bank"] == "shapes-attributes"
+    assert len(heads["spans"]["heads"]) == 16 and all(len(h["texts"]) == 20 for h in heads["spans"]["heads"])
+    for attribute, scores in heads["span_replacement"].items():  # spans of 20 texts keep what heads do
+        assert scores["m=20"] >= scores["original"] - 0.02, attribute
+    truth = {row["property"]: row for row in heads["ground_truth"]}
+    # the strongest colour head by ablation is labelled colour, and texture/location labels match ablation
+    assert truth["colour"]["top_ablation_heads"][0] in truth["colour"]["labelled_heads"]
+    assert truth["texture"]["agreement"] == 1.0 and truth["location"]["agreement"] == 1.0
+    page = (tmp_path / "report.html").read_text()
+    assert "Head spans" in page and "Checks against ground truth" in page and page.count("data:image/png") == 6

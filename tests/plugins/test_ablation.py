@@ -40,10 +40,19 @@ def test_mean_ablation_reports_drops_per_task(setup):
     changed = embedding - heads[:, 0, 1] + heads[:, 0, 1].mean(0)
     expected = float(((changed @ classifier.T).argmax(-1) == labels).float().mean())
     assert result.ablated["L0H1"]["colour"] == pytest.approx(expected)
-    drops = result.drop("colour")
-    assert result.top_heads("colour", 2) == sorted(drops, key=lambda h: -drops[h])[:2]
+    drops, margins = result.drop("colour"), result.margin_drop("colour")
+    assert result.top_heads("colour", 2) == sorted(drops, key=lambda h: (-drops[h], -margins[h]))[:2]
+    changed_margin = embedding - heads[:, 3, 0] + heads[:, 3, 0].mean(0)
+    assert result.ablated_margin["L3H0"]["colour"] == pytest.approx(plain_margin(classifier, labels, changed_margin))
     with pytest.raises(InputError, match="3 labels for 120"):
         MeanAblation().run(store, {"colour": (classifier, labels[:3])})
+
+
+def plain_margin(classifier, labels, embedding):
+    logits = torch.nn.functional.normalize(embedding, dim=-1) @ classifier.T
+    true = logits[torch.arange(len(labels)), labels]
+    logits[torch.arange(len(labels)), labels] = -2
+    return float((true - logits.max(1).values).mean())
 
 
 def test_ground_truth_agreement_counts_labelled_heads_among_top_ablations():
@@ -58,7 +67,24 @@ def test_ground_truth_agreement_counts_labelled_heads_among_top_ablations():
         {"L0H0": {"colour": 0.5, "shape": 0.8}, "L0H1": {"colour": 0.88, "shape": 0.8},
          "L1H0": {"colour": 0.9, "shape": 0.85}, "L1H1": {"colour": 0.7, "shape": 0.3}},
         ["L0H0", "L0H1", "L1H0", "L1H1"],
+        {"colour": 0.5, "shape": 0.5},
+        {"L0H0": {"colour": 0.1, "shape": 0.5}, "L0H1": {"colour": 0.4, "shape": 0.45},
+         "L1H0": {"colour": 0.5, "shape": 0.3}, "L1H1": {"colour": 0.2, "shape": 0.1}},
     )
     rows = {r["property"]: r for r in ground_truth_agreement(labels, ablation)}
     assert rows["colour"]["top_ablation_heads"] == ["L0H0", "L1H1"] and rows["colour"]["agreement"] == 0.5
     assert rows["shape"]["top_ablation_heads"] == ["L1H1"] and rows["shape"]["agreement"] == 0.0
+
+
+def test_margin_grades_what_accuracy_cannot_see():
+    from clip_lens_plugins.ablation import ZeroShotTask
+
+    classifier = torch.eye(3)
+    task = ZeroShotTask(classifier, torch.tensor([0, 1]))
+    embedding = torch.tensor([[0.8, 0.6, 0.0], [0.0, 0.6, 0.8]])
+    assert task.accuracy(embedding) == 0.5
+    assert task.margin(embedding) == pytest.approx(((0.8 - 0.6) + (0.6 - 0.8)) / 2)
+    # ties in accuracy are broken by margin
+    ablation = AblationResult("m", {"t": 1.0}, {"A": {"t": 1.0}, "B": {"t": 1.0}}, ["A", "B"],
+                              {"t": 0.5}, {"A": {"t": 0.45}, "B": {"t": 0.2}})
+    assert ablation.top_heads("t", 1) == ["B"]

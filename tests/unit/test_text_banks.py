@@ -90,7 +90,7 @@ class TestLoadBank:
         assert (bank.texts, bank.source, bank.report) == (["a cat", "a dog"], "list", {"skipped_empty": 1})
 
     def test_unknown_name_lists_builtins_and_suggests(self):
-        with pytest.raises(InputError, match=r"no bank named 'genral'; builtins: general, shapes; or give a path"
+        with pytest.raises(InputError, match=r"no bank named 'genral'; builtins: general, shapes, shapes-attributes; or give a path"
                            r" to a text file\. Did you mean: general\?"):
             load_bank("genral")
 
@@ -197,3 +197,14 @@ class TestEncodeBank:
         with pytest.raises(InputError, match=r"text 2 of bank 'list' cannot be tokenized for this model: text 0 has"
                            r" 40 words; at most 30 fit"):
             encode_bank(model, bank)
+
+
+def test_shapes_attributes_bank_names_one_attribute_per_world_text():
+    from clip_lens.toy.texts import DESCRIPTORS, DISTRACTORS
+    from clip_lens.toy.world import ATTRIBUTES, VALUES, attribute_prompt
+
+    bank = load_bank("shapes-attributes")
+    prompts = {attribute_prompt(a, v) for a in ATTRIBUTES for v in VALUES[a]}
+    descriptors = {f"something with {d}" for values in DESCRIPTORS.values() for d in values}
+    assert set(bank.texts) == prompts | descriptors | set(DISTRACTORS)
+    assert set(bank.texts) < set(load_bank("shapes").texts)
