@@ -21,15 +21,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)  # figures are saved, never shown; no display on servers
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 @dataclass
 class MetricsResult(JSONResult):
     """Interpretability metrics of one model's head label table."""
@@ -110,8 +101,10 @@ class MetricsResult(JSONResult):
         """CCS@k bars beside a layer × head heatmap of CCS (blank cells: heads not in the table)."""
         import numpy as np
 
-        plt = _pyplot()
-        fig, (ax_bars, ax_map) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+        from matplotlib.figure import Figure  # no pyplot: nothing global, works headless
+
+        fig = Figure(figsize=(12, 4.5), layout="constrained")
+        ax_bars, ax_map = fig.subplots(1, 2)
         fig.suptitle(f"Concept consistency — {self.model} (labeler: {self.labeler}, K = {self.top_k})")
 
         ks = list(self.ccs_at_k)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence, Union
 from clip_lens.analyses import JSONResult
 from clip_lens.errors import InputError
 from clip_lens_plugins.head_labels.result import HeadLabelsResult
-from clip_lens_plugins.interp_metrics.analysis import InterpMetrics, MetricsResult, _pyplot
+from clip_lens_plugins.interp_metrics.analysis import InterpMetrics, MetricsResult
 from clip_lens_plugins.interp_metrics.metrics import DEFAULT_TOP_K
 
 if TYPE_CHECKING:
@@ -74,11 +74,13 @@ class ComparisonResult(JSONResult):
 
     def plot(self) -> "Figure":
         """Grouped bars of the metrics on a 0..1 scale (association, entanglement, CCR, CCS@K), one bar per model."""
-        plt = _pyplot()
+        from matplotlib.figure import Figure
+
         shown = {"association (↑)": "association", "entanglement (↓)": "entanglement", "CCR": "ccr",
                    f"CCS@{self.top_k}": "ccs_at_top_k"}
         width = 0.8 / len(self.rows)
-        fig, ax = plt.subplots(figsize=(2 + 2 * len(shown), 4.5), constrained_layout=True)
+        fig = Figure(figsize=(2 + 2 * len(shown), 4.5), layout="constrained")
+        ax = fig.subplots()
         for i, (model, row) in enumerate(self.rows.items()):
             offsets = [m + (i - (len(self.rows) - 1) / 2) * width for m in range(len(shown))]
             ax.bar(offsets, [getattr(row, attr) for attr in shown.values()], width, label=model)
