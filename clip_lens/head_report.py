@@ -103,7 +103,19 @@ def analyse_heads(
         summary["ablation"] = ablation.to_dict()
         summary["ground_truth"] = ground_truth_agreement(labels, ablation)
         pngs["ablation.png"] = figure_png(ablation.plot())
+        pngs["ablation_curves.png"] = figure_png(ablation.plot_curves())
     return summary, pngs
+
+
+def _keep_last_table(ablation: dict[str, Any]) -> str:
+    tasks = list(ablation["original"])
+    head = "<tr><th>last k attention layers kept</th>" + "".join(f"<th>{t}</th>" for t in tasks) + "</tr>"
+    rows = "".join(
+        f"<tr><td>{k}</td>" + "".join(f"<td>{values[t]:.3f}</td>" for t in tasks) + "</tr>"
+        for k, values in sorted(ablation["keep_last"].items(), key=lambda kv: int(kv[0]))
+    )
+    original = "<tr><td>none ablated</td>" + "".join(f"<td>{ablation['original'][t]:.3f}</td>" for t in tasks) + "</tr>"
+    return f"<table>{head}{rows}{original}</table>"
 
 
 def render_sections(summary: dict[str, Any], image_tags: dict[str, str]) -> str:
@@ -163,5 +175,9 @@ def render_sections(summary: dict[str, Any], image_tags: dict[str, str]) -> str:
             "<table><tr><th>property</th><th>labelled heads</th><th>top ablation heads</th><th>agreement</th></tr>"
             + truth + "</table>",
             image_tags.get("ablation.png", ""),
+            "<p>Mean-ablating whole layers (direct effects): accuracy with everything but the last <i>k</i> "
+            "attention layers ablated (embedding term and MLPs included).</p>",
+            _keep_last_table(summary["ablation"]),
+            image_tags.get("ablation_curves.png", ""),
         ]
     return "\n".join(parts)

@@ -47,7 +47,8 @@ CAPTIONS = {
     "head_labels.png": "each head coloured by the property its span texts share (confidence in the cell).",
     "span_variance.png": "share of each head's output variance explained by its first TextSpan texts.",
     "metrics.png": "left, the share of heads with each concept-consistency score; right, CCS per head.",
-    "ablation.png": "zero-shot accuracy lost per attribute when each head's direct effect is mean-ablated.",
+    "ablation.png": "zero-shot margin lost per attribute when each head's direct effect is mean-ablated.",
+    "ablation_curves.png": "zero-shot accuracy with everything but the last k attention layers mean-ablated.",
 }
 
 

@@ -1,8 +1,14 @@
-"""The ``ablation`` analysis: how much zero-shot accuracy each head's direct effect carries.
+"""The ``ablation`` analysis: how much zero-shot accuracy each component's direct effect carries.
 
-Mean ablation on stored terms: the head's contribution to the (unit) image embedding is replaced
+Mean ablation on stored terms: a component's contribution to the (unit) image embedding is replaced
 by its mean over the images, the embedding is re-normalised and classified again. Only the direct
-path is removed (later layers still see the head), as in Gandelsman et al.'s ablations.
+path is removed (later layers still see the component), as in Gandelsman et al.'s ablations.
+
+Two experiments in one run: each head in turn, and the paper's layer curves —
+
+* ``keep_last``: everything (embedding term, every MLP, attention of the earlier layers) ablated
+  except the attention of the last ``k`` layers, for ``k = 0 … L``;
+* ``attention_upto``: attention of layers ``0 … ℓ`` ablated cumulatively, MLPs intact.
 """
 
 from __future__ import annotations
@@ -39,6 +45,24 @@ class ZeroShotTask:
         return float((true - other).mean())
 
 
+def mean_ablate_layers(
+    terms: Mapping[str, Tensor],
+    attn_layers: Sequence[int] = (),
+    mlp_layers: Sequence[int] = (),
+    embed: bool = False,
+) -> Float[Tensor, "n d"]:
+    """Unit image embeddings with whole layers' attention / MLP terms (and the embedding term)
+    mean-ablated. ``terms``: a store's ``embedding``, ``embed``, ``attn`` ``[N, L, D]``, ``mlp``."""
+    embedding = terms["embedding"].clone()
+    for name, layers in (("attn", attn_layers), ("mlp", mlp_layers)):
+        for layer in layers:
+            part = terms[name][:, layer]
+            embedding += part.mean(0) - part
+    if embed:
+        embedding += terms["embed"].mean(0) - terms["embed"]
+    return embedding
+
+
 def mean_ablate_heads(
     embedding: Float[Tensor, "n d"],
     terms: Float[Tensor, "n head_layer head d"],
@@ -71,6 +95,12 @@ class AblationResult(JSONResult):
     original_margin: dict[str, float] = field(default_factory=dict)
     ablated_margin: dict[str, dict[str, float]] = field(default_factory=dict)
     """head → task → mean margin (:meth:`ZeroShotTask.margin`) with that head mean-ablated."""
+    keep_last: dict[int, dict[str, float]] = field(default_factory=dict)
+    """k → task → accuracy with everything but the last k layers' attention mean-ablated."""
+    attention_upto: dict[int, dict[str, float]] = field(default_factory=dict)
+    """ℓ → task → accuracy with the attention of layers 0…ℓ mean-ablated (MLPs intact)."""
+    mlps: dict[str, float] = field(default_factory=dict)
+    """task → accuracy with every MLP (and the embedding term) mean-ablated."""
 
     def drop(self, task: str) -> dict[str, float]:
         """head → accuracy lost on ``task`` when it is ablated."""
@@ -88,7 +118,24 @@ class AblationResult(JSONResult):
 
     def to_dict(self) -> dict:
         return {"model": self.model, "original": self.original, "ablated": self.ablated, "heads": self.heads,
-                "original_margin": self.original_margin, "ablated_margin": self.ablated_margin}
+                "original_margin": self.original_margin, "ablated_margin": self.ablated_margin,
+                "keep_last": self.keep_last, "attention_upto": self.attention_upto, "mlps": self.mlps}
+
+    def plot_curves(self):
+        """Accuracy per task against how many final attention layers are kept (everything else ablated)."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(5.5, 3.2), layout="constrained")
+        ax = fig.subplots()
+        ks = sorted(self.keep_last)
+        for task in self.original:
+            ax.plot(ks, [self.keep_last[k][task] for k in ks], marker="o", label=task)
+        ax.set_xlabel("last k attention layers kept (all else mean-ablated)")
+        ax.set_ylabel("zero-shot accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.set_xticks(ks)
+        ax.legend(fontsize=7)
+        return fig
 
     def plot(self):
         """Layer × head heatmap of the margin drop (graded accuracy), one panel per task."""
@@ -113,10 +160,11 @@ class AblationResult(JSONResult):
 
 
 class MeanAblation:
-    """Mean-ablate each head's direct effect in turn and measure zero-shot accuracy per task."""
+    """Mean-ablate each head's direct effect in turn, and whole layers for the layer curves, and
+    measure zero-shot accuracy per task."""
 
     name = "ablation"
-    description = "Accuracy lost per zero-shot task when each head's direct effect is mean-ablated."
+    description = "Accuracy lost per zero-shot task when heads, layers or MLPs are mean-ablated (direct effects)."
     parameters = {
         "tasks": "task name → ZeroShotTask or (classifier [classes, D], labels [N]) of the store's images",
         "heads": "head keys 'L{l}H{h}' to ablate (default: every collected head)",
@@ -143,4 +191,18 @@ class MeanAblation:
             changed = mean_ablate_heads(embedding, terms, store.head_layers, [head])
             ablated[head] = {name: task.accuracy(changed) for name, task in tasks.items()}
             ablated_margin[head] = {name: task.margin(changed) for name, task in tasks.items()}
-        return AblationResult(store.meta.get("model", "?"), original, ablated, heads, original_margin, ablated_margin)
+        result = AblationResult(store.meta.get("model", "?"), original, ablated, heads, original_margin, ablated_margin)
+        layer_terms = {"embedding": embedding, **{name: store.read(name) for name in ("embed", "attn", "mlp")}}
+        n_layers = layer_terms["attn"].shape[1]
+
+        def accuracies(changed: Tensor) -> dict[str, float]:
+            return {name: task.accuracy(changed) for name, task in tasks.items()}
+
+        for k in range(n_layers + 1):
+            result.keep_last[k] = accuracies(
+                mean_ablate_layers(layer_terms, attn_layers=range(n_layers - k), mlp_layers=range(n_layers), embed=True)
+            )
+        for last in range(n_layers):
+            result.attention_upto[last] = accuracies(mean_ablate_layers(layer_terms, attn_layers=range(last + 1)))
+        result.mlps = accuracies(mean_ablate_layers(layer_terms, mlp_layers=range(n_layers), embed=True))
+        return result

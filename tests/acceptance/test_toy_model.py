@@ -90,4 +90,4 @@ def test_readme_main_job_reports_on_the_bundled_model(tmp_path):
     assert truth["colour"]["top_ablation_heads"][0] in truth["colour"]["labelled_heads"]
     assert truth["texture"]["agreement"] == 1.0 and truth["location"]["agreement"] == 1.0
     page = (tmp_path / "report.html").read_text()
-    assert "Head spans" in page and "Checks against ground truth" in page and page.count("data:image/png") == 6
+    assert "Head spans" in page and "Checks against ground truth" in page and page.count("data:image/png") == 7

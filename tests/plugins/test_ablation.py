@@ -88,3 +88,21 @@ def test_margin_grades_what_accuracy_cannot_see():
     ablation = AblationResult("m", {"t": 1.0}, {"A": {"t": 1.0}, "B": {"t": 1.0}}, ["A", "B"],
                               {"t": 0.5}, {"A": {"t": 0.45}, "B": {"t": 0.2}})
     assert ablation.top_heads("t", 1) == ["B"]
+
+
+def test_layer_curves_ablate_what_they_say(setup):
+    from clip_lens_plugins.ablation import mean_ablate_layers
+
+    toy, store = setup
+    tasks = attribute_tasks(toy, 120, seed=9)
+    result = MeanAblation().run(store, tasks)
+    terms = {name: store.read(name) for name in ("embedding", "embed", "attn", "mlp")}
+    manual = terms["embedding"] - terms["mlp"][:, 1] + terms["mlp"][:, 1].mean(0) - terms["attn"][:, 2] + terms["attn"][:, 2].mean(0)
+    torch.testing.assert_close(mean_ablate_layers(terms, attn_layers=[2], mlp_layers=[1]), manual, atol=1e-6, rtol=0)
+    assert sorted(result.keep_last) == [0, 1, 2, 3, 4] and sorted(result.attention_upto) == [0, 1, 2, 3]
+    assert result.keep_last[4] == result.mlps  # all attention kept = only MLPs and embedding ablated
+    # with nothing kept every image gets (almost) the same embedding: accuracy falls to about one class's share
+    for name, (classifier, labels) in tasks.items():
+        share = torch.bincount(labels).max().item() / len(labels)
+        assert result.keep_last[0][name] <= share + 0.05, name
+    assert result.plot_curves().axes
