@@ -102,7 +102,8 @@ def _from_dataset(dataset, preprocess) -> ImageSource:
                 f"dataset item {i} is a {type(entry).__name__}; items must be image tensors, PIL images, "
                 "(image, label) pairs or dicts with an 'image' key."
             )
-        return entry, int(label) if isinstance(label, (int, np.integer)) or (isinstance(label, Tensor) and label.numel() == 1) else -1
+        scalar = isinstance(label, (int, np.integer)) or (isinstance(label, Tensor) and label.numel() == 1)
+        return entry, int(label) if scalar else -1  # non-integer labels (strings, boxes …) are not stored
 
     def load(start: int, stop: int):
         items = [item(i) for i in range(start, stop)]
