@@ -189,6 +189,20 @@ def _parse_layers(text: str, option: str) -> Any:
     return layers
 
 
+def _plugin_function(analysis: str, name: str) -> Callable:
+    """A helper function of the package that provides ``analysis`` (reached through the registry:
+    the core never imports plugins by name)."""
+    import importlib
+
+    from clip_lens import analyses
+
+    package = importlib.import_module(analyses.get(analysis).__module__.rsplit(".", 1)[0])
+    function = getattr(package, name, None)
+    if function is None:
+        _fail(f"the installed {analysis} plugin ({package.__name__}) has no {name}; upgrade or reinstall it.")
+    return function
+
+
 def _random_weights_note(hooked, model: str) -> None:
     if hooked.pretrained is None:
         typer.echo(f"Note: no --pretrained given, so {model} has RANDOM weights.", err=True)
@@ -326,11 +340,7 @@ def compare(
     from clip_lens import analyses
     from clip_lens.files import atomic_write
 
-    plugin = analyses.get("interp_metrics")
-    package = importlib.import_module(plugin.__module__.rsplit(".", 1)[0])
-    compare_files = getattr(package, "compare_files", None)
-    if compare_files is None:
-        _fail(f"the installed interp_metrics plugin ({package.__name__}) has no compare_files; upgrade or reinstall it.")
+    compare_files = _plugin_function("interp_metrics", "compare_files")
     table = compare_files(files) if top_k is None else compare_files(files, top_k=top_k)
     typer.echo(table.to_markdown())
     if out is not None:
@@ -366,3 +376,142 @@ def main() -> None:  # pragma: no cover - `python -m clip_lens.cli`
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def _segmentation_images(hooked, images: Optional[Path], shapes: Optional[int], seed: int, attribute: str = "colour"):
+    """A SegmentationData from a folder (images/ + masks/) or shapes-world scenes."""
+    if (images is None) == (shapes is None):
+        _fail("give exactly one image source: --images FOLDER or --shapes N.")
+    if shapes is not None:
+        make = _plugin_function("segmentation", "shapes_world_segmentation")
+        return make(shapes, seed=seed, image_size=hooked.cfg.image_size[0], attribute=attribute)
+    return _plugin_function("segmentation", "folder_segmentation")(images, hooked.preprocess)
+
+
+@app.command()
+@_user_errors
+def segment(
+    text: str = typer.Option(..., "--text", "-t", help="the topic, e.g. 'a red shape'."),
+    versus: Optional[str] = typer.Option(None, "--versus", help="a second text: contrastive maps (text − versus, versus − text)."),
+    head: str = typer.Option("all", "--head", help="all, a head such as L3H0, or layers such as 2,3."),
+    model: str = typer.Option("toy-shapes", "--model", "-m", help="model name (see `clip-lens models`)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="pretrained tag or local checkpoint."),
+    images: Optional[Path] = typer.Option(None, "--images", help="folder with images/ (and masks/, unused here)."),
+    shapes: Optional[int] = typer.Option(None, "--shapes", min=1, help="use this many shapes-world scenes."),
+    seed: int = typer.Option(1000, "--seed", help="seed of the shapes-world scenes."),
+    out: Path = typer.Option(Path("segment.png"), "--out", "-o", help="overlay figure (PNG); the maps go next to it as JSON."),
+) -> None:
+    """Per-head topic segmentation (or contrastive, with --versus): heatmaps over the image patches."""
+    from clip_lens import analyses
+    from clip_lens.files import atomic_write
+    from clip_lens.report import figure_png
+
+    hooked = _load(model, pretrained, None)
+    data = _segmentation_images(hooked, images, shapes, seed)
+    pixels = data.loader(0, min(data.n, 8))[0]
+    selection: Any = head if head == "all" or head.upper().startswith("L") else _parse_layers(head, "--head")
+    if versus is None:
+        result = analyses.get("segmentation")(hooked).run(pixels, text, head=selection)
+    else:
+        result = analyses.get("contrastive_segmentation")(hooked).run(pixels, text, versus, heads=selection)
+    atomic_write(out, figure_png(result.plot(pixels)))
+    saved = result.save(out.with_suffix(".json"))
+    typer.echo(f"Heatmaps of {len(pixels)} images written to {out.resolve()} and {saved.resolve()}.")
+
+
+@app.command("segment-eval")
+@_user_errors
+def segment_eval(
+    model: str = typer.Option("toy-shapes", "--model", "-m", help="model name (see `clip-lens models`)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="pretrained tag or local checkpoint."),
+    images: Optional[Path] = typer.Option(None, "--images", help="folder with images/NAME.png|jpg and masks/NAME.png."),
+    classes: Optional[Path] = typer.Option(None, "--classes", help="text file of class prompts, one per line (default for shapes: colour prompts)."),
+    shapes: Optional[int] = typer.Option(None, "--shapes", min=1, help="evaluate on this many shapes-world scenes."),
+    attribute: str = typer.Option("colour", "--attribute", help="shapes world: the attribute whose prompts are the classes."),
+    seed: int = typer.Option(1000, "--seed", help="seed of the shapes-world scenes."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="save the table (JSON) here."),
+) -> None:
+    """Zero-shot segmentation: decomposition heatmaps vs raw attention vs uniform (pixel acc, mIoU, mAP)."""
+    from clip_lens import analyses
+    from clip_lens.banks import load_bank
+
+    hooked = _load(model, pretrained, None)
+    data = _segmentation_images(hooked, images, shapes, seed, attribute)
+    prompts = load_bank(classes).texts if classes is not None else None
+    result = analyses.get("segmentation_eval")(hooked).run(data, classes=prompts)
+    typer.echo(result.to_markdown())
+    if out is not None:
+        typer.echo(f"Saved to {result.save(out).resolve()}")
+
+
+def _store_thumbnails(store, image_size: int) -> Callable:
+    """Store rows → ``uint8 [n, H, W, 3]`` thumbnails: image files by the store's ids, or the
+    shapes-world scenes a `collect --shapes` store was made of."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    ids = store.ids() or []
+    match = re.search(r"shapes-world scenes \(seed (\d+)\)", store.meta.get("source", ""))
+    if match:
+        from clip_lens.toy.world import ShapesWorld
+
+        world = ShapesWorld(seed=int(match.group(1)), image_size=image_size)
+        return lambda rows: np.stack([world.scene(int(ids[r]) if ids else int(r)).image for r in rows])
+
+    def load(rows):
+        return np.stack([np.asarray(Image.open(ids[r]).convert("RGB").resize((image_size, image_size))) for r in rows])
+
+    return load
+
+
+@app.command()
+@_user_errors
+def neighbors(
+    store: Path = typer.Option(..., "--store", "-s", help="store folder written by `clip-lens collect`."),
+    model: str = typer.Option(..., "--model", "-m", help="the model the store was collected with."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="the --pretrained the store was collected with."),
+    text: Optional[list[str]] = typer.Option(None, "--text", "-t", help="query text(s): nearest images in the head's output space."),
+    image: Optional[list[Path]] = typer.Option(None, "--image", help="query image file(s)."),
+    head: Optional[str] = typer.Option(None, "--head", help="one head, e.g. L3H0."),
+    property: Optional[str] = typer.Option(None, "--property", help="a property label, e.g. colour (needs --labels)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="head label table written by `clip-lens spans --labels`."),
+    k: int = typer.Option(10, "--k", min=1, help="neighbours per query."),
+    metric: str = typer.Option("dot", "--metric", help="dot (as CLIP-InterpreT) or cosine."),
+    subspace: Optional[str] = typer.Option(None, "--subspace", help="texts: search in the span of the property's texts."),
+    out: Path = typer.Option(Path("neighbors.json"), "--out", "-o", help="result (JSON); the thumbnails go next to it as PNG."),
+) -> None:
+    """Nearest store images of query images or texts, by one head or by the heads of a property."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from clip_lens import analyses
+    from clip_lens.collect import Store
+    from clip_lens.files import atomic_write
+    from clip_lens.report import figure_png
+
+    opened = Store.open(store)
+    hooked = _load(model, pretrained, None)
+    table = None
+    if labels is not None:
+        table = _plugin_function("head_labels", "HeadLabelsResult").load(labels)
+    if image:
+        pixels = torch.stack([hooked.preprocess(Image.open(p).convert("RGB")) for p in image])
+        result = analyses.get("neighbors")(hooked).run(opened, query_images=pixels, head=head, property=property,
+                                                       labels=table, k=k, metric=metric, subspace=subspace)
+    else:
+        result = analyses.get("neighbors")(hooked).run(opened, query_texts=text, head=head, property=property,
+                                                       labels=table, k=k, metric=metric, subspace=subspace)
+    saved = result.save(out)
+    thumbnails = _store_thumbnails(opened, hooked.cfg.image_size[0])
+    queries = None
+    if image:
+        size = hooked.cfg.image_size[0]
+        queries = np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in image])
+    atomic_write(out.with_suffix(".png"), figure_png(result.plot(thumbnails, queries)))
+    for q, (rows, scores) in enumerate(zip(result.indices.tolist(), result.scores.tolist())):
+        query = text[q] if text else str(image[q])
+        typer.echo(f"{query}: " + ", ".join(f"#{r} ({s:.3f})" for r, s in zip(rows, scores)))
+    typer.echo(f"Saved {saved.resolve()} and {out.with_suffix('.png').resolve()}")

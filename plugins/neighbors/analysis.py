@@ -1,0 +1,123 @@
+"""The ``neighbors`` analysis: CLIP-InterpreT's nearest-neighbour searches on a collected store.
+
+Three searches, one mechanism (:class:`~clip_lens_plugins.neighbors.index.HeadIndex`):
+
+- **property-based** (``property="colour"``): images are represented by the summed terms of the
+  heads labelled with the property; the query image by the same sum;
+- **per head, image query** (``head="L3H1"``): the same with one head;
+- **per head, text query** (``query_texts=[...]``): the normalised text embedding against each
+  image's head term, i.e. the head's additive share of the image-text cosine similarity.
+
+Any of them can be restricted to a text subspace (``subspace="texts"``): representations and queries
+are projected onto the span of the property's text directions before scoring
+(:class:`~clip_lens_plugins.neighbors.index.HeadIndex`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from clip_lens.collect import Store
+from clip_lens.errors import InputError
+from clip_lens_plugins.head_labels import HeadLabelsResult
+from clip_lens_plugins.head_labels.result import parse_head
+from clip_lens_plugins.neighbors.index import HeadIndex, sum_heads
+from clip_lens_plugins.neighbors.result import NeighborsResult
+
+if TYPE_CHECKING:
+    from clip_lens import HookedCLIP
+
+
+class Neighbors:
+    """Nearest store images of query images or texts, as seen by chosen heads.
+
+    >>> search = Neighbors(model)                                                        # doctest: +SKIP
+    >>> search.run(store, query_images=images, property="colour", labels=labels, k=10)  # doctest: +SKIP
+    >>> search.run(store, query_images=images, head="L3H1", k=8)                         # doctest: +SKIP
+    >>> search.run(store, query_texts=["a red shape"], head="L3H1", k=3)                 # doctest: +SKIP
+    >>> search.run(store, query_images=images, property="colour", labels=labels, subspace="texts")  # doctest: +SKIP
+
+    Args:
+        model: the HookedCLIP the store was collected with (it embeds the queries).
+        device: where scores are computed (default: the model's device).
+        batch_size: query images per decomposition pass.
+    """
+
+    name = "neighbors"
+    description = "Nearest store images of a query image or text by a property's heads or one head (CLIP-InterpreT)."
+    parameters = {
+        "query_images": "preprocessed query images [Q, 3, H, W] (or query_texts)",
+        "query_texts": "query texts, scored against each image's head terms (or query_images)",
+        "property": "search by the heads labels gives this property (needs labels)",
+        "labels": "HeadLabelsResult from the head_labels analysis",
+        "head": "search by one head 'L{l}H{h}'",
+        "heads": "search by the sum of these heads",
+        "k": "neighbours per query (default 10)",
+        "metric": "'dot' (raw dot product, as CLIP-InterpreT; default) or 'cosine'",
+        "subspace": "None (default) or 'texts': project onto the span of the property's text directions first",
+        "texts": "with subspace='texts': the texts spanning it (default: the property's fitting span texts)",
+    }
+    needs = ("model", "store", "labels")
+
+    def __init__(self, model: "HookedCLIP", device: Optional[Union[str, torch.device]] = None, batch_size: int = 64):
+        self.model = model
+        self.device = torch.device(device) if device is not None else model.device
+        self.batch_size = batch_size
+
+    def run(
+        self,
+        store: Union[Store, str],
+        query_images: Optional[Float[Tensor, "q 3 H W"]] = None,
+        query_texts: Optional[Sequence[str]] = None,
+        *,
+        property: Optional[str] = None,
+        labels: Optional[HeadLabelsResult] = None,
+        head: Optional[str] = None,
+        heads: Optional[Sequence[str]] = None,
+        k: int = 10,
+        metric: str = "dot",
+        subspace: Optional[str] = None,
+        texts: Optional[Sequence[str]] = None,
+    ) -> NeighborsResult:
+        """The ``k`` nearest finished store images of each query (see the class docstring).
+
+        Give one of ``query_images`` / ``query_texts`` and one of ``property`` / ``head`` / ``heads``.
+        ``subspace="texts"`` projects every representation onto the span of ``texts`` (default: the
+        span texts of the property's heads that fit it) before scoring; see
+        :meth:`HeadIndex.from_store <clip_lens_plugins.neighbors.index.HeadIndex.from_store>`.
+        """
+        if (query_images is None) == (query_texts is None):
+            raise InputError("give either query_images=[Q, 3, H, W] or query_texts=[...], not both or neither.")
+        if head is not None:
+            if heads is not None:
+                raise InputError("give head='L{l}H{h}' or heads=[...], not both.")
+            heads = [head]
+        index = HeadIndex.from_store(store, heads=heads, property=property, labels=labels, metric=metric, device=self.device,
+                                     subspace=subspace, texts=texts, model=self.model)
+        if query_texts is not None:
+            queries = self.model.encode_text(self.model.to_tokens(list(query_texts)), normalize=True)
+        else:
+            queries = self.represent(query_images, index.heads)
+        scores, indices = index.search(queries, k)
+        return NeighborsResult(
+            model=self.model.model_name or index.store.meta.get("model", "?"), heads=index.heads,
+            indices=indices.cpu(), scores=scores.cpu(), metric=metric, property=property,
+            texts=None if query_texts is None else list(query_texts), subspace_texts=index.subspace_texts,
+        )
+
+    @torch.no_grad()
+    def represent(self, images: Float[Tensor, "q 3 H W"], heads: Sequence[str]) -> Float[Tensor, "q d"]:
+        """Sum of ``heads``' direct contributions to each image's unit embedding (as in the store)."""
+        images = self.model.check_images(images)  # the model's own error for a wrong size or dtype
+        if len(images) == 0:
+            raise InputError("query_images is empty; give at least one image [Q, 3, H, W].")
+        layers = sorted({parse_head(h)[0] for h in heads})
+        parts = []
+        for start in range(0, len(images), self.batch_size):
+            terms = self.model.decompose(images[start : start + self.batch_size], heads=layers).normalized().heads
+            parts.append(sum_heads(terms, layers, heads))
+        return torch.cat(parts)

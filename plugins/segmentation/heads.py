@@ -1,0 +1,82 @@
+"""Which attention heads a map sums over: ``"all"``, ``"L3H0"``, a list of such keys, or layers."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from clip_lens.errors import InputError
+
+HeadSpec = Union[str, int, Sequence[str], Sequence[int]]
+LayerSpec = Union[str, int, Sequence[int]]
+
+_HEAD_KEY = re.compile(r"L(\d+)H(\d+)")
+
+
+@dataclass(frozen=True)
+class HeadSelection:
+    """A set of heads of an ``n_layers × n_heads`` tower."""
+
+    mask: Bool[Tensor, "layer head"]
+
+    @property
+    def layers(self) -> list[int]:
+        """Layers with at least one selected head (the layers to decompose per token)."""
+        return [int(layer) for layer in self.mask.any(1).nonzero().flatten()]
+
+    @property
+    def labels(self) -> list[str]:
+        """``"L{l}H{h}"`` keys of the selected heads, layer-major."""
+        return [f"L{int(l)}H{int(h)}" for l, h in self.mask.nonzero()]
+
+
+def _layer_index(layer: int, n_layers: int, spec) -> int:
+    if not -n_layers <= layer < n_layers:
+        raise InputError(f"layer {layer} in {spec!r} is out of range: the model has layers 0..{n_layers - 1}.")
+    return layer % n_layers
+
+
+def parse_layers(spec: LayerSpec, n_layers: int) -> list[int]:
+    """``"all"``, a layer index or a list of them (negative counts from the end) → sorted layers."""
+    if isinstance(spec, str):
+        if spec != "all":
+            raise InputError(f"layers must be 'all', a layer index or a list of layer indices, got '{spec}'.")
+        return list(range(n_layers))
+    indices = [spec] if isinstance(spec, int) else list(spec)
+    if not indices or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise InputError(f"layers must be 'all', a layer index or a non-empty list of layer indices, got {spec!r}.")
+    return sorted({_layer_index(i, n_layers, spec) for i in indices})
+
+
+def parse_heads(spec: HeadSpec, n_layers: int, n_heads: int) -> HeadSelection:
+    """Heads from ``"all"``, ``"L3H0"``, ``["L3H0", "L2H1"]`` or layer indices (all their heads).
+
+    Raises:
+        InputError: a malformed key or a layer/head outside the model, naming the valid range.
+    """
+    mask = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+    layer_list = isinstance(spec, (list, tuple)) and spec and all(isinstance(k, int) for k in spec)
+    if spec == "all" or isinstance(spec, int) or layer_list:
+        mask[parse_layers(spec, n_layers)] = True
+        return HeadSelection(mask)
+    keys = [spec] if isinstance(spec, str) else spec
+    if not isinstance(keys, (list, tuple)) or not keys or not all(isinstance(k, str) for k in keys):
+        raise InputError(
+            f"heads must be 'all', a key 'L{{layer}}H{{head}}', a list of keys or a list of layer indices, got {spec!r}."
+        )
+    for key in keys:
+        match = _HEAD_KEY.fullmatch(key)
+        if match is None:
+            raise InputError(f"'{key}' is not a head key; write heads as 'L{{layer}}H{{head}}', e.g. 'L{n_layers - 1}H0'.")
+        layer, head = int(match[1]), int(match[2])
+        if layer >= n_layers or head >= n_heads:
+            raise InputError(
+                f"head {key} does not exist: the model has layers 0..{n_layers - 1} and heads 0..{n_heads - 1}."
+            )
+        mask[layer, head] = True
+    return HeadSelection(mask)

@@ -1,0 +1,330 @@
+"""Nearest-neighbour searches: exact streamed top-k, the three CLIP-InterpreT searches, the shapes world."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from matplotlib.figure import Figure
+
+import clip_lens.analyses
+from clip_lens import HookedCLIP
+from clip_lens.collect import FORMAT, Store, collect, shapes_world_images
+from clip_lens.errors import InputError
+from clip_lens_plugins.head_labels import HeadLabel, HeadLabelsResult
+from clip_lens_plugins.neighbors import (
+    HeadIndex, Neighbors, NeighborsResult, project, property_neighbor_agreement, property_texts, shapes_world_loader,
+    text_basis, world_prompts,
+)
+
+WORLD_SEED = 2024
+
+
+def fake_store(path, heads: np.ndarray, chunk_size: int, done=None) -> Store:
+    """A store holding only ``heads`` [N, head_layer, H, D], written with the collect layout;
+    ``done``: the finished chunks (default all)."""
+    group = zarr.open_group(str(path), mode="w")
+    n = len(heads)
+    group.attrs.update({"format": FORMAT, "model": "fake", "n_images": n, "chunk_size": chunk_size,
+                        "head_layers": list(range(heads.shape[1])), "token_layers": [], "arrays": ["heads"]})
+    group.create_array("heads", shape=heads.shape, chunks=(chunk_size, *heads.shape[1:]), dtype="float32", fill_value=0)[:] = heads
+    (path / "done").mkdir()
+    for c in range(-(-n // chunk_size)) if done is None else done:
+        (path / "done" / f"{c:06d}").touch()
+    return Store.open(path)
+
+
+def brute_force(rows: torch.Tensor, queries: torch.Tensor, k: int):
+    """Top-k on the full score matrix: values by torch.topk, indices by a stable sort (ties: lowest index)."""
+    scores = queries @ rows.T
+    return torch.topk(scores, k).values, scores.argsort(dim=1, descending=True, stable=True)[:, :k]
+
+
+def labels_table(**by_property: list[str]) -> HeadLabelsResult:
+    heads = [HeadLabel(h, p, 1.0, ["t"], [True]) for p, keys in by_property.items() for h in keys]
+    return HeadLabelsResult("fake", "prototype", heads, list(by_property))
+
+
+class TestExactTopK:
+    @pytest.mark.parametrize("chunk_size", [1, 7, 64, 500])
+    @pytest.mark.parametrize("metric", ["dot", "cosine"])
+    def test_equals_brute_force(self, tmp_path, chunk_size, metric):
+        g = torch.Generator().manual_seed(0)
+        terms = torch.randn(300, 2, 3, 16, generator=g)
+        store = fake_store(tmp_path / "s", terms.numpy(), chunk_size)
+        index = HeadIndex.from_store(store, heads=["L0H1", "L1H2"], metric=metric)
+        queries = torch.randn(5, 16, generator=g)
+        scores, indices = index.search(queries, k=20)  # k > chunk size for 1 and 7
+        rows = terms[:, 0, 1] + terms[:, 1, 2]
+        if metric == "cosine":
+            rows, queries = torch.nn.functional.normalize(rows, dim=-1), torch.nn.functional.normalize(queries, dim=-1)
+        expected_scores, expected_indices = brute_force(rows, queries, 20)
+        torch.testing.assert_close(scores, expected_scores, atol=1e-5, rtol=0)
+        assert torch.equal(indices, expected_indices)
+
+    @pytest.mark.parametrize("chunk_size", [3, 10, 40])
+    def test_ties_go_to_the_lowest_index(self, tmp_path, chunk_size):
+        # integer terms: many exactly equal scores
+        terms = torch.randint(-2, 3, (40, 1, 1, 4), generator=torch.Generator().manual_seed(1)).float()
+        store = fake_store(tmp_path / "s", terms.numpy(), chunk_size)
+        queries = torch.tensor([[1.0, 0, 0, 0], [1.0, 1, 0, 0]])
+        scores, indices = HeadIndex.from_store(store, heads=["L0H0"]).search(queries, k=15)
+        expected_scores, expected_indices = brute_force(terms[:, 0, 0], queries, 15)
+        assert torch.equal(scores, expected_scores) and torch.equal(indices, expected_indices)
+        assert len(set(indices[0].tolist())) == 15
+
+    def test_only_finished_chunks_are_searched(self, tmp_path):
+        terms = torch.randn(50, 1, 2, 8, generator=torch.Generator().manual_seed(2))
+        store = fake_store(tmp_path / "s", terms.numpy(), chunk_size=10, done=[1, 3])
+        index = HeadIndex.from_store(store, heads=["L0H1"])
+        assert index.n_images == 20
+        queries = torch.randn(3, 8)
+        scores, indices = index.search(queries, k=20)
+        finished = torch.cat([torch.arange(10, 20), torch.arange(30, 40)])
+        _, expected = brute_force(terms[finished, 0, 1], queries, 20)
+        assert torch.equal(indices, finished[expected])
+        with pytest.raises(InputError, match=r"k must lie in 1\.\.20"):
+            index.search(queries, k=21)
+
+    def test_streams_100k_images_one_chunk_at_a_time(self, tmp_path, monkeypatch):
+        n, d, chunk_size = 100_000, 32, 4096
+        terms = np.random.default_rng(3).standard_normal((n, 1, 1, d), dtype=np.float32)
+        store = fake_store(tmp_path / "s", terms, chunk_size)
+        reads = []
+        open_array = zarr.open_array
+
+        class Spy:
+            def __init__(self, array):
+                self.array, self.shape = array, array.shape
+
+            def __getitem__(self, key):
+                reads.append(key.stop - key.start)
+                return self.array[key]
+
+        monkeypatch.setattr(zarr, "open_array", lambda *a, **kw: Spy(open_array(*a, **kw)))
+        index = HeadIndex.from_store(store, heads=["L0H0"])
+        queries = torch.from_numpy(terms[:3, 0, 0])
+        tracemalloc.start()
+        scores, indices = index.search(queries, k=5)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert reads == [chunk_size] * (n // chunk_size) + [n % chunk_size]
+        assert peak < n * d * 4 / 4  # numpy/zarr buffers: ~2 MB (a 0.5 MB chunk and its copies), not the 12.8 MB array
+        _, expected = brute_force(torch.from_numpy(terms[:, 0, 0]), queries, 5)
+        assert torch.equal(indices, expected)
+
+
+class TestHeadChoice:
+    def test_property_heads_come_from_the_labels(self, tmp_path):
+        terms = torch.randn(30, 2, 2, 8, generator=torch.Generator().manual_seed(4))
+        store = fake_store(tmp_path / "s", terms.numpy(), chunk_size=8)
+        labels = labels_table(colour=["L0H1", "L1H0"], shape=["L0H0"])
+        by_property = HeadIndex.from_store(store, property="colour", labels=labels)
+        assert by_property.heads == ["L0H1", "L1H0"]
+        queries = torch.randn(2, 8)
+        by_heads = HeadIndex.from_store(store, heads=["L0H1", "L1H0"])
+        assert torch.equal(by_property.search(queries, 5)[1], by_heads.search(queries, 5)[1])
+
+    def test_bad_choices_say_what_exists(self, tmp_path):
+        store = fake_store(tmp_path / "s", np.zeros((12, 2, 3, 4), np.float32), chunk_size=5)
+        labels = labels_table(colour=["L0H1"], location=["L1H0"])
+        with pytest.raises(InputError, match="no head is labelled 'shape'. Labelled properties: colour, location"):
+            HeadIndex.from_store(store, property="shape", labels=labels)
+        with pytest.raises(InputError, match="Did you mean: colour"):
+            HeadIndex.from_store(store, property="colours", labels=labels)
+        with pytest.raises(InputError, match="needs labels="):
+            HeadIndex.from_store(store, property="colour")
+        with pytest.raises(InputError, match=r"head L9H0 is not in the store: it has layers \[0, 1\] with 3 heads"):
+            HeadIndex.from_store(store, heads=["L9H0"])
+        with pytest.raises(InputError, match="head L1H3 is not in the store"):
+            HeadIndex.from_store(store, heads=["L1H3"])
+        with pytest.raises(InputError, match="not of the form 'L<layer>H<head>'"):
+            HeadIndex.from_store(store, heads=["layer1"])
+        with pytest.raises(InputError, match="either heads=.* or property="):
+            HeadIndex.from_store(store)
+        with pytest.raises(InputError, match="metric must be one of dot, cosine"):
+            HeadIndex.from_store(store, heads=["L0H0"], metric="l2")
+
+    def test_a_store_without_finished_images_is_refused(self, tmp_path):
+        unfinished = fake_store(tmp_path / "a", np.zeros((12, 1, 1, 4), np.float32), chunk_size=5, done=[])
+        empty = fake_store(tmp_path / "b", np.zeros((0, 1, 1, 4), np.float32), chunk_size=5)
+        for store in (unfinished, empty):
+            with pytest.raises(InputError, match="has no finished images to search"):
+                HeadIndex.from_store(store, heads=["L0H0"])
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return HookedCLIP.from_pretrained("toy-shapes")
+
+
+@pytest.fixture(scope="module")
+def world(toy, tmp_path_factory):
+    """toy-shapes, a 600-scene store and the registry's labels of its heads."""
+    store = collect(toy, shapes_world_images(600, seed=WORLD_SEED), tmp_path_factory.mktemp("n") / "s", progress=False)
+    spans = clip_lens.analyses.get("textspan")(toy).run(store, bank="shapes-attributes", m=20)
+    return store, clip_lens.analyses.get("head_labels")(toy).run(spans)
+
+
+class TestNeighbors:
+    def test_registered(self):
+        assert clip_lens.analyses.get("neighbors") is Neighbors
+
+    def test_image_query_representation_matches_the_store(self, toy, world):
+        store, _ = world
+        images = shapes_world_images(600, seed=WORLD_SEED).load(100, 104)[0]
+        search = Neighbors(toy)
+        stored = store.read("heads")[100:104]
+        torch.testing.assert_close(search.represent(images, ["L3H1", "L1H2"]), stored[:, 3, 1] + stored[:, 1, 2], atol=1e-5, rtol=0)
+        result = search.run(store, query_images=images, head="L1H2", k=8, metric="cosine")
+        assert result.indices.shape == (4, 8) and result.heads == ["L1H2"]
+        assert result.indices[:, 0].tolist() == [100, 101, 102, 103]  # a store image is its own nearest
+        torch.testing.assert_close(result.scores[:, 0], torch.ones(4), atol=1e-5, rtol=0)
+
+    def test_text_query_is_the_text_embedding_dotted_with_head_terms(self, toy, world):
+        store, _ = world
+        texts = ["a red shape", "a shape on a striped background"]
+        result = Neighbors(toy).run(store, query_texts=texts, head="L3H1", k=3)
+        text = toy.encode_text(toy.to_tokens(texts), normalize=True)
+        expected = torch.topk(text @ store.read("heads")[:, 3, 1].T, 3)
+        torch.testing.assert_close(result.scores, expected.values, atol=1e-5, rtol=0)
+        assert torch.equal(result.indices, expected.indices)
+
+    def test_bad_queries(self, toy, world):
+        store, labels = world
+        search = Neighbors(toy)
+        with pytest.raises(InputError, match="images are 32x32 but toy-shapes takes 64x64"):
+            search.run(store, query_images=torch.zeros(1, 3, 32, 32), head="L3H1")
+        with pytest.raises(InputError, match="either query_images=.* or query_texts="):
+            search.run(store, head="L3H1")
+        with pytest.raises(InputError, match="Labelled properties: colour, location, shape, texture"):
+            search.run(store, query_texts=["a big shape"], property="size", labels=labels)
+
+    def test_result_saves_and_plots(self, toy, world, tmp_path):
+        store, labels = world
+        queries = shapes_world_images(2, seed=WORLD_SEED + 1).load(0, 2)[0]
+        result = Neighbors(toy).run(store, query_images=queries, property="colour", labels=labels, k=4)
+        assert result.property == "colour" and result.heads == ["L0H0", "L0H3", "L3H0"]
+        loaded = NeighborsResult.load(result.save(tmp_path))
+        assert torch.equal(loaded.indices, result.indices) and loaded.heads == result.heads
+        query_thumbnails = ((queries.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+        assert isinstance(result.plot(shapes_world_loader(WORLD_SEED), query_thumbnails), Figure)
+        texts = Neighbors(toy).run(store, query_texts=["a red shape"], head="L3H0", k=3)
+        all_images = shapes_world_loader(WORLD_SEED)(range(600))
+        assert isinstance(texts.plot(all_images), Figure)
+        with pytest.raises(InputError, match="images must give 3 images"):
+            texts.plot(lambda rows: all_images[:1])
+
+
+class TestTextSubspace:
+    def test_projection_is_idempotent_and_orthogonal(self, toy):
+        prompts = world_prompts("colour")
+        basis = text_basis(toy, prompts + prompts[:2])  # repeated texts add no direction
+        assert basis.shape == (8, 128)
+        torch.testing.assert_close(basis @ basis.T, torch.eye(8), atol=1e-6, rtol=0)
+        x = torch.randn(50, 128, generator=torch.Generator().manual_seed(5))
+        projected = project(x, basis)
+        torch.testing.assert_close(project(projected, basis), projected, atol=1e-6, rtol=0)
+        torch.testing.assert_close((x - projected) @ basis.T, torch.zeros(50, 8), atol=1e-5, rtol=0)
+        embeddings = toy.encode_text(toy.to_tokens(prompts), normalize=True).detach()
+        torch.testing.assert_close(project(embeddings, basis), embeddings, atol=1e-6, rtol=0)
+
+    @pytest.mark.parametrize("chunk_size", [7, 64])
+    @pytest.mark.parametrize("metric", ["dot", "cosine"])
+    def test_rows_and_queries_are_projected_chunk_by_chunk(self, toy, tmp_path, chunk_size, metric):
+        g = torch.Generator().manual_seed(6)
+        terms = torch.randn(200, 1, 2, 128, generator=g)
+        store = fake_store(tmp_path / "s", terms.numpy(), chunk_size)
+        texts = world_prompts("shape")
+        index = HeadIndex.from_store(store, heads=["L0H0", "L0H1"], metric=metric, subspace="texts", texts=texts, model=toy)
+        assert index.subspace_texts == texts
+        queries = torch.randn(4, 128, generator=g)
+        scores, indices = index.search(queries, k=15)
+        basis = text_basis(toy, texts)
+        rows, queries = project(terms[:, 0].sum(1), basis), project(queries, basis)
+        if metric == "cosine":
+            rows, queries = torch.nn.functional.normalize(rows, dim=-1), torch.nn.functional.normalize(queries, dim=-1)
+        expected_scores, expected_indices = brute_force(rows, queries, 15)
+        torch.testing.assert_close(scores, expected_scores, atol=1e-5, rtol=0)
+        assert torch.equal(indices, expected_indices)
+
+    def test_default_texts_are_the_fitting_span_texts(self, toy, world, tmp_path):
+        store, labels = world
+        texts = property_texts(labels, "texture")
+        assert sorted(texts) == sorted(world_prompts("background"))  # the labeller's texture texts, each once
+        queries = shapes_world_images(3, seed=WORLD_SEED + 1).load(0, 3)[0]
+        result = Neighbors(toy).run(store, query_images=queries, property="texture", labels=labels, k=5, subspace="texts")
+        assert result.subspace_texts == texts
+        assert NeighborsResult.load(result.save(tmp_path)).subspace_texts == texts
+
+    def test_bad_subspaces(self, toy, tmp_path):
+        store = fake_store(tmp_path / "s", np.zeros((12, 1, 2, 128), np.float32), chunk_size=5)
+        labels = HeadLabelsResult("fake", "prototype", [
+            HeadLabel("L0H0", "colour", 0.4, ["a circle", "a map"], [False, False]),
+            HeadLabel("L0H1", "shape", 1.0, ["a circle"], [True]),
+        ], ["colour", "shape"])
+        with pytest.raises(InputError, match="no span text of the heads labelled 'colour' fits 'colour'.*pass texts="):
+            HeadIndex.from_store(store, property="colour", labels=labels, subspace="texts", model=toy)
+        assert HeadIndex.from_store(store, property="shape", labels=labels, subspace="texts", model=toy).basis.shape == (1, 128)
+        with pytest.raises(InputError, match="subspace must be None or 'texts', got 'prompts'"):
+            HeadIndex.from_store(store, heads=["L0H0"], subspace="prompts", model=toy)
+        with pytest.raises(InputError, match="pass it with subspace='texts'"):
+            HeadIndex.from_store(store, heads=["L0H0"], texts=["a red shape"])
+        with pytest.raises(InputError, match="pass model=HookedCLIP"):
+            HeadIndex.from_store(store, heads=["L0H0"], subspace="texts", texts=["a red shape"])
+        with pytest.raises(InputError, match=r"with heads=\[...\] needs texts="):
+            HeadIndex.from_store(store, heads=["L0H0"], subspace="texts", model=toy)
+        with pytest.raises(InputError, match="texts is empty"):
+            HeadIndex.from_store(store, heads=["L0H0"], subspace="texts", texts=[], model=toy)
+        narrow = fake_store(tmp_path / "n", np.zeros((12, 1, 2, 16), np.float32), chunk_size=5)
+        with pytest.raises(InputError, match="text embeddings have 128 dimensions but the store's terms have 16"):
+            HeadIndex.from_store(narrow, heads=["L0H0"], subspace="texts", texts=["a red shape"], model=toy)
+        with pytest.raises(InputError, match="Did you mean: colour"):
+            world_prompts("color")
+
+
+class TestShapesWorld:
+    """Measured on 600 stored scenes, 60 held-out queries, top 10 (docs/concepts/neighbors.md has 2,000 / 200).
+    Chance: colour 0.125, shape 0.167, size 0.5, position 0.111, background 0.25."""
+
+    @pytest.mark.parametrize("metric, prop, expected", [
+        ("dot", "colour", {"colour": 0.878, "shape": 0.177, "background": 0.263}),
+        ("cosine", "colour", {"colour": 0.983, "shape": 0.290, "background": 0.320}),
+        # the labelled "shape" heads include L3H1, a size head: size is found, shape only partly
+        ("dot", "shape", {"shape": 0.623, "colour": 0.230, "size": 0.972}),
+        ("cosine", "shape", {"shape": 0.768, "colour": 0.332, "size": 0.983}),
+        ("dot", "location", {"position": 0.977, "shape": 0.248}),
+        ("dot", "texture", {"background": 1.0, "colour": 0.128, "shape": 0.182}),
+    ])
+    def test_property_neighbours_share_the_property(self, toy, world, metric, prop, expected):
+        store, labels = world
+        agreement = property_neighbor_agreement(toy, store, WORLD_SEED, labels, prop, n_queries=60, metric=metric)
+        for attribute, share in expected.items():
+            assert agreement[attribute] == pytest.approx(share, abs=0.02), attribute
+
+    @pytest.mark.parametrize("metric, prop, attribute, expected", [
+        ("dot", "colour", "colour", {"colour": 0.870, "shape": 0.160, "position": 0.123}),
+        ("cosine", "colour", "colour", {"colour": 0.990, "shape": 0.267, "position": 0.172}),
+        ("dot", "shape", "shape", {"shape": 0.682, "colour": 0.137, "size": 0.910}),
+        ("cosine", "shape", "shape", {"shape": 0.805, "colour": 0.140, "size": 0.963}),
+        ("dot", "location", "position", {"position": 0.995, "colour": 0.183, "shape": 0.165}),
+        ("cosine", "texture", "background", {"background": 1.0, "shape": 0.177, "size": 0.722}),
+    ])
+    def test_in_the_span_of_the_world_prompts(self, toy, world, metric, prop, attribute, expected):
+        store, labels = world
+        agreement = property_neighbor_agreement(toy, store, WORLD_SEED, labels, prop, n_queries=60, metric=metric,
+                                                subspace="texts", texts=world_prompts(attribute))
+        for name, share in expected.items():
+            assert agreement[name] == pytest.approx(share, abs=0.02), name
+
+    @pytest.mark.parametrize("metric, colour", [("dot", 0.635), ("cosine", 0.940)])
+    def test_one_colour_head_alone(self, toy, world, metric, colour):
+        store, _ = world
+        agreement = property_neighbor_agreement(toy, store, WORLD_SEED, heads=["L3H0"], n_queries=60, metric=metric)
+        assert agreement["colour"] == pytest.approx(colour, abs=0.02)
+
+    def test_queries_are_held_out(self, toy, world):
+        store, labels = world
+        with pytest.raises(InputError, match="query_seed must differ"):
+            property_neighbor_agreement(toy, store, WORLD_SEED, labels, "colour", query_seed=WORLD_SEED)
