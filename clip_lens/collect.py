@@ -203,8 +203,9 @@ class Store:
         file = self.path / "ids.json"
         return json.loads(file.read_text()) if file.is_file() else None
 
-    def read(self, name: str, partial: bool = False) -> Tensor:
-        """Array ``name`` as a tensor over the finished images (all of them unless ``partial``)."""
+    def read(self, name: str, partial: bool = False, index: tuple = ()) -> Tensor:
+        """Array ``name`` as a tensor over the finished images (all of them unless ``partial``).
+        ``index`` selects within the trailing axes, read from disk (e.g. ``(layer_row, head)``)."""
         import zarr
 
         if name not in self.arrays:
@@ -216,16 +217,16 @@ class Store:
                 "the same arguments to finish it, or read(..., partial=True) for the finished images."
             )
         array = zarr.open_array(str(self.path / name), mode="r")
-        parts = [array[c * self.chunk_size : min(self.n_images, (c + 1) * self.chunk_size)] for c in done]
+        parts = [array[(slice(c * self.chunk_size, min(self.n_images, (c + 1) * self.chunk_size)), *index)] for c in done]
         if not parts:
-            return torch.empty((0, *array.shape[1:]), dtype=torch.float32)
+            return torch.from_numpy(np.asarray(array[(slice(0, 0), *index)]))
         return torch.from_numpy(np.concatenate(parts))
 
     def head_outputs(self, layer: int, head: int) -> Float[Tensor, "n d"]:
         """One head's direct contributions ``[N, D]`` (for TextSpan)."""
         if layer not in self.head_layers:
             raise InputError(f"layer {layer} was not collected per head; the store has layers {self.head_layers}.")
-        return self.read("heads")[:, self.head_layers.index(layer), head]
+        return self.read("heads", index=(self.head_layers.index(layer), head))
 
 
 def weights_fingerprint(model: "HookedCLIP") -> str:

@@ -96,9 +96,8 @@ def analyse_heads(
     }
     if toy:
         tasks = attribute_tasks(model, n_images, REPORT_SEED)
-        summary["zero_shot"] = {a: float(((torch.nn.functional.normalize(store.read("embedding"), dim=-1) @ c.T)
-                                          .argmax(-1) == y).float().mean()) for a, (c, y) in tasks.items()}
-        summary["span_replacement"] = {a: spans.replacement_accuracy(store, c, y, ms=(5, 10, 20)) for a, (c, y) in tasks.items()}
+        summary["span_replacement"] = spans.replacement_accuracy(store, tasks, ms=(5, 10, 20))
+        summary["zero_shot"] = {a: scores["original"] for a, scores in summary["span_replacement"].items()}
         ablation = analyses.get("ablation")().run(store, tasks)
         summary["ablation"] = ablation.to_dict()
         summary["ground_truth"] = ground_truth_agreement(labels, ablation)

@@ -43,6 +43,10 @@ class Span:
     total_variance: Float[Tensor, ""]
     """``trace`` of the outputs' covariance (population)."""
 
+    def head(self, h: int) -> "Span":
+        """Head ``h`` of a batched span."""
+        return Span(self.indices[h], self.explained_variance[h], self.basis[h], self.mean[h], self.total_variance[h])
+
     @property
     def cumulative(self) -> Float[Tensor, "m"]:
         return self.explained_variance.cumsum(-1)
@@ -146,5 +150,5 @@ def textspan(
         total_variance=total.to(outputs.dtype),
     )
     if single:
-        span = Span(*(getattr(span, f)[0] for f in ("indices", "explained_variance", "basis", "mean", "total_variance")))
+        span = span.head(0)
     return span

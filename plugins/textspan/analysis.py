@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
@@ -67,34 +67,36 @@ class TextSpanResult(JSONResult):
     def replacement_accuracy(
         self,
         store: Store,
-        classifier: Float[Tensor, "classes d"],
-        labels: Sequence[int],
+        tasks: Mapping[str, tuple[Float[Tensor, "classes d"], Sequence[int]]],
         ms: Sequence[int] = (5, 10, 20),
-    ) -> dict[str, float]:
+    ) -> dict[str, dict[str, float]]:
         """Zero-shot accuracy when every analysed head's output is replaced by its span
         reconstruction (first ``m`` texts), against the original: the paper's check that the
         spans keep what the heads contribute. Heads not analysed are left as they are.
 
-        Returns ``{"original": acc, "m=5": acc, ...}``; an ``m`` above the spans' ``m`` is skipped.
+        ``tasks``: name → (class text embeddings, true class of every store image). Returns
+        ``{task: {"original": acc, "m=5": acc, ...}}``; an ``m`` above the spans' ``m`` is skipped.
         """
-        labels = torch.as_tensor(list(labels))
         embedding, heads = store.read("embedding"), store.read("heads")
-        if len(labels) != len(embedding):
-            raise InputError(f"{len(labels)} labels for {len(embedding)} images in the store.")
+        tasks = {name: (classifier, torch.as_tensor(list(labels))) for name, (classifier, labels) in tasks.items()}
+        for name, (_, labels) in tasks.items():
+            if len(labels) != len(embedding):
+                raise InputError(f"task '{name}': {len(labels)} labels for {len(embedding)} images in the store.")
 
-        def accuracy(image: Tensor) -> float:
+        def accuracy(image: Tensor, classifier: Tensor, labels: Tensor) -> float:
             logits = torch.nn.functional.normalize(image, dim=-1) @ classifier.T
             return float((logits.argmax(-1) == labels).float().mean())
 
-        scores = {"original": accuracy(embedding)}
+        scores = {name: {"original": accuracy(embedding, *task)} for name, task in tasks.items()}
         for m in ms:
             if m > self.m:
                 continue
-            replaced = embedding.clone()
+            replaced = embedding.clone()  # one reconstruction per m, shared by every task
             for head in self.heads:
                 outputs = heads[:, store.head_layers.index(head.layer), head.index]
                 replaced += self.reconstruct(head.head, outputs, m) - outputs
-            scores[f"m={m}"] = accuracy(replaced)
+            for name, task in tasks.items():
+                scores[name][f"m={m}"] = accuracy(replaced, *task)
         return scores
 
     def plot(self):
@@ -169,7 +171,7 @@ class TextSpan:
             span = textspan(outputs, texts, m, rank)
             for h in range(outputs.shape[0]):
                 key = f"L{layer}H{h}"
-                one = Span(span.indices[h], span.explained_variance[h], span.basis[h], span.mean[h], span.total_variance[h])
+                one = span.head(h)
                 result.spans[key] = one
                 result.heads.append(HeadSpan(
                     head=key, layer=layer, index=h, texts=[bank.texts[i] for i in one.indices.tolist()],

@@ -48,8 +48,7 @@ def test_span_replacement_with_the_full_span_keeps_accuracy(toy, store):
     result = TextSpan(toy).run(store, bank="shapes", m=40)
     from clip_lens.head_report import attribute_tasks
 
-    classifier, labels = attribute_tasks(toy, 200, seed=5)["colour"]
-    scores = result.replacement_accuracy(store, classifier, labels, ms=(5, 40))
+    scores = result.replacement_accuracy(store, {"colour": attribute_tasks(toy, 200, seed=5)["colour"]}, ms=(5, 40))["colour"]
     heads = store.read("heads")
     worst = max(
         (result.reconstruct(h.head, heads[:, h.layer, h.index], 40) - heads[:, h.layer, h.index]).norm()
