@@ -330,25 +330,52 @@ def spans(
 @app.command()
 @_user_errors
 def compare(
-    files: list[Path] = typer.Argument(..., help="saved head label tables (`spans --labels`) or interp_metrics results (JSON)."),
+    files: Optional[list[Path]] = typer.Argument(None, help="saved results: head label tables / interp_metrics results, or mutual_knowledge results (JSON or folders)."),
+    analysis: str = typer.Option("interp_metrics", "--analysis", "-a", help="interp_metrics or mutual_knowledge."),
+    models: Optional[str] = typer.Option(None, "--models", help="mutual_knowledge: comma-separated model names to run and compare."),
+    shapes: int = typer.Option(200, "--shapes", min=1, help="mutual_knowledge with --models: shapes-world scenes per model."),
+    seed: int = typer.Option(1000, "--seed", help="seed of the shapes-world scenes."),
+    variant: str = typer.Option("paper", "--mi", help="mutual_knowledge with --models: paper or bank MI."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the table as HTML here."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="K for CCS (default: the interp_metrics plugin's, 5)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="interp_metrics: K for CCS (default: the plugin's, 5)."),
 ) -> None:
-    """Interpretability metrics of several models side by side (one row per model, from the interp_metrics plugin)."""
+    """Several models side by side: interpretability metrics (interp_metrics) or MI, AUC and accuracy
+    with their correlation (mutual_knowledge)."""
     import html
 
     from clip_lens import analyses
     from clip_lens.files import atomic_write
 
-    compare_files = _plugin_function("interp_metrics", "compare_files")
-    table = compare_files(files) if top_k is None else compare_files(files, top_k=top_k)
+    if analysis not in ("interp_metrics", "mutual_knowledge"):
+        _fail(f"--analysis must be interp_metrics or mutual_knowledge, got '{analysis}'.")
+    if models is not None:
+        if analysis != "mutual_knowledge":
+            _fail("--models runs the mutual_knowledge analysis: add --analysis mutual_knowledge.")
+        results = {}
+        for name in [m.strip() for m in models.split(",") if m.strip()]:
+            hooked = _load(name, None, None)
+            data = _concept_data(hooked, None, shapes, seed, None)
+            typer.echo(f"{name}: mutual knowledge on {len(data)} images")
+            results[name] = analyses.get("mutual_knowledge")(hooked).run(data, mi=variant, evaluate=False, corloc=False)
+        table = _plugin_function("mutual_knowledge", "compare_results")(results)
+        sources = list(results)
+    else:
+        if not files:
+            _fail("give the result files to compare (or --models for --analysis mutual_knowledge).")
+        compare_files = _plugin_function(analysis, "compare_files")
+        table = compare_files(files) if top_k is None else compare_files(files, top_k=top_k)
+        sources = [str(f) for f in files]
     typer.echo(table.to_markdown())
     if out is not None:
-        page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>clip_lens: interpretability metrics</title></head>\n"
-                f"<body>\n<h1>Interpretability metrics (K = {table.top_k})</h1>\n{table.to_html()}\n"
-                f"<p>Sources: {html.escape(', '.join(str(f) for f in files))}</p>\n</body></html>\n")
+        page = (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>clip_lens: {analysis} comparison</title></head>\n"
+                f"<body>\n<h1>{html.escape(analysis)}: models side by side</h1>\n{table.to_html()}\n"
+                f"<p>Sources: {html.escape(', '.join(sources))}</p>\n</body></html>\n")
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, page)
+        if analysis == "mutual_knowledge":
+            from clip_lens.report import figure_png
+
+            atomic_write(out.with_suffix(".png"), figure_png(table.plot()))
         typer.echo(f"HTML table written to {out.resolve()}")
 
 
@@ -442,6 +469,53 @@ def segment_eval(
     typer.echo(result.to_markdown())
     if out is not None:
         typer.echo(f"Saved to {result.save(out).resolve()}")
+
+
+def _concept_data(hooked, images: Optional[Path], shapes: Optional[int], seed: int, classes: Optional[Path]):
+    """A mutual-knowledge ConceptData from a folder (images/ + labels.json/boxes.json) or shapes-world scenes."""
+    if images is not None and shapes is not None:
+        _fail("give one image source: --images FOLDER or --shapes N.")
+    if images is None:
+        make = _plugin_function("mutual_knowledge", "shapes_world_data")
+        return make(shapes or 200, seed=seed, image_size=hooked.cfg.image_size[0])
+    from clip_lens.banks import load_bank
+
+    names = load_bank(classes).texts if classes is not None else None
+    return _plugin_function("mutual_knowledge", "folder_data")(images, hooked.preprocess, classes=names)
+
+
+@app.command("mi")
+@_user_errors
+def mutual_information(
+    model: str = typer.Option("toy-shapes", "--model", "-m", help="model name (see `clip-lens models`)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="pretrained tag or local checkpoint."),
+    images: Optional[Path] = typer.Option(None, "--images", help="folder with images/, labels.json and boxes.json (optional)."),
+    classes: Optional[Path] = typer.Option(None, "--classes", help="text file of class names, one per line (default: labels.json's)."),
+    shapes: Optional[int] = typer.Option(None, "--shapes", min=1, help="use this many shapes-world scenes (default 200)."),
+    seed: int = typer.Option(1000, "--seed", help="seed of the shapes-world scenes."),
+    descriptors: str = typer.Option("shapes", "--descriptors", "-d", help="'shapes' or a JSON file {class: [descriptors]}."),
+    methods: str = typer.Option("pca,kmeans", "--methods", help="part methods: pca, kmeans or both."),
+    features: str = typer.Option("tokens", "--features", help="tokens or keys (GDC and parts)."),
+    parts: int = typer.Option(5, "--parts", "-L", min=1, help="visual concepts per group."),
+    u: int = typer.Option(50, "--u", min=1, help="textual concepts: top-u descriptors of the predicted class."),
+    variant: str = typer.Option("paper", "--mi", help="paper (log count, as the paper's code) or bank (MI of bank indicators)."),
+    evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Deletion/Insertion/AccDrop/AccInc with baselines."),
+    corloc: bool = typer.Option(True, "--corloc/--no-corloc", help="CorLoc of GDC/PCA foregrounds (needs boxes)."),
+    out: Path = typer.Option(Path("mi_report"), "--out", "-o", help="folder for the result JSON, figures and index.html."),
+) -> None:
+    """Mutual knowledge: visual vs textual concepts of each prediction, MI dynamics/AUC, explanation metrics."""
+    from clip_lens import analyses
+
+    hooked = _load(model, pretrained, None)
+    _random_weights_note(hooked, model)
+    data = _concept_data(hooked, images, shapes, seed, classes)
+    result = analyses.get("mutual_knowledge")(hooked).run(
+        data, descriptors=descriptors, methods=[m.strip() for m in methods.split(",")], features=features,
+        n_parts=parts, u=u, mi=variant, evaluate=evaluate, corloc=corloc)
+    typer.echo(result.to_markdown())
+    shown = data.load(range(min(4, len(data))))
+    page = _plugin_function("mutual_knowledge", "write_report")(result, shown, out)
+    typer.echo(f"Report written to {page.resolve()}")
 
 
 def _store_thumbnails(store, image_size: int) -> Callable:

@@ -1,0 +1,59 @@
+"""One folder a run: the result (JSON), its figures (PNG) and a self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from jaxtyping import Float
+from torch import Tensor
+
+from clip_lens.files import atomic_write
+from clip_lens.report import figure_png
+
+if TYPE_CHECKING:
+    from clip_lens_plugins.mutual_knowledge.analysis import MutualKnowledgeResult
+
+
+def write_report(result: "MutualKnowledgeResult", images: Float[Tensor, "n 3 H W"], out: str | Path, examples: int = 4) -> Path:
+    """Write ``MutualKnowledgeResult.json``, ``mi_dynamics.png``, ``concepts_<method>.png``,
+    ``venn.png``, ``evaluation.png`` (when evaluated) and ``index.html`` into ``out``; returns the page.
+
+    ``images``: the first images of the run (at least ``examples`` of them), for the concept figure.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.save(out / "MutualKnowledgeResult.json")
+    shown = list(range(min(examples, len(images), len(result.images))))
+    figures = {"mi_dynamics": result.plot()}
+    for method in result.methods:
+        figures[f"concepts_{method}"] = result.plot_concepts(images[shown], shown, method=method)
+    figures["venn"] = result.plot_venn(0)
+    if result.evaluation is not None:
+        from clip_lens_plugins.mutual_knowledge.evaluation import ExplanationEval
+
+        figures["evaluation"] = ExplanationEval.from_dict(result.evaluation).plot()
+    pngs = {name: figure_png(fig) for name, fig in figures.items()}
+    for name, data in pngs.items():
+        atomic_write(out / f"{name}.png", data)
+    page = out / "index.html"
+    atomic_write(page, _html(result, pngs))
+    return page
+
+
+def _html(result: "MutualKnowledgeResult", pngs: dict[str, bytes]) -> str:
+    esc = html.escape
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in result.parameters.items())
+    images = "".join(
+        f"<h2>{esc(name.replace('_', ' '))}</h2><img alt=\"{esc(name)}\" src=\"data:image/png;base64,{base64.b64encode(data).decode()}\">"
+        for name, data in pngs.items()
+    )
+    return (
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>clip_lens: mutual knowledge</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%}"
+        "td,th{padding:2px 8px;text-align:left}</style></head><body>\n"
+        f"<h1>Mutual knowledge of {esc(str(result.parameters.get('model')))}</h1>\n"
+        f"<pre>{esc(result.to_markdown())}</pre>\n<table>{rows}</table>\n{images}\n</body></html>\n"
+    )
