@@ -194,7 +194,7 @@ class MutualKnowledge:
         "methods": "part methods, any of 'pca', 'kmeans' (default both)",
         "features": "'tokens' (last block output) or 'keys' (last layer's keys) for GDC and the parts",
         "gdc_vector": "singular vector of the prominent region: 1 (the paper's) or 'auto' (the first when it splits the patches)",
-        "n_parts": "visual concepts per group (default 5)",
+        "n_parts": "visual concepts per group (default 5; a group with fewer foreground patches gets one per patch)",
         "u": "textual concepts: the predicted class's top-u descriptors (default 50)",
         "mi": "'paper' (log count of shared concepts, as the paper's code) or 'bank' (MI of bank indicators)",
         "evaluate": "also run Deletion/Insertion/AccDrop/AccInc (default True)",
@@ -262,8 +262,11 @@ class MutualKnowledge:
                 feats = regions.patch_features(model, images, features)
                 grid = regions.grid_size(model)
                 foreground = regions.prominent_region(feats, grid, joint=True, vector=gdc_vector)
+                # a small group (one image of a rarely predicted class) can have fewer foreground
+                # patches than n_parts: it gets one part per patch, the other regions stay empty
+                group_parts = max(1, min(n_parts, int(foreground.sum())))
                 for method in methods:
-                    parts = regions.concept_parts(feats, foreground, n_parts, method=method, seed=seed)
+                    parts = regions.concept_parts(feats, foreground, group_parts, method=method, seed=seed)
                     masks = regions.parts_to_masks(parts, n_parts, tuple(images.shape[-2:]))
                     region_emb, valid = regions.region_embeddings(model, images, masks, kinds=tuple(prompts), batch_size=batch_size)
                     visual, per_region_ids = desc.visual_concepts(

@@ -158,6 +158,10 @@ def compare_results(results: dict[str, "object"]) -> MutualKnowledgeComparison:
     if len(variants) > 1:
         raise InputError(f"the results use different MI variants ({', '.join(sorted(variants))}); "
                          "run every model with the same --mi.")
+    unlabelled = [name for name, r in results.items() if r.accuracy is None]
+    if unlabelled:
+        raise InputError(f"{', '.join(unlabelled)} has no zero-shot accuracy (its images had no labels); comparing "
+                         "models needs labelled images (shapes-world scenes or a folder with labels.json).")
     rows = {name: ModelRow(100 * r.accuracy, r.mean_mi, r.mean_auc, len(r.images)) for name, r in results.items()}
     return MutualKnowledgeComparison.from_rows(rows, variants.pop())
 
@@ -171,7 +175,11 @@ def compare_files(files: Sequence[Union[str, Path]]) -> MutualKnowledgeCompariso
         path = Path(file)
         if path.is_dir():
             path = path / f"{MutualKnowledgeResult.__name__}.json"
-        result = MutualKnowledgeResult.load(path)
+        try:
+            result = MutualKnowledgeResult.load(path)
+        except (KeyError, TypeError, AttributeError) as exc:  # valid JSON of something else
+            raise InputError(f"{path} is not a mutual_knowledge result ({type(exc).__name__}: {exc}); give the "
+                             "MutualKnowledgeResult.json (or its folder) written by clip-lens mi --out.") from None
         name = result.parameters.get("model") or path.stem
         if name in results:
             name = f"{name} ({path})"

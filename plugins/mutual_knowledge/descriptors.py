@@ -575,7 +575,11 @@ def visual_concepts(
     rows = region_valid & (n_cand[:, None] > 0)
     plan = sinkhorn(logits, n_iters=n_iters, valid_rows=rows, valid_cols=col_valid)
     plan = plan.masked_fill(~(rows[:, :, None] & col_valid[:, None, :]), -math.inf)
-    top = plan.topk(min(per_region, width), dim=-1).indices  # [B, L, p]
+    # rank by plan mass, ties (e.g. a lone region, whose plan row is uniform) broken by similarity:
+    # sort by logit, then stably by the plan quantised to 1e-6 of a column's mass (1/width)
+    by_logit = logits.masked_fill(plan == -math.inf, -math.inf).argsort(dim=-1, descending=True, stable=True)
+    quantised = torch.round(plan.gather(-1, by_logit) * width * 1e6)
+    top = by_logit.gather(-1, quantised.argsort(dim=-1, descending=True, stable=True))[..., : min(per_region, width)]
     chosen = torch.gather(order[:, None, :].expand(B, L, width), 2, top)
     picked = torch.gather(col_valid[:, None, :].expand(B, L, width), 2, top) & rows[:, :, None]
     out, region_ids = [], []
