@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import clip_lens
+import clip_lens.loading
 from clip_lens import HookedCLIP, UnsupportedArchitectureError
 from tests.helpers import hooked_pair, random_images, randomize_vectors
 
@@ -222,7 +223,7 @@ def test_list_models_supported_and_unsupported():
         assert name in names
     for name in ("RN50", "RN101", "ViT-B-16-SigLIP", "convnext_base", "roberta-ViT-B-32", "xlm-roberta-base-ViT-B-32"):
         assert name not in names
-    assert set(names) <= set(open_clip.list_models()) | {"toy-shapes"}  # plus the bundled model
+    assert set(names) <= set(open_clip.list_models()) | set(clip_lens.loading.bundled_models())  # plus the bundled models
     assert names[0] == "toy-shapes"
 
 

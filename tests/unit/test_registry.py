@@ -17,7 +17,8 @@ import clip_lens.analyses
 from clip_lens.analyses import GROUP, Analysis, PluginImportError, Result, UnknownAnalysisError
 from clip_lens.errors import ClipLensError, InputError
 
-BUILTINS = ("ablation", "contrastive_segmentation", "head_labels", "interp_metrics", "neighbors", "segmentation", "segmentation_eval", "textspan")
+BUILTINS = ("ablation", "contrastive_segmentation", "head_labels", "interp_metrics", "mutual_knowledge", "neighbors",
+            "segmentation", "segmentation_eval", "textspan")
 
 GOOD = '''
 """A third-party analysis: counts the values it is given."""
