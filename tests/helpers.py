@@ -63,3 +63,26 @@ def random_tokens(model: HookedCLIP, batch: int = 2, length: int = 9, seed: int 
     tokens[:, 1:length] = torch.randint(1, vocab - 2, (batch, length - 1), generator=g)
     tokens[:, length] = vocab - 1
     return tokens
+
+
+def ok(runner, args):
+    """Run a CLI command that must succeed (exit status 0)."""
+    from clip_lens.cli import app
+
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def one_line_error(runner, args, *expected: str) -> str:
+    """Run a failing CLI command: exit status 2, no traceback, one 'error:' line holding ``expected``."""
+    from clip_lens.cli import app
+
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for text in expected:
+        assert text in errors[0], errors[0]
+    return errors[0]

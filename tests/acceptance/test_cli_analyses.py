@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import clip_lens.analyses
-from clip_lens.cli import app
+from tests.helpers import ok, one_line_error
 
 TOY = ["--model", "toy-shapes"]
 
@@ -21,24 +21,6 @@ TOY = ["--model", "toy-shapes"]
 @pytest.fixture(scope="module")
 def runner() -> CliRunner:
     return CliRunner()
-
-
-def ok(runner, args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def one_line_error(runner, args, *expected: str) -> str:
-    """Run a failing command: exit status 2, no traceback, one 'error:' line holding ``expected``."""
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    for text in expected:
-        assert text in errors[0]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

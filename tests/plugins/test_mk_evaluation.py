@@ -18,13 +18,7 @@ from clip_lens_plugins.mutual_knowledge.regions import default_blur_kernel, gaus
 N_SCENES = 120
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine's 2 cores are shared with background jobs: one thread is 1.5-3× faster there."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

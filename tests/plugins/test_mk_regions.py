@@ -22,14 +22,7 @@ from clip_lens_plugins.mutual_knowledge.regions import (
 N_SCENES = 200
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batched LAPACK (SVD) with 2 OpenMP threads beside a busy core spins and runs 10-100x slower
-    (measured on the 2-core CI machine with a training job); one thread is fast and stable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
