@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from clip_lens.errors import InputError, close_matches
-from clip_lens.files import atomic_write
+from clip_lens.files import atomic_write, read_text
 
 PER_CATEGORY = 292
 MAX_WORDS = 9
@@ -647,15 +647,7 @@ def _load_file(spec: Union[str, Path], max_chars: int, dedupe: bool) -> TextBank
         )
     if not path.is_file():
         raise InputError(f"text bank path {str(path)!r} is not a file; give a UTF-8 text file with one text per line.")
-    raw = path.read_bytes()
-    try:
-        data = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise InputError(
-            f"text bank file {str(path)!r} is not UTF-8: byte 0x{raw[error.start]:02x} on line {line} cannot be "
-            "decoded; re-save the file as UTF-8."
-        ) from error
+    data = read_text(path, "text bank file")
     numbered = []
     comments = 0
     for number, line in enumerate(data.splitlines(), 1):

@@ -21,7 +21,7 @@ PCA foregrounds on tokens and keys against a random-box baseline.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch

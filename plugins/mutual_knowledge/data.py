@@ -14,7 +14,6 @@ input coordinates by :func:`~clip_lens_plugins.mutual_knowledge.regions.folder_b
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -25,6 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from clip_lens.errors import InputError, close_matches
+from clip_lens.files import read_json
 
 SHAPES_WORLD_HELD_OUT_SEED = 1000  # the bundled toy models were trained on seed 0
 SHAPES_CLASS_TEMPLATES = ("a {}",)  # the toy text tower's class prompt ("a circle")
@@ -158,10 +158,7 @@ def folder_data(
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}.") from exc
+    data = read_json(path, "labels file", '{"NAME.jpg": "class name", ...}')
     if not isinstance(data, dict):
         raise InputError(f"{path} must hold a JSON object {{\"NAME.jpg\": value}}, got {type(data).__name__}.")
     return data

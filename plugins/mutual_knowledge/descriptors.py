@@ -18,7 +18,6 @@ shapes-world bank is :func:`shapes_world_descriptors`.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import Tensor
 
 from clip_lens.banks import TextBank, encode_bank
 from clip_lens.errors import InputError, close_matches
+from clip_lens.files import read_json
 
 if TYPE_CHECKING:
     from clip_lens import HookedCLIP
@@ -234,25 +234,10 @@ def _read_json(spec: Union[str, Path]) -> Any:
     if not path.is_file():
         raise InputError(f"descriptor path {str(path)!r} is not a file; give a JSON file {{class: [descriptors]}}.")
     try:
-        raw = path.read_bytes()
+        return read_json(path, "descriptor file", '{"class": ["descriptor", ...]}', object_pairs_hook=_no_duplicate_keys)
     except OSError as error:
         raise InputError(
             f"cannot read descriptor file {str(path)!r}: {error.strerror}; check its permissions."
-        ) from error
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise InputError(
-            f"descriptor file {str(path)!r} is not UTF-8: byte 0x{raw[error.start]:02x} on line {line} cannot be "
-            "decoded; re-save the file as UTF-8."
-        ) from error
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except json.JSONDecodeError as error:
-        raise InputError(
-            f"descriptor file {str(path)!r} is not valid JSON: {error.msg} at line {error.lineno}, column "
-            f"{error.colno}; fix the file (it should hold {{\"class\": [\"descriptor\", ...]}})."
         ) from error
     except _DuplicateKey as error:
         raise InputError(

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, Optional, Sequence, Union
@@ -51,6 +50,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from clip_lens.errors import InputError
+from clip_lens.files import read_json
 
 if TYPE_CHECKING:
     from clip_lens import HookedCLIP
@@ -710,10 +710,7 @@ def folder_boxes(
             f"{box_file} is missing: a box dataset needs images/NAME.png|jpg and boxes.json "
             '{"NAME.png": [[x0, y0, x1, y1], ...]} in original-image pixels.'
         )
-    try:
-        table = json.loads(box_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{box_file} is not valid JSON ({err}); write {{\"NAME.png\": [[x0, y0, x1, y1], ...]}}.") from None
+    table = read_json(box_file, "box file", '{"NAME.png": [[x0, y0, x1, y1], ...]}')
     if not isinstance(table, dict) or not table:
         raise InputError(f"{box_file} must be a non-empty object {{\"NAME.png\": [[x0, y0, x1, y1], ...]}}.")
     if preprocess is None:
