@@ -548,12 +548,15 @@ def neighbors(
     pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="the --pretrained the store was collected with."),
     text: Optional[list[str]] = typer.Option(None, "--text", "-t", help="query text(s): nearest images in the head's output space."),
     image: Optional[list[Path]] = typer.Option(None, "--image", help="query image file(s)."),
-    head: Optional[str] = typer.Option(None, "--head", help="one head, e.g. L3H0."),
+    head: Optional[str] = typer.Option(None, "--head", help="one head, e.g. L3H0, or the sum of several: L0H3,L3H0."),
     property: Optional[str] = typer.Option(None, "--property", help="a property label, e.g. colour (needs --labels)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="head label table written by `clip-lens spans --labels`."),
     k: int = typer.Option(10, "--k", min=1, help="neighbours per query."),
-    metric: str = typer.Option("dot", "--metric", help="dot (as CLIP-InterpreT) or cosine."),
+    metric: str = typer.Option("dot", "--metric", help="dot (as CLIP-InterpreT), cosine, or concepts (image queries: "
+                               "compare the distributions over the property's texts; shares the property, ignores the rest)."),
     subspace: Optional[str] = typer.Option(None, "--subspace", help="texts: search in the span of the property's texts."),
+    texts: Optional[Path] = typer.Option(None, "--texts", help="text file, one per line: the texts of --subspace texts or "
+                                         "--metric concepts (default: the property's span texts), e.g. one prompt per colour."),
     out: Path = typer.Option(Path("neighbors.json"), "--out", "-o", help="result (JSON); the thumbnails go next to it as PNG."),
 ) -> None:
     """Nearest store images of query images or texts, by one head or by the heads of a property."""
@@ -562,6 +565,7 @@ def neighbors(
     from PIL import Image
 
     from clip_lens import analyses
+    from clip_lens.banks import load_bank
     from clip_lens.collect import Store
     from clip_lens.files import atomic_write
     from clip_lens.report import figure_png
@@ -571,13 +575,14 @@ def neighbors(
     table = None
     if labels is not None:
         table = _plugin_function("head_labels", "HeadLabelsResult").load(labels)
+    chosen = None if head is None else [h.strip() for h in head.split(",") if h.strip()]
+    options = dict(heads=chosen, property=property, labels=table, k=k, metric=metric, subspace=subspace,
+                   texts=None if texts is None else load_bank(texts).texts)
     if image:
         pixels = torch.stack([hooked.preprocess(Image.open(p).convert("RGB")) for p in image])
-        result = analyses.get("neighbors")(hooked).run(opened, query_images=pixels, head=head, property=property,
-                                                       labels=table, k=k, metric=metric, subspace=subspace)
+        result = analyses.get("neighbors")(hooked).run(opened, query_images=pixels, **options)
     else:
-        result = analyses.get("neighbors")(hooked).run(opened, query_texts=text, head=head, property=property,
-                                                       labels=table, k=k, metric=metric, subspace=subspace)
+        result = analyses.get("neighbors")(hooked).run(opened, query_texts=text, **options)
     saved = result.save(out)
     thumbnails = _store_thumbnails(opened, hooked.cfg.image_size[0])
     queries = None

@@ -10,7 +10,10 @@ Three searches, one mechanism (:class:`~clip_lens_plugins.neighbors.index.HeadIn
 
 Any of them can be restricted to a text subspace (``subspace="texts"``): representations and queries
 are projected onto the span of the property's text directions before scoring
-(:class:`~clip_lens_plugins.neighbors.index.HeadIndex`).
+(:class:`~clip_lens_plugins.neighbors.index.HeadIndex`). Image searches can compare images by their
+distributions over the property's texts instead (``metric="concepts"``,
+:class:`~clip_lens_plugins.neighbors.index.Concepts`): on the shapes world this is the search whose
+neighbours share the property and are indifferent to the others.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class Neighbors:
     >>> search.run(store, query_images=images, head="L3H1", k=8)                         # doctest: +SKIP
     >>> search.run(store, query_texts=["a red shape"], head="L3H1", k=3)                 # doctest: +SKIP
     >>> search.run(store, query_images=images, property="colour", labels=labels, subspace="texts")  # doctest: +SKIP
+    >>> search.run(store, query_images=images, property="colour", labels=labels, metric="concepts",
+    ...            texts=["a red shape", "a blue shape", ...])                                   # doctest: +SKIP
 
     Args:
         model: the HookedCLIP the store was collected with (it embeds the queries).
@@ -57,9 +62,11 @@ class Neighbors:
         "head": "search by one head 'L{l}H{h}'",
         "heads": "search by the sum of these heads",
         "k": "neighbours per query (default 10)",
-        "metric": "'dot' (raw dot product, as CLIP-InterpreT; default) or 'cosine'",
+        "metric": "'dot' (raw dot product, as CLIP-InterpreT; default), 'cosine', or 'concepts' (image queries: "
+                  "compare the distributions over the property's texts)",
         "subspace": "None (default) or 'texts': project onto the span of the property's text directions first",
-        "texts": "with subspace='texts': the texts spanning it (default: the property's fitting span texts)",
+        "texts": "with subspace='texts' or metric='concepts': the texts (default: the property's fitting span texts)",
+        "temperature": "metric='concepts': softmax temperature on the standardised text scores (default 0.3)",
     }
     needs = ("model", "store", "labels")
 
@@ -82,6 +89,7 @@ class Neighbors:
         metric: str = "dot",
         subspace: Optional[str] = None,
         texts: Optional[Sequence[str]] = None,
+        temperature: float = 0.3,
     ) -> NeighborsResult:
         """The ``k`` nearest finished store images of each query (see the class docstring).
 
@@ -89,15 +97,22 @@ class Neighbors:
         ``subspace="texts"`` projects every representation onto the span of ``texts`` (default: the
         span texts of the property's heads that fit it) before scoring; see
         :meth:`HeadIndex.from_store <clip_lens_plugins.neighbors.index.HeadIndex.from_store>`.
+        ``metric="concepts"`` compares image queries with store images by their distributions over
+        ``texts`` (:class:`~clip_lens_plugins.neighbors.index.Concepts`).
         """
         if (query_images is None) == (query_texts is None):
             raise InputError("give either query_images=[Q, 3, H, W] or query_texts=[...], not both or neither.")
+        if query_texts is not None and metric == "concepts":
+            raise InputError(
+                "metric='concepts' compares images by their distributions over the property's texts; a text query has "
+                "none. Search by text with metric='dot' (the head's share of the image-text similarity)."
+            )
         if head is not None:
             if heads is not None:
                 raise InputError("give head='L{l}H{h}' or heads=[...], not both.")
             heads = [head]
         index = HeadIndex.from_store(store, heads=heads, property=property, labels=labels, metric=metric, device=self.device,
-                                     subspace=subspace, texts=texts, model=self.model)
+                                     subspace=subspace, texts=texts, model=self.model, temperature=temperature)
         if query_texts is not None:
             queries = self.model.encode_text(self.model.to_tokens(list(query_texts)), normalize=True)
         else:
@@ -106,7 +121,7 @@ class Neighbors:
         return NeighborsResult(
             model=self.model.model_name or index.store.meta.get("model", "?"), heads=index.heads,
             indices=indices.cpu(), scores=scores.cpu(), metric=metric, property=property,
-            texts=None if query_texts is None else list(query_texts), subspace_texts=index.subspace_texts,
+            texts=None if query_texts is None else list(query_texts), search_texts=index.search_texts,
         )
 
     @torch.no_grad()

@@ -24,7 +24,7 @@ from clip_lens_plugins.head_labels.result import parse_head
 if TYPE_CHECKING:
     from clip_lens import HookedCLIP
 
-METRICS = ("dot", "cosine")
+METRICS = ("dot", "cosine", "concepts")
 SUBSPACES = (None, "texts")
 
 
@@ -57,18 +57,14 @@ def property_texts(labels: HeadLabelsResult, property: str) -> list[str]:
     return list(dict.fromkeys(texts))
 
 
-@torch.no_grad()
-def text_basis(model: "HookedCLIP", texts: Sequence[str]) -> Float[Tensor, "r d"]:
-    """Orthonormal rows spanning the unit text embeddings of ``texts`` (``r`` ≤ number of texts).
+def text_basis(embeddings: Float[Tensor, "n d"]) -> Float[Tensor, "r d"]:
+    """Orthonormal rows spanning the rows of ``embeddings`` (``r`` ≤ ``n``), e.g. unit text embeddings.
 
     Directions whose singular value is below ``numpy.linalg.matrix_rank``'s float32 tolerance are
     dropped: a repeated (or linearly dependent) text leaves a singular value of rounding size, whose
     direction is arbitrary and would let an unrelated direction into the subspace.
     """
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    if not texts:
-        raise InputError("texts is empty; give at least one text to span the subspace.")
-    embeddings = model.encode_text(model.to_tokens(texts), normalize=True).double()
+    embeddings = embeddings.double()
     # float64 SVD: the kept rows are orthonormal to float64 precision before the cast back
     _, singular, directions = torch.linalg.svd(embeddings, full_matrices=False)
     tolerance = singular[0] * max(embeddings.shape) * torch.finfo(torch.float32).eps
@@ -90,6 +86,57 @@ def sum_heads(
 
 
 @dataclass
+class Concepts:
+    """An image as a distribution over a property's texts: the ``metric="concepts"`` representation.
+
+    The heads' term ``x`` scores each text by ``x · t``; each text's scores are standardised over the
+    store (mean and standard deviation of ``x · t`` over all finished images), and a softmax at
+    ``temperature`` turns the standardised scores into ``p(text | image)``. Two images then score
+    ``p · p'``: the probability that both are described by the same text.
+
+    Why: cosine or dot product on the raw term rank images by everything the heads carry, and the
+    heads labelled "colour" also carry some shape; within one colour the nearest images are then
+    those of the same shape too. The distribution over the colour texts keeps which colour the
+    heads say, and little else. Standardising each text puts texts the heads write with different
+    strength on one footing, as a per-class calibration of zero-shot logits would.
+    """
+
+    directions: Float[Tensor, "r d"]
+    """Unit text embeddings, one row per text."""
+    mean: Float[Tensor, " r"]
+    std: Float[Tensor, " r"]
+    temperature: float
+
+    def __call__(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n r"]:
+        """``p(text | image)`` of each row of ``x``."""
+        return (((x @ self.directions.T) - self.mean) / (self.std * self.temperature)).softmax(-1)
+
+    @classmethod
+    def fit(
+        cls, chunks: Iterator[Float[Tensor, "chunk d"]], directions: Float[Tensor, "r d"], texts: Sequence[str], temperature: float
+    ) -> "Concepts":
+        """Per-text score mean and standard deviation over all rows of ``chunks`` (float64 sums, one chunk at a time).
+
+        Raises:
+            InputError: a text scores every image the same (fewer than two images, or a text the heads do not write).
+        """
+        count, total, squares = 0, 0.0, 0.0
+        for rows in chunks:
+            scores = (rows @ directions.T).double()
+            count, total, squares = count + len(scores), total + scores.sum(0), squares + (scores**2).sum(0)
+        mean = total / count
+        std = (squares / count - mean**2).clamp_min(0).sqrt()
+        flat = std <= 1e-6 * std.max().clamp_min(1e-30)
+        if count < 2 or bool(flat.any()):
+            names = ", ".join(repr(t) for t, f in zip(texts, flat.tolist()) if f) if count >= 2 else "all"
+            raise InputError(
+                f"metric='concepts' standardises each text's scores over the store, but {names} score every one of "
+                f"its {count} image(s) the same; search a store of at least two different images, or leave those texts out."
+            )
+        return cls(directions, mean.float(), std.float(), temperature)
+
+
+@dataclass
 class HeadIndex:
     """Top-k search over a store's finished images, represented by the sum of ``heads``' terms.
 
@@ -102,19 +149,24 @@ class HeadIndex:
     With a ``basis``, every representation, store rows and queries alike, is projected onto its span
     before scoring (and before the cosine's normalisation). Why: the heads labelled "colour" also
     carry some shape and size information, which the raw sum lets into the ranking; the span of the
-    property's text directions keeps only what the texts say the property is.
+    property's text directions keeps only what the texts say the property is. With
+    ``metric="concepts"`` every representation becomes its distribution over the property's texts
+    (:class:`Concepts`), which keeps less still.
     """
 
     store: Store
     heads: list[str]
     """``"L{l}H{h}"`` keys whose terms are summed."""
     metric: str = "dot"
-    """``"dot"``: raw dot product, as CLIP-InterpreT; ``"cosine"``: both sides normalised."""
+    """``"dot"``: raw dot product, as CLIP-InterpreT; ``"cosine"``: both sides normalised;
+    ``"concepts"``: ``p · p'`` of the distributions over the property's texts (:class:`Concepts`)."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     basis: Optional[Float[Tensor, "r d"]] = None
     """Orthonormal rows spanning the subspace representations are projected onto (None: no projection)."""
-    subspace_texts: Optional[list[str]] = None
-    """The texts whose embeddings span ``basis``."""
+    search_texts: Optional[list[str]] = None
+    """The texts whose embeddings span ``basis`` or define the ``concepts``."""
+    concepts: Optional[Concepts] = None
+    """The distribution over texts that ``metric="concepts"`` compares (None for the other metrics)."""
 
     @classmethod
     def from_store(
@@ -129,21 +181,26 @@ class HeadIndex:
         subspace: Optional[str] = None,
         texts: Optional[Sequence[str]] = None,
         model: Optional["HookedCLIP"] = None,
+        temperature: float = 0.3,
     ) -> "HeadIndex":
         """An index of ``store`` over ``heads``, or over the heads ``labels`` gives ``property``.
 
         Args:
             subspace: None (the representations as they are) or ``"texts"``: project them onto the
                 span of ``texts``' unit embeddings (see the class docstring).
-            texts: the texts spanning the subspace; default: the span texts of ``property``'s heads
-                that fit it (:func:`property_texts`).
-            model: the model that embeds ``texts`` (needed for ``subspace="texts"``).
+            texts: the texts spanning the subspace, or the concepts of ``metric="concepts"``; default:
+                the span texts of ``property``'s heads that fit it (:func:`property_texts`). One text
+                per value of the property ("a red shape", "a blue shape", …) works best.
+            model: the model that embeds ``texts`` (needed for ``subspace="texts"`` and ``metric="concepts"``).
+            temperature: ``metric="concepts"`` only: softmax temperature on the standardised text
+                scores (:class:`Concepts`).
 
         Raises:
             InputError: neither or both of ``heads``/``property``; a property no head has; a head the
                 store lacks; an unknown metric; a store with no finished images or no per-head terms;
-                an unknown subspace, ``subspace="texts"`` without a model or without texts (none given,
-                none fitting the property), ``texts`` without ``subspace="texts"``.
+                an unknown subspace, ``subspace="texts"`` or ``metric="concepts"`` without a model or
+                without texts (none given, none fitting the property), ``texts`` without either,
+                both together, a temperature that is not positive, a text that scores every image the same.
         """
         store = store if isinstance(store, Store) else Store.open(store)
         if (heads is None) == (property is None):
@@ -158,8 +215,13 @@ class HeadIndex:
             raise InputError(f"metric must be one of {', '.join(METRICS)}, got '{metric}'.")
         if subspace not in SUBSPACES:
             raise InputError(f"subspace must be None or 'texts', got {subspace!r}.")
-        if subspace is None and texts is not None:
-            raise InputError("texts=[...] spans the search subspace: pass it with subspace='texts'.")
+        if metric == "concepts" and subspace is not None:
+            raise InputError("metric='concepts' already scores images by the texts alone; drop subspace='texts'.")
+        if not temperature > 0:
+            raise InputError(f"temperature must be positive, got {temperature}.")
+        with_texts = subspace == "texts" or metric == "concepts"
+        if texts is not None and not with_texts:
+            raise InputError("texts=[...] spans the search subspace or names the concepts: pass it with subspace='texts' or metric='concepts'.")
         if not store.done_chunks():
             raise InputError(f"store {store.path} has no finished images to search; run collect on it first.")
         if "heads" not in store.arrays:
@@ -171,24 +233,30 @@ class HeadIndex:
                 raise InputError(
                     f"head {key} is not in the store: it has layers {store.head_layers} with {n_heads} heads each."
                 )
-        basis = None
-        if subspace == "texts":
-            if model is None:
-                raise InputError("subspace='texts' embeds texts with the model: pass model=HookedCLIP.")
-            if texts is None:
-                if property is None:
-                    raise InputError(
-                        "subspace='texts' with heads=[...] needs texts=[...]; only property= has span texts to default to."
-                    )
-                texts = property_texts(labels, property)
-            texts = [texts] if isinstance(texts, str) else list(texts)
-            basis = text_basis(model, texts).to(device)
-            if basis.shape[1] != d:
-                raise InputError(
-                    f"the text embeddings have {basis.shape[1]} dimensions but the store's terms have {d}: "
-                    f"was the store collected with this model?"
-                )
-        return cls(store, list(heads), metric, torch.device(device), basis, texts)
+        if not with_texts:
+            return cls(store, list(heads), metric, torch.device(device))
+        option = "metric='concepts'" if metric == "concepts" else "subspace='texts'"
+        if model is None:
+            raise InputError(f"{option} embeds texts with the model: pass model=HookedCLIP.")
+        if texts is None:
+            if property is None:
+                raise InputError(f"{option} with heads=[...] needs texts=[...]; only property= has span texts to default to.")
+            texts = property_texts(labels, property)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise InputError("texts is empty; give at least one text.")
+        embeddings = model.encode_text(model.to_tokens(texts), normalize=True).float().to(device)
+        if embeddings.shape[1] != d:
+            raise InputError(
+                f"the text embeddings have {embeddings.shape[1]} dimensions but the store's terms have {d}: "
+                f"was the store collected with this model?"
+            )
+        index = cls(store, list(heads), metric, torch.device(device), search_texts=texts)
+        if metric == "concepts":
+            index.concepts = Concepts.fit((rows for _, rows in index.terms()), embeddings, texts, temperature)
+        else:
+            index.basis = text_basis(embeddings)
+        return index
 
     @property
     def n_images(self) -> int:
@@ -199,19 +267,27 @@ class HeadIndex:
         size, n = self.store.chunk_size, self.store.n_images
         return [(c * size, min(n, (c + 1) * size)) for c in self.store.done_chunks()]
 
-    def chunks(self) -> Iterator[tuple[int, Float[Tensor, "chunk d"]]]:
-        """``(first row, representations)`` of each finished chunk, read from the Zarr array one chunk
-        at a time (the whole ``heads`` array never is), projected and normalised as the queries are."""
+    def terms(self) -> Iterator[tuple[int, Float[Tensor, "chunk d"]]]:
+        """``(first row, summed head terms)`` of each finished chunk, read from the Zarr array one chunk
+        at a time (the whole ``heads`` array never is)."""
         array = _heads_array(self.store)
         for start, stop in self._chunk_rows():
             terms = torch.from_numpy(array[start:stop]).to(self.device, torch.float32)
-            yield start, self._prepare(sum_heads(terms, self.store.head_layers, self.heads))
+            yield start, sum_heads(terms, self.store.head_layers, self.heads)
 
-    def _prepare(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
-        """Projected onto the subspace (if any), then normalised (cosine): the same for rows and queries."""
+    def chunks(self) -> Iterator[tuple[int, Float[Tensor, "chunk r"]]]:
+        """``(first row, representations)`` of each finished chunk (:meth:`terms`), prepared as the queries are."""
+        for start, rows in self.terms():
+            yield start, self._prepare(rows)
+
+    def _prepare(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n r"]:
+        """The same for rows and queries: projected onto the subspace (if any), then normalised
+        (cosine) or turned into the distribution over the texts (concepts)."""
         if self.basis is not None:
             x = project(x, self.basis)
-        return F.normalize(x, dim=-1) if self.metric == "cosine" else x
+        if self.metric == "cosine":
+            return F.normalize(x, dim=-1)
+        return self.concepts(x) if self.concepts is not None else x
 
     @torch.no_grad()
     def search(self, queries: Float[Tensor, "q d"], k: int) -> tuple[Float[Tensor, "q k"], Int[Tensor, "q k"]]:

@@ -35,12 +35,13 @@ class NeighborsResult(JSONResult):
     """The property the heads were chosen by (None: heads given directly)."""
     texts: Optional[list[str]] = None
     """The query texts (None: image queries)."""
-    subspace_texts: Optional[list[str]] = None
-    """The texts whose span the representations were projected onto (None: no projection)."""
+    search_texts: Optional[list[str]] = None
+    """The texts whose span the representations were projected onto, or whose distribution
+    ``metric="concepts"`` compared (None: neither)."""
 
     def to_dict(self) -> dict:
         return {"model": self.model, "heads": self.heads, "indices": self.indices.tolist(), "scores": self.scores.tolist(),
-                "metric": self.metric, "property": self.property, "texts": self.texts, "subspace_texts": self.subspace_texts}
+                "metric": self.metric, "property": self.property, "texts": self.texts, "search_texts": self.search_texts}
 
     @classmethod
     def from_dict(cls, data: dict) -> "NeighborsResult":
@@ -48,7 +49,7 @@ class NeighborsResult(JSONResult):
             return cls(
                 model=data["model"], heads=list(data["heads"]), indices=torch.tensor(data["indices"], dtype=torch.long),
                 scores=torch.tensor(data["scores"], dtype=torch.float32), metric=data["metric"],
-                property=data.get("property"), texts=data.get("texts"), subspace_texts=data.get("subspace_texts"),
+                property=data.get("property"), texts=data.get("texts"), search_texts=data.get("search_texts"),
             )
         except (KeyError, TypeError) as exc:
             raise InputError(f"not a neighbours result ({exc}); expected the JSON written by NeighborsResult.save.") from exc
@@ -91,6 +92,8 @@ class NeighborsResult(JSONResult):
         for ax in axes.flat:
             ax.set_axis_off()
         by = self.property or "+".join(self.heads)
-        subspace = "" if self.subspace_texts is None else f", in the span of {len(self.subspace_texts)} texts"
+        subspace = ""
+        if self.search_texts is not None:
+            subspace = f" over {len(self.search_texts)} texts" if self.metric == "concepts" else f", in the span of {len(self.search_texts)} texts"
         fig.suptitle(f"Nearest images by {by} ({self.metric}{subspace}), {self.model}", fontsize="medium")
         return fig

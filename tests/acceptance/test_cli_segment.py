@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -55,3 +57,19 @@ def test_neighbors_of_a_text_by_a_head_are_images_showing_it(tmp_path):
     result = runner.invoke(app, ["neighbors", "-s", str(store), "-m", "toy-shapes", "--text", "a red shape", "--head", "L9H0",
                                  "--out", str(tmp_path / "x.json")])
     assert result.exit_code == 2 and result.output.count("error:") == 1
+
+    # image queries by the colour heads, compared over one prompt per colour
+    from clip_lens.toy.world import VALUES, attribute_prompt
+
+    queries = [ShapesWorld(seed=2025).scene(i) for i in range(6)]
+    for i, query in enumerate(queries):
+        Image.fromarray(query.image).save(tmp_path / f"query{i}.png")
+    (tmp_path / "colours.txt").write_text("\n".join(attribute_prompt("colour", c) for c in VALUES["colour"]) + "\n")
+    result = runner.invoke(app, ["neighbors", "-s", str(store), "-m", "toy-shapes", *[a for i in range(6) for a in ("--image", str(tmp_path / f"query{i}.png"))],
+                                 "--head", "L0H0,L0H3,L3H0", "--metric", "concepts", "--texts", str(tmp_path / "colours.txt"),
+                                 "--k", "5", "--out", str(tmp_path / "by_colour.json")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "by_colour.json").read_text())
+    assert saved["metric"] == "concepts" and len(saved["search_texts"]) == len(VALUES["colour"])
+    shared = [world.scene(r).value("colour") == query.value("colour") for query, rows in zip(queries, saved["indices"]) for r in rows]
+    assert np.mean(shared) >= 0.9

@@ -41,6 +41,10 @@ def brute_force(rows: torch.Tensor, queries: torch.Tensor, k: int):
     return torch.topk(scores, k).values, scores.argsort(dim=1, descending=True, stable=True)[:, :k]
 
 
+def unit_texts(model: HookedCLIP, texts: list[str]) -> torch.Tensor:
+    return model.encode_text(model.to_tokens(texts), normalize=True).detach()
+
+
 def labels_table(**by_property: list[str]) -> HeadLabelsResult:
     heads = [HeadLabel(h, p, 1.0, ["t"], [True]) for p, keys in by_property.items() for h in keys]
     return HeadLabelsResult("fake", "prototype", heads, list(by_property))
@@ -220,14 +224,14 @@ class TestNeighbors:
 class TestTextSubspace:
     def test_projection_is_idempotent_and_orthogonal(self, toy):
         prompts = world_prompts("colour")
-        basis = text_basis(toy, prompts + prompts[:2])  # repeated texts add no direction
+        basis = text_basis(unit_texts(toy, prompts + prompts[:2]))  # repeated texts add no direction
         assert basis.shape == (8, 128)
         torch.testing.assert_close(basis @ basis.T, torch.eye(8), atol=1e-6, rtol=0)
         x = torch.randn(50, 128, generator=torch.Generator().manual_seed(5))
         projected = project(x, basis)
         torch.testing.assert_close(project(projected, basis), projected, atol=1e-6, rtol=0)
         torch.testing.assert_close((x - projected) @ basis.T, torch.zeros(50, 8), atol=1e-5, rtol=0)
-        embeddings = toy.encode_text(toy.to_tokens(prompts), normalize=True).detach()
+        embeddings = unit_texts(toy, prompts)
         torch.testing.assert_close(project(embeddings, basis), embeddings, atol=1e-6, rtol=0)
 
     @pytest.mark.parametrize("chunk_size", [7, 64])
@@ -238,10 +242,10 @@ class TestTextSubspace:
         store = fake_store(tmp_path / "s", terms.numpy(), chunk_size)
         texts = world_prompts("shape")
         index = HeadIndex.from_store(store, heads=["L0H0", "L0H1"], metric=metric, subspace="texts", texts=texts, model=toy)
-        assert index.subspace_texts == texts
+        assert index.search_texts == texts
         queries = torch.randn(4, 128, generator=g)
         scores, indices = index.search(queries, k=15)
-        basis = text_basis(toy, texts)
+        basis = text_basis(unit_texts(toy, texts))
         rows, queries = project(terms[:, 0].sum(1), basis), project(queries, basis)
         if metric == "cosine":
             rows, queries = torch.nn.functional.normalize(rows, dim=-1), torch.nn.functional.normalize(queries, dim=-1)
@@ -255,8 +259,8 @@ class TestTextSubspace:
         assert sorted(texts) == sorted(world_prompts("background"))  # the labeller's texture texts, each once
         queries = shapes_world_images(3, seed=WORLD_SEED + 1).load(0, 3)[0]
         result = Neighbors(toy).run(store, query_images=queries, property="texture", labels=labels, k=5, subspace="texts")
-        assert result.subspace_texts == texts
-        assert NeighborsResult.load(result.save(tmp_path)).subspace_texts == texts
+        assert result.search_texts == texts
+        assert NeighborsResult.load(result.save(tmp_path)).search_texts == texts
 
     def test_bad_subspaces(self, toy, tmp_path):
         store = fake_store(tmp_path / "s", np.zeros((12, 1, 2, 128), np.float32), chunk_size=5)
@@ -282,6 +286,44 @@ class TestTextSubspace:
             HeadIndex.from_store(narrow, heads=["L0H0"], subspace="texts", texts=["a red shape"], model=toy)
         with pytest.raises(InputError, match="Did you mean: colour"):
             world_prompts("color")
+
+
+class TestConcepts:
+    @pytest.mark.parametrize("chunk_size", [7, 64])
+    def test_images_are_compared_by_their_distributions_over_the_texts(self, toy, tmp_path, chunk_size):
+        g = torch.Generator().manual_seed(8)
+        terms = torch.randn(150, 1, 2, 128, generator=g)
+        store = fake_store(tmp_path / "s", terms.numpy(), chunk_size)
+        texts = world_prompts("colour")
+        index = HeadIndex.from_store(store, heads=["L0H0", "L0H1"], metric="concepts", texts=texts, model=toy, temperature=0.5)
+        queries = torch.randn(4, 128, generator=g)
+        scores, indices = index.search(queries, k=12)
+        # the whole store at once, in float64: standardised over all rows (population std), softmax at T = 0.5
+        directions = unit_texts(toy, texts).double()
+        store_scores = terms[:, 0].sum(1).double() @ directions.T
+        mean, std = store_scores.mean(0), store_scores.std(0, correction=0)
+        def distribution(x):
+            return (((x @ directions.T) - mean) / (std * 0.5)).softmax(-1)
+        rows, queries = distribution(terms[:, 0].sum(1).double()), distribution(queries.double())
+        torch.testing.assert_close(rows.sum(-1), torch.ones(150, dtype=torch.float64))
+        expected_scores, expected_indices = brute_force(rows, queries, 12)
+        torch.testing.assert_close(scores.double(), expected_scores, atol=1e-5, rtol=0)
+        assert torch.equal(indices, expected_indices)
+        assert index.search_texts == texts
+
+    def test_bad_concepts(self, toy, world, tmp_path):
+        store, labels = world
+        with pytest.raises(InputError, match="already scores images by the texts alone; drop subspace='texts'"):
+            HeadIndex.from_store(store, heads=["L0H0"], metric="concepts", subspace="texts", texts=["a red shape"], model=toy)
+        with pytest.raises(InputError, match="temperature must be positive, got 0"):
+            HeadIndex.from_store(store, heads=["L0H0"], metric="concepts", texts=["a red shape"], model=toy, temperature=0)
+        with pytest.raises(InputError, match="metric='concepts' embeds texts with the model"):
+            HeadIndex.from_store(store, heads=["L0H0"], metric="concepts", texts=["a red shape"])
+        with pytest.raises(InputError, match="a text query has none"):
+            Neighbors(toy).run(store, query_texts=["a red shape"], property="colour", labels=labels, metric="concepts")
+        blank = fake_store(tmp_path / "b", np.zeros((12, 1, 2, 128), np.float32), chunk_size=5)
+        with pytest.raises(InputError, match="'a red shape', 'a blue shape' score every one of its 12 image"):
+            HeadIndex.from_store(blank, heads=["L0H0"], metric="concepts", texts=["a red shape", "a blue shape"], model=toy)
 
 
 class TestShapesWorld:
@@ -315,6 +357,21 @@ class TestShapesWorld:
         store, labels = world
         agreement = property_neighbor_agreement(toy, store, WORLD_SEED, labels, prop, n_queries=60, metric=metric,
                                                 subspace="texts", texts=world_prompts(attribute))
+        for name, share in expected.items():
+            assert agreement[name] == pytest.approx(share, abs=0.02), name
+
+    @pytest.mark.parametrize("prop, attribute, expected", [
+        # the target: the property's value ≥ 90 %, the others at chance
+        ("colour", "colour", {"colour": 0.963, "shape": 0.138, "size": 0.508, "position": 0.127, "background": 0.238}),
+        ("location", "position", {"position": 1.0, "colour": 0.118, "shape": 0.158, "background": 0.280}),
+        ("texture", "background", {"background": 1.0, "colour": 0.130, "shape": 0.150, "position": 0.148}),
+        # the labelled heads write only part of the shape (the MLPs write the rest): others at chance, shape 0.75
+        ("shape", "shape", {"shape": 0.747, "colour": 0.107, "position": 0.127, "background": 0.242}),
+    ])
+    def test_concepts_find_the_property_and_ignore_the_others(self, toy, world, prop, attribute, expected):
+        store, labels = world
+        agreement = property_neighbor_agreement(toy, store, WORLD_SEED, labels, prop, n_queries=60, metric="concepts",
+                                                texts=world_prompts(attribute))
         for name, share in expected.items():
             assert agreement[name] == pytest.approx(share, abs=0.02), name
 
