@@ -278,9 +278,9 @@ class HeadIndex:
     def chunks(self) -> Iterator[tuple[int, Float[Tensor, "chunk r"]]]:
         """``(first row, representations)`` of each finished chunk (:meth:`terms`), prepared as the queries are."""
         for start, rows in self.terms():
-            yield start, self._prepare(rows)
+            yield start, self.prepare(rows)
 
-    def _prepare(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n r"]:
+    def prepare(self, x: Float[Tensor, "n d"]) -> Float[Tensor, "n r"]:
         """The same for rows and queries: projected onto the subspace (if any), then normalised
         (cosine) or turned into the distribution over the texts (concepts)."""
         if self.basis is not None:
@@ -305,18 +305,32 @@ class HeadIndex:
         d = _heads_array(self.store).shape[3]
         if queries.shape[1] != d:
             raise InputError(f"queries have {queries.shape[1]} dimensions but the store's terms have {d}.")
-        queries = self._prepare(queries.to(self.device, torch.float32))
+        queries = self.prepare(queries.to(self.device, torch.float32))
         best_scores = queries.new_empty((len(queries), 0))
         best_indices = torch.empty((len(queries), 0), dtype=torch.long, device=self.device)
         for start, rows in self.chunks():
             scores = torch.cat([best_scores, queries @ rows.T], 1)
             chunk_indices = torch.arange(start, start + len(rows), device=self.device).expand(len(queries), -1)
             indices = torch.cat([best_indices, chunk_indices], 1)
-            # stable sort, not topk: among equal scores the earlier (lower) index wins, as the kept
-            # best rows always precede the chunk's
-            order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
+            order = _top_k_lowest_index_first(scores, indices, k)
             best_scores, best_indices = scores.gather(1, order), indices.gather(1, order)
         return best_scores, best_indices
+
+
+def _top_k_lowest_index_first(scores: Float[Tensor, "q n"], indices: Int[Tensor, "q n"], k: int) -> Int[Tensor, "q k'"]:
+    """Columns of the ``min(k, n)`` best scores of each row, best first, equal scores by lower ``indices``.
+
+    ``topk`` (10x faster than a full sort on a chunk) picks the best columns but not which of several
+    equal scores at the k-th place, nor their order; so: a tie across the k-th place falls back to a
+    stable full sort (the columns are in index order), and otherwise the k picked columns are put in
+    index order and then stably sorted by score.
+    """
+    values, picked = scores.topk(min(k, scores.shape[1]), dim=1)
+    kth = values[:, -1:]
+    if bool(((scores == kth).sum(1) > (values == kth).sum(1)).any()):
+        return scores.argsort(dim=1, descending=True, stable=True)[:, :k]
+    picked = picked.gather(1, indices.gather(1, picked).argsort(dim=1))
+    return picked.gather(1, scores.gather(1, picked).argsort(dim=1, descending=True, stable=True))
 
 
 def _heads_array(store: Store):

@@ -78,6 +78,17 @@ class TestExactTopK:
         assert torch.equal(scores, expected_scores) and torch.equal(indices, expected_indices)
         assert len(set(indices[0].tolist())) == 15
 
+    @pytest.mark.parametrize("chunk_size", [4, 9, 30])
+    def test_ties_inside_the_top_k_are_ordered_by_index(self, tmp_path, chunk_size):
+        # the three best rows tie and nothing ties at the k-th place: the fast path (no full sort) must order them
+        values = torch.tensor([0.1 * i for i in range(30)])
+        values[[25, 3, 17]] = 9.0
+        terms = values.reshape(30, 1, 1, 1)
+        store = fake_store(tmp_path / "s", terms.numpy(), chunk_size)
+        scores, indices = HeadIndex.from_store(store, heads=["L0H0"]).search(torch.ones(1, 1), k=5)
+        assert indices[0].tolist() == [3, 17, 25, 29, 28]
+        assert scores[0, :3].tolist() == [9.0, 9.0, 9.0]
+
     def test_only_finished_chunks_are_searched(self, tmp_path):
         terms = torch.randn(50, 1, 2, 8, generator=torch.Generator().manual_seed(2))
         store = fake_store(tmp_path / "s", terms.numpy(), chunk_size=10, done=[1, 3])
