@@ -105,6 +105,12 @@ class MutualKnowledgeComparison(JSONResult):
     def from_dict(cls, data: dict) -> "MutualKnowledgeComparison":
         return cls(**{**data, "rows": {k: ModelRow(**v) for k, v in data["rows"].items()}})
 
+    @property
+    def fit_text(self) -> str:
+        """The line fit as text, e.g. ``"66.74·AUC − 141.52"``."""
+        sign = "−" if self.intercept < 0 else "+"
+        return f"{self.slope:.2f}·AUC {sign} {abs(self.intercept):.2f}"
+
     def _table(self) -> tuple[list[str], list[list[str]]]:
         header = ["model", "zero-shot accuracy (%)", f"MI ({self.variant})", "AUC", "images"]
         body = [[m, f"{r.accuracy:.2f}", f"{r.mi:.3f}", f"{r.auc:.3f}", str(r.images)] for m, r in self.rows.items()]
@@ -114,7 +120,7 @@ class MutualKnowledgeComparison(JSONResult):
         """The correlations and the line, in one sentence."""
         return (f"Pearson(AUC, accuracy) = {self.pearson_auc:.3f}, Spearman = {self.spearman_auc:.3f}; "
                 f"Pearson(MI, accuracy) = {self.pearson_mi:.3f}, Spearman = {self.spearman_mi:.3f}; "
-                f"accuracy ≈ {self.slope:.2f}·AUC + {self.intercept:.2f} over {len(self.rows)} models.")
+                f"accuracy ≈ {self.fit_text} over {len(self.rows)} models.")
 
     def to_markdown(self) -> str:
         header, body = self._table()
@@ -144,7 +150,7 @@ class MutualKnowledgeComparison(JSONResult):
         if math.isfinite(self.slope):
             xs = torch.linspace(min(auc), max(auc), 2).tolist()
             ax.plot(xs, [self.slope * x + self.intercept for x in xs], color="tab:grey", linestyle="--",
-                    label=f"{self.slope:.2f}·AUC + {self.intercept:.2f}")
+                    label=self.fit_text)
             ax.legend(fontsize=8)
         ax.set_xlabel("AUC of the MI dynamics (shared knowledge)")
         ax.set_ylabel("zero-shot accuracy (%)")

@@ -316,6 +316,8 @@ class TestCorrelation:
         assert table.pearson_mi == pytest.approx(float(np.corrcoef(mi, accuracy)[0, 1]), abs=1e-9)
         slope, intercept = np.polyfit(auc, accuracy, 1)
         assert (table.slope, table.intercept) == pytest.approx((slope, intercept), rel=1e-6)
+        sign = "−" if intercept < 0 else "+"
+        assert table.fit_text == f"{slope:.2f}·AUC {sign} {abs(intercept):.2f}" and "+ -" not in table.summary()
         rank = lambda v: np.argsort(np.argsort(v))  # no ties: the classic 1 − 6 Σd² / (n (n² − 1))
         d = rank(auc) - rank(accuracy)
         assert table.spearman_auc == pytest.approx(1 - 6 * float((d**2).sum()) / 24, abs=1e-12)
