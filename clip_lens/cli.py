@@ -518,28 +518,6 @@ def mutual_information(
     typer.echo(f"Report written to {page.resolve()}")
 
 
-def _store_thumbnails(store, image_size: int) -> Callable:
-    """Store rows → ``uint8 [n, H, W, 3]`` thumbnails: image files by the store's ids, or the
-    shapes-world scenes a `collect --shapes` store was made of."""
-    import re
-
-    import numpy as np
-    from PIL import Image
-
-    ids = store.ids() or []
-    match = re.search(r"shapes-world scenes \(seed (\d+)\)", store.meta.get("source", ""))
-    if match:
-        from clip_lens.toy.world import ShapesWorld
-
-        world = ShapesWorld(seed=int(match.group(1)), image_size=image_size)
-        return lambda rows: np.stack([world.scene(int(ids[r]) if ids else int(r)).image for r in rows])
-
-    def load(rows):
-        return np.stack([np.asarray(Image.open(ids[r]).convert("RGB").resize((image_size, image_size))) for r in rows])
-
-    return load
-
-
 @app.command()
 @_user_errors
 def neighbors(
@@ -566,7 +544,7 @@ def neighbors(
 
     from clip_lens import analyses
     from clip_lens.banks import load_bank
-    from clip_lens.collect import Store
+    from clip_lens.collect import Store, store_thumbnails
     from clip_lens.files import atomic_write
     from clip_lens.report import figure_png
 
@@ -584,7 +562,7 @@ def neighbors(
     else:
         result = analyses.get("neighbors")(hooked).run(opened, query_texts=text, **options)
     saved = result.save(out)
-    thumbnails = _store_thumbnails(opened, hooked.cfg.image_size[0])
+    thumbnails = store_thumbnails(opened, hooked.cfg.image_size[0])
     queries = None
     if image:
         size = hooked.cfg.image_size[0]
@@ -594,3 +572,44 @@ def neighbors(
         query = text[q] if text else str(image[q])
         typer.echo(f"{query}: " + ", ".join(f"#{r} ({s:.3f})" for r, s in zip(rows, scores)))
     typer.echo(f"Saved {saved.resolve()} and {out.with_suffix('.png').resolve()}")
+
+
+@app.command("app")
+@_user_errors
+def app_command(
+    model: str = typer.Option("toy-shapes", "--model", "-m", help="model name (see `clip-lens models`)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="pretrained tag or local checkpoint (the store's)."),
+    store: Optional[Path] = typer.Option(
+        None, "--store", "-s", help="store folder written by `clip-lens collect`; omitted: a demo store of shapes-world scenes."
+    ),
+    labels: Optional[Path] = typer.Option(
+        None, "--labels", help="head label table written by `clip-lens spans --labels` (needed for the property search)."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind; anything but loopback exposes the app to the network."),
+    port: int = typer.Option(8765, "--port", min=0, max=65535, help="port (0: any free port)."),
+    max_upload_mb: float = typer.Option(8.0, "--max-upload-mb", min=0.01, help="largest request body in MiB (larger: HTTP 413)."),
+    max_images: int = typer.Option(16, "--max-images", min=1, help="most images per request."),
+) -> None:
+    """Serve the web app of CLIP-InterpreT's five analyses (property and per-head neighbours, topic and contrastive maps)."""
+    import tempfile
+
+    from clip_lens.app import demo_workspace, is_loopback, serve
+    from clip_lens.collect import Store
+
+    if not is_loopback(host):  # said before the slow part; serve() logs it again next to the URL
+        typer.echo(f"Warning: --host {host} can be reached from other machines. The app has no authentication: anyone who "
+                   "can connect can run the model and see the store's images.", err=True)
+    opened = Store.open(store) if store is not None else None  # fail fast, before the model
+    table = _plugin_function("head_labels", "HeadLabelsResult").load(labels) if labels is not None else None
+    hooked = _load(model, pretrained, None)
+    _random_weights_note(hooked, model)
+    limits = dict(host=host, port=port, max_upload_bytes=int(max_upload_mb * 2**20), max_images=max_images)
+    if opened is not None:
+        if table is None:
+            typer.echo("Note: no --labels, so the property search is off (make labels with `clip-lens spans --labels`).", err=True)
+        serve(hooked, opened, table, **limits)
+        return
+    with tempfile.TemporaryDirectory(prefix="clip_lens_app_") as directory:
+        typer.echo(f"No --store: building a demo store of shapes-world scenes with {model} and labelling its heads …")
+        workspace = demo_workspace(hooked, directory)
+        serve(hooked, workspace.store, table or workspace.labels, thumbnails=workspace.thumbnails, **limits)

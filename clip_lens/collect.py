@@ -31,11 +31,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, UInt8
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -44,6 +44,8 @@ from clip_lens.errors import InputError
 from clip_lens.files import atomic_write
 
 if TYPE_CHECKING:
+    import PIL.Image
+
     from clip_lens.hooked_clip import HookedCLIP
 
 FORMAT = "clip_lens.store/1"
@@ -227,6 +229,51 @@ class Store:
         if layer not in self.head_layers:
             raise InputError(f"layer {layer} was not collected per head; the store has layers {self.head_layers}.")
         return self.read("heads", index=(self.head_layers.index(layer), head))
+
+
+def store_images(store: Store, image_size: int = 64) -> Callable[[Sequence[int]], list["PIL.Image.Image"]]:
+    """Store rows → the RGB PIL images they were collected from: the scenes of a
+    :func:`shapes_world_images` store rendered again (at ``image_size``), or the files its ids name.
+
+    Raises:
+        InputError: the store records neither (collected from a tensor or a dataset); reading a
+            missing or unreadable file (when called).
+    """
+    import re
+
+    from PIL import Image
+
+    ids = store.ids()
+    match = re.search(r"shapes-world scenes \(seed (\d+)\)", store.meta.get("source", ""))
+    if match:
+        from clip_lens.toy.world import ShapesWorld
+
+        world = ShapesWorld(seed=int(match.group(1)), image_size=image_size)
+        return lambda rows: [Image.fromarray(world.scene(int(ids[r]) if ids else int(r)).image) for r in rows]
+    if ids is None:
+        raise InputError(
+            f"store {store.path} does not record its images (collected from a tensor or a dataset); "
+            "collect from a folder or from shapes-world scenes to look images up by store row."
+        )
+
+    def load(rows: Sequence[int]) -> list["PIL.Image.Image"]:
+        images = []
+        for row in rows:
+            try:
+                with Image.open(ids[row]) as image:
+                    images.append(image.convert("RGB"))
+            except OSError as exc:
+                raise InputError(f"cannot read store image #{row} ({ids[row]}): {exc}.") from exc
+        return images
+
+    return load
+
+
+def store_thumbnails(store: Store, image_size: int = 64) -> Callable[[Sequence[int]], UInt8[np.ndarray, "n s s 3"]]:
+    """Store rows → ``uint8 [n, image_size, image_size, 3]`` thumbnails of :func:`store_images`
+    (squashed to squares), e.g. for ``NeighborsResult.plot``."""
+    images = store_images(store, image_size)
+    return lambda rows: np.stack([np.asarray(image.resize((image_size, image_size))) for image in images(rows)])
 
 
 def weights_fingerprint(model: "HookedCLIP") -> str:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from clip_lens import HookedCLIP
-from clip_lens.collect import Store, collect, image_source, shapes_world_images
+from clip_lens.collect import Store, collect, image_source, shapes_world_images, store_images, store_thumbnails
 from clip_lens.errors import InputError
 
 
@@ -142,6 +142,31 @@ def test_image_folder_source_uses_the_model_preprocess(toy, tmp_path):
     (folder / "broken.png").write_bytes(b"not an image")
     with pytest.raises(InputError, match="broken.png"):
         image_source(folder, toy.preprocess).load(0, 4)
+
+
+def test_store_images_are_the_collected_images(toy, tmp_path):
+    from PIL import Image
+
+    from clip_lens.toy.world import ShapesWorld
+
+    shapes = collect(toy, shapes_world_images(6, seed=3), tmp_path / "shapes", progress=False)
+    world = ShapesWorld(seed=3, image_size=64)
+    assert all(np.array_equal(np.asarray(im), world.scene(i).image) for im, i in zip(store_images(shapes)([2, 5]), [2, 5]))
+    assert store_thumbnails(shapes)([0, 1, 2]).shape == (3, 64, 64, 3)
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((60, 80, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    files = collect(toy, folder, tmp_path / "files", progress=False)
+    assert store_images(files)([1])[0].size == (80, 60) and store_thumbnails(files)([0, 1]).shape == (2, 64, 64, 3)
+    (folder / "1.png").unlink()
+    with pytest.raises(InputError, match="store image #1"):
+        store_images(files)([1])
+
+    tensors = collect(toy, torch.zeros(2, 3, 64, 64), tmp_path / "tensors", progress=False)
+    with pytest.raises(InputError, match="does not record its images"):
+        store_images(tensors)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,331 @@
+"""The five CLIP-InterpreT analyses as JSON functions: a request dict in, a response dict out.
+
+Every user mistake raises :class:`~clip_lens.errors.InputError` (the server answers 400 with its
+message); the analyses come from the registry (``analyses.get``), never from a plugin import.
+
+Request fields (``POST /api/<name>``):
+
+=========================  =================================================================
+``property_neighbors``     ``images``, ``property``, ``k`` (10), ``metric`` ("dot"), ``texts`` (concepts / subspace texts)
+``topic_segmentation``     ``images``, ``text``, ``head`` ("all" or "L{l}H{h}")
+``contrastive_segmentation``  ``images``, ``text_a``, ``text_b``, ``head`` ("all")
+``image_neighbors``        ``images``, ``head``, ``k`` (8)
+``text_neighbors``         ``text``, ``head``, ``k`` (3)
+=========================  =================================================================
+
+``images`` is a list of 1..``max_images`` items, each a data URL (``"data:image/png;base64,…"``,
+PNG/JPEG/GIF/WebP/BMP), ``{"store_row": N}`` or ``{"scene": N, "seed": S}`` (a shapes-world scene,
+seed 1000 by default). Every response holds ``figure`` (a PNG data URL) and the numbers behind it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float, UInt8
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+from clip_lens import analyses
+from clip_lens.collect import Store, store_images, store_thumbnails, weights_fingerprint
+from clip_lens.errors import InputError, close_matches
+
+if TYPE_CHECKING:
+    from clip_lens import HookedCLIP
+
+MAX_K = 32
+"""Most neighbours per query: the figure has one thumbnail per neighbour."""
+MAX_PIXELS = 4096 * 4096
+"""Largest uploaded image (width × height), checked from the header before decoding (decompression bombs)."""
+MAX_THUMBNAILS = 64
+"""Most store thumbnails per ``GET /api/thumbnails``."""
+QUERY_SEED = 1000
+"""Default world seed of ``{"scene": N}`` queries: held out from the bundled model's training (seed 0)."""
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
+_DATA_URL = re.compile(r"data:image/[a-z.+-]+;base64,", re.IGNORECASE)
+
+
+def png_data_url(png: bytes) -> str:
+    """PNG bytes as a ``data:`` URL, which an ``<img src>`` shows as is."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _figure_url(fig) -> str:
+    from clip_lens.report import figure_png
+
+    return png_data_url(figure_png(fig))
+
+
+def _metrics(neighbors: type) -> list[str]:
+    """The metrics the installed neighbors analysis documents (its ``parameters["metric"]`` names them quoted)."""
+    return re.findall(r"'(\w+)'", getattr(neighbors, "parameters", {}).get("metric", "")) or ["dot", "cosine"]
+
+
+class Fields:
+    """A request body's fields, checked by type; unknown fields are refused (a typo is not ignored)."""
+
+    def __init__(self, body: Any, allowed: Sequence[str]):
+        if not isinstance(body, dict):
+            raise InputError(f"the request body must be a JSON object with fields {', '.join(allowed)}.")
+        unknown = [key for key in body if key not in allowed]
+        if unknown:
+            raise InputError(
+                f"unknown field '{unknown[0]}'.{close_matches(unknown[0], allowed)} Fields: {', '.join(allowed)}."
+            )
+        self.body = body
+
+    def text(self, key: str) -> str:
+        value = self.body.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(f"{key} must be a non-empty string, got {value!r}.")
+        return value.strip()
+
+    def string(self, key: str, default: Optional[str] = None) -> str:
+        value = self.body.get(key, default)
+        if not isinstance(value, str) or not value:
+            raise InputError(f"{key} must be a string, got {value!r}.")
+        return value
+
+    def texts(self, key: str = "texts") -> Optional[list[str]]:
+        """An optional list of non-empty strings (None when absent or empty: the analysis's default)."""
+        value = self.body.get(key)
+        if value is None or value == []:
+            return None
+        if not isinstance(value, list) or not all(isinstance(t, str) and t.strip() for t in value):
+            raise InputError(f"{key} must be a list of non-empty strings, got {value!r}.")
+        return [t.strip() for t in value]
+
+    def k(self, default: int) -> int:
+        value = self.body.get("k", default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_K:
+            raise InputError(f"k must be a whole number from 1 to {MAX_K}, got {value!r}.")
+        return value
+
+
+class Api:
+    """The app's analyses over one model, store and label table; thread-safe.
+
+    Args:
+        model: the HookedCLIP the store was collected with.
+        store: a finished (or partly finished: only finished rows are searched) store with per-head terms.
+        labels: ``HeadLabelsResult`` of the store's heads (None: no property search).
+        thumbnails: store rows → ``uint8 [n, H, W, 3]`` (default: the store's own images, grey
+            squares when it does not record them).
+        max_images: most images per request.
+    """
+
+    ENDPOINTS = ("property_neighbors", "topic_segmentation", "contrastive_segmentation", "image_neighbors", "text_neighbors")
+    """The analyses, by the name of their method and of their ``POST /api/<name>`` endpoint."""
+
+    def __init__(
+        self,
+        model: "HookedCLIP",
+        store: Store,
+        labels: Any = None,
+        thumbnails: Optional[Callable[[Sequence[int]], UInt8[np.ndarray, "n H W 3"]]] = None,
+        max_images: int = 16,
+    ):
+        if model.cfg.image_size is None:
+            raise InputError("the app needs a model with a fixed image size (its maps and thumbnails are drawn at it).")
+        if model.preprocess is None:
+            raise InputError("the app needs a model with a preprocess transform to read uploaded images.")
+        if store.meta.get("model") != model.model_name:
+            raise InputError(
+                f"store {store.path} was collected with model '{store.meta.get('model')}', not '{model.model_name}'."
+            )
+        if store.meta.get("weights") not in (None, weights_fingerprint(model)):
+            raise InputError(
+                f"store {store.path} was collected with other weights of {model.model_name}; load the model with the "
+                "store's pretrained weights."
+            )
+        self.model, self.store, self.labels, self.max_images = model, store, labels, max_images
+        self.image_size: tuple[int, int] = tuple(model.cfg.image_size)
+        try:
+            self._store_images = store_images(store, self.image_size[0])
+            default_thumbnails = store_thumbnails(store, self.image_size[0])
+        except InputError:  # a store collected from tensors: searchable, but its images cannot be shown
+            self._store_images = None
+            default_thumbnails = self._grey
+        self.thumbnail_loader = thumbnails or default_thumbnails
+        self.neighbors = analyses.get("neighbors")
+        self.ids = store.ids()
+        # Models are not safe for concurrent forward passes, nor is matplotlib for concurrent figures.
+        self.lock = threading.Lock()
+
+    def _grey(self, rows: Sequence[int]) -> UInt8[np.ndarray, "n H W 3"]:
+        return np.full((len(rows), *self.image_size, 3), 200, np.uint8)
+
+    @property
+    def n_finished(self) -> int:
+        """Store rows that can be searched (finished chunks)."""
+        size, n = self.store.chunk_size, self.store.n_images
+        return sum(min(n, (c + 1) * size) - c * size for c in self.store.done_chunks())
+
+    # --- GET ----------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """What the page fills its controls with."""
+        cfg = self.model.cfg
+        by_head = self.labels.by_head() if self.labels is not None else {}
+        labelled = {h.label for h in by_head.values() if h.label is not None}
+        properties = [p for p in (self.labels.properties if self.labels is not None else []) if p in labelled]
+        return {
+            "model": self.model.model_name, "pretrained": self.model.pretrained, "image_size": list(self.image_size),
+            "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+            "heads": [
+                {"key": f"L{layer}H{head}", "label": getattr(by_head.get(f"L{layer}H{head}"), "label", None),
+                 "in_store": layer in self.store.head_layers}
+                for layer in range(cfg.n_layers) for head in range(cfg.n_heads)
+            ],
+            "properties": properties + sorted(labelled - set(properties)),
+            "metrics": _metrics(self.neighbors),
+            "store": {"path": str(self.store.path), "n_images": self.n_finished, "source": self.store.meta.get("source", ""),
+                      "has_images": self._store_images is not None},
+            "limits": {"max_images": self.max_images, "max_k": MAX_K},
+        }
+
+    def thumbnails(self, start: int, count: int) -> dict[str, Any]:
+        """Data URLs of store rows ``start .. start + count`` (clipped to the store), for the image picker."""
+        if start < 0 or not 1 <= count <= MAX_THUMBNAILS:
+            raise InputError(f"start must be ≥ 0 and count 1..{MAX_THUMBNAILS}, got start={start}, count={count}.")
+        rows = list(range(start, min(start + count, self.store.n_images)))
+        with self.lock:
+            pictures = self.thumbnail_loader(rows) if rows else []
+        return {"rows": rows, "images": [png_data_url(_png(picture)) for picture in pictures]}
+
+    # --- the five analyses --------------------------------------------------------------
+    def property_neighbors(self, body: Any) -> dict[str, Any]:
+        """Nearest store images by the summed terms of the heads labelled with a property."""
+        fields = Fields(body, ("images", "property", "k", "metric", "texts"))
+        prop, k, metric, texts = fields.string("property"), fields.k(10), fields.string("metric", "dot"), fields.texts()
+        if self.labels is None:
+            raise InputError("this server has no head labels, so there is no property search; start it with labels.")
+        pixels, shown = self.images(fields)
+        with self.lock:
+            result = self.neighbors(self.model).run(self.store, query_images=pixels, property=prop, labels=self.labels,
+                                                    k=k, metric=metric, texts=texts)
+            figure = _figure_url(result.plot(self.thumbnail_loader, shown))
+        return {**self._neighbours(result), "figure": figure}
+
+    def topic_segmentation(self, body: Any) -> dict[str, Any]:
+        """Per-patch shares of the chosen heads' contributions along a text (one map per image)."""
+        fields = Fields(body, ("images", "text", "head"))
+        text, head = fields.text("text"), fields.string("head", "all")
+        pixels, _ = self.images(fields)
+        with self.lock:
+            result = analyses.get("segmentation")(self.model).run(pixels, text, head=head)
+            figure = _figure_url(result.plot(pixels, max_images=len(pixels)))
+        return {"text": result.text, "heads": result.heads, "grid": result.grid.tolist(), "prefix": result.prefix.tolist(),
+                "figure": figure}
+
+    def contrastive_segmentation(self, body: Any) -> dict[str, Any]:
+        """Where the chosen heads write text A more than text B, and the reverse."""
+        fields = Fields(body, ("images", "text_a", "text_b", "head"))
+        text_a, text_b, head = fields.text("text_a"), fields.text("text_b"), fields.string("head", "all")
+        pixels, _ = self.images(fields)
+        with self.lock:
+            result = analyses.get("contrastive_segmentation")(self.model).run(pixels, text_a, text_b, heads=head)
+            figure = _figure_url(result.plot(pixels, max_images=len(pixels)))
+        return {"text_a": text_a, "text_b": text_b, "heads": result.heads, "a_minus_b": result.a_minus_b.tolist(),
+                "b_minus_a": result.b_minus_a.tolist(), "figure": figure}
+
+    def image_neighbors(self, body: Any) -> dict[str, Any]:
+        """Nearest store images by one head's term."""
+        fields = Fields(body, ("images", "head", "k"))
+        head, k = fields.string("head"), fields.k(8)
+        pixels, shown = self.images(fields)
+        with self.lock:
+            result = self.neighbors(self.model).run(self.store, query_images=pixels, head=head, k=k)
+            figure = _figure_url(result.plot(self.thumbnail_loader, shown))
+        return {**self._neighbours(result), "figure": figure}
+
+    def text_neighbors(self, body: Any) -> dict[str, Any]:
+        """Store images whose term of one head points most along a text."""
+        fields = Fields(body, ("text", "head", "k"))
+        text, head, k = fields.text("text"), fields.string("head"), fields.k(3)
+        with self.lock:
+            result = self.neighbors(self.model).run(self.store, query_texts=[text], head=head, k=k)
+            figure = _figure_url(result.plot(self.thumbnail_loader))
+        return {**self._neighbours(result), "figure": figure}
+
+    def _neighbours(self, result) -> dict[str, Any]:
+        """Rows, store ids and scores of each query's neighbours, best first."""
+        return {
+            "heads": result.heads, "metric": result.metric, "property": result.property,
+            "neighbours": [
+                [{"row": row, "id": self.ids[row] if self.ids else str(row), "score": score}
+                 for row, score in zip(rows, scores)]
+                for rows, scores in zip(result.indices.tolist(), result.scores.tolist())
+            ],
+        }
+
+    # --- query images -------------------------------------------------------------------
+    def images(self, fields: Fields) -> tuple[Float[Tensor, "q 3 H W"], UInt8[np.ndarray, "q H W 3"]]:
+        """The request's images preprocessed for the model, and as the model sees them (for figures)."""
+        items = fields.body.get("images")
+        if not isinstance(items, list) or not items:
+            raise InputError('images must be a non-empty list of data URLs, {"store_row": N} or {"scene": N, "seed": S}.')
+        if len(items) > self.max_images:
+            raise InputError(f"at most {self.max_images} images per request, got {len(items)}.")
+        pictures = [self._image(item, i) for i, item in enumerate(items)]
+        pixels = torch.stack([self.model.preprocess(picture) for picture in pictures])
+        # the geometry of a resize-and-centre-crop preprocess, for display
+        shown = np.stack([np.asarray(ImageOps.fit(picture, self.image_size[::-1])) for picture in pictures])
+        return pixels, shown
+
+    def _image(self, item: Any, i: int) -> Image.Image:
+        if isinstance(item, str):
+            return decode_data_url(item, f"images[{i}]")
+        if isinstance(item, dict) and set(item) == {"store_row"}:
+            row = item["store_row"]
+            if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.store.n_images:
+                raise InputError(f"images[{i}]: store_row must be a row 0..{self.store.n_images - 1}, got {row!r}.")
+            if self._store_images is None:
+                raise InputError(f"store {self.store.path} does not record its images; upload the image instead.")
+            return self._store_images([row])[0]
+        if isinstance(item, dict) and "scene" in item and set(item) <= {"scene", "seed"}:
+            scene, seed = item["scene"], item.get("seed", QUERY_SEED)
+            if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 for v in (scene, seed)):
+                raise InputError(f"images[{i}]: scene and seed must be whole numbers in 0..2**31 - 1, got {item!r}.")
+            from clip_lens.toy.world import ShapesWorld
+
+            return Image.fromarray(ShapesWorld(seed=seed, image_size=self.image_size[0]).scene(scene).image)
+        raise InputError(
+            f'images[{i}] must be a data URL ("data:image/png;base64,..."), {{"store_row": N}} or {{"scene": N, "seed": S}}.'
+        )
+
+
+def decode_data_url(url: str, what: str = "image") -> Image.Image:
+    """An RGB PIL image from a base64 data URL; refuses other formats and images over :data:`MAX_PIXELS`."""
+    match = _DATA_URL.match(url)
+    if match is None:
+        raise InputError(f"{what} is not a base64 image data URL ('data:image/png;base64,...'), it starts {url[:30]!r}.")
+    try:
+        data = base64.b64decode(url[match.end():], validate=True)
+    except binascii.Error as exc:
+        raise InputError(f"{what}: the base64 data cannot be decoded ({exc}).") from exc
+    unreadable = (OSError, ValueError, Image.DecompressionBombError)
+    try:
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
+    except UnidentifiedImageError as exc:
+        raise InputError(f"{what} is not a {'/'.join(IMAGE_FORMATS)} image (its bytes are no known image format).") from exc
+    except unreadable as exc:
+        raise InputError(f"{what} is not a readable {'/'.join(IMAGE_FORMATS)} image: {exc}.") from exc
+    if image.width * image.height > MAX_PIXELS:
+        raise InputError(f"{what} is {image.width}×{image.height} pixels; the limit is {MAX_PIXELS:,} pixels.")
+    try:
+        return image.convert("RGB")
+    except unreadable as exc:
+        raise InputError(f"{what} cannot be decoded: {exc}.") from exc
+
+
+def _png(picture: UInt8[np.ndarray, "H W 3"]) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(picture, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
