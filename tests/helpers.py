@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import open_clip
@@ -63,6 +65,19 @@ def random_tokens(model: HookedCLIP, batch: int = 2, length: int = 9, seed: int 
     tokens[:, 1:length] = torch.randint(1, vocab - 2, (batch, length - 1), generator=g)
     tokens[:, length] = vocab - 1
     return tokens
+
+
+@contextmanager
+def serving(server):
+    """Run an http.server-style ``server`` in a daemon thread for the ``with`` block, then stop and close it."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def ok(runner, args):

@@ -273,20 +273,12 @@ def make_server(
         raise InputError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another port or host.") from exc
 
 
-def serve(
-    model: "HookedCLIP",
-    store: Union[Store, str, Path],
-    labels: Any = None,
-    host: str = "127.0.0.1",
-    port: int = 8765,
-    max_upload_bytes: int = 8 * 2**20,
-    max_images: int = 16,
-    thumbnails: Optional[Callable[[Sequence[int]], UInt8[np.ndarray, "n H W 3"]]] = None,
-) -> None:
-    """Serve the app (arguments as :func:`make_server`) until Ctrl-C, printing its URL."""
+def serve(model: "HookedCLIP", store: Union[Store, str, Path], labels: Any = None, *, port: int = 8765, **options: Any) -> None:
+    """Serve the app until Ctrl-C, printing its URL (``options``: ``host``, ``max_upload_bytes``,
+    ``max_images``, ``thumbnails`` of :func:`make_server`)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server = make_server(model, store, labels, host, port, max_upload_bytes, max_images, thumbnails)
+    server = make_server(model, store, labels, port=port, **options)
     if not server.loopback_only:
         logger.warning("serving on %s, which other machines can reach: anyone who can connect can run the model "
                        "and see the store's images", host)

@@ -3,7 +3,6 @@ see the figure, the neighbour list and the server's error messages."""
 
 import os
 import shutil
-import threading
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 from clip_lens import HookedCLIP  # noqa: E402
 from clip_lens.app import demo_workspace, make_server  # noqa: E402
 from clip_lens.toy.world import ShapesWorld  # noqa: E402
+from tests.helpers import serving  # noqa: E402
 
 
 
@@ -32,12 +32,8 @@ def server(one_torch_thread, tmp_path_factory):
     model = HookedCLIP.from_pretrained("toy-shapes")
     workspace = demo_workspace(model, tmp_path_factory.mktemp("app"), n_scenes=120)
     server = make_server(model, workspace.store, workspace.labels, thumbnails=workspace.thumbnails)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with serving(server):
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import io
 import json
 import logging
 import socket
-import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ from clip_lens import HookedCLIP, analyses
 from clip_lens.app import demo_workspace, make_server
 from clip_lens.errors import InputError
 from clip_lens.toy.world import ShapesWorld
+from tests.helpers import serving
 
 STORE_SEED, QUERY_SEED, N_SCENES = 2024, 1000, 120
 MAX_UPLOAD = 200_000  # small, so that the oversize request stays cheap
@@ -37,12 +37,8 @@ def workspace(toy, tmp_path_factory):
 def server(toy, workspace):
     server = make_server(toy, workspace.store, workspace.labels, max_upload_bytes=MAX_UPLOAD, max_images=8,
                          thumbnails=workspace.thumbnails)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with serving(server):
+        yield server
 
 
 def call(server, path, body=None, data=None, headers=None):
