@@ -197,6 +197,16 @@ class Store:
     def done_chunks(self) -> list[int]:
         return sorted(int(p.name) for p in (self.path / "done").glob("[0-9]*"))
 
+    def done_rows(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` image rows of each finished chunk, in order."""
+        size, n = self.chunk_size, self.n_images
+        return [(c * size, min(n, (c + 1) * size)) for c in self.done_chunks()]
+
+    @property
+    def n_done(self) -> int:
+        """Images in finished chunks (what a partial read or a search sees)."""
+        return sum(stop - start for start, stop in self.done_rows())
+
     @property
     def complete(self) -> bool:
         return len(self.done_chunks()) == self.n_chunks
@@ -212,14 +222,14 @@ class Store:
 
         if name not in self.arrays:
             raise InputError(f"store {self.path} has no array '{name}'; it has {', '.join(self.arrays)}.")
-        done = self.done_chunks()
+        done = self.done_rows()
         if len(done) != self.n_chunks and not partial:
             raise InputError(
                 f"store {self.path} is incomplete ({len(done)} of {self.n_chunks} chunks); run collect again with "
                 "the same arguments to finish it, or read(..., partial=True) for the finished images."
             )
         array = zarr.open_array(str(self.path / name), mode="r")
-        parts = [array[(slice(c * self.chunk_size, min(self.n_images, (c + 1) * self.chunk_size)), *index)] for c in done]
+        parts = [array[(slice(start, stop), *index)] for start, stop in done]
         if not parts:
             return torch.from_numpy(np.asarray(array[(slice(0, 0), *index)]))
         return torch.from_numpy(np.concatenate(parts))

@@ -63,11 +63,6 @@ def _figure_url(fig) -> str:
     return png_data_url(figure_png(fig))
 
 
-def _metrics(neighbors: type) -> list[str]:
-    """The metrics the installed neighbors analysis documents (its ``parameters["metric"]`` names them quoted)."""
-    return re.findall(r"'(\w+)'", getattr(neighbors, "parameters", {}).get("metric", "")) or ["dot", "cosine"]
-
-
 class Fields:
     """A request body's fields, checked by type; unknown fields are refused (a typo is not ignored)."""
 
@@ -162,12 +157,6 @@ class Api:
     def _grey(self, rows: Sequence[int]) -> UInt8[np.ndarray, "n H W 3"]:
         return np.full((len(rows), *self.image_size, 3), 200, np.uint8)
 
-    @property
-    def n_finished(self) -> int:
-        """Store rows that can be searched (finished chunks)."""
-        size, n = self.store.chunk_size, self.store.n_images
-        return sum(min(n, (c + 1) * size) - c * size for c in self.store.done_chunks())
-
     # --- GET ----------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """What the page fills its controls with."""
@@ -184,8 +173,8 @@ class Api:
                 for layer in range(cfg.n_layers) for head in range(cfg.n_heads)
             ],
             "properties": properties + sorted(labelled - set(properties)),
-            "metrics": _metrics(self.neighbors),
-            "store": {"path": str(self.store.path), "n_images": self.n_finished, "source": self.store.meta.get("source", ""),
+            "metrics": list(getattr(self.neighbors, "metrics", ("dot",))),
+            "store": {"path": str(self.store.path), "n_images": self.store.n_done, "source": self.store.meta.get("source", ""),
                       "has_images": self._store_images is not None},
             "limits": {"max_images": self.max_images, "max_k": MAX_K},
         }

@@ -28,7 +28,7 @@ from clip_lens.collect import Store
 from clip_lens.errors import InputError
 from clip_lens_plugins.head_labels import HeadLabelsResult
 from clip_lens_plugins.head_labels.result import parse_head
-from clip_lens_plugins.neighbors.index import HeadIndex, sum_heads
+from clip_lens_plugins.neighbors.index import METRICS, HeadIndex, sum_heads
 from clip_lens_plugins.neighbors.result import NeighborsResult
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ class Neighbors:
     """
 
     name = "neighbors"
+    metrics = METRICS
+    """What ``metric=`` accepts."""
     description = "Nearest store images of a query image or text by a property's heads or one head (CLIP-InterpreT)."
     parameters = {
         "query_images": "preprocessed query images [Q, 3, H, W] (or query_texts)",

@@ -245,7 +245,8 @@ class HeadIndex:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise InputError("texts is empty; give at least one text.")
-        embeddings = model.encode_text(model.to_tokens(texts), normalize=True).float().to(device)
+        with torch.no_grad():  # a graph here would keep every chunk's rows alive through Concepts.fit
+            embeddings = model.encode_text(model.to_tokens(texts), normalize=True).float().to(device)
         if embeddings.shape[1] != d:
             raise InputError(
                 f"the text embeddings have {embeddings.shape[1]} dimensions but the store's terms have {d}: "
@@ -261,17 +262,13 @@ class HeadIndex:
     @property
     def n_images(self) -> int:
         """Finished images searched (the others are not yet collected)."""
-        return sum(stop - start for start, stop in self._chunk_rows())
-
-    def _chunk_rows(self) -> list[tuple[int, int]]:
-        size, n = self.store.chunk_size, self.store.n_images
-        return [(c * size, min(n, (c + 1) * size)) for c in self.store.done_chunks()]
+        return self.store.n_done
 
     def terms(self) -> Iterator[tuple[int, Float[Tensor, "chunk d"]]]:
         """``(first row, summed head terms)`` of each finished chunk, read from the Zarr array one chunk
         at a time (the whole ``heads`` array never is)."""
         array = _heads_array(self.store)
-        for start, stop in self._chunk_rows():
+        for start, stop in self.store.done_rows():
             terms = torch.from_numpy(array[start:stop]).to(self.device, torch.float32)
             yield start, sum_heads(terms, self.store.head_layers, self.heads)
 

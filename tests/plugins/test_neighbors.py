@@ -93,7 +93,7 @@ class TestExactTopK:
         terms = torch.randn(50, 1, 2, 8, generator=torch.Generator().manual_seed(2))
         store = fake_store(tmp_path / "s", terms.numpy(), chunk_size=10, done=[1, 3])
         index = HeadIndex.from_store(store, heads=["L0H1"])
-        assert index.n_images == 20
+        assert store.done_rows() == [(10, 20), (30, 40)] and store.n_done == index.n_images == 20
         queries = torch.randn(3, 8)
         scores, indices = index.search(queries, k=20)
         finished = torch.cat([torch.arange(10, 20), torch.arange(30, 40)])
@@ -321,6 +321,8 @@ class TestConcepts:
         torch.testing.assert_close(scores.double(), expected_scores, atol=1e-5, rtol=0)
         assert torch.equal(indices, expected_indices)
         assert index.search_texts == texts
+        # no autograd graph: it would hold every chunk's rows in memory
+        assert not (index.concepts.directions.requires_grad or index.concepts.mean.requires_grad)
 
     def test_bad_concepts(self, toy, world, tmp_path):
         store, labels = world
