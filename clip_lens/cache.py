@@ -142,3 +142,13 @@ class TextActivationCache(CLIPActivationCache):
     """A :class:`CLIPActivationCache` over the text tower (final LayerNorm ``ln_final``)."""
 
     final_ln = "ln_final"
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        try:
+            return super().__getitem__(key)
+        except KeyError as exc:  # also TransformerLens' (name, layer) keys, which raise a bare KeyError
+            note = getattr(self.model, "unhooked_note", None)  # a Hugging Face text tower: 2 hooks only
+            if note is None:
+                raise
+            what = str(exc) if isinstance(exc, HookNameError) else f"'{exc.args[0]}' is not in this cache."
+            raise HookNameError(f"{what} {note}") from None

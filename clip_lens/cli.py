@@ -156,6 +156,8 @@ def hooks(
     _, cache = hooked.run_with_cache(**inputs)
     names = [name for name in cache.keys() if name.startswith("text.") == (tower == "text")]
     shrunk = "" if model in bundled_models() else ", shrunk to 1 layer for speed (blocks.0.* repeats for every layer)"
+    if tower == "text" and getattr(hooked.text, "unhooked_note", None):  # HF text tower: 2 hooks, not shrunk
+        shrunk = " (a Hugging Face model: only these hooks, its internals are not hooked)"
     typer.echo(f"# {model} {tower} tower{shrunk}; shapes for a batch of 1")
     width = max(len(name) for name in names)
     for name in names:

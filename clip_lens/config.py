@@ -41,6 +41,10 @@ class TowerConfig:
     context_length: Optional[int] = None
     vocab_size: Optional[int] = None
     causal: bool = False
+    n_prefix_tokens: int = 0
+    """Class/register tokens before the patch tokens (vision), e.g. 1 for CLS, 0 for SigLIP."""
+    gated_mlp: bool = False
+    """SwiGLU MLPs (``mlp.hook_pre_linear`` exists)."""
     attn_pooler_heads: Optional[int] = None
     attn_pooler_queries: Optional[int] = None
     model_name: Optional[str] = None

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from clip_lens.components.readout import ReadoutPlan
 from clip_lens.errors import IndexOutOfRangeError, InputError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
@@ -67,10 +68,13 @@ class Decomposition:
     head_layers: list[int] = field(default_factory=list)
     token_layers: list[int] = field(default_factory=list)
     projected: bool = False
+    pooler_mlp: Optional[Float[Tensor, "batch out"]] = None
+    """The MLP inside a MAP attention pooler (SigLIP, PE-Core), as one term; None without one."""
 
     def total(self) -> Float[Tensor, "batch out"]:
         """Sum of all terms: reproduces ``embedding``."""
-        return self.embed + self.attn.sum(1) + self.mlp.sum(1) + self.bias
+        total = self.embed + self.attn.sum(1) + self.mlp.sum(1) + self.bias
+        return total if self.pooler_mlp is None else total + self.pooler_mlp
 
     def relative_error(self) -> Float[Tensor, "batch"]:
         """‖total() − embedding‖ / ‖embedding‖ per image."""
@@ -99,7 +103,7 @@ class Decomposition:
             embedding=divide(self.embedding), embedding_norm=torch.ones_like(scale), embed=divide(self.embed),
             attn=divide(self.attn), attn_bias=divide(self.attn_bias), mlp=divide(self.mlp), bias=divide(self.bias),
             heads=divide(self.heads), tokens=divide(self.tokens), head_layers=self.head_layers,
-            token_layers=self.token_layers, projected=self.projected,
+            token_layers=self.token_layers, projected=self.projected, pooler_mlp=divide(self.pooler_mlp),
         )
 
 
@@ -114,6 +118,7 @@ class Readout:
     weights: Float[Tensor, "batch channel pos"]
     maps: Float[Tensor, "channel d_model out"]
     const: Float[Tensor, "batch out"]
+    pooler_mlp: Optional[Float[Tensor, "batch out"]] = None
 
     def apply(self, components: list[Float[Tensor, "batch pos d_model"]]) -> Float[Tensor, "batch component out"]:
         """The contribution of each component, all at once: ``[batch, component, out]``."""
@@ -139,74 +144,85 @@ def _layers(spec: LayerSpec, n_layers: int, what: str) -> list[int]:
     return sorted(set(layers))
 
 
-def _pooled_positions(model: "HookedCLIP") -> tuple[slice, int]:
-    """The positions whose residual the pooling reads, and how many there are."""
-    cfg = model.cfg
-    if cfg.pool_type == "attn":
-        return slice(None), cfg.n_ctx
-    if cfg.pool_type == "tok":
-        return slice(0, 1), 1
-    if cfg.pool_type == "avg":
-        return slice(1, None), cfg.n_ctx - 1
-    raise UnsupportedArchitectureError(
-        f"pool_type='{cfg.pool_type}' returns one embedding per token; decompose() needs a pooled image embedding."
-    )
-
-
-def _projection(model: "HookedCLIP") -> Tensor:
-    proj = model.visual.proj
-    if proj is None:
-        width = model.visual.ln_post.weight.shape[0]
-        return torch.eye(width, device=model.device, dtype=model.dtype)
-    return proj
+def _plan(model: "HookedCLIP") -> ReadoutPlan:
+    if model.cfg.pool_type not in ("tok", "avg", "attn"):
+        raise UnsupportedArchitectureError(
+            f"pool_type='{model.cfg.pool_type}' returns one embedding per token; decompose() needs a pooled image embedding."
+        )
+    return model.visual.readout_plan()
 
 
 def _centre(matrix: Tensor, dim: int) -> Tensor:
     return matrix - matrix.mean(dim, keepdim=True)
 
 
-def _readout(model: "HookedCLIP", store: dict) -> Readout:
-    """Read-out weights and maps from the captured LayerNorm scales (and pooler pattern)."""
-    visual = model.visual
-    ln_post = visual.ln_post
-    proj = _projection(model)
-    post_map = ln_post.weight[:, None] * proj  # [d_pool, E]
-    post_bias = ln_post.bias @ proj
-    positions, n_pos = _pooled_positions(model)
-    scale = store["ln_post"]
-    batch = scale.shape[0]
+def _through_norm(ln, maps: Tensor, dim: int) -> Tensor:
+    """``C diag(γ) maps`` along ``dim`` (the input axis of ``maps``): a LayerNorm with frozen scale
+    followed by ``maps``; the caller divides by the scale."""
+    shape = [1] * maps.ndim
+    shape[dim] = -1
+    return _centre(ln.weight.view(shape) * maps, dim)
 
-    if visual.attn_pool is None:
-        if visual.final_ln_after_pool:  # LN of the pooled vector: one scale per image
-            weights = scale.reshape(batch, 1, 1).reciprocal().expand(batch, 1, n_pos) / n_pos
-        else:  # LN of every token, then pooling: each position has its own scale
-            weights = scale[:, positions, 0].reciprocal()[:, None, :] / n_pos
-        return Readout(positions, weights, _centre(post_map, 0)[None], post_bias.expand(batch, -1))
 
-    # Attentional pooler: pooled = pool_q ln_post(out_proj(Σ_t pattern[q,t] · v(ln_k(x_t)))).
-    pool, attn = visual.attn_pool, visual.attn_pool.attn
-    n_queries = pool.query.shape[0]
-    query_weight = torch.zeros(n_queries, device=scale.device, dtype=scale.dtype)
-    if visual.pool_type == "avg":
-        query_weight[1:] = 1.0 / (n_queries - 1)
-    elif visual.pool_type == "tok":
-        query_weight[0] = 1.0
+def _norm_bias(ln, maps: Tensor) -> Tensor:
+    """The LayerNorm's bias carried through ``maps [..., m, out]`` (0 without a bias)."""
+    if ln.bias is None:
+        return maps.new_zeros(maps.shape[-1])
+    return torch.einsum("m,...mo->...o", ln.bias, maps)
+
+
+def _readout(model: "HookedCLIP", plan: ReadoutPlan, store: dict) -> Readout:
+    """Read-out weights and maps from the captured LayerNorm scales (and pooler pattern).
+
+    Works backwards from the affine map: the pooled LayerNorm, the pooling (or the pooler's
+    per-query LayerNorm, query pooling and per-head value/output maps), the per-token LayerNorm.
+    Frozen scales become weights ``[batch, channel, pos]``; weights/centring become ``maps``.
+    """
+    modules = model.mod_dict
+    tail = plan.weight  # [d, out]: what the pooled vector goes through
+    batch = store["embed"].shape[0]
+    const = tail.new_zeros(batch, tail.shape[1]) + (0 if plan.bias is None else plan.bias)
+    per_image = tail.new_ones(batch)  # 1 / pooled scale
+    if plan.pooled_norm is not None:
+        ln = modules[plan.pooled_norm]
+        const = const + _norm_bias(ln, tail)
+        tail = _through_norm(ln, tail, 0)
+        per_image = store[plan.pooled_norm].reshape(batch).reciprocal()
+    pool_weights = plan.pool_weights.to(tail)
+    pooler_mlp = None
+
+    if plan.pooler is None:
+        weights = (per_image[:, None] * pool_weights[None, :])[:, None, :]  # [batch, 1, pos]
+        maps = tail[None]
     else:
-        raise UnsupportedArchitectureError("an attentional pooler with pool_type='none' has no single image embedding.")
-    query_scale = query_weight[None, :] / scale[..., 0]  # [batch, n_queries]
-    weights = torch.einsum("bq,bhqt->bht", query_scale, store["pool_pattern"]) / store["ln_k"][:, None, :, 0]
-    value_out = torch.einsum("hmk,hko->hmo", pool.ln_k.weight[None, :, None] * attn.W_V, attn.W_O)
-    maps = _centre(_centre(value_out, 1), 2) @ post_map  # ln_k centring (inputs), ln_post centring (outputs)
-    const_pre = torch.einsum("m,hmk,hko->o", pool.ln_k.bias, attn.W_V, attn.W_O)
-    const_pre = const_pre + torch.einsum("hk,hko->o", attn.b_V, attn.W_O) + attn.b_O
-    const = query_scale.sum(1, keepdim=True) * (_centre(const_pre, 0) @ post_map) + post_bias
-    return Readout(positions, weights, maps, const)
+        pooler = modules[plan.pooler]
+        query_weights = per_image[:, None] * pool_weights[None, :]  # [batch, query]
+        if plan.query_norm is not None:
+            ln = modules[plan.query_norm]
+            const = const + query_weights.sum(1, keepdim=True) * _norm_bias(ln, tail)
+            tail = _through_norm(ln, tail, 0)
+            query_weights = query_weights / store[plan.query_norm][..., 0]
+        attn = pooler.attn
+        value_out = torch.einsum("hmk,hko->hmo", attn.W_V, attn.W_O)  # [head, m, d]
+        pooler_const = torch.einsum("hk,hko->o", attn.b_V, attn.W_O) + attn.b_O
+        const = const + query_weights.sum(1, keepdim=True) * (pooler_const @ tail)
+        if pooler.has_mlp:
+            pooler_mlp = torch.einsum("bq,bqd,do->bo", query_weights, store["pooler_mlp"], tail)
+        maps = value_out @ tail  # [head, m, out]
+        weights = torch.einsum("bq,bhqt->bht", query_weights, store["pool_pattern"])
+    if plan.token_norm is not None:
+        ln = modules[plan.token_norm]
+        # every channel's weights sum over positions to its pooled weight (pattern rows sum to 1)
+        const = const + torch.einsum("br,ro->bo", weights.sum(-1), _norm_bias(ln, maps))
+        maps = _through_norm(ln, maps, 1)
+        weights = weights / store[plan.token_norm][:, plan.positions, 0][:, None, :]
+    return Readout(plan.positions, weights, maps, const, pooler_mlp)
 
 
 def _check_directions(model: "HookedCLIP", directions: Optional[Tensor]) -> Optional[Tensor]:
     if directions is None:
         return None
-    d_embed = model.cfg.d_embed or model.visual.ln_post.weight.shape[0]
+    d_embed = model.visual.output_affine()[0].shape[1]
     if not isinstance(directions, Tensor) or directions.ndim != 2 or directions.shape[1] != d_embed:
         shape = tuple(directions.shape) if isinstance(directions, Tensor) else type(directions).__name__
         raise InputError(f"directions must be a tensor [n_directions, {d_embed}], got {shape}.")
@@ -240,7 +256,8 @@ def decompose(
         A :class:`Decomposition` whose ``total()`` equals the un-normalised image embedding.
     """
     cfg = model.cfg
-    positions, _ = _pooled_positions(model)
+    plan = _plan(model)
+    positions = plan.positions
     token_layers = _layers(tokens, cfg.n_layers, "tokens")
     head_layers = sorted(set(_layers(heads, cfg.n_layers, "heads")) | set(token_layers))
     directions = _check_directions(model, directions)
@@ -256,9 +273,20 @@ def decompose(
         return hook
 
     at_positions = (slice(None), positions)
-    fwd_hooks = [("blocks.0.hook_resid_pre", save("embed", at_positions)), ("ln_post.hook_scale", save("ln_post"))]
+    fwd_hooks = [("blocks.0.hook_resid_pre", save("embed", at_positions))]
+    for norm in (plan.token_norm, plan.query_norm, plan.pooled_norm):
+        if norm is not None:
+            fwd_hooks.append((f"{norm}.hook_scale", save(norm)))
+    if plan.pooler is not None:
+        fwd_hooks.append((f"{plan.pooler}.attn.hook_pattern", save("pool_pattern")))
+        if model.mod_dict[plan.pooler].has_mlp:
+            fwd_hooks.append((f"{plan.pooler}.hook_mlp_out", save("pooler_mlp")))
     for layer in range(cfg.n_layers):
         fwd_hooks.append((f"blocks.{layer}.hook_mlp_out", save(("mlp", layer), at_positions)))
+        if layer in head_layers and model.blocks[layer].attn.ln_inner is not None:
+            fwd_hooks.append((f"blocks.{layer}.attn.ln_inner.hook_scale", save(("ln_inner", layer), at_positions)))
+        if layer in head_layers and model.blocks[layer].ln1_post is not None:
+            fwd_hooks.append((f"blocks.{layer}.ln1_post.hook_scale", save(("ln1_post", layer), at_positions)))
         if layer in head_layers:
             fwd_hooks.append((f"blocks.{layer}.attn.hook_z", save(("z", layer), at_positions)))
         else:
@@ -267,9 +295,6 @@ def decompose(
             query_rows = (slice(None), slice(None), positions)
             fwd_hooks.append((f"blocks.{layer}.attn.hook_pattern", save(("pattern", layer), query_rows)))
             fwd_hooks.append((f"blocks.{layer}.attn.hook_v", save(("v", layer))))
-    if model.visual.attn_pool is not None:
-        fwd_hooks.append(("attn_pool.ln_k.hook_scale", save("ln_k")))
-        fwd_hooks.append(("attn_pool.attn.hook_pattern", save("pool_pattern")))
 
     with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
         embedding = model.visual(images)
@@ -277,10 +302,12 @@ def decompose(
         raise InputError("the forward pass produced NaN/inf activations; check the weights and inputs.")
 
     with torch.no_grad():
-        readout = _readout(model, store)
+        readout = _readout(model, plan, store)
         if directions is not None:
             readout.maps = readout.maps @ directions.T
             readout.const = readout.const @ directions.T
+            if readout.pooler_mlp is not None:
+                readout.pooler_mlp = readout.pooler_mlp @ directions.T
         embedding_norm = embedding.norm(dim=-1)
         if directions is not None:
             embedding = embedding @ directions.T
@@ -289,21 +316,55 @@ def decompose(
         )
 
 
+def _head_scale(store: dict, layer: int) -> Optional[Tensor]:
+    """``[batch, pos]`` product of the frozen LayerNorm scales between the heads and the residual
+    (EVA02's LayerNorm over the heads, a post-norm block's ``ln1_post``), or None."""
+    scales = [store[(key, layer)][..., 0] for key in ("ln_inner", "ln1_post") if (key, layer) in store]
+    if not scales:
+        return None
+    return scales[0] if len(scales) == 1 else scales[0] * scales[1]
+
+
+def _head_W_O(block) -> Float[Tensor, "head d_head d_model"]:
+    """``W_O`` up to the residual stream: a post-norm block's ``ln1_post`` weight and centring folded in."""
+    W_O = block.attn.W_O
+    return W_O if block.ln1_post is None else _centre(W_O, -1) * block.ln1_post.weight
+
+
+def _attn_bias(block, store: dict, layer: int) -> Float[Tensor, "... d_model"]:
+    """The attention output's constant: ``b_O``, or per position after a post-norm ``(b_O C γ)/σ + β``."""
+    b_O = block.attn.b_O
+    if block.ln1_post is None:
+        return b_O
+    ln = block.ln1_post
+    shifted = _centre(b_O, 0) * ln.weight / store[("ln1_post", layer)]  # [batch, pos, d_model]
+    return shifted if ln.bias is None else shifted + ln.bias
+
+
 def _contributions(model, readout: Readout, store: dict, head_layers, token_layers, embedding, embedding_norm, projected):
     """Contract the captured activations with the read-out, all layers at once where possible."""
     blocks = model.visual.blocks
     n_layers = len(blocks)
     weights, maps = readout.weights, readout.maps
     pooled_weight = weights.sum(-1)  # [batch, channel]
-    b_O = torch.stack([block.attn.b_O for block in blocks])  # [layer, d_model]
-    attn_bias = torch.einsum("br,lm,rmo->blo", pooled_weight, b_O, maps)
+    biases = [_attn_bias(blocks[layer], store, layer) if layer in head_layers else blocks[layer].attn.b_O
+              for layer in range(n_layers)]
+    if all(b.ndim == 1 for b in biases):
+        attn_bias = torch.einsum("br,lm,rmo->blo", pooled_weight, torch.stack(biases), maps)
+    else:  # post-norm blocks: the bias differs per position
+        batch, n_pos = weights.shape[0], weights.shape[-1]
+        attn_bias = readout.apply([b.expand(batch, n_pos, -1) for b in biases])
     mlp = readout.apply([store[("mlp", layer)] for layer in range(n_layers)])
 
     attn = torch.empty_like(mlp)
     heads = None
     if head_layers:
-        W_O = torch.stack([blocks[layer].attn.W_O for layer in head_layers])  # [layer, head, d_head, d_model]
+        W_O = torch.stack([_head_W_O(blocks[layer]) for layer in head_layers])  # [layer, head, d_head, d_model]
         z = torch.stack([store[("z", layer)] for layer in head_layers], 1)  # [batch, layer, pos, head, d_head]
+        scales = [_head_scale(store, layer) for layer in head_layers]
+        if any(scale is not None for scale in scales):
+            ones = z.new_ones(z.shape[0], z.shape[2])
+            z = z / torch.stack([ones if s is None else s for s in scales], 1)[..., None, None]
         z = torch.einsum("brp,blphk->blrhk", weights, z)
         written = torch.einsum("blrhk,lhkm->blrhm", z, W_O)
         heads = torch.einsum("blrhm,rmo->blho", written, maps)
@@ -318,8 +379,12 @@ def _contributions(model, readout: Readout, store: dict, head_layers, token_laye
         batch, n_tokens = first_v.shape[:2]
         tokens = first_v.new_zeros(batch, len(token_layers), model.cfg.n_heads, n_tokens, maps.shape[-1])
         for i, layer in enumerate(token_layers):
-            pattern = torch.einsum("brp,bhpt->brht", weights, store[("pattern", layer)])
-            head_maps = torch.einsum("hkm,rmo->rhko", blocks[layer].attn.W_O, maps)  # W_O^h folded with read-out
+            pattern = store[("pattern", layer)]
+            scale = _head_scale(store, layer)
+            if scale is not None:  # the LayerNorm scales after the heads belong to the query position
+                pattern = pattern / scale[:, None, :, None]
+            pattern = torch.einsum("brp,bhpt->brht", weights, pattern)
+            head_maps = torch.einsum("hkm,rmo->rhko", _head_W_O(blocks[layer]), maps)  # W_O^h folded with read-out
             for r in range(head_maps.shape[0]):
                 values = torch.einsum("bthk,hko->bhto", store[("v", layer)], head_maps[r])
                 tokens[:, i].addcmul_(pattern[:, r, :, :, None], values)
@@ -331,6 +396,7 @@ def _contributions(model, readout: Readout, store: dict, head_layers, token_laye
         attn_bias=attn_bias,
         mlp=mlp,
         bias=readout.const,
+        pooler_mlp=readout.pooler_mlp,
         heads=heads,
         tokens=tokens,
         head_layers=list(head_layers),

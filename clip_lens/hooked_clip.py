@@ -16,6 +16,7 @@ from clip_lens.cache import CLIPActivationCache
 from clip_lens.config import TowerConfig
 from clip_lens.errors import HookNameError, InputError, close_matches
 from clip_lens.text import TextTower
+from clip_lens.towers.hf_text import HFTextEncoder, HFTextTower, LazyHFTokenizer
 from clip_lens.vision import VisionTower
 
 TOWER_PREFIX = "visual."  # the image tower's hooks are exposed without this prefix
@@ -31,12 +32,29 @@ def _eval_transform(model: nn.Module) -> Optional[Callable]:
     return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 
 
+def _image_tower(visual: nn.Module, model_name: Optional[str]) -> nn.Module:
+    """The hooked image tower of a family: open_clip's ViT, or a timm trunk (SigLIP, EVA, PE-Core, …)."""
+    if type(visual).__name__ == "TimmModel":
+        from clip_lens.towers.timm_vit import TimmVisionTower
+
+        return TimmVisionTower(visual, model_name)
+    return VisionTower(visual, model_name)
+
+
+def _text_tower(model: nn.Module, model_name: Optional[str]) -> nn.Module:
+    """The hooked text tower: open_clip's own text transformer, or a Hugging Face one (run as it is)."""
+    if isinstance(getattr(model, "text", None), HFTextEncoder):
+        return HFTextTower(model.text, model_name)
+    return TextTower(model, model_name)
+
+
 class HookedCLIP(HookedRootModule):
     """An OpenCLIP model whose image and text towers expose named hook points.
 
     The image tower's hooks sit at the top level (``blocks.3.attn.hook_pattern``), the text
     tower's under ``text.`` (``text.blocks.3.attn.hook_pattern``); see the tables in
-    :class:`~clip_lens.vision.VisionTower`, :class:`~clip_lens.text.TextTower` and
+    :class:`~clip_lens.vision.VisionTower`, :class:`~clip_lens.text.TextTower` (or
+    :class:`~clip_lens.towers.hf_text.HFTextTower`: two hooks for a Hugging Face text tower) and
     ``docs/concepts/hooks.md`` for the full ordered list with shapes. Parameters are shared
     with the open_clip model it was built from. Outputs equal open_clip's (fp32, ≤1e-5).
 
@@ -53,13 +71,15 @@ class HookedCLIP(HookedRootModule):
         tokenizer: Optional[Callable] = None,
     ):
         super().__init__()
-        self.visual = VisionTower(model.visual, model_name)
-        self.text = TextTower(model, model_name)
+        self.visual = _image_tower(model.visual, model_name)
+        self.text = _text_tower(model, model_name)
         self.logit_scale = model.logit_scale
         self.logit_bias = getattr(model, "logit_bias", None)
         self.model_name = model_name
         self.pretrained = pretrained
         self.preprocess = preprocess if preprocess is not None else _eval_transform(model)
+        if tokenizer is None and isinstance(self.text, HFTextTower):  # open_clip.get_tokenizer would download
+            tokenizer = LazyHFTokenizer(self.text.cfg.extra["hf_model_name"], model_name=model_name)
         self.tokenizer = tokenizer
         self.eval()
         self.setup()
@@ -129,11 +149,11 @@ class HookedCLIP(HookedRootModule):
 
     @property
     def device(self) -> torch.device:
-        return self.visual.conv1.weight.device
+        return self.visual.device_weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.visual.conv1.weight.dtype
+        return self.visual.device_weight.dtype
 
     def _enable_hook_with_name(self, name: str, hook: Callable, dir: str) -> None:
         self.check_hook_name(name)
@@ -147,7 +167,10 @@ class HookedCLIP(HookedRootModule):
     def check_hook_name(self, name: str) -> None:
         """Raise :class:`HookNameError` (listing close names) for an unknown hook name."""
         if name not in self.hook_dict:
-            raise HookNameError(f"No hook named '{name}'.{close_matches(name, self.hook_dict)}")
+            note = getattr(self.text, "unhooked_note", None) if name.startswith("text.") else None
+            raise HookNameError(
+                f"No hook named '{name}'.{close_matches(name, self.hook_dict)}" + (f" {note}" if note else "")
+            )
 
     def run_with_cache(self, *model_args: Any, names_filter=None, **kwargs: Any):
         """Run the model and return ``(output, CLIPActivationCache)`` (TransformerLens semantics).

@@ -92,8 +92,6 @@ def unsupported_feature(config: Mapping[str, Any]) -> Optional[str]:
         return f"timm image tower ({vision['timm_model_name']})"
     if isinstance(vision.get("layers"), (list, tuple)):
         return "ResNet image tower"
-    if text.get("hf_model_name"):
-        return f"Hugging Face text tower ({text['hf_model_name']})"
     if isinstance(vision.get("attentional_pool"), str):
         return f"attentional_pool='{vision['attentional_pool']}'"
     for cfg, tower in ((vision, "image"), (text, "text")):
@@ -280,6 +278,9 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], sour
     if "positional_embedding" in state_dict and not hasattr(model, "positional_embedding"):
         state_dict = convert_to_custom_text_state_dict(state_dict)
     expected = model.state_dict()
+    position_ids = "text.transformer.embeddings.position_ids"  # HF text towers saved by transformers < 4.31
+    if position_ids in state_dict and position_ids not in expected:
+        del state_dict[position_ids]  # a non-persistent buffer today; open_clip drops it too
     for key in ("logit_scale", "logit_bias"):  # scalar vs 1-d parameter, as open_clip does
         if key in state_dict and key in expected and state_dict[key].shape != expected[key].shape:
             if state_dict[key].numel() == expected[key].numel():
@@ -334,6 +335,12 @@ def load_open_clip(
     kwargs: dict[str, Any] = {}
     if config_overrides:
         kwargs = {k: v for k, v in config.items() if k in config_overrides}
+    tokenizer, hf_repo = None, config.get("text_cfg", {}).get("hf_model_name")
+    if hf_repo:  # Hugging Face text tower: its config from local files, never a silent download
+        from clip_lens.towers.hf_text import prepare_hf_text_cfg
+
+        is_tag = pretrained is not None and not _looks_like_path(pretrained)
+        kwargs["text_cfg"], tokenizer = prepare_hf_text_cfg(model_name, config["text_cfg"], allow_download=is_tag)
 
     def build(tag: Optional[str] = None) -> nn.Module:
         try:
@@ -369,4 +376,6 @@ def load_open_clip(
             f"{close_matches(str(pretrained), tags)} Tags: {', '.join(tags) or 'none'}."
         )
     model.eval()
-    return LoadedModel(model, model_name, None if pretrained is None else str(pretrained))
+    if hf_repo:  # name the HF model by its repo id, not the cache snapshot its config was read from
+        model.text.config.name_or_path = hf_repo
+    return LoadedModel(model, model_name, None if pretrained is None else str(pretrained), tokenizer)

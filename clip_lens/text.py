@@ -65,7 +65,7 @@ class TextTower(nn.Module):
         self.positional_embedding = source.positional_embedding
         self.hook_embed = HookPoint()
         self.hook_pos_embed = HookPoint()
-        self.blocks = nn.ModuleList(TransformerBlock(b) for b in source.transformer.resblocks)
+        self.blocks = nn.ModuleList(TransformerBlock.from_open_clip(b) for b in source.transformer.resblocks)
         self.ln_final = LayerNorm(source.ln_final)
         self.text_projection = source.text_projection
         self.hook_pooled = HookPoint()

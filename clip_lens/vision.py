@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from clip_lens.components import AttentionalPooler, LayerNorm, TransformerBlock
+from clip_lens.components.readout import ReadoutPlan
 from clip_lens.config import TowerConfig
 from clip_lens.errors import UnsupportedArchitectureError
 
@@ -55,7 +56,7 @@ class VisionTower(nn.Module):
         self.hook_embed = HookPoint()
         self.hook_pos_embed = HookPoint()
         self.ln_pre = None if isinstance(visual.ln_pre, nn.Identity) else LayerNorm(visual.ln_pre)
-        self.blocks = nn.ModuleList(TransformerBlock(b) for b in visual.transformer.resblocks)
+        self.blocks = nn.ModuleList(TransformerBlock.from_open_clip(b) for b in visual.transformer.resblocks)
         self.attn_pool = None if visual.attn_pool is None else AttentionalPooler(visual.attn_pool)
         self.ln_post = LayerNorm(visual.ln_post)
         self.proj = visual.proj
@@ -83,11 +84,48 @@ class VisionTower(nn.Module):
             image_size=tuple(visual.image_size),
             patch_size=tuple(visual.patch_size),
             grid_size=tuple(visual.grid_size),
+            n_prefix_tokens=1,
             attn_pooler_heads=None if self.attn_pool is None else self.attn_pool.n_heads,
             attn_pooler_queries=None if self.attn_pool is None else self.attn_pool.query.shape[0],
             model_name=model_name,
             dtype=self.conv1.weight.dtype,
         )
+
+    @property
+    def device_weight(self) -> Tensor:
+        """A parameter whose device/dtype is the tower's."""
+        return self.conv1.weight
+
+    def output_affine(self) -> tuple[Float[Tensor, "m E"], None]:
+        """The projection after pooling (identity without one): ``pooled @ W``."""
+        if self.proj is not None:
+            return self.proj, None
+        ln = self.ln_post.weight
+        return torch.eye(ln.shape[0], device=ln.device, dtype=ln.dtype), None
+
+    def _pool_weights(self, n: int) -> Tensor:
+        """Weights of open_clip's pooling over ``n`` tokens (or queries): the first, or the mean of the rest."""
+        weights = self.device_weight.new_zeros(n)
+        if self.pool_type == "tok":
+            weights[0] = 1.0
+        elif self.pool_type == "avg":
+            weights[1:] = 1.0 / (n - 1)
+        else:
+            raise UnsupportedArchitectureError(
+                f"pool_type='{self.pool_type}' returns one embedding per token; decompose() needs a pooled image embedding."
+            )
+        return weights
+
+    def readout_plan(self) -> ReadoutPlan:
+        weight, bias = self.output_affine()
+        if self.attn_pool is not None:  # CoCa: ln_k per token, ln_post per query, then pooling
+            n_queries = self.attn_pool.query.shape[0]
+            return ReadoutPlan(slice(None), self._pool_weights(n_queries), weight, bias, token_norm="attn_pool.ln_k",
+                               pooler="attn_pool", query_norm="ln_post")
+        weights = self._pool_weights(self.cfg.n_ctx)
+        positions = slice(0, 1) if self.pool_type == "tok" else slice(1, None)
+        norm = "pooled_norm" if self.final_ln_after_pool else "token_norm"
+        return ReadoutPlan(positions, weights[positions], weight, bias, **{norm: "ln_post"})
 
     def pool(self, x: Float[Tensor, "batch n m"]) -> Float[Tensor, "batch m"]:
         if self.pool_type == "avg":

@@ -40,8 +40,12 @@ def _qkv_biases(mha: nn.MultiheadAttention) -> tuple[Optional[Tensor], Optional[
     return tuple(mha.in_proj_bias.chunk(3, dim=0))  # type: ignore[return-value]
 
 
-class Attention(nn.Module):
-    """Self-attention of one block, split into heads.
+class HeadAttention(nn.Module):
+    """Attention split into heads: the hooks and maths every attention family shares.
+
+    Subclasses say where the weights live (TransformerLens layout properties ``W_Q/W_K/W_V``
+    ``[h, m, d]``, ``b_Q/b_K/b_V`` ``[h, d]``, ``W_O`` ``[h, d, m]``, ``b_O`` ``[m]``) and how
+    q/k/v are projected; this class computes the pattern, ``z`` and per-head results.
 
     Hooks (``n`` = sequence length, ``h`` = head, ``d`` = d_head, ``m`` = d_model):
         hook_q, hook_k, hook_v: ``[batch, n, h, d]``.
@@ -51,21 +55,63 @@ class Attention(nn.Module):
         hook_result: ``[batch, n, h, m]``, each head's output ``z_h W_O^h`` (LayerScale folded
         in), computed only when hooked or with ``cfg.use_attn_result``.
 
-    The block's ``hook_attn_out`` equals ``hook_result.sum(-2) + b_O``. ``W_O`` and ``b_O``
-    include the block's LayerScale, so per-head results add up to what enters the residual.
+    The block's ``hook_attn_out`` equals ``hook_result.sum(-2) + b_O``.
+    """
+
+    def __init__(self, n_heads: int, d_model: int, d_head: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.d_model = d_model
+        self.d_head = d_head
+        self.use_attn_result = False
+        # a LayerNorm over the concatenated heads before the output projection (EVA02), else None
+        self.ln_inner: Optional[LayerNorm] = None
+        for name in ("q", "k", "v", "attn_scores", "pattern", "z", "result"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def attend(
+        self,
+        q: Float[Tensor, "batch nq h d"],
+        k: Float[Tensor, "batch nk h d"],
+        v: Float[Tensor, "batch nk h d"],
+        attn_mask: Optional[Tensor],
+    ) -> Float[Tensor, "batch nq h d"]:
+        """Attention given hooked q/k/v; the pattern is materialised only when hooked."""
+        if hooks_active(self.hook_attn_scores, self.hook_pattern):
+            scores = torch.einsum("bqhd,bkhd->bhqk", q * (1.0 / math.sqrt(self.d_head)), k)
+            if attn_mask is not None:
+                scores = scores + attn_mask
+            scores = self.hook_attn_scores(scores)
+            pattern = self.hook_pattern(scores.softmax(dim=-1))
+            return torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
+        )
+        return z.transpose(1, 2)
+
+    def output(self, z: Float[Tensor, "batch n h d"]) -> Float[Tensor, "batch n m"]:
+        if self.use_attn_result or hooks_active(self.hook_result):
+            result = self.hook_result(torch.einsum("bnhd,hdm->bnhm", z, self.W_O))
+            return result.sum(-2) + self.b_O
+        return self.fused_output(einops.rearrange(z, "b n h d -> b n (h d)"))
+
+    def fused_output(self, z: Float[Tensor, "batch n hd"]) -> Float[Tensor, "batch n m"]:
+        """The output projection on the concatenated heads, as the wrapped module computes it."""
+        raise NotImplementedError
+
+
+class Attention(HeadAttention):
+    """Self-attention of an open_clip block, split into heads from its fused
+    ``nn.MultiheadAttention`` (``in_proj_weight`` / ``out_proj``). See :class:`HeadAttention`
+    for the hooks. ``W_O`` and ``b_O`` include the block's LayerScale, so per-head results add
+    up to what enters the residual.
     """
 
     def __init__(self, mha: nn.MultiheadAttention, layer_scale: Optional[nn.Parameter] = None):
-        super().__init__()
         _check_plain_mha(mha)
+        super().__init__(mha.num_heads, mha.embed_dim, mha.head_dim)
         self.mha = mha
         self.layer_scale = layer_scale
-        self.n_heads = mha.num_heads
-        self.d_model = mha.embed_dim
-        self.d_head = mha.head_dim
-        self.use_attn_result = False
-        for name in ("q", "k", "v", "attn_scores", "pattern", "z", "result"):
-            setattr(self, f"hook_{name}", HookPoint())
 
     # --- weights in TransformerLens layout -------------------------------------------------
     @property
@@ -104,31 +150,8 @@ class Attention(nn.Module):
         out = F.linear(x, _qkv_weights(self.mha)[which], _qkv_biases(self.mha)[which])
         return einops.rearrange(out, "b n (h d) -> b n h d", h=self.n_heads)
 
-    def attend(
-        self,
-        q: Float[Tensor, "batch nq h d"],
-        k: Float[Tensor, "batch nk h d"],
-        v: Float[Tensor, "batch nk h d"],
-        attn_mask: Optional[Tensor],
-    ) -> Float[Tensor, "batch nq h d"]:
-        """Attention given hooked q/k/v; the pattern is materialised only when hooked."""
-        if hooks_active(self.hook_attn_scores, self.hook_pattern):
-            scores = torch.einsum("bqhd,bkhd->bhqk", q * (1.0 / math.sqrt(self.d_head)), k)
-            if attn_mask is not None:
-                scores = scores + attn_mask
-            scores = self.hook_attn_scores(scores)
-            pattern = self.hook_pattern(scores.softmax(dim=-1))
-            return torch.einsum("bhqk,bkhd->bqhd", pattern, v)
-        z = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask
-        )
-        return z.transpose(1, 2)
-
-    def output(self, z: Float[Tensor, "batch n h d"]) -> Float[Tensor, "batch n m"]:
-        if self.use_attn_result or hooks_active(self.hook_result):
-            result = self.hook_result(torch.einsum("bnhd,hdm->bnhm", z, self.W_O))
-            return result.sum(-2) + self.b_O
-        out = self.mha.out_proj(einops.rearrange(z, "b n h d -> b n (h d)"))
+    def fused_output(self, z: Float[Tensor, "batch n hd"]) -> Float[Tensor, "batch n m"]:
+        out = self.mha.out_proj(z)
         return out if self.layer_scale is None else out * self.layer_scale
 
     def forward(
@@ -150,6 +173,8 @@ class AttentionalPooler(nn.Module):
     ``attn.hook_attn_scores``/``attn.hook_pattern [batch, h, n_queries, n]``,
     ``attn.hook_z [batch, n_queries, h, d]``, ``hook_out [batch, n_queries, d_out]``.
     """
+
+    has_mlp = False
 
     def __init__(self, pooler: nn.Module):
         super().__init__()
