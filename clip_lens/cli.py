@@ -124,12 +124,26 @@ def report(
 
 
 @app.command()
-def models() -> None:
-    """List the open_clip model names HookedCLIP supports."""
-    from clip_lens import list_models
+def models(
+    all_models: bool = typer.Option(
+        False, "--all", help="Every open_clip model: 'supported', or the reason it is not, and the pretrained tag count."
+    ),
+) -> None:
+    """List the model names HookedCLIP supports (bundled ones first)."""
+    from clip_lens.loading import list_models, model_coverage
 
-    for name in list_models():
-        typer.echo(name)
+    if not all_models:
+        for name in list_models():
+            typer.echo(name)
+        return
+    rows = model_coverage()
+    width = max(len(row.name) for row in rows)
+    for row in rows:
+        typer.echo(f"{row.name:<{width}}  {row.n_tags:>2} tags  {row.reason or 'supported'}")
+    pairs = sum(row.n_tags for row in rows)
+    accepted = sum(row.n_tags for row in rows if row.reason is None)
+    typer.echo(f"{accepted} of {pairs} pretrained (model, tag) pairs are supported "
+               f"({sum(row.reason is None for row in rows)} of {len(rows)} model names).")
 
 
 @app.command()

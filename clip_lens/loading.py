@@ -79,25 +79,100 @@ def load_bundled(name: str) -> LoadedModel:
     return LoadedModel(model.eval(), name, f"bundled:{entry['weights']}", WordTokenizer.from_dict(meta["tokenizer"]))
 
 
-def list_models() -> list[str]:
-    """open_clip model names whose towers HookedCLIP reproduces exactly (ViT image + text)."""
-    native = [name for name in open_clip.list_models() if unsupported_feature(get_model_config(name)) is None]
-    return [*bundled_models(), *native]
+# What HookedCLIP reproduces, and why not where it does not: one table, read before anything is
+# built. timm image towers go by architecture name (the first matching pattern wins); a timm name
+# matching none is checked structurally on the meta device (no weights) by check_trunk.
+TIMM_TOWERS: tuple[tuple[str, Optional[str]], ...] = (
+    (r"^vit_.*siglip", None),  # SigLIP / SigLIP2: ViT + MAP attention pooler
+    (r"^(eva02_|eva_giant)", None),  # EVA01 / EVA02: rotary, SwiGLU, LayerNorm in attention and MLP, post-norm
+    (r"^vit_pe_core_", None),  # PE-Core: 2-D rotary, attention pooler
+    (r"^vit_.*_clip_", None),  # CLIP-style timm ViTs (MobileCLIP2-L-14)
+    (r"^vit_base_mci_", None),  # MobileCLIP-B: ViT after a conv stem (the stem is the embedding term)
+    (r"^vitamin_", None),  # ViTamin: conv stages (the embedding term), then a ViT with GeGLU MLPs
+    (r"^convnext", "ConvNeXt image tower (a convolutional network: no attention heads to hook)"),
+    (r"^fastvit", "MobileCLIP FastViT image tower (re-parameterised convolutions and attention)"),
+    (r"^swin", "Swin image tower (windowed attention with relative position bias)"),
+    (r"^vit_relpos", "ViT with relative position bias"),
+)
+NATIVE_REFUSALS = {
+    "resnet": "ResNet image tower (a convolutional network: no attention heads to hook)",
+    "attentional_pool": "attentional_pool='{value}' (open_clip marks it untested WIP)",
+    "custom_block": "custom attention block in the {tower} tower ({features})",
+    "timm_proj": "timm_proj='mlp' (a non-linear projection head)",
+    "timm_pool": "timm_pool='{value}' (a convolutional attention pool)",
+}
+CUSTOM_BLOCK_FEATURES = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+
+
+def list_models(include_unsupported: bool = False) -> list[str]:
+    """open_clip model names whose towers HookedCLIP reproduces exactly, bundled models first.
+
+    With ``include_unsupported``: every open_clip name (see :func:`unsupported_feature` for why
+    some are refused).
+    """
+    names = open_clip.list_models()
+    if not include_unsupported:
+        names = [name for name in names if unsupported_feature(get_model_config(name)) is None]
+    return [*bundled_models(), *names]
+
+
+@dataclass
+class Coverage:
+    """One open_clip model name: why it is refused (None: supported) and how many pretrained tags it has."""
+
+    name: str
+    reason: Optional[str]
+    n_tags: int
+
+
+def model_coverage() -> list[Coverage]:
+    """Every open_clip model name with its refusal reason (None when supported) and pretrained tag count."""
+    return [
+        Coverage(name, unsupported_feature(get_model_config(name)), len(open_clip.list_pretrained_tags_by_model(name)))
+        for name in open_clip.list_models()
+    ]
+
+
+@functools.cache
+def timm_tower_problem(timm_name: str) -> Optional[str]:
+    """Why the timm image tower ``timm_name`` cannot be hooked exactly, or None (see ``TIMM_TOWERS``)."""
+    for pattern, reason in TIMM_TOWERS:
+        if re.search(pattern, timm_name):
+            return reason
+    import timm
+
+    from clip_lens.towers.timm_vit import check_trunk
+
+    try:
+        with torch.device("meta"):  # module tree only: no memory, no weights, no download
+            trunk = timm.create_model(timm_name, pretrained=False)
+    except Exception as exc:  # an architecture this timm cannot build
+        return f"timm cannot build '{timm_name}' ({type(exc).__name__}: {exc})"
+    return check_trunk(trunk)
 
 
 def unsupported_feature(config: Mapping[str, Any]) -> Optional[str]:
     """Why an open_clip model config cannot be hooked exactly, or None if it can."""
     vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
-    if vision.get("timm_model_name"):
-        return f"timm image tower ({vision['timm_model_name']})"
+    timm_name = vision.get("timm_model_name")
+    if timm_name:
+        problem = timm_tower_problem(timm_name)
+        if problem is not None:
+            return f"timm image tower {timm_name}: {problem}"
+        if vision.get("timm_proj") == "mlp":
+            return NATIVE_REFUSALS["timm_proj"]
+        if vision.get("timm_pool") in ("abs_attn", "rot_attn"):
+            return NATIVE_REFUSALS["timm_pool"].format(value=vision["timm_pool"])
+        return None
     if isinstance(vision.get("layers"), (list, tuple)):
-        return "ResNet image tower"
+        return NATIVE_REFUSALS["resnet"]
     if isinstance(vision.get("attentional_pool"), str):
-        return f"attentional_pool='{vision['attentional_pool']}'"
-    for cfg, tower in ((vision, "image"), (text, "text")):
-        custom = [k for k in ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc") if cfg.get(k)]
+        return NATIVE_REFUSALS["attentional_pool"].format(value=vision["attentional_pool"])
+    towers = [(vision, "image")] + ([] if text.get("hf_model_name") else [(text, "text")])
+    for cfg, tower in towers:
+        custom = [k for k in CUSTOM_BLOCK_FEATURES if cfg.get(k)]
         if custom or cfg.get("block_type") == "custom":
-            return f"custom attention block in the {tower} tower ({', '.join(custom) or 'block_type=custom'})"
+            return NATIVE_REFUSALS["custom_block"].format(tower=tower, features=", ".join(custom) or "block_type=custom")
     return None
 
 
@@ -330,7 +405,7 @@ def load_open_clip(
     if feature is not None:
         raise UnsupportedArchitectureError(
             f"'{model_name}' uses a {feature}, which HookedCLIP does not reproduce exactly. "
-            "Supported: open_clip VisionTransformer image towers with open_clip text towers (clip_lens.list_models())."
+            "`clip-lens models --all` lists every open_clip model with the reason."
         )
     kwargs: dict[str, Any] = {}
     if config_overrides:

@@ -62,14 +62,17 @@ class GatedMLP(MLP):
     ``hook_post`` (their product), all ``[batch, n, d_mlp]``.
 
     ``fc_gate``/``fc_in`` are two linear layers, or (``fc_in=None``) one packed layer whose output
-    halves are ``[gate, linear]`` (``[linear, gate]`` with ``gate_last``).
+    halves are ``[gate, linear]`` (``[linear, gate]`` with ``gate_last``). ``input_norm``: a
+    LayerNorm the MLP applies to its input first (ViTamin's GeGLU), hooked as ``ln_in.*``.
     """
 
     def __init__(self, fc_gate: nn.Module, fc_in: Optional[nn.Module], act: nn.Module, fc_out: nn.Module,
-                 inner_norm: Optional[nn.Module] = None, gate_last: bool = False):
+                 inner_norm: Optional[nn.Module] = None, gate_last: bool = False,
+                 input_norm: Optional[nn.Module] = None):
         super().__init__(fc_gate, act, fc_out, inner_norm)
         self.fc_in = fc_in
         self.gate_last = gate_last
+        self.ln_in = None if input_norm is None or isinstance(input_norm, nn.Identity) else LayerNorm(input_norm)
         self.hook_pre_linear = HookPoint()
 
     @property
@@ -77,6 +80,8 @@ class GatedMLP(MLP):
         return self.c_fc.out_features // (2 if self.fc_in is None else 1)
 
     def hidden(self, x: Float[Tensor, "batch n d_model"]) -> Float[Tensor, "batch n d_mlp"]:
+        if self.ln_in is not None:
+            x = self.ln_in(x)
         if self.fc_in is None:
             gate, linear = self.c_fc(x).chunk(2, dim=-1)
             if self.gate_last:

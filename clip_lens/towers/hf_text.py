@@ -66,7 +66,7 @@ def _max_tokens(config: Any) -> int:
     if n_pos is None:  # relative positions (mT5): no hard limit, T5's training length
         return int(getattr(config, "n_positions", None) or 512)
     if config.model_type in ROBERTA_LIKE:  # position ids count from pad_token_id + 1
-        return int(n_pos)
+        return int(n_pos) - int(config.pad_token_id) - 1
     return int(n_pos)
 
 
@@ -215,16 +215,24 @@ def local_hf_config_dir(name: str) -> Optional[str]:
     return os.path.dirname(cached) if isinstance(cached, str) else None
 
 
-def has_local_tokenizer(name: str) -> bool:
-    """Whether a vocabulary file of the tokenizer ``name`` (a directory or a repo id) is on disk."""
+def local_tokenizer_dir(name: str) -> Optional[str]:
+    """A local directory holding the tokenizer ``name``'s vocabulary (``name`` or its HF cache snapshot), or None.
+
+    A directory, not the repo id, is what gets passed on: with a repo id, ``huggingface_hub``
+    contacts the Hub (agent detection) even when told ``local_files_only``.
+    """
     if os.path.isdir(name):
-        return any((Path(name) / f).is_file() for f in VOCABULARY_FILES)
+        return name if any((Path(name) / f).is_file() for f in VOCABULARY_FILES) else None
     from huggingface_hub import try_to_load_from_cache
 
-    try:
-        return any(isinstance(try_to_load_from_cache(name, f, cache_dir=hf_cache_dir()), str) for f in VOCABULARY_FILES)
-    except ValueError:  # not a valid repo id
-        return False
+    for filename in VOCABULARY_FILES:
+        try:
+            cached = try_to_load_from_cache(name, filename, cache_dir=hf_cache_dir())
+        except ValueError:  # not a valid repo id
+            return None
+        if isinstance(cached, str):
+            return os.path.dirname(cached)
+    return None
 
 
 def prepare_hf_text_cfg(
@@ -281,8 +289,9 @@ class LazyHFTokenizer:
     def _build(self) -> Callable:
         from open_clip.tokenizer import HFTokenizer
 
-        if has_local_tokenizer(self.name):
-            return HFTokenizer(self.name, context_length=self.context_length, local_files_only=True, **self.kwargs)
+        local = local_tokenizer_dir(self.name)
+        if local is not None:
+            return HFTokenizer(local, context_length=self.context_length, local_files_only=True, **self.kwargs)
         if self.allow_download:  # a pretrained tag: the user is online anyway
             return HFTokenizer(self.name, context_length=self.context_length, **self.kwargs)
         raise CheckpointNotFoundError(missing_hf_files_message(self.model_name, self.name, what="tokenizer"))

@@ -30,7 +30,7 @@ from clip_lens.errors import UnsupportedArchitectureError
 TRUNKS = ("VisionTransformer", "Eva")
 BLOCKS = ("Block", "EvaBlock", "EvaBlockPostNorm")
 ATTENTIONS = ("Attention", "EvaAttention", "AttentionRope")
-MLPS = ("Mlp", "SwiGLU", "GluMlp")
+MLPS = ("Mlp", "SwiGLU", "GluMlp", "GeGluMlp")
 POOLS = ("token", "avg", "map")
 
 
@@ -65,7 +65,7 @@ def _attention_problem(attn: nn.Module) -> Optional[str]:
 def _mlp_problem(mlp: nn.Module) -> Optional[str]:
     if _name(mlp) not in MLPS:
         return f"MLP {_name(mlp)}"
-    if not isinstance(getattr(mlp, "fc2", None), nn.Linear):
+    if not isinstance(getattr(mlp, "fc2", getattr(mlp, "w2", None)), nn.Linear):
         return f"MLP {_name(mlp)} with convolutional layers"
     return _norm_problem(getattr(mlp, "norm", None), "MLP")
 
@@ -101,8 +101,6 @@ def check_trunk(trunk: nn.Module, visual: Optional[nn.Module] = None) -> Optiona
             return problem
     if not _is_identity(trunk.norm) and not _is_identity(trunk.fc_norm):
         return "both a final norm and fc_norm"
-    if not _is_identity(getattr(trunk.patch_embed, "norm", None)) or not getattr(trunk.patch_embed, "flatten", True):
-        return "a normalised or unflattened patch embedding"
     if getattr(trunk, "patch_drop", None) is not None and _name(trunk.patch_drop) not in ("Identity", "PatchDropout"):
         return f"patch dropout {_name(trunk.patch_drop)}"
     for i, block in enumerate(trunk.blocks):
@@ -249,6 +247,8 @@ def _mlp(mlp: nn.Module) -> MLP:
     name = _name(mlp)
     if name == "SwiGLU":
         return GatedMLP(mlp.fc1_g, mlp.fc1_x, mlp.act, mlp.fc2, mlp.norm)
+    if name == "GeGluMlp":  # ViTamin: LayerNorm on the input, then GELU-gated
+        return GatedMLP(mlp.w0, mlp.w1, mlp.act, mlp.w2, input_norm=mlp.norm)
     if name == "GluMlp":
         return GatedMLP(mlp.fc1, None, mlp.act, mlp.fc2, mlp.norm, gate_last=mlp.gate_last)
     return MLP(mlp.fc1, mlp.act, mlp.fc2, mlp.norm)
@@ -426,7 +426,7 @@ class TimmVisionTower(nn.Module):
             positional_embedding_type="rotary" if self.rope is not None else "standard",
             gated_mlp=isinstance(first.mlp, GatedMLP),
             n_prefix_tokens=self.n_prefix_tokens,
-            dtype=trunk.patch_embed.proj.weight.dtype,
+            dtype=self.device_weight.dtype,
             extra={"timm_model": trunk.default_cfg.get("architecture"), "attn_ln_inner": first.attn.ln_inner is not None,
                    "mlp_ln_inner": first.mlp.ln_inner is not None},
         )
@@ -438,12 +438,12 @@ class TimmVisionTower(nn.Module):
     @property
     def device_weight(self) -> Tensor:
         """A parameter whose device/dtype is the tower's."""
-        return self.trunk.patch_embed.proj.weight
+        return self.blocks[0].attn.source.proj.weight
 
     def output_affine(self) -> tuple[Float[Tensor, "m E"], Optional[Float[Tensor, "E"]]]:
         """timm's classifier head and open_clip's projection after it, composed: ``pooled @ W + b``."""
         width = self.trunk.embed_dim
-        ref = self.trunk.patch_embed.proj.weight
+        ref = self.blocks[0].attn.source.proj.weight
         weight, bias = torch.eye(width, device=ref.device, dtype=ref.dtype), None
         layers = [self.trunk.head] + [m for name, m in self.head.named_children() if name == "proj"]
         for layer in layers:

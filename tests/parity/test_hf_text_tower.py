@@ -254,13 +254,20 @@ def test_unknown_text_hook_says_the_hf_internals_are_not_hooked(case):
 
 @pytest.fixture
 def no_network(monkeypatch):
-    """Fail on any download: sockets, the Hugging Face hub client, transformers and open_clip fetchers."""
+    """Fail on any download: sockets, the Hugging Face hub client, transformers and open_clip fetchers.
+
+    Attempts are also recorded and checked at teardown: a library that swallows the error and falls
+    back to its cache must not make the test pass.
+    """
     import huggingface_hub
     import huggingface_hub.file_download
     import open_clip.factory
     import open_clip.pretrained
 
+    attempts = []
+
     def refuse(*args, **kwargs):
+        attempts.append(args)
         raise AssertionError("a download was attempted")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
@@ -269,6 +276,8 @@ def no_network(monkeypatch):
                          (huggingface_hub, "snapshot_download"), (open_clip.factory, "download_pretrained"),
                          (open_clip.factory, "download_pretrained_from_hf"), (open_clip.pretrained, "download_pretrained")):
         monkeypatch.setattr(module, attr, refuse, raising=False)
+    yield
+    assert not attempts, f"network access attempted: {attempts[:3]}"
 
 
 @pytest.fixture
