@@ -32,8 +32,18 @@ Memory:
     memory freed (and cached by malloc) in earlier configs from hiding the cost.
   * ``out MB`` is the size of the tensors each call returns (exact, allocator-independent).
 
+Only the image tower is benchmarked, so by default the text tower is built with one layer and a
+64-token vocabulary (``--full-text-tower`` builds it as configured): the image tower, its weights
+and its random initialisation are unchanged (it is built first), but building is faster and the
+process holds ~100M fewer parameters (SigLIP's text tower alone is 110M). A Hugging Face text tower
+is built as configured. No tokenizer is used: the directions are random unit vectors.
+
+Everything model-specific comes from the hooked tower (``cfg.d_embed``, ``cfg.n_prefix_tokens``,
+``visual.output_affine()``), so open_clip's own ViT and timm towers (SigLIP's MAP pooler, EVA02's
+rotary embeddings and SwiGLU) run the same code.
+
 Examples:
-  python benchmarks/bench_decompose.py                     # CPU: ViT-B-32, batch 8, fp32
+  python benchmarks/bench_decompose.py                     # CPU: ViT-B-32, ViT-B-16-SigLIP, EVA02-B-16; batch 8, fp32
   python benchmarks/bench_decompose.py --device cuda       # ViT-B-16 b256, ViT-L-14 b128; fp32+bf16
   python benchmarks/bench_decompose.py --models ViT-B-16 --batch 4 --repeats 7 --json out.json
 """
@@ -65,7 +75,10 @@ TARGETS = {"hooked": 0.9, "heads": 0.8, "tokens+D": 0.5}
 N_DIRECTIONS = 1000
 N_TOKEN_LAYERS = 4
 SUM_CHECK_TOL = {torch.float32: 1e-4}  # DESIGN §4; lower precisions are reported only
+CPU_DEFAULT_MODELS = "ViT-B-32,ViT-B-16-SigLIP,EVA02-B-16"
+GPU_DEFAULT_MODELS = "ViT-B-16,ViT-L-14"
 GPU_DEFAULT_BATCH = {"ViT-B-16": 256, "ViT-L-14": 128}
+SMALL_TEXT_TOWER = {"layers": 1, "vocab_size": 64}  # the image benchmark never runs the text tower
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -107,7 +120,28 @@ def machine_info(device: torch.device) -> dict:
 
 
 # --- setup ----------------------------------------------------------------------------------
-def build(name: str, device: torch.device, dtype: torch.dtype, batch: int, seed: int = 0):
+def text_tower_kwargs(name: str, full_text_tower: bool) -> dict:
+    """``create_model`` kwargs that shrink the text tower (unused here) to one layer and a tiny vocabulary.
+
+    open_clip builds the image tower before the text tower, so the image weights (and their
+    random initialisation under the same seed) do not change. ``{}`` for a Hugging Face text
+    tower or when ``full_text_tower`` is set.
+    """
+    import copy
+
+    from open_clip.factory import get_model_config
+
+    config = None if full_text_tower else get_model_config(name)
+    text_cfg = (config or {}).get("text_cfg")
+    if not text_cfg or text_cfg.get("hf_model_name"):
+        return {}
+    text_cfg = copy.deepcopy(text_cfg)  # create_model's kwargs replace text_cfg as a whole
+    text_cfg.update(SMALL_TEXT_TOWER)
+    return {"text_cfg": text_cfg}
+
+
+def build(name: str, device: torch.device, dtype: torch.dtype, batch: int, seed: int = 0,
+          full_text_tower: bool = False):
     """open_clip model, HookedCLIP sharing its weights, an input batch and the directions."""
     import open_clip
 
@@ -118,7 +152,7 @@ def build(name: str, device: torch.device, dtype: torch.dtype, batch: int, seed:
         warnings.simplefilter("ignore")
         logging.disable(logging.WARNING)  # "No pretrained weights loaded": random init is intended
         try:
-            model = open_clip.create_model(name, pretrained=None)
+            model = open_clip.create_model(name, pretrained=None, **text_tower_kwargs(name, full_text_tower))
         finally:
             logging.disable(logging.NOTSET)
     model = model.to(device=device, dtype=dtype).eval()
@@ -126,7 +160,9 @@ def build(name: str, device: torch.device, dtype: torch.dtype, batch: int, seed:
     size = hooked.cfg.image_size
     gen = torch.Generator().manual_seed(seed + 1)
     images = torch.randn(batch, 3, *size, generator=gen).to(device=device, dtype=dtype)
-    d_embed = hooked.cfg.d_embed or hooked.visual.ln_post.weight.shape[0]  # no proj: width
+    # the width of the embedding decompose() works in: every tower's (timm head +) projection
+    d_embed = hooked.visual.output_affine()[0].shape[1]
+    assert hooked.cfg.d_embed in (None, d_embed), (hooked.cfg.d_embed, d_embed)
     directions = torch.randn(N_DIRECTIONS, d_embed, generator=gen)
     directions = (directions / directions.norm(dim=-1, keepdim=True)).to(device=device, dtype=dtype)
     return model, hooked, images, directions
@@ -194,7 +230,8 @@ def cpu_peak_child(args: argparse.Namespace) -> None:
     """Subprocess entry: peak RSS growth of one call of one config (printed as JSON)."""
     device = torch.device("cpu")
     dtype = DTYPES[args.dtype]
-    model, hooked, images, directions = build(args.models, device, dtype, args.batch)
+    model, hooked, images, directions = build(args.models, device, dtype, args.batch,
+                                              full_text_tower=args.full_text_tower)
     fn = make_fns(model, hooked, directions)[args.memory_child]
     with torch.inference_mode():
         fn(images[:1])  # lazy initialisation (thread pools, kernels) outside the measurement
@@ -213,10 +250,10 @@ def cpu_peak_child(args: argparse.Namespace) -> None:
     print("@@MEM " + json.dumps(result))
 
 
-def cpu_peak_memory(name: str, dtype: str, batch: int, config: str) -> dict:
+def cpu_peak_memory(name: str, dtype: str, batch: int, config: str, full_text_tower: bool = False) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--models", name, "--dtype", dtype,
            "--batch", str(batch), "--device", "cpu", "--memory-child", config,
-           "--threads", str(torch.get_num_threads())]
+           "--threads", str(torch.get_num_threads())] + (["--full-text-tower"] if full_text_tower else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("@@MEM "):
@@ -250,15 +287,20 @@ def time_calls(fn: Callable, images: torch.Tensor, iters: int, device: torch.dev
 
 def bench_one(name: str, dtype_name: str, batch: int, device: torch.device, args) -> dict:
     dtype = DTYPES[dtype_name]
-    model, hooked, images, directions = build(name, device, dtype, batch)
+    model, hooked, images, directions = build(name, device, dtype, batch, full_text_tower=args.full_text_tower)
     fns = make_fns(model, hooked, directions)
-    row: dict = {"model": name, "dtype": dtype_name, "batch": batch, "device": str(device),
-                 "n_layers": hooked.cfg.n_layers, "n_heads": hooked.cfg.n_heads,
-                 "n_ctx": hooked.cfg.n_ctx, "d_embed": hooked.cfg.d_embed, "configs": {}}
+    tcfg = hooked.cfg
+    tower = f"timm {tcfg.extra.get('timm_model')}" if "timm_model" in (tcfg.extra or {}) else "open_clip ViT"
+    d_embed = directions.shape[1]
+    row: dict = {"model": name, "dtype": dtype_name, "batch": batch, "device": str(device), "tower": tower,
+                 "n_layers": tcfg.n_layers, "n_heads": tcfg.n_heads, "n_ctx": tcfg.n_ctx,
+                 "n_prefix_tokens": tcfg.n_prefix_tokens, "pool_type": tcfg.pool_type, "d_embed": d_embed,
+                 "text_tower": "as configured" if args.full_text_tower or not text_tower_kwargs(name, False)
+                 else f"shrunk {SMALL_TEXT_TOWER}", "configs": {}}
     print(f"\n== {name}  {dtype_name}  batch {batch}  on {device} "
-          f"({hooked.cfg.n_layers} layers x {hooked.cfg.n_heads} heads, {hooked.cfg.n_ctx} tokens, "
-          f"d_embed {hooked.cfg.d_embed}; tokens= last {N_TOKEN_LAYERS} layers, D = [{N_DIRECTIONS}, "
-          f"{hooked.cfg.d_embed}])", flush=True)
+          f"({tower}: {tcfg.n_layers} layers x {tcfg.n_heads} heads, {tcfg.n_ctx} tokens of which "
+          f"{tcfg.n_prefix_tokens} prefix, pool {tcfg.pool_type}, d_embed {d_embed}; tokens= last "
+          f"{N_TOKEN_LAYERS} layers, D = [{N_DIRECTIONS}, {d_embed}])", flush=True)
 
     with torch.inference_mode():
         # correctness: the decompositions are exact and describe the same forward as open_clip
@@ -321,7 +363,7 @@ def bench_one(name: str, dtype_name: str, batch: int, device: torch.device, args
     if not args.no_memory and device.type == "cpu":
         del model, hooked, fns, images, directions  # let the children have the RAM
         for cfg in CONFIGS:
-            row["configs"][cfg]["memory"] = cpu_peak_memory(name, dtype_name, batch, cfg)
+            row["configs"][cfg]["memory"] = cpu_peak_memory(name, dtype_name, batch, cfg, args.full_text_tower)
 
     tol = SUM_CHECK_TOL.get(dtype)
     checks["sum_check_tol"] = tol
@@ -338,7 +380,7 @@ def fmt_mb(x: Optional[float]) -> str:
 
 def print_row(row: dict) -> None:
     c = row["checks"]
-    print(f"-- {row['model']} {row['dtype']} batch {row['batch']}")
+    print(f"-- {row['model']} {row['dtype']} batch {row['batch']} ({row['tower']}, text tower {row['text_tower']})")
     print(f"   {'config':34s} {'img/s':>9s} {'ms/batch':>9s} {'ratio':>7s} {'(range)':>13s} {'target':>7s} {'':5s} "
           f"{'peak MB':>9s} {'out MB':>8s}")
     for cfg in CONFIGS:
@@ -375,7 +417,7 @@ def print_summary(info: dict, rows: list[dict], args) -> None:
     mem_note = ("CUDA max_memory_allocated growth during one call" if info["device"].startswith("cuda")
                 else "peak RSS growth during one call in a fresh subprocess (weights+input excluded)")
     print(f"peak MB = {mem_note}; out MB = size of the returned tensors")
-    header = (f"{'model':10s} {'dtype':5s} {'batch':>5s} | {'raw img/s':>9s} | {'hooked':>13s} | "
+    header = (f"{'model':16s} {'dtype':5s} {'batch':>5s} | {'raw img/s':>9s} | {'hooked':>13s} | "
               f"{'heads':>13s} | {'tokens+D':>13s} | {'peak MB a/b/c/d':>27s} | {'sum-check c/d':>17s}")
     print(header)
     print("-" * len(header))
@@ -387,7 +429,7 @@ def print_summary(info: dict, rows: list[dict], args) -> None:
             return f"{e['ratio']:.2f}x {'PASS' if e['pass'] else 'MISS'}"
 
         mems = "/".join(fmt_mb(cfgs[k].get("memory", {}).get("peak_mb")) for k in CONFIGS)
-        print(f"{row['model']:10s} {row['dtype']:5s} {row['batch']:5d} | {cfgs['raw']['images_per_s']:9.2f} | "
+        print(f"{row['model']:16s} {row['dtype']:5s} {row['batch']:5d} | {cfgs['raw']['images_per_s']:9.2f} | "
               f"{cell('hooked'):>13s} | {cell('heads'):>13s} | {cell('tokens+D'):>13s} | {mems:>27s} | "
               f"{c['heads_sum_check']:.1e}/{c['tokens_sum_check']:.1e}")
     print("targets: hooked >= 0.9x, heads >= 0.8x, tokens+D >= 0.5x of raw open_clip throughput")
@@ -398,7 +440,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=None,
-                   help="comma-separated open_clip names (default: ViT-B-32 on CPU; ViT-B-16,ViT-L-14 on CUDA)")
+                   help=f"comma-separated open_clip names (default: {CPU_DEFAULT_MODELS} on CPU; "
+                        f"{GPU_DEFAULT_MODELS} on CUDA)")
     p.add_argument("--batch", type=int, default=None,
                    help="batch size for every model (default: 8 on CPU; 256 for ViT-B-16, 128 for ViT-L-14 on CUDA)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
@@ -411,6 +454,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-time", type=float, default=None,
                    help="target seconds per measurement; sets iterations per round (default 1.0 CPU, 0.5 CUDA)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--full-text-tower", action="store_true",
+                   help="build the text tower as configured (default: 1 layer, 64-token vocabulary; unused here)")
     p.add_argument("--json", metavar="OUT", help="write all results to this JSON file")
     p.add_argument("--memory-child", choices=CONFIGS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -429,7 +474,7 @@ def main(argv=None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda requested but torch.cuda.is_available() is False")
     on_gpu = device.type == "cuda"
-    models = (args.models or ("ViT-B-16,ViT-L-14" if on_gpu else "ViT-B-32")).split(",")
+    models = (args.models or (GPU_DEFAULT_MODELS if on_gpu else CPU_DEFAULT_MODELS)).split(",")
     dtypes = (args.dtype or ("fp32,bf16" if on_gpu else "fp32")).split(",")
     for d in dtypes:
         if d not in DTYPES:

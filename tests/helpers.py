@@ -16,12 +16,37 @@ from clip_lens.loading import model_config
 SHRINK = {"vision_cfg": {"layers": 2}, "text_cfg": {"layers": 2}}
 
 
-def build_open_clip(name: str, overrides: Optional[dict[str, Any]] = None, seed: int = 0) -> torch.nn.Module:
-    """A seeded random-init open_clip model of ``name`` with ``overrides`` merged into its config."""
+@contextmanager
+def timm_kwargs(**kwargs: Any):
+    """Pass ``kwargs`` (e.g. ``depth=2``) to every ``timm.create_model`` open_clip makes in the block.
+
+    open_clip's configs cannot shrink a timm tower (``vision_cfg.layers`` is ignored for them);
+    timm's model functions take the same architecture arguments as keyword overrides.
+    """
+    import open_clip.timm_model as timm_model
+
+    create = timm_model.timm.create_model
+
+    def shrunk(name, **options):
+        return create(name, **{**options, **kwargs})
+
+    timm_model.timm.create_model = shrunk
+    try:
+        yield
+    finally:
+        timm_model.timm.create_model = create
+
+
+def build_open_clip(
+    name: str, overrides: Optional[dict[str, Any]] = None, seed: int = 0, timm: Optional[dict[str, Any]] = None
+) -> torch.nn.Module:
+    """A seeded random-init open_clip model of ``name`` with ``overrides`` merged into its config
+    (and ``timm`` passed to timm for a timm image tower, e.g. ``{"depth": 2}``)."""
     overrides = SHRINK if overrides is None else overrides
     torch.manual_seed(seed)
     config = model_config(name, overrides)
-    model = open_clip.create_model(name, pretrained=None, **{k: v for k, v in config.items() if k in overrides})
+    with timm_kwargs(**(timm or {})):
+        model = open_clip.create_model(name, pretrained=None, **{k: v for k, v in config.items() if k in overrides})
     return model.eval()
 
 
@@ -37,15 +62,16 @@ def randomize_vectors(model: torch.nn.Module, seed: int = 1) -> None:
             if p.ndim != 1 or name in ("logit_scale", "logit_bias"):
                 continue
             noise = 0.1 * torch.randn(p.shape, generator=g)
-            if name.endswith(("ls_1.gamma", "ls_2.gamma")):
+            if name.endswith(("ls_1.gamma", "ls_2.gamma", "ls1.gamma", "ls2.gamma", "gamma_1", "gamma_2")):
                 p.copy_(0.5 + noise)
             else:
                 p.add_(noise)
 
 
-def hooked_pair(name: str, overrides: Optional[dict[str, Any]] = None, seed: int = 0, randomize: bool = False):
+def hooked_pair(name: str, overrides: Optional[dict[str, Any]] = None, seed: int = 0, randomize: bool = False,
+                timm: Optional[dict[str, Any]] = None):
     """``(open_clip_model, HookedCLIP)`` sharing parameters (``randomize``: see :func:`randomize_vectors`)."""
-    model = build_open_clip(name, overrides, seed)
+    model = build_open_clip(name, overrides, seed, timm)
     if randomize:
         randomize_vectors(model, seed + 1)
     return model, HookedCLIP.from_open_clip(model, name)

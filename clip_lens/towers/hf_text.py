@@ -11,7 +11,8 @@ Building such a model needs the Hugging Face ``config.json`` (and, for :meth:`Ho
 the tokenizer files). :func:`prepare_hf_text_cfg` finds them locally (a directory, or the Hugging
 Face cache) and never downloads unless the caller allows it; otherwise it raises
 :class:`~clip_lens.errors.CheckpointNotFoundError` saying what to download and where to put it.
-Nothing here imports ``transformers`` at module level: open_clip does that when it builds the encoder.
+This module imports no ``transformers`` code itself: ``open_clip.hf_model`` already tries to
+(leaving ``transformers = None`` when it is missing, which :func:`require_transformers` reports).
 """
 
 from __future__ import annotations
@@ -29,16 +30,13 @@ from transformer_lens.hook_points import HookPoint
 from clip_lens.config import TowerConfig
 from clip_lens.errors import CheckpointNotFoundError, ClipLensError, UnsupportedArchitectureError
 
-HF_TEXT_HOOKS = ("hook_pooled", "hook_text_embed")
-"""The only hook points of a Hugging Face text tower (under ``text.`` in HookedCLIP), in firing order."""
-
 UNHOOKED_NOTE = (
     "This model's text tower is a Hugging Face model: it exposes only text.hook_pooled and "
     "text.hook_text_embed (its attention, MLP and residual stream are not hooked)."
 )
 
 DEFAULT_CONTEXT_LENGTH = 77  # open_clip's tokenizer length when text_cfg has no context_length
-ROBERTA_LIKE = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert")  # positions start at pad_id + 1
+ROBERTA_LIKE = ("roberta", "xlm-roberta")  # position ids start at pad_token_id + 1
 # transformers builds an empty tokenizer without complaint when these are missing: check first
 VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model")
 TOKENIZER_FILES = (
@@ -121,7 +119,7 @@ class HFTextTower(nn.Module):
             n_layers=int(getattr(config, names["layers"])),
             n_heads=n_heads,
             d_model=d_model,
-            d_head=_first_attr(config, "d_kv", default=d_model // n_heads),
+            d_head=int(_first_attr(config, "d_kv", default=d_model // n_heads)),  # T5: d_kv
             d_mlp=int(_first_attr(config, "intermediate_size", "encoder_ffn_dim", "d_ff", default=0)),
             n_ctx=n_ctx,
             d_embed=int(encoder.output_dim),

@@ -152,7 +152,7 @@ class TimmAttention(HeadAttention):
     ``W_O`` folds its weight and centring, and ``hook_result`` is ``z_h W_O^h / scale``.
     """
 
-    def __init__(self, attn: nn.Module, layer_scale: Optional[Tensor], n_prefix_tokens: int):
+    def __init__(self, attn: nn.Module, layer_scale: Optional[Tensor], n_prefix_tokens: int, rotary: bool = False):
         super().__init__(attn.num_heads, attn.proj.out_features, attn.head_dim)
         self.source = attn
         self.layer_scale = layer_scale
@@ -161,8 +161,9 @@ class TimmAttention(HeadAttention):
         self.k_norm = None if _is_identity(attn.k_norm) else attn.k_norm
         self.ln_inner = None if _is_identity(attn.norm) else LayerNorm(attn.norm)
         self.rotate_half = bool(getattr(attn, "rotate_half", False))
-        self.hook_rot_q = HookPoint()
-        self.hook_rot_k = HookPoint()
+        if rotary:  # only towers with rotary embeddings have these hooks (every hook fires)
+            self.hook_rot_q = HookPoint()
+            self.hook_rot_k = HookPoint()
 
     # --- weights in TransformerLens layout -------------------------------------------------
     def _weight(self, which: int) -> Float[Tensor, "h m d"]:
@@ -254,14 +255,14 @@ def _mlp(mlp: nn.Module) -> MLP:
     return MLP(mlp.fc1, mlp.act, mlp.fc2, mlp.norm)
 
 
-def _block(block: nn.Module, n_prefix_tokens: int) -> TransformerBlock:
+def _block(block: nn.Module, n_prefix_tokens: int, rotary: bool) -> TransformerBlock:
     if _name(block) == "EvaBlockPostNorm":  # residual post-norm: the norms act on the branch outputs
         return TransformerBlock(
-            None, TimmAttention(block.attn, None, n_prefix_tokens), None, _mlp(block.mlp),
+            None, TimmAttention(block.attn, None, n_prefix_tokens, rotary), None, _mlp(block.mlp),
             ln1_post=LayerNorm(block.norm1), ln2_post=LayerNorm(block.norm2),
         )
     return TransformerBlock(
-        LayerNorm(block.norm1), TimmAttention(block.attn, _layer_scale(block, 1), n_prefix_tokens),
+        LayerNorm(block.norm1), TimmAttention(block.attn, _layer_scale(block, 1), n_prefix_tokens, rotary),
         LayerNorm(block.norm2), _mlp(block.mlp), _layer_scale(block, 2),
     )
 
@@ -389,7 +390,8 @@ class TimmVisionTower(nn.Module):
         self.hook_embed = HookPoint()
         self.hook_pos_embed = HookPoint()
         self.ln_pre = None if _is_identity(trunk.norm_pre) else LayerNorm(trunk.norm_pre)
-        self.blocks = nn.ModuleList(_block(b, self.n_prefix_tokens) for b in trunk.blocks)
+        rotary = getattr(trunk, "rope", None) is not None
+        self.blocks = nn.ModuleList(_block(b, self.n_prefix_tokens, rotary) for b in trunk.blocks)
         self.attn_pool = LatentAttentionPool(trunk.attn_pool) if trunk.global_pool == "map" else None
         # pool_include_prefix: timm's ViT feeds the pooler the patches only, Eva every token
         self.pool_from = 0 if getattr(trunk, "pool_include_prefix", True) else self.n_prefix_tokens
