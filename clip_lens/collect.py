@@ -14,6 +14,7 @@ Arrays of a store (``N`` images, ``D`` = d_embed, ``K`` = number of directions w
 ``embed``                 ``[N, D]`` the embedding (ln_pre) term        always
 ``attn``, ``mlp``         ``[N, L, D]`` per layer (attn: biases incl.)  always
 ``attn_bias``, ``bias``   ``[N, L, D]``, ``[N, D]`` constant terms       always
+``pooler_mlp``            ``[N, D]`` the MAP pooler's MLP term           SigLIP, PE-Core
 ``heads``                 ``[N, n_head_layers, H, D]``                  ``heads`` not None
 ``tokens``                ``[N, n_token_layers, H, P, K or D]``         ``tokens`` not None
 ``labels``                ``[N]`` int64 (-1: none)                      always
@@ -382,6 +383,8 @@ def _terms(model, pixels, head_layers, token_layers, directions) -> dict[str, Te
         "embedding": unit.embedding, "embedding_norm": norm, "embed": unit.embed, "attn": unit.attn,
         "attn_bias": unit.attn_bias, "mlp": unit.mlp, "bias": unit.bias,
     }
+    if unit.pooler_mlp is not None:
+        terms["pooler_mlp"] = unit.pooler_mlp
     if head_layers:
         terms["heads"] = unit.heads
     if token_layers:

@@ -19,10 +19,7 @@ def _unsupported_visual(visual: nn.Module) -> str:
     name = type(visual).__name__
     if name == "ModifiedResNet":
         return "ResNet image towers (RN50, RN101, …) are not supported: HookedCLIP wraps vision transformers."
-    if name == "TimmModel":
-        timm_name = getattr(getattr(visual, "trunk", None), "default_cfg", {}).get("architecture", "?")
-        return f"timm image towers ({timm_name}) are not supported: HookedCLIP wraps open_clip's own VisionTransformer."
-    return f"image tower {name} is not supported: HookedCLIP wraps open_clip's VisionTransformer."
+    return f"image tower {name} is not supported: HookedCLIP wraps open_clip's VisionTransformer and timm ViTs."
 
 
 class VisionTower(nn.Module):

@@ -223,3 +223,15 @@ def test_full_size_parity_and_sum_check(name):
         assert _max_diff(model.encode_text(tokens, normalize=True), hooked.encode_text(tokens, normalize=True)) <= ATOL
         parts = hooked.decompose(images, heads="all", tokens=[hooked.cfg.n_layers - 1])
     assert parts.relative_error().max() <= 1e-4
+
+
+def test_collected_store_of_a_siglip_tower_sums_to_the_unit_embedding(tmp_path):
+    """collect() keeps the MAP pooler's MLP term, so a SigLIP store's terms still add up."""
+    from clip_lens.collect import collect
+
+    model, hooked = hooked_pair("ViT-B-16-SigLIP", {"text_cfg": TEXT}, timm={"depth": 2})
+    randomize_vectors(model)
+    store = collect(hooked, random_images(hooked, batch=3), tmp_path / "store", batch_size=2, chunk_size=2)
+    total = sum(store.read(name).reshape(3, -1, hooked.cfg.d_embed).sum(1)
+                for name in ("embed", "attn", "mlp", "bias", "pooler_mlp"))
+    assert (total - store.read("embedding")).abs().max() <= 1e-4
