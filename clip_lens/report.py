@@ -232,8 +232,7 @@ def plot_tokens(
     """The first image beside its per-patch contribution norms (last layer, summed over heads)."""
     plt = _pyplot()
     n_patches = int(grid_size[0]) * int(grid_size[1])
-    has_cls = norms.shape[0] == n_patches + 1
-    patches = norms[1:] if has_cls else norms[:n_patches]
+    patches = norms[norms.shape[0] - n_patches:]  # after the prefix tokens (class, registers), if any
     grid = patches.reshape(int(grid_size[0]), int(grid_size[1])).cpu().numpy()
     layer = summary["tokens_image0"]["layer"]
 
@@ -244,7 +243,8 @@ def plot_tokens(
     ax_img.set_xlabel("x (pixels)")
     ax_img.set_ylabel("y (pixels)")
     im = ax_map.imshow(grid, cmap="magma", origin="upper")
-    cls = f"; CLS token: {float(norms[0]):.3g}" if has_cls else ""
+    n_prefix = norms.shape[0] - n_patches
+    cls = f"; prefix tokens: {float(norms[:n_prefix].sum()):.3g}" if n_prefix else ""
     ax_map.set_title(f"‖Σ_heads contribution of each patch‖₂ (pool: {pool_type}{cls})", fontsize="medium")
     ax_map.set_xlabel("patch column")
     ax_map.set_ylabel("patch row")

@@ -15,37 +15,48 @@ import pytest
 import torch
 
 from clip_lens import HookedCLIP, UnsupportedArchitectureError
+from clip_lens.loading import model_config
 from clip_lens.towers.timm_vit import TimmVisionTower
-from tests.helpers import build_open_clip, hooked_pair, random_images, randomize_vectors
+from tests.helpers import build_open_clip, hooked_pair, random_images, randomize_vectors, timm_kwargs
 from tests.parity.test_open_clip_parity import ATOL, _forward_parts, _max_diff, make_tokens
 
 TEXT = {"layers": 2, "vocab_size": 1000}  # the real 32k-256k vocabularies only cost memory here
-NARROW = {"depth": 2, "embed_dim": 256, "num_heads": 4}
+NARROW = {"depth": 2, "embed_dim": 256, "num_heads": 4}  # 4 heads of 64; keeps 2 CPU cores fast
+
+
+def overrides(name: str, timm: dict) -> dict:
+    """open_clip overrides matching a narrowed timm tower: SigLIP's image embedding *is* the trunk's
+    width (no projection), so the text tower and embed_dim narrow with it."""
+    config = model_config(name)
+    if config["vision_cfg"].get("timm_proj") == "none" and "embed_dim" in timm:
+        width = timm["embed_dim"]
+        return {"embed_dim": width, "text_cfg": {**TEXT, "width": width, "heads": 4}}
+    return {"text_cfg": TEXT}
 
 # name -> (timm kwargs, what the config covers, expected tower features)
 FAMILIES = {
-    "ViT-B-16-SigLIP": ({"depth": 2}, "SigLIP: no class token, MAP pooler with MLP, bidirectional text with proj bias",
+    "ViT-B-16-SigLIP": (NARROW, "SigLIP: no class token, MAP pooler with MLP, bidirectional text with proj bias",
                         dict(pool_type="attn", n_prefix_tokens=0, attn_pooler_queries=1)),
-    "ViT-B-32-SigLIP2-256": ({"depth": 2}, "SigLIP2: tanh-GELU in both towers",
+    "ViT-B-32-SigLIP2-256": (NARROW, "SigLIP2: tanh-GELU in both towers",
                              dict(pool_type="attn", act_fn="GELUTanh", n_prefix_tokens=0)),
-    "EVA02-B-16": ({"depth": 2}, "EVA02: rotary, SwiGLU with LayerNorm, LayerNorm over the heads",
+    "EVA02-B-16": (NARROW, "EVA02: rotary, SwiGLU with LayerNorm, LayerNorm over the heads",
                    dict(pool_type="tok", positional_embedding_type="rotary", gated_mlp=True, n_prefix_tokens=1)),
     "EVA01-g-14": (NARROW, "EVA01: plain Eva blocks, fused qkv with q/v biases", dict(pool_type="tok", gated_mlp=False)),
     "EVA02-E-14": (NARROW, "EVA02-E: residual post-norm blocks", dict(pool_type="tok")),
-    "PE-Core-T-16-384": ({"depth": 2}, "PE-Core: 2-D rotary, norm_pre, MAP pooler over the class token too",
+    "PE-Core-T-16-384": ({"depth": 2, "img_size": 224}, "PE-Core: 2-D rotary, norm_pre, MAP pooler over the class token too",
                          dict(pool_type="attn", has_ln_pre=True, positional_embedding_type="rotary", n_prefix_tokens=1)),
-    "PE-Core-bigG-14-448": (NARROW, "PE-Core bigG: no class token", dict(pool_type="attn", n_prefix_tokens=0)),
+    "PE-Core-bigG-14-448": ({**NARROW, "img_size": 224}, "PE-Core bigG: no class token", dict(pool_type="attn", n_prefix_tokens=0)),
     "MobileCLIP2-L-14": (NARROW, "CLIP-style timm ViT: norm_pre, class token, linear head", dict(pool_type="tok", has_ln_pre=True)),
     "MobileCLIP-B": ({"depth": 2}, "ViT after a convolutional stem (no_embed_class)", dict(pool_type="tok")),
     "ViTamin-S": ({"depth": 2}, "ViTamin: conv stages, GeGLU MLP with input LayerNorm, avg pool, open_clip linear proj",
                   dict(pool_type="avg", gated_mlp=True, n_prefix_tokens=0)),
-    "vit_medium_patch16_gap_256": ({"depth": 2, "fc_norm": True}, "global average pooling with fc_norm (LN after pooling)",
+    "vit_medium_patch16_gap_256": ({**NARROW, "fc_norm": True}, "global average pooling with fc_norm (LN after pooling)",
                                    dict(pool_type="avg", final_ln_after_pool=True)),
     # features no open_clip config has today, passed to timm: register tokens + qk_norm + LayerScale
     "ViT-B-16-SigLIP+reg+qk_norm+ls": (
-        {"depth": 2, "reg_tokens": 2, "class_token": True, "no_embed_class": True, "qk_norm": True, "init_values": 0.1},
+        {**NARROW, "reg_tokens": 2, "class_token": True, "no_embed_class": True, "qk_norm": True, "init_values": 0.1},
         "register tokens, class token, qk_norm, LayerScale on a MAP ViT", dict(n_prefix_tokens=3, layer_scale=True)),
-    "PE-Core-T-16-384+ls": ({"depth": 2, "init_values": 0.1}, "Eva LayerScale (gamma_1/gamma_2) with rotary",
+    "PE-Core-T-16-384+ls": ({"depth": 2, "img_size": 224, "init_values": 0.1}, "Eva LayerScale (gamma_1/gamma_2) with rotary",
                             dict(layer_scale=True)),
 }
 
@@ -56,10 +67,10 @@ def family(request):
     label = request.param
     timm, _, _ = FAMILIES[label]
     name = label.split("+")[0]
-    model, hooked = hooked_pair(name, {"text_cfg": TEXT}, timm=timm)
+    model, hooked = hooked_pair(name, overrides(name, timm), timm=timm)
     randomize_vectors(model)
     tokens = make_tokens(hooked)
-    images = random_images(hooked, batch=len(tokens))
+    images = random_images(hooked, batch=2)
     with torch.no_grad():
         ref = {
             "image": model.encode_image(images, normalize=True),
@@ -189,7 +200,7 @@ def test_decomposition_with_directions_is_the_projection(family):
 def test_decomposition_is_exact_in_float64():
     """In float64 the sum check is at float64 rounding: the linearisation itself is exact."""
     for name in ("EVA02-E-14", "EVA02-B-16", "ViT-B-16-SigLIP"):
-        model, _ = hooked_pair(name, {"text_cfg": TEXT}, timm=NARROW if name == "EVA02-E-14" else {"depth": 2})
+        model, _ = hooked_pair(name, overrides(name, NARROW), timm=NARROW)
         randomize_vectors(model)
         hooked = HookedCLIP.from_open_clip(model.double(), name)
         with torch.no_grad():
@@ -201,8 +212,8 @@ def test_unsupported_timm_block_is_refused_with_its_class_name():
     """A timm ViT with a block type HookedCLIP does not reproduce is refused, naming the class."""
     from timm.models.vision_transformer import ParallelScalingBlock
 
-    model = build_open_clip("ViT-B-16-SigLIP", {"text_cfg": TEXT}, timm={"depth": 2})
-    model.visual.trunk.blocks[1] = ParallelScalingBlock(model.visual.trunk.embed_dim, 12)
+    model = build_open_clip("ViT-B-16-SigLIP", overrides("ViT-B-16-SigLIP", NARROW), timm=NARROW)
+    model.visual.trunk.blocks[1] = ParallelScalingBlock(model.visual.trunk.embed_dim, 4)
     with pytest.raises(UnsupportedArchitectureError, match="ParallelScalingBlock .layer 1."):
         HookedCLIP.from_open_clip(model)
 
@@ -229,9 +240,43 @@ def test_collected_store_of_a_siglip_tower_sums_to_the_unit_embedding(tmp_path):
     """collect() keeps the MAP pooler's MLP term, so a SigLIP store's terms still add up."""
     from clip_lens.collect import collect
 
-    model, hooked = hooked_pair("ViT-B-16-SigLIP", {"text_cfg": TEXT}, timm={"depth": 2})
+    model, hooked = hooked_pair("ViT-B-16-SigLIP", overrides("ViT-B-16-SigLIP", NARROW), timm=NARROW)
     randomize_vectors(model)
     store = collect(hooked, random_images(hooked, batch=3), tmp_path / "store", batch_size=2, chunk_size=2)
     total = sum(store.read(name).reshape(3, -1, hooked.cfg.d_embed).sum(1)
                 for name in ("embed", "attn", "mlp", "bias", "pooler_mlp"))
     assert (total - store.read("embedding")).abs().max() <= 1e-4
+
+
+def test_checkpoint_for_another_layout_names_the_keys(tmp_path):
+    """A checkpoint whose keys match no supported layout: the error names missing and unexpected keys."""
+    from safetensors.torch import save_file
+
+    from clip_lens.errors import StateDictMismatchError
+
+    native, _ = hooked_pair("ViT-B-32", {"vision_cfg": {"layers": 1}, "text_cfg": {"layers": 1}})
+    path = tmp_path / "vit_b32.safetensors"
+    save_file({k: v.contiguous() for k, v in native.state_dict().items() if k.startswith("visual.")}, str(path))
+    with pytest.raises(StateDictMismatchError) as info:
+        with timm_kwargs(**NARROW):
+            HookedCLIP.from_pretrained("ViT-B-16-SigLIP", pretrained=path, config_overrides=overrides("ViT-B-16-SigLIP", NARROW))
+    message = str(info.value)
+    assert "missing keys" in message and "visual.trunk.blocks.0.attn.qkv.weight" in info.value.missing
+    assert "unexpected keys" in message and "visual.conv1.weight" in info.value.unexpected
+
+
+def test_siglip_checkpoint_round_trip(tmp_path):
+    """A local .safetensors of a (shrunk) SigLIP loads with from_pretrained, offline, and matches."""
+    from safetensors.torch import save_file
+
+    model, _ = hooked_pair("ViT-B-16-SigLIP", overrides("ViT-B-16-SigLIP", NARROW), timm=NARROW)
+    randomize_vectors(model)
+    path = tmp_path / "siglip.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with timm_kwargs(**NARROW):
+        hooked = HookedCLIP.from_pretrained(
+            "ViT-B-16-SigLIP", pretrained=path, config_overrides=overrides("ViT-B-16-SigLIP", NARROW))
+    images = random_images(hooked)
+    with torch.no_grad():
+        assert _max_diff(model.encode_image(images, normalize=True), hooked.encode_image(images, normalize=True)) <= ATOL
+    assert hooked.pretrained == str(path)
