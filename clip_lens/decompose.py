@@ -384,10 +384,12 @@ def _contributions(model, readout: Readout, store: dict, head_layers, token_laye
             if scale is not None:  # the LayerNorm scales after the heads belong to the query position
                 pattern = pattern / scale[:, None, :, None]
             pattern = torch.einsum("brp,bhpt->brht", weights, pattern)
-            head_maps = torch.einsum("hkm,rmo->rhko", _head_W_O(blocks[layer]), maps)  # W_O^h folded with read-out
-            for r in range(head_maps.shape[0]):
-                values = torch.einsum("bthk,hko->bhto", store[("v", layer)], head_maps[r])
-                tokens[:, i].addcmul_(pattern[:, r, :, :, None], values)
+            head_maps = torch.einsum("hkm,rmo->hrko", _head_W_O(blocks[layer]), maps)  # W_O^h folded with read-out
+            # Σ_r Σ_k pattern[b,r,h,t] v[b,t,h,k] head_maps[h,r,k,o]: one batched matmul per head over (r, k),
+            # so a pooler's channels (one per pooler head) cost one GEMM, not a loop
+            weighted = torch.einsum("brht,bthk->hbtrk", pattern, store[("v", layer)]).flatten(3).flatten(1, 2)
+            out = torch.bmm(weighted, head_maps.flatten(1, 2))  # [head, batch * token, out]
+            tokens[:, i] = out.unflatten(1, (batch, n_tokens)).transpose(0, 1)
     return Decomposition(
         embedding=embedding,
         embedding_norm=embedding_norm,
