@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from contextlib import contextmanager
 import functools
 import json
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import open_clip
 import torch
@@ -114,6 +115,30 @@ def list_models(include_unsupported: bool = False) -> list[str]:
     if not include_unsupported:
         names = [name for name in names if unsupported_feature(get_model_config(name)) is None]
     return [*bundled_models(), *names]
+
+
+@contextmanager
+def timm_create_kwargs(**kwargs: Any) -> Iterator[None]:
+    """Pass ``kwargs`` (e.g. ``depth=2``) to every ``timm.create_model`` open_clip calls in the block.
+
+    open_clip's configs cannot reshape a timm tower (``vision_cfg.layers`` is ignored for them), but
+    timm's model functions take the same architecture arguments as keyword overrides.
+    """
+    if not kwargs:
+        yield
+        return
+    import open_clip.timm_model as timm_model
+
+    create = timm_model.timm.create_model
+
+    def reshaped(name: str, **options: Any) -> nn.Module:
+        return create(name, **{**options, **kwargs})
+
+    timm_model.timm.create_model = reshaped
+    try:
+        yield
+    finally:
+        timm_model.timm.create_model = create
 
 
 @dataclass
@@ -417,9 +442,14 @@ def load_open_clip(
         is_tag = pretrained is not None and not _looks_like_path(pretrained)
         kwargs["text_cfg"], tokenizer = prepare_hf_text_cfg(model_name, config["text_cfg"], allow_download=is_tag)
 
+    # open_clip ignores vision_cfg.layers for a timm tower; clip_lens passes it to timm as depth
+    timm_depth = (config_overrides or {}).get("vision_cfg", {}).get("layers")
+    timm_options = {"depth": timm_depth} if config["vision_cfg"].get("timm_model_name") and timm_depth else {}
+
     def build(tag: Optional[str] = None) -> nn.Module:
         try:
-            return open_clip.create_model(model_name, pretrained=tag, cache_dir=cache_dir, **kwargs)
+            with timm_create_kwargs(**timm_options):
+                return open_clip.create_model(model_name, pretrained=tag, cache_dir=cache_dir, **kwargs)
         except (TypeError, ValueError, AssertionError) as exc:
             if not config_overrides:
                 raise

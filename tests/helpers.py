@@ -11,30 +11,10 @@ import torch
 
 from clip_lens import HookedCLIP
 from clip_lens.loading import model_config
+from clip_lens.loading import timm_create_kwargs as timm_kwargs
 
 # Same architecture features, fewer layers/narrower: keeps the suite fast on 2 CPU cores.
 SHRINK = {"vision_cfg": {"layers": 2}, "text_cfg": {"layers": 2}}
-
-
-@contextmanager
-def timm_kwargs(**kwargs: Any):
-    """Pass ``kwargs`` (e.g. ``depth=2``) to every ``timm.create_model`` open_clip makes in the block.
-
-    open_clip's configs cannot shrink a timm tower (``vision_cfg.layers`` is ignored for them);
-    timm's model functions take the same architecture arguments as keyword overrides.
-    """
-    import open_clip.timm_model as timm_model
-
-    create = timm_model.timm.create_model
-
-    def shrunk(name, **options):
-        return create(name, **{**options, **kwargs})
-
-    timm_model.timm.create_model = shrunk
-    try:
-        yield
-    finally:
-        timm_model.timm.create_model = create
 
 
 def build_open_clip(

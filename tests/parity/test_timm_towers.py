@@ -280,3 +280,10 @@ def test_siglip_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         assert _max_diff(model.encode_image(images, normalize=True), hooked.encode_image(images, normalize=True)) <= ATOL
     assert hooked.pretrained == str(path)
+
+
+def test_vision_layers_override_sets_the_timm_depth():
+    """``config_overrides={"vision_cfg": {"layers": n}}`` shrinks a timm tower too (open_clip alone ignores it)."""
+    hooked = HookedCLIP.from_pretrained("EVA02-B-16", config_overrides={"vision_cfg": {"layers": 1}, "text_cfg": TEXT})
+    assert hooked.cfg.n_layers == 1 and len(hooked.visual.trunk.blocks) == 1
+    assert "blocks.0.attn.hook_rot_q" in hooked.hook_dict and "blocks.1.hook_resid_pre" not in hooked.hook_dict
