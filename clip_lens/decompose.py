@@ -23,7 +23,7 @@ n_directions]``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
@@ -119,6 +119,9 @@ class Readout:
     maps: Float[Tensor, "channel d_model out"]
     const: Float[Tensor, "batch out"]
     pooler_mlp: Optional[Float[Tensor, "batch out"]] = None
+    factors: Optional[tuple[Tensor, Tensor]] = None
+    """A pooler's maps kept factorised, ``(A [channel, d_model, d_head], B [channel, d_head, out])`` with
+    ``maps = A @ B``: each pooler head's map has rank d_head, so contracting through it is cheaper."""
 
     def apply(self, components: list[Float[Tensor, "batch pos d_model"]]) -> Float[Tensor, "batch component out"]:
         """The contribution of each component, all at once: ``[batch, component, out]``."""
@@ -190,6 +193,7 @@ def _readout(model: "HookedCLIP", plan: ReadoutPlan, store: dict) -> Readout:
         per_image = store[plan.pooled_norm].reshape(batch).reciprocal()
     pool_weights = plan.pool_weights.to(tail)
     pooler_mlp = None
+    factors = None
 
     if plan.pooler is None:
         weights = (per_image[:, None] * pool_weights[None, :])[:, None, :]  # [batch, 1, pos]
@@ -203,20 +207,22 @@ def _readout(model: "HookedCLIP", plan: ReadoutPlan, store: dict) -> Readout:
             tail = _through_norm(ln, tail, 0)
             query_weights = query_weights / store[plan.query_norm][..., 0]
         attn = pooler.attn
-        value_out = torch.einsum("hmk,hko->hmo", attn.W_V, attn.W_O)  # [head, m, d]
         pooler_const = torch.einsum("hk,hko->o", attn.b_V, attn.W_O) + attn.b_O
         const = const + query_weights.sum(1, keepdim=True) * (pooler_const @ tail)
         if pooler.has_mlp:
             pooler_mlp = torch.einsum("bq,bqd,do->bo", query_weights, store["pooler_mlp"], tail)
-        maps = value_out @ tail  # [head, m, out]
+        factors = [attn.W_V, attn.W_O @ tail]
+        maps = torch.einsum("hmk,hko->hmo", *factors)  # [head, m, out], rank d_head each
         weights = torch.einsum("bq,bhqt->bht", query_weights, store["pool_pattern"])
     if plan.token_norm is not None:
         ln = modules[plan.token_norm]
         # every channel's weights sum over positions to its pooled weight (pattern rows sum to 1)
         const = const + torch.einsum("br,ro->bo", weights.sum(-1), _norm_bias(ln, maps))
         maps = _through_norm(ln, maps, 1)
+        if factors is not None:
+            factors[0] = _through_norm(ln, factors[0], 1)
         weights = weights / store[plan.token_norm][:, plan.positions, 0][:, None, :]
-    return Readout(plan.positions, weights, maps, const, pooler_mlp)
+    return Readout(plan.positions, weights, maps, const, pooler_mlp, None if factors is None else tuple(factors))
 
 
 def _check_directions(model: "HookedCLIP", directions: Optional[Tensor]) -> Optional[Tensor]:
@@ -302,12 +308,10 @@ def decompose(
         raise InputError("the forward pass produced NaN/inf activations; check the weights and inputs.")
 
     with torch.no_grad():
+        if directions is not None:  # the read-out is linear in its output axis: project before building it
+            plan = replace(plan, weight=plan.weight @ directions.T,
+                                       bias=None if plan.bias is None else plan.bias @ directions.T)
         readout = _readout(model, plan, store)
-        if directions is not None:
-            readout.maps = readout.maps @ directions.T
-            readout.const = readout.const @ directions.T
-            if readout.pooler_mlp is not None:
-                readout.pooler_mlp = readout.pooler_mlp @ directions.T
         embedding_norm = embedding.norm(dim=-1)
         if directions is not None:
             embedding = embedding @ directions.T
@@ -367,7 +371,11 @@ def _contributions(model, readout: Readout, store: dict, head_layers, token_laye
             z = z / torch.stack([ones if s is None else s for s in scales], 1)[..., None, None]
         z = torch.einsum("brp,blphk->blrhk", weights, z)
         written = torch.einsum("blrhk,lhkm->blrhm", z, W_O)
-        heads = torch.einsum("blrhm,rmo->blho", written, maps)
+        if readout.factors is None:
+            heads = torch.einsum("blrhm,rmo->blho", written, maps)
+        else:
+            A, B = readout.factors
+            heads = torch.einsum("blrhj,rjo->blho", torch.einsum("blrhm,rmj->blrhj", written, A), B)
         attn[:, head_layers] = heads.sum(2) + attn_bias[:, head_layers]
     other_layers = [layer for layer in range(n_layers) if layer not in head_layers]
     if other_layers:
@@ -377,19 +385,23 @@ def _contributions(model, readout: Readout, store: dict, head_layers, token_laye
     if token_layers:
         first_v = store[("v", token_layers[0])]
         batch, n_tokens = first_v.shape[:2]
-        tokens = first_v.new_zeros(batch, len(token_layers), model.cfg.n_heads, n_tokens, maps.shape[-1])
+        tokens = first_v.new_empty(batch, len(token_layers), model.cfg.n_heads, n_tokens, maps.shape[-1])
         for i, layer in enumerate(token_layers):
             pattern = store[("pattern", layer)]
             scale = _head_scale(store, layer)
             if scale is not None:  # the LayerNorm scales after the heads belong to the query position
                 pattern = pattern / scale[:, None, :, None]
-            pattern = torch.einsum("brp,bhpt->brht", weights, pattern)
-            head_maps = torch.einsum("hkm,rmo->hrko", _head_W_O(blocks[layer]), maps)  # W_O^h folded with read-out
-            # Σ_r Σ_k pattern[b,r,h,t] v[b,t,h,k] head_maps[h,r,k,o]: one batched matmul per head over (r, k),
-            # so a pooler's channels (one per pooler head) cost one GEMM, not a loop
-            weighted = torch.einsum("brht,bthk->hbtrk", pattern, store[("v", layer)]).flatten(3).flatten(1, 2)
-            out = torch.bmm(weighted, head_maps.flatten(1, 2))  # [head, batch * token, out]
-            tokens[:, i] = out.unflatten(1, (batch, n_tokens)).transpose(0, 1)
+            pattern = torch.einsum("brp,bhpt->bthr", weights, pattern)  # [batch, token, head, channel]
+            if readout.factors is None:
+                head_maps = torch.einsum("hkm,rmo->hrko", _head_W_O(blocks[layer]), maps).flatten(1, 2)  # [h, r*k, out]
+                weighted = (pattern[..., :, None] * store[("v", layer)][..., None, :]).flatten(3)  # [b, t, h, r*k]
+                tokens[:, i] = torch.einsum("bthj,hjo->bhto", weighted, head_maps)
+            else:
+                A, B = readout.factors
+                C = torch.einsum("hkm,rmj->hkrj", _head_W_O(blocks[layer]), A).flatten(2)  # [h, k, r*j]
+                u = torch.einsum("bthk,hkq->bthq", store[("v", layer)], C).unflatten(3, A.shape[::2])  # [b,t,h,r,j]
+                weighted = (u * pattern[..., None]).flatten(3)  # [b, t, h, r*j]
+                tokens[:, i] = torch.einsum("bthq,qo->bhto", weighted, B.flatten(0, 1))
     return Decomposition(
         embedding=embedding,
         embedding_norm=embedding_norm,
