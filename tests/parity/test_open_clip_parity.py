@@ -95,6 +95,13 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+def assert_forward_matches(expected: tuple, out: tuple) -> None:
+    """HookedCLIP's forward tuple equals open_clip's, output by output (≤ ATOL)."""
+    assert len(out) == len(expected)
+    for r, o in zip(expected, out):
+        assert _max_diff(r, o) <= ATOL
+
+
 @pytest.fixture(scope="module", params=NAMES)
 def pair(request):
     """(name, open_clip model, HookedCLIP, images, tokens, open_clip reference outputs)."""
@@ -164,9 +171,7 @@ def test_forward_parity(pair):
     _, _, hooked, images, tokens, ref = pair
     with torch.no_grad():
         out = hooked(images, tokens)
-    assert len(out) == len(ref["forward"])
-    for r, o in zip(ref["forward"], out):
-        assert _max_diff(r, o) <= ATOL
+    assert_forward_matches(ref["forward"], out)
 
 
 def test_forward_parity_while_caching_everything(pair):
@@ -179,9 +184,7 @@ def test_forward_parity_while_caching_everything(pair):
                 "text.blocks.1.attn.hook_pattern", "text.ln_final.hook_scale", "ln_post.hook_scale"):
         assert key in cache.cache_dict
     assert len(cache) == len(hooked.hook_dict)
-    assert len(out) == len(ref["forward"])
-    for r, o in zip(ref["forward"], out):
-        assert _max_diff(r, o) <= ATOL
+    assert_forward_matches(ref["forward"], out)
     # the embeddings the hooks saw are open_clip's un-normalised embeddings
     for key, r in (("hook_image_embed", ref["image_raw"]), ("text.hook_text_embed", ref["text_raw"])):
         assert _max_diff(cache[key], r) <= ATOL * max(1.0, r.abs().max().item())

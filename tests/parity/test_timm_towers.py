@@ -18,7 +18,7 @@ from clip_lens import HookedCLIP, UnsupportedArchitectureError
 from clip_lens.loading import model_config
 from clip_lens.towers.timm_vit import TimmVisionTower
 from tests.helpers import build_open_clip, hooked_pair, random_images, randomize_vectors, timm_kwargs
-from tests.parity.test_open_clip_parity import ATOL, _forward_parts, _max_diff, make_tokens
+from tests.parity.test_open_clip_parity import ATOL, _forward_parts, _max_diff, assert_forward_matches, make_tokens
 
 TEXT = {"layers": 2, "vocab_size": 1000}  # the real 32k-256k vocabularies only cost memory here
 NARROW = {"depth": 2, "embed_dim": 256, "num_heads": 4}  # 4 heads of 64; keeps 2 CPU cores fast
@@ -103,9 +103,7 @@ def test_encode_text_and_forward_parity(family):
     with torch.no_grad():
         assert _max_diff(ref["text"], hooked.encode_text(tokens, normalize=True)) <= ATOL
         out = hooked(images, tokens)
-    assert len(out) == len(ref["forward"])
-    for r, o in zip(ref["forward"], out):
-        assert _max_diff(r, o) <= ATOL
+    assert_forward_matches(ref["forward"], out)
 
 
 def test_parity_while_caching_everything(family):
