@@ -225,10 +225,10 @@ def _readout(model: "HookedCLIP", plan: ReadoutPlan, store: dict) -> Readout:
     return Readout(plan.positions, weights, maps, const, pooler_mlp, None if factors is None else tuple(factors))
 
 
-def _check_directions(model: "HookedCLIP", directions: Optional[Tensor]) -> Optional[Tensor]:
+def _check_directions(model: "HookedCLIP", plan: ReadoutPlan, directions: Optional[Tensor]) -> Optional[Tensor]:
     if directions is None:
         return None
-    d_embed = model.visual.output_affine()[0].shape[1]
+    d_embed = plan.weight.shape[1]
     if not isinstance(directions, Tensor) or directions.ndim != 2 or directions.shape[1] != d_embed:
         shape = tuple(directions.shape) if isinstance(directions, Tensor) else type(directions).__name__
         raise InputError(f"directions must be a tensor [n_directions, {d_embed}], got {shape}.")
@@ -266,7 +266,7 @@ def decompose(
     positions = plan.positions
     token_layers = _layers(tokens, cfg.n_layers, "tokens")
     head_layers = sorted(set(_layers(heads, cfg.n_layers, "heads")) | set(token_layers))
-    directions = _check_directions(model, directions)
+    directions = _check_directions(model, plan, directions)
     images = model.check_images(images)
 
     store: dict = {}
@@ -289,12 +289,13 @@ def decompose(
             fwd_hooks.append((f"{plan.pooler}.hook_mlp_out", save("pooler_mlp")))
     for layer in range(cfg.n_layers):
         fwd_hooks.append((f"blocks.{layer}.hook_mlp_out", save(("mlp", layer), at_positions)))
-        if layer in head_layers and model.blocks[layer].attn.ln_inner is not None:
-            fwd_hooks.append((f"blocks.{layer}.attn.ln_inner.hook_scale", save(("ln_inner", layer), at_positions)))
-        if layer in head_layers and model.blocks[layer].ln1_post is not None:
-            fwd_hooks.append((f"blocks.{layer}.ln1_post.hook_scale", save(("ln1_post", layer), at_positions)))
         if layer in head_layers:
             fwd_hooks.append((f"blocks.{layer}.attn.hook_z", save(("z", layer), at_positions)))
+            # LayerNorm scales between the heads and the residual (EVA02 inner LN, post-norm blocks)
+            if model.blocks[layer].attn.ln_inner is not None:
+                fwd_hooks.append((f"blocks.{layer}.attn.ln_inner.hook_scale", save(("ln_inner", layer), at_positions)))
+            if model.blocks[layer].ln1_post is not None:
+                fwd_hooks.append((f"blocks.{layer}.ln1_post.hook_scale", save(("ln1_post", layer), at_positions)))
         else:
             fwd_hooks.append((f"blocks.{layer}.hook_attn_out", save(("attn", layer), at_positions)))
         if layer in token_layers:
@@ -309,8 +310,8 @@ def decompose(
 
     with torch.no_grad():
         if directions is not None:  # the read-out is linear in its output axis: project before building it
-            plan = replace(plan, weight=plan.weight @ directions.T,
-                                       bias=None if plan.bias is None else plan.bias @ directions.T)
+            bias = None if plan.bias is None else plan.bias @ directions.T
+            plan = replace(plan, weight=plan.weight @ directions.T, bias=bias)
         readout = _readout(model, plan, store)
         embedding_norm = embedding.norm(dim=-1)
         if directions is not None:

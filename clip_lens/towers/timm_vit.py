@@ -444,9 +444,8 @@ class TimmVisionTower(nn.Module):
 
     def output_affine(self) -> tuple[Float[Tensor, "m E"], Optional[Float[Tensor, "E"]]]:
         """timm's classifier head and open_clip's projection after it, composed: ``pooled @ W + b``."""
-        width = self.trunk.embed_dim
-        ref = self.blocks[0].attn.source.proj.weight
-        weight, bias = torch.eye(width, device=ref.device, dtype=ref.dtype), None
+        ref = self.device_weight
+        weight, bias = torch.eye(self.trunk.embed_dim, device=ref.device, dtype=ref.dtype), None
         layers = [self.trunk.head] + [m for name, m in self.head.named_children() if name == "proj"]
         for layer in layers:
             if isinstance(layer, nn.Linear):

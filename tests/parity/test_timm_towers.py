@@ -108,7 +108,7 @@ def test_encode_text_and_forward_parity(family):
 
 def test_parity_while_caching_everything(family):
     """Every hook cached: the explicit paths (pattern, per-head results, LN scales) are exact too."""
-    label, _, hooked, images, tokens, ref = family
+    _, _, hooked, images, tokens, ref = family
     with torch.no_grad():
         out, cache = hooked.run_with_cache(images, tokens)
     assert len(cache) == len(hooked.hook_dict)
