@@ -5,10 +5,42 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from jaxtyping import Float, Int
 from transformer_lens import ActivationCache
 from transformer_lens.utilities import Slice
 
-from clip_lens.errors import HookNameError, UnsupportedArchitectureError, close_matches
+from clip_lens.errors import HookNameError, InputError, UnsupportedArchitectureError, close_matches
+
+
+class PooledSlice(Slice):
+    """``pos_slice="pooled"``: each sequence's own pooled position (one index per batch row).
+
+    Applied along a position axis it gathers ``tensor[..., b, index[b], ...]`` and drops the
+    axis, as an integer ``pos_slice`` does; the batch axis is the one before it.
+    """
+
+    def __init__(self, index: Int[torch.Tensor, "batch"]):
+        self.index = index
+        self.slice = index
+        self.mode = "pooled"
+
+    def apply(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        dim = dim % tensor.ndim
+        if dim == 0 or tensor.shape[dim - 1] != self.index.shape[0]:
+            raise InputError(
+                f"pos_slice='pooled' picks one position per sequence, so the axis before the positions must be "
+                f"the batch ({self.index.shape[0]} sequences); got shape {tuple(tensor.shape)}. Slice the batch "
+                "after the call instead of with batch_slice."
+            )
+        shape = [1] * tensor.ndim
+        shape[dim - 1] = self.index.shape[0]
+        size = list(tensor.shape)
+        size[dim] = 1
+        index = self.index.to(tensor.device).view(shape).expand(size)
+        return tensor.gather(dim, index).squeeze(dim)
+
+    def indices(self, max_ctx: Optional[int] = None):
+        return self.index.cpu().numpy()
 
 
 class CLIPActivationCache(ActivationCache):
@@ -28,6 +60,102 @@ class CLIPActivationCache(ActivationCache):
     """
 
     final_ln = "ln_post"
+    tokens: Optional[torch.Tensor] = None
+    """The text tower's token ids of the run (set by ``HookedCLIP.run_with_cache``), for ``pos_slice="pooled"``."""
+
+    def pooled_positions(self) -> Int[torch.Tensor, "batch"]:
+        """Each sequence's pooled position: the class token for CLS pooling (image tower), each
+        prompt's own EOT/argmax/eos token (text tower)."""
+        cfg = self.model.cfg
+        if cfg.tower == "text":
+            if self.tokens is None:
+                raise InputError("pos_slice='pooled' on the text tower needs the tokens: run model.run_with_cache(text=...).")
+            return self.model.pooled_positions(self.tokens)
+        if cfg.pool_type != "tok":
+            raise UnsupportedArchitectureError(
+                f"pos_slice='pooled' needs one pooled position; this image tower pools with '{cfg.pool_type}' "
+                "(average the patch positions instead, e.g. pos_slice=(n_prefix_tokens, None) then .mean(-2))."
+            )
+        batch = self["hook_embed"].shape[0] if "hook_embed" in self.cache_dict else next(iter(self.values())).shape[0]
+        return torch.zeros(batch, dtype=torch.long)
+
+    def _pos(self, pos_slice: Any) -> Any:
+        """TransformerLens' ``pos_slice``, plus ``"pooled"`` (:class:`PooledSlice`)."""
+        if isinstance(pos_slice, str):
+            if pos_slice != "pooled":
+                raise InputError(f"pos_slice={pos_slice!r}: the only named slice is 'pooled'.")
+            return PooledSlice(self.pooled_positions())
+        return pos_slice
+
+    # TransformerLens' stack helpers, with pos_slice="pooled" (pass it by keyword)
+    def accumulated_resid(self, *args: Any, pos_slice: Any = None, **kwargs: Any):
+        return super().accumulated_resid(*args, pos_slice=self._pos(pos_slice), **kwargs)
+
+    def stack_head_results(self, *args: Any, pos_slice: Any = None, **kwargs: Any):
+        return super().stack_head_results(*args, pos_slice=self._pos(pos_slice), **kwargs)
+
+    def stack_neuron_results(self, *args: Any, pos_slice: Any = None, **kwargs: Any):
+        return super().stack_neuron_results(*args, pos_slice=self._pos(pos_slice), **kwargs)
+
+    def get_full_resid_decomposition(self, *args: Any, pos_slice: Any = None, **kwargs: Any):
+        return super().get_full_resid_decomposition(*args, pos_slice=self._pos(pos_slice), **kwargs)
+
+    def logit_attrs(
+        self,
+        residual_stack: Float[torch.Tensor, "components *batch_pos d_model"],
+        texts: Any = None,
+        incorrect_texts: Any = None,
+        *,
+        images: Optional[torch.Tensor] = None,
+        incorrect_images: Optional[torch.Tensor] = None,
+        pos_slice: Any = None,
+        batch_slice: Any = None,
+        has_batch_dim: bool = True,
+    ) -> Float[torch.Tensor, "components *batch_pos"]:
+        """Each component's share of ``embedding · t`` (TransformerLens' ``logit_attrs`` for CLIP).
+
+        The stack is scaled by the final LayerNorm (``apply_ln_to_stack(layer=-1)``), then dotted
+        with the residual directions of ``texts`` (image cache) or ``images`` (``cache.text``):
+        one text for the whole batch, or one per batch row. With ``incorrect_texts`` the
+        direction is the difference, so the attributions explain a logit difference. Divide by
+        ``‖embedding‖`` and multiply by ``logit_scale`` for shares of the zero-shot logit.
+        """
+        clip = self._clip_model()
+        if self.model.cfg.tower == "text":
+            if images is None or texts is not None:
+                raise InputError("cache.text.logit_attrs takes images=... (the text tower is read with image directions).")
+            directions = clip.images_to_residual_directions(images)
+            if incorrect_images is not None:
+                directions = directions - clip.images_to_residual_directions(incorrect_images)
+        else:
+            if texts is None or images is not None:
+                raise InputError("cache.logit_attrs takes texts=... (use cache.text.logit_attrs(stack, images=...) for the text tower).")
+            directions = clip.texts_to_residual_directions(texts)
+            if incorrect_texts is not None:
+                incorrect = clip.texts_to_residual_directions(incorrect_texts)
+                if incorrect.shape != directions.shape:
+                    raise InputError(
+                        f"texts and incorrect_texts must pair up: got {directions.shape[0]} and {incorrect.shape[0]}."
+                    )
+                directions = directions - incorrect
+        if directions.shape[0] == 1:
+            directions = directions[0]
+        scaled = self.apply_ln_to_stack(residual_stack, layer=-1, pos_slice=pos_slice, batch_slice=batch_slice,
+                                        has_batch_dim=has_batch_dim)
+        if directions.ndim == 2:  # one per batch row: broadcast over any position axis
+            if not has_batch_dim or scaled.ndim < 3 or scaled.shape[1] != directions.shape[0]:
+                raise InputError(
+                    f"{directions.shape[0]} directions need a stack with that many batch rows at axis 1; "
+                    f"got {tuple(scaled.shape)}. Pass one text for the whole batch or one per row."
+                )
+            directions = directions.view(directions.shape[0], *([1] * (scaled.ndim - 3)), directions.shape[1])
+        return (scaled * directions).sum(-1)
+
+    def _clip_model(self):
+        model = getattr(self, "clip_model", None) or self.model
+        if not hasattr(model, "texts_to_residual_directions"):
+            raise InputError("this cache was not made by HookedCLIP.run_with_cache; build one with it.")
+        return model
 
     def __getitem__(self, key: Any) -> torch.Tensor:
         try:
@@ -43,6 +171,7 @@ class CLIPActivationCache(ActivationCache):
     def _get_cached_ln_scale(
         self, layer: Optional[int], mlp_input: bool, pos_slice: Slice, batch_slice: Optional[Slice] = None
     ) -> torch.Tensor:
+        pos_slice = self._pos(pos_slice)
         if layer is None or layer == self.model.cfg.n_layers:
             if self.model.cfg.pool_type == "attn":
                 raise UnsupportedArchitectureError(
@@ -75,6 +204,7 @@ class CLIPActivationCache(ActivationCache):
         centred per token and divided by that image's scale; pooling it afterwards (mean over
         patches) equals centring and scaling the pooled vector, as the model does.
         """
+        pos_slice = self._pos(pos_slice)
         if layer is None or layer == -1:
             layer = self.model.cfg.n_layers
         if not (layer == self.model.cfg.n_layers and self.model.cfg.final_ln_after_pool and not recompute_ln):
@@ -109,6 +239,7 @@ class CLIPActivationCache(ActivationCache):
         has no ``ln_pre``; otherwise the single term ``embed`` (= ``ln_pre`` output) is used so
         that the components always add up to the residual stream.
         """
+        pos_slice = self._pos(pos_slice)
         if not incl_embeds or not self.model.cfg.has_ln_pre:
             return super().decompose_resid(
                 layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels  # type: ignore[arg-type]
@@ -135,6 +266,8 @@ class CLIPActivationCache(ActivationCache):
         prefix = "text."
         sub = {k[len(prefix):]: v for k, v in self.cache_dict.items() if k.startswith(prefix)}
         cache = TextActivationCache(sub, self.model.text, has_batch_dim=self.has_batch_dim)
+        cache.tokens = self.tokens
+        cache.clip_model = self.model
         return cache
 
 

@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import torch
 
+from clip_lens.errors import IndexOutOfRangeError
+
 
 @dataclass
 class TowerConfig:
@@ -54,10 +56,36 @@ class TowerConfig:
     positional_embedding_type: str = "standard"
     use_attn_result: bool = False
     """Compute ``hook_result`` on every forward (otherwise only when it is hooked)."""
+    n_key_value_heads: Optional[int] = None
+    """TransformerLens' grouped-query field: always None (every head has its own keys and values)."""
     dtype: torch.dtype = torch.float32
+    device: Optional[torch.device] = None
+    """Where the tower lives, kept current by :class:`~clip_lens.HookedCLIP` (TransformerLens' helpers read it)."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def layer_range(self, start: Optional[int], stop: Optional[int]) -> range:
+        """The blocks a forward with ``start_at_layer``/``stop_at_layer`` runs (negative counts from
+        the end, as in TransformerLens); raises :class:`IndexOutOfRangeError` outside ``[0, n_layers]``."""
+        bounds = []
+        for name, value, default in (("start_at_layer", start, 0), ("stop_at_layer", stop, self.n_layers)):
+            if value is None:
+                bounds.append(default)
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise IndexOutOfRangeError(f"{name} must be an int, got {type(value).__name__}.")
+            index = value + self.n_layers if value < 0 else value
+            if not 0 <= index <= self.n_layers:
+                raise IndexOutOfRangeError(
+                    f"{name}={value} is outside the {self.tower} tower's {self.n_layers} layers; "
+                    f"use 0..{self.n_layers} (or -{self.n_layers}..-1)."
+                )
+            bounds.append(index)
+        if bounds[0] > bounds[1]:
+            raise IndexOutOfRangeError(f"start_at_layer={start} comes after stop_at_layer={stop}.")
+        return range(*bounds)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["dtype"] = str(self.dtype)
+        d["device"] = None if self.device is None else str(self.device)
         return d

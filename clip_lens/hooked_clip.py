@@ -14,11 +14,13 @@ from transformer_lens.hook_points import HookPoint
 
 from clip_lens.cache import CLIPActivationCache
 from clip_lens.config import TowerConfig
-from clip_lens.errors import HookNameError, InputError, close_matches
+from clip_lens.errors import HookNameError, InputError, UnsupportedArchitectureError, close_matches
 from clip_lens.text import TextTower
 from clip_lens.towers.hf_text import HFTextEncoder, HFTextTower, LazyHFTokenizer
 from clip_lens.vision import VisionTower
 
+RETURN_TYPES = ("tuple", "image_features", "text_features", "logits", "loss", None)
+"""What :meth:`HookedCLIP.forward` can return (``return_type``)."""
 TOWER_PREFIX = "visual."  # the image tower's hooks are exposed without this prefix
 
 
@@ -95,6 +97,8 @@ class HookedCLIP(HookedRootModule):
         dtype: torch.dtype = torch.float32,
         config_overrides: Optional[dict[str, Any]] = None,
         cache_dir: Optional[str] = None,
+        fold_ln: bool = False,
+        center_writing_weights: bool = False,
     ) -> "HookedCLIP":
         """Build a hooked model by name.
 
@@ -109,11 +113,19 @@ class HookedCLIP(HookedRootModule):
             config_overrides: nested dict merged into the open_clip config before building,
                 e.g. ``{"vision_cfg": {"layers": 2}}`` for a shallow copy of an architecture.
             cache_dir: download cache for pretrained tags.
+            fold_ln: fold each LayerNorm's weight and bias into the weights that read it
+                (TransformerLens' ``fold_ln``); outputs are unchanged (parity ≤1e-5).
+            center_writing_weights: remove the mean from every weight writing into the residual
+                stream (every reader is a LayerNorm, so outputs are unchanged).
         """
         from clip_lens.loading import load_open_clip
 
         loaded = load_open_clip(model_name, pretrained, config_overrides=config_overrides, cache_dir=cache_dir)
         hooked = cls(loaded.model, model_name=loaded.name, pretrained=loaded.pretrained, tokenizer=loaded.tokenizer)
+        if fold_ln or center_writing_weights:
+            from clip_lens.weights import process_weights
+
+            process_weights(hooked, fold_ln=fold_ln, center_writing_weights=center_writing_weights)
         return hooked.to(device=device, dtype=dtype)
 
     @classmethod
@@ -136,6 +148,7 @@ class HookedCLIP(HookedRootModule):
     @property
     def cfg(self) -> TowerConfig:
         """The image tower's config (``model.text.cfg`` for the text tower)."""
+        self.visual.cfg.device = self.text.cfg.device = self.device  # kept current for TL helpers
         return self.visual.cfg
 
     @property
@@ -172,11 +185,17 @@ class HookedCLIP(HookedRootModule):
                 f"No hook named '{name}'.{close_matches(name, self.hook_dict)}" + (f" {note}" if note else "")
             )
 
-    def run_with_cache(self, *model_args: Any, names_filter=None, **kwargs: Any):
+    def run_with_cache(
+        self, *model_args: Any, names_filter=None, incl_bwd: bool = False,
+        metric: Optional[Callable[[Any], Tensor]] = None, **kwargs: Any,
+    ):
         """Run the model and return ``(output, CLIPActivationCache)`` (TransformerLens semantics).
 
         ``names_filter`` may be a hook name, a list of names or a predicate; unknown names in a
-        list raise :class:`HookNameError`.
+        list raise :class:`HookNameError`. With ``incl_bwd=True`` the gradients of a scalar are
+        cached too (keys ``<hook>_grad``): of ``metric(output)`` when a metric is given, else of
+        the output itself, which must then be a scalar (``return_type="loss"``). Text inputs are
+        kept on the cache (``cache.tokens``) for ``pos_slice="pooled"``.
         """
         if isinstance(names_filter, str):
             self.check_hook_name(names_filter)
@@ -184,9 +203,41 @@ class HookedCLIP(HookedRootModule):
             for name in names_filter:
                 self.check_hook_name(name)
             names_filter = list(names_filter)
-        remove_batch_dim = kwargs.get("remove_batch_dim", False)
-        out, cache_dict = super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
-        return out, CLIPActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        text = kwargs.get("text", model_args[1] if len(model_args) > 1 else None)
+        tokens = kwargs.get("tokens")
+        if tokens is None and text is not None and kwargs.get("start_at_layer") is None:
+            tokens = self.check_tokens(text)  # tokenized once: the cache keeps the ids
+            if "text" in kwargs:
+                kwargs["text"] = tokens
+            else:
+                model_args = (model_args[0], tokens, *model_args[2:])
+        remove_batch_dim = kwargs.pop("remove_batch_dim", False)
+        device = kwargs.pop("device", None)
+        cache_dict, fwd, bwd = self.get_caching_hooks(
+            names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, pos_slice=kwargs.pop("pos_slice", None)
+        )
+        reset = kwargs.pop("reset_hooks_end", True)
+        with self.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset,
+                        clear_contexts=kwargs.pop("clear_contexts", False)):
+            out = self(*model_args, **kwargs)
+            if incl_bwd:
+                self._scalar(out if metric is None else metric(out), metric).backward()
+        cache = CLIPActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        cache.tokens = tokens
+        return out, cache
+
+    @staticmethod
+    def _scalar(value: Any, metric: Optional[Callable]) -> Tensor:
+        if isinstance(value, Tensor) and value.numel() == 1 and value.requires_grad:
+            return value.reshape(())
+        got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        if isinstance(value, Tensor) and value.numel() == 1:
+            got = "a scalar without gradient (computed under no_grad, or detached)"
+        source = "metric(output)" if metric is not None else "the model output"
+        raise InputError(
+            f"incl_bwd=True differentiates a scalar, but {source} is {got}; pass return_type='loss' or "
+            "metric=lambda out: <scalar tensor> (e.g. clip_lens.patching.logit_diff_metric(...))."
+        )
 
     # --- inputs -------------------------------------------------------------------------
     def check_images(self, images: Any) -> Float[Tensor, "batch 3 H W"]:
@@ -292,13 +343,113 @@ class HookedCLIP(HookedRootModule):
         out = self.text(self.check_tokens(tokens))
         return F.normalize(out, dim=-1) if normalize else out
 
-    def forward(self, image: Optional[Tensor] = None, text: Any = None):
-        """``(image_features, text_features, logit_scale[, logit_bias])`` as open_clip's ``CLIP.forward``."""
-        image_features = self.encode_image(image, normalize=True) if image is not None else None
-        text_features = self.encode_text(text, normalize=True) if text is not None else None
+    def forward(
+        self,
+        image: Optional[Tensor] = None,
+        text: Any = None,
+        *,
+        return_type: Optional[str] = "tuple",
+        start_at_layer: Optional[int] = None,
+        stop_at_layer: Optional[int] = None,
+        tokens: Any = None,
+    ):
+        """Run the towers; by default open_clip's ``(image_features, text_features, logit_scale[, logit_bias])``.
+
+        Args:
+            image: pixels ``[batch, 3, H, W]``; with ``start_at_layer`` the image tower's residual
+                stream ``[batch, n, d_model]`` entering that block.
+            text: token ids ``[batch, ctx]`` or strings; with ``start_at_layer`` (and no image) the
+                text tower's residual stream, with ``tokens`` giving masks and pooled positions.
+            return_type: one of :data:`RETURN_TYPES`:
+                ``"tuple"`` open_clip's output; ``"image_features"``/``"text_features"`` the
+                L2-normalised embeddings ``[batch, d_embed]``; ``"logits"`` ``logits_per_image``
+                ``[n_images, n_texts]`` (``logit_scale`` and ``logit_bias`` applied);
+                ``"loss"`` the model's training loss on paired images and texts (CLIP's
+                contrastive cross-entropy, or the sigmoid loss when the model has a
+                ``logit_bias``); ``None`` nothing.
+            start_at_layer / stop_at_layer: TransformerLens' layer ranges. They act on the image
+                tower whenever an image is given (on the text tower otherwise).
+                ``stop_at_layer`` returns that tower's residual stream entering the block and needs
+                exactly one of ``image``/``text``.
+        """
+        if return_type not in RETURN_TYPES:
+            raise InputError(f"return_type={return_type!r} is not one of {RETURN_TYPES}.")
+        if stop_at_layer is not None:
+            if (image is None) == (text is None):
+                raise InputError(
+                    "stop_at_layer returns one tower's residual stream: pass either image or text, not both."
+                )
+        if start_at_layer is not None or stop_at_layer is not None:
+            on_image = image is not None
+            if on_image:
+                image = self._image_input(image, start_at_layer)
+                image = self.visual(image, start_at_layer, stop_at_layer)
+            else:
+                if start_at_layer is not None and tokens is None:
+                    raise InputError("start_at_layer on the text tower needs tokens=[batch, ctx] for its masks and pooling.")
+                tokens = self.check_tokens(text if start_at_layer is None else tokens)
+                residual = None if start_at_layer is None else self._residual(text, self.text.cfg, "text")
+                text = self.text(tokens, start_at_layer, stop_at_layer, residual=residual)
+            if stop_at_layer is not None:
+                return image if on_image else text
+            image_features = None if image is None else F.normalize(image, dim=-1)
+            text_features = F.normalize(text, dim=-1) if not on_image else (
+                None if text is None else self.encode_text(text, normalize=True))
+        else:
+            image_features = self.encode_image(image, normalize=True) if image is not None else None
+            text_features = self.encode_text(text, normalize=True) if text is not None else None
+        return self._output(image_features, text_features, return_type)
+
+    def _image_input(self, image: Any, start_at_layer: Optional[int]) -> Tensor:
+        return self.check_images(image) if start_at_layer is None else self._residual(image, self.cfg, "image")
+
+    def _residual(self, x: Any, cfg: TowerConfig, tower: str) -> Float[Tensor, "batch n m"]:
+        """Validate a residual stream passed with ``start_at_layer``."""
+        n = cfg.n_ctx
+        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != cfg.d_model or (tower == "image" and x.shape[1] != n):
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            what = f"[batch, {n}, {cfg.d_model}]" if tower == "image" else f"[batch, n, {cfg.d_model}]"
+            raise InputError(
+                f"with start_at_layer the {tower} input is the residual stream {what}, got {shape}; "
+                f"get one from model(..., stop_at_layer=layer) or a cache's blocks.<layer>.hook_resid_pre."
+            )
+        return x.to(device=self.device, dtype=self.dtype)
+
+    def _output(self, image_features: Optional[Tensor], text_features: Optional[Tensor], return_type: Optional[str]):
+        if return_type is None:
+            return None
+        if return_type == "tuple":
+            if self.logit_bias is not None:
+                return image_features, text_features, self.logit_scale.exp(), self.logit_bias
+            return image_features, text_features, self.logit_scale.exp()
+        needs = {"image_features": (image_features,), "text_features": (text_features,)}.get(
+            return_type, (image_features, text_features))
+        if any(f is None for f in needs):
+            which = "image and text" if len(needs) == 2 else return_type.split("_")[0]
+            raise InputError(f"return_type={return_type!r} needs {which} inputs.")
+        if return_type == "image_features":
+            return image_features
+        if return_type == "text_features":
+            return text_features
+        logits = self.logit_scale.exp() * image_features @ text_features.T
         if self.logit_bias is not None:
-            return image_features, text_features, self.logit_scale.exp(), self.logit_bias
-        return image_features, text_features, self.logit_scale.exp()
+            logits = logits + self.logit_bias
+        if return_type == "logits":
+            return logits
+        return self._loss(logits)
+
+    def _loss(self, logits: Float[Tensor, "n n"]) -> Float[Tensor, ""]:
+        """open_clip's training loss for paired rows: contrastive CE, or SigLIP's sigmoid loss."""
+        n_images, n_texts = logits.shape
+        if n_images != n_texts:
+            raise InputError(
+                f"return_type='loss' pairs image i with text i; got {n_images} images and {n_texts} texts."
+            )
+        if self.logit_bias is not None:  # SigLIP: +1 on the diagonal, -1 elsewhere
+            labels = 2 * torch.eye(n_images, device=logits.device, dtype=logits.dtype) - 1
+            return -F.logsigmoid(labels * logits).sum() / n_images
+        labels = torch.arange(n_images, device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
     def get_logits(self, image: Tensor, text: Any) -> tuple[Tensor, Tensor]:
         """``(logits_per_image, logits_per_text)`` as open_clip's ``get_logits``."""
@@ -308,6 +459,85 @@ class HookedCLIP(HookedRootModule):
         if self.logit_bias is not None:
             logits = logits + self.logit_bias
         return logits, logits.T
+
+    def residual_directions(
+        self, vectors: Float[Tensor, "*k d_embed"], tower: str = "image"
+    ) -> Float[Tensor, "*k d_model"]:
+        """Embedding-space vectors carried back to ``tower``'s residual stream before its final LayerNorm.
+
+        For a residual component ``c`` centred and divided by the final LN's cached scale (what
+        ``cache.apply_ln_to_stack`` does), ``c · d`` is its share of ``embedding · v``; the LN bias
+        adds a constant. ``d = γ ⊙ (W v)`` with ``W`` the read-out's projection (TransformerLens'
+        ``tokens_to_residual_directions`` for CLIP). Needs a linear read-out: a tower with an
+        attentional pooler raises (use ``decompose(..., directions=...)``, which freezes it).
+        """
+        if tower not in ("image", "text"):
+            raise InputError(f"tower must be 'image' or 'text', got {tower!r}.")
+        module = self.visual if tower == "image" else self.text
+        if isinstance(module, HFTextTower) or (tower == "image" and module.readout_plan().pooler is not None):
+            what = "a Hugging Face text tower is run as a whole" if tower == "text" else "its attentional pooler"
+            raise UnsupportedArchitectureError(
+                f"the {tower} tower's read-out is not linear in the residual stream ({what}); "
+                "use model.decompose(images, directions=...), which freezes the pooler."
+            )
+        weight, _ = module.output_affine()
+        ln = module.ln_post if tower == "image" else module.ln_final
+        vectors = vectors.to(device=weight.device, dtype=weight.dtype)
+        if vectors.shape[-1] != weight.shape[1]:
+            raise InputError(f"vectors have width {vectors.shape[-1]} but the {tower} embedding has {weight.shape[1]}.")
+        directions = vectors @ weight.T
+        return directions if ln is None else directions * ln.weight
+
+    def texts_to_residual_directions(self, texts: Any) -> Float[Tensor, "n_texts d_model"]:
+        """Texts (strings or token ids) as directions in the image tower's residual stream before
+        ``ln_post``: their normalised text embeddings through :meth:`residual_directions`."""
+        with torch.no_grad():
+            features = self.encode_text(texts, normalize=True)
+        return self.residual_directions(features, "image")
+
+    def images_to_residual_directions(self, images: Tensor) -> Float[Tensor, "n_images d_model"]:
+        """Images as directions in the text tower's residual stream before ``ln_final``."""
+        with torch.no_grad():
+            features = self.encode_image(images, normalize=True)
+        return self.residual_directions(features, "text")
+
+    def to_str_tokens(self, input: Any) -> Union[list[str], list[list[str]]]:
+        """Names of the positions of ``input``: a string gives its tokens (a list of strings or a
+        token batch gives one list each, padding dropped); an image batch gives the image tower's
+        positions (``"cls"``, ``"reg0"``…, then ``"r{row}c{col}"`` per patch)."""
+        if isinstance(input, Tensor) and input.is_floating_point():
+            cfg = self.cfg
+            prefix = ["cls"] + [f"reg{i}" for i in range(cfg.n_prefix_tokens - 1)] if cfg.n_prefix_tokens else []
+            gh, gw = cfg.grid_size
+            return prefix + [f"r{r}c{c}" for r in range(gh) for c in range(gw)]
+        single = isinstance(input, str)
+        tokens = self.check_tokens(input)
+        lists = [self._decode_ids(row) for row in tokens.tolist()]
+        return lists[0] if single else lists
+
+    def _decode_ids(self, ids: list[int]) -> list[str]:
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            import open_clip
+
+            tokenizer = self.tokenizer = open_clip.get_tokenizer(self.model_name, context_length=self.text.cfg.context_length)
+        inner = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers tokenizer
+        pad = getattr(self.text, "pad_id", 0)
+        while ids and ids[-1] == pad:
+            ids = ids[:-1]
+        if hasattr(tokenizer, "vocab") and isinstance(tokenizer.vocab, list):  # the bundled word tokenizer
+            return [tokenizer.vocab[i] for i in ids]
+        if hasattr(tokenizer, "decoder"):  # open_clip's SimpleTokenizer
+            return [tokenizer.decoder[i].replace("</w>", " ").strip() or " " for i in ids]
+        if inner is not None and hasattr(inner, "convert_ids_to_tokens"):
+            return list(inner.convert_ids_to_tokens(ids))
+        raise UnsupportedArchitectureError(f"cannot name tokens with tokenizer {type(tokenizer).__name__}.")
+
+    def decompose_text(self, tokens: Any, **kwargs: Any):
+        """Exact decomposition of the text embedding; see :func:`clip_lens.decompose_text.decompose_text`."""
+        from clip_lens.decompose_text import decompose_text
+
+        return decompose_text(self, tokens, **kwargs)
 
     def decompose(self, images: Tensor, **kwargs: Any):
         """Exact direct-contribution decomposition of the image embedding; see :func:`clip_lens.decompose`."""

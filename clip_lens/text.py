@@ -17,7 +17,7 @@ from transformer_lens.hook_points import HookPoint
 
 from clip_lens.components import LayerNorm, TransformerBlock
 from clip_lens.config import TowerConfig
-from clip_lens.errors import UnsupportedArchitectureError
+from clip_lens.errors import InputError, UnsupportedArchitectureError
 
 
 class TextTower(nn.Module):
@@ -98,6 +98,16 @@ class TextTower(nn.Module):
             return None
         return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
 
+    def output_affine(self) -> tuple[Float[Tensor, "m E"], Optional[Float[Tensor, "E"]]]:
+        """The projection after pooling as ``pooled @ W + b`` (identity without one)."""
+        proj = self.text_projection
+        if isinstance(proj, nn.Linear):
+            return proj.weight.T, proj.bias
+        if proj is not None:
+            return proj, None
+        ln = self.ln_final.weight
+        return torch.eye(ln.shape[0], device=ln.device, dtype=ln.dtype), None
+
     def attention_mask(self, tokens: Int[Tensor, "batch ctx"], seq_len: int, dtype: torch.dtype) -> Optional[Tensor]:
         """Additive mask ``[seq, seq]`` (causal) or ``[batch, heads, seq, seq]`` (with padding)."""
         causal = None if self.causal_mask is None else self.causal_mask[:seq_len, :seq_len].to(dtype)
@@ -111,18 +121,35 @@ class TextTower(nn.Module):
         additive = additive.masked_fill(~valid[:, None, None, :], float("-inf"))
         return additive if causal is None else additive + causal
 
-    def forward(self, tokens: Int[Tensor, "batch ctx"]) -> Float[Tensor, "batch E"]:
+    def pooled_positions(self, tokens: Int[Tensor, "batch ctx"]) -> Int[Tensor, "batch"]:
+        """Each sequence's pooled position in the residual stream (the EOT/argmax/eos token, or
+        CoCa's appended CLS), as ``text_global_pool`` picks it. Raises for ``pool_type='none'``."""
+        batch, ctx = tokens.shape
+        if self.cls_emb is not None or self.pool_type == "last":
+            index = ctx if self.cls_emb is not None else ctx - 1
+            return torch.full((batch,), index, dtype=torch.long, device=tokens.device)
+        if self.pool_type == "first":
+            return torch.zeros(batch, dtype=torch.long, device=tokens.device)
+        if self.pool_type == "argmax":
+            return tokens.argmax(dim=-1)
+        if self.pool_type == "eos":
+            return (tokens == self.eos_id).int().argmax(dim=-1)
+        raise UnsupportedArchitectureError(
+            f"text pool_type='{self.pool_type}' returns every token; there is no single pooled position."
+        )
+
+    def embed(self, tokens: Int[Tensor, "batch ctx"]) -> Float[Tensor, "batch n m"]:
+        """The residual stream entering block 0 (``blocks.0.hook_resid_pre``)."""
         dtype = self.blocks[0].mlp.c_fc.weight.dtype
         x = self.token_embedding(tokens).to(dtype)
         if self.cls_emb is not None:
             x = torch.cat([x, self.cls_emb.to(dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)], dim=1)
-        seq_len = x.shape[1]
         embed = self.hook_embed(x)
-        pos = self.hook_pos_embed(self.positional_embedding[:seq_len].to(dtype).expand(x.shape[0], -1, -1))
-        x = embed + pos
-        mask = self.attention_mask(tokens, seq_len, dtype)
-        for block in self.blocks:
-            x = block(x, mask)
+        pos = self.hook_pos_embed(self.positional_embedding[: x.shape[1]].to(dtype).expand(x.shape[0], -1, -1))
+        return embed + pos
+
+    def readout(self, x: Float[Tensor, "batch n m"], tokens: Int[Tensor, "batch ctx"]) -> Float[Tensor, "batch E"]:
+        """The text embedding from the final residual stream: ``ln_final``, pooling, projection."""
         if self.cls_emb is not None:  # CoCa: the appended CLS is pooled, LN after pooling
             pooled = self.ln_final(x[:, -1])
         else:
@@ -134,3 +161,26 @@ class TextTower(nn.Module):
         elif proj is not None:
             pooled = pooled @ proj
         return self.hook_text_embed(pooled)
+
+    def forward(
+        self,
+        tokens: Int[Tensor, "batch ctx"],
+        start_at_layer: Optional[int] = None,
+        stop_at_layer: Optional[int] = None,
+        *,
+        residual: Optional[Float[Tensor, "batch n m"]] = None,
+    ) -> Float[Tensor, "batch E"]:
+        """The text embedding. ``stop_at_layer`` returns the residual stream entering that block
+        ``[batch, n, m]``; with ``start_at_layer`` the run starts from ``residual`` (the stream
+        entering that block) and ``tokens`` still give the masks and pooled positions."""
+        layers = self.cfg.layer_range(start_at_layer, stop_at_layer)
+        if start_at_layer is None:
+            x = self.embed(tokens)
+        elif residual is None:
+            raise InputError("start_at_layer needs the residual stream: pass residual=[batch, n, d_model].")
+        else:
+            x = residual
+        mask = self.attention_mask(tokens, x.shape[1], x.dtype)
+        for layer in layers:
+            x = self.blocks[layer](x, mask)
+        return x if stop_at_layer is not None else self.readout(x, tokens)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import einops
 import torch
 from jaxtyping import Float
@@ -131,17 +133,18 @@ class VisionTower(nn.Module):
             return x[:, 0]
         return x
 
-    def forward(self, images: Float[Tensor, "batch 3 H W"]) -> Float[Tensor, "batch E"]:
+    def embed(self, images: Float[Tensor, "batch 3 H W"]) -> Float[Tensor, "batch n m"]:
+        """The residual stream entering block 0 (``blocks.0.hook_resid_pre``)."""
         x = self.conv1(images)
         x = einops.rearrange(x, "b m gh gw -> b (gh gw) m")
         cls = self.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
         embed = self.hook_embed(torch.cat([cls, x], dim=1))
         pos = self.hook_pos_embed(self.positional_embedding.to(x.dtype).expand(x.shape[0], -1, -1))
         x = embed + pos
-        if self.ln_pre is not None:
-            x = self.ln_pre(x)
-        for block in self.blocks:
-            x = block(x)
+        return x if self.ln_pre is None else self.ln_pre(x)
+
+    def readout(self, x: Float[Tensor, "batch n m"]) -> Float[Tensor, "batch E"]:
+        """The image embedding from the final residual stream: ``ln_post``, pooling, projection."""
         if self.attn_pool is not None:
             pooled = self.pool(self.ln_post(self.attn_pool(x)))
         elif self.final_ln_after_pool:
@@ -152,3 +155,18 @@ class VisionTower(nn.Module):
         if self.proj is not None:
             pooled = pooled @ self.proj
         return self.hook_image_embed(pooled)
+
+    def forward(
+        self,
+        images: Float[Tensor, "batch 3 H W"],
+        start_at_layer: Optional[int] = None,
+        stop_at_layer: Optional[int] = None,
+    ) -> Float[Tensor, "batch E"]:
+        """The image embedding; TransformerLens' ``start_at_layer`` (then ``images`` is the residual
+        stream ``[batch, n, m]`` entering that block) and ``stop_at_layer`` (returns the residual
+        stream entering that block, ``[batch, n, m]``)."""
+        layers = self.cfg.layer_range(start_at_layer, stop_at_layer)
+        x = self.embed(images) if start_at_layer is None else images
+        for layer in layers:
+            x = self.blocks[layer](x)
+        return x if stop_at_layer is not None else self.readout(x)
