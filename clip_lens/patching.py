@@ -275,7 +275,7 @@ def _prepare(model: "HookedCLIP", clean: Any, corrupted: Any, activation: str, b
 
 def _run_metric(metric: Metric, features: Tensor) -> Tensor:
     value = metric(features)
-    if not isinstance(value, Tensor) or value.numel() != 1:
+    if not isinstance(value, Tensor) or value.ndim != 0:
         got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
         raise InputError(
             f"the metric must return one number per run (a scalar tensor), got {got}; "
@@ -396,21 +396,26 @@ def activation_patch(
     starts = [f"blocks.{layer}.hook_resid_pre" for layer in setup.layers]
     with torch.no_grad():
         clean_acts, clean_features = _cache(model, setup, setup.clean, names)
-        corrupted_acts, corrupted_features = _cache(model, setup, setup.corrupted, starts)
+        corrupted_acts, corrupted_features = _cache(model, setup, setup.corrupted, sorted(set(starts + names)))
         clean_metric = float(_run_metric(metric, clean_features))
         corrupted_metric = float(_run_metric(metric, corrupted_features))
         cells = _grid_indices(setup, positions, heads)
         values = _empty(setup)
         per_forward = max(1, batch_size // batch)
-        jobs = [(i, c) for i in range(len(setup.layers)) for c in range(0, len(cells), per_forward)]
+        jobs = []
+        for i, name in enumerate(names):
+            # a patch that copies identical values is the corrupted run itself: no forward needed
+            differs = _reduce_to_cells(setup, (clean_acts[name] != corrupted_acts[name]).float())
+            needed = differs.reshape(-1)[_flat_cells(setup, cells)] > 0 if cells.shape[1] else differs.reshape(1) > 0
+            for cell in cells[~needed].tolist():
+                values[(i, *cell)] = corrupted_metric
+            todo = cells[needed]
+            jobs += [(i, todo[c : c + per_forward]) for c in range(0, len(todo), per_forward)]
         bar = _progress(len(jobs), progress, f"patching {activation}")
-        for i, start in jobs:
-            layer = setup.layers[i]
-            index = cells[start : start + per_forward]
-            features = _patched_forward(model, setup, layer, index, clean_acts[names[i]], corrupted_acts[starts[i]])
+        for i, index in jobs:
+            features = _patched_forward(model, setup, setup.layers[i], index, clean_acts[names[i]], corrupted_acts[starts[i]])
             for run, cell in enumerate(index.tolist()):
-                values[(i, *cell)] = float(
-                    _run_metric(metric, features[run * batch : (run + 1) * batch]))
+                values[(i, *cell)] = float(_run_metric(metric, features[run * batch : (run + 1) * batch]))
             bar.update(1)
         bar.close()
     return _result(setup, model, values, activation, "activation", clean_metric, corrupted_metric)
@@ -480,13 +485,22 @@ def attribution_patch(
             value.backward()
     corrupted_metric = float(value.detach())
     clean_metric = float(_run_metric(metric, clean_features))
-    rows = [_attribution_row(setup, (clean_acts[n] - acts[n]) * grads[n]) for n in names]
+    rows = [_reduce_to_cells(setup, (clean_acts[n] - acts[n]) * grads[n]) for n in names]
     values = torch.stack(rows).float() + corrupted_metric
     return _result(setup, model, values, activation, "attribution", clean_metric, corrupted_metric)
 
 
-def _attribution_row(setup: _Setup, product: Tensor) -> Tensor:
-    """Sum ``(clean − corrupted) · grad`` over everything but the patched axes."""
+def _flat_cells(setup: _Setup, cells: Tensor) -> Tensor:
+    """Row-major indices of ``cells`` (``[cells, k]`` over ``setup.axes[1:]``) in one layer's values."""
+    sizes = {"pos": setup.n_positions, "head": setup.n_heads}
+    flat = torch.zeros(cells.shape[0], dtype=torch.long)
+    for column, axis in enumerate(setup.axes[1:]):
+        flat = flat * sizes[axis] + cells[:, column]
+    return flat
+
+
+def _reduce_to_cells(setup: _Setup, product: Tensor) -> Tensor:
+    """Sum an activation-shaped tensor over everything but the patched axes (one layer's cells)."""
     pattern = setup.hook.endswith("hook_pattern")
     axes = setup.axes[1:]
     if not axes:
