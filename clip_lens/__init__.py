@@ -3,6 +3,7 @@
 from clip_lens.cache import CLIPActivationCache
 from clip_lens.config import TowerConfig
 from clip_lens.decompose import Decomposition, decompose
+from clip_lens.decompose_text import decompose_text
 from clip_lens.errors import (
     CheckpointNotFoundError,
     ClipLensError,
@@ -16,6 +17,7 @@ from clip_lens.errors import (
 )
 from clip_lens.hooked_clip import HookedCLIP
 from clip_lens.loading import list_models
+from clip_lens.patching import PatchingResult, activation_patch, attribution_patch
 
 __version__ = "0.1.0"
 
@@ -31,8 +33,12 @@ __all__ = [
     "InputError",
     "ModelNotFoundError",
     "StateDictMismatchError",
+    "PatchingResult",
     "TowerConfig",
     "UnsupportedArchitectureError",
+    "activation_patch",
+    "attribution_patch",
     "decompose",
+    "decompose_text",
     "list_models",
 ]

@@ -19,6 +19,13 @@ Work is contracted early: per-head terms only need ``z`` at the pooled positions
 terms need the pattern rows of those positions and ``v``, and with ``directions`` every map is
 projected once (``F @ directions.T``) so token-level memory is ``[batch, layer, head, token,
 n_directions]``.
+
+Two conventions split the same embedding (``convention=``): ``"default"`` centres each component
+on its own and keeps the out_proj bias (``attn_bias``) and ``β_post`` (``bias``) as terms of their
+own; ``"reference"`` reproduces Gandelsman et al.'s split (CLS-pooled ViTs only): the ``ln_post``
+mean ``μ`` and bias ``β`` are spread over the components in fixed shares and the out_proj bias over
+a layer's token-head terms. It is computed as the default terms plus an exact correction
+(:func:`reference_difference`), from one extra read-out column that carries each component's mean.
 """
 
 from __future__ import annotations
@@ -56,11 +63,13 @@ class Decomposition:
     attn: Float[Tensor, "batch layer out"]
     """Each layer's attention output, out_proj bias included."""
     attn_bias: Float[Tensor, "batch layer out"]
-    """The out_proj bias share of ``attn`` (not attributable to a head)."""
+    """The out_proj bias share of ``attn`` (not attributable to a head). 0 in the reference
+    convention, where ``b_O / (n_tokens · n_heads)`` rides in every token-head term."""
     mlp: Float[Tensor, "batch layer out"]
     """Each layer's MLP output."""
     bias: Float[Tensor, "batch out"]
-    """Constant terms: ``ln_post`` bias through ``proj`` (and the attentional pooler's biases)."""
+    """Constant terms: ``ln_post`` bias through ``proj`` (and the attentional pooler's biases).
+    0 in the reference convention (spread over the other terms)."""
     heads: Optional[Float[Tensor, "batch head_layer head out"]]
     """Per-head terms for ``head_layers`` (None when ``heads=None``)."""
     tokens: Optional[Float[Tensor, "batch token_layer head token out"]]
@@ -70,6 +79,10 @@ class Decomposition:
     projected: bool = False
     pooler_mlp: Optional[Float[Tensor, "batch out"]] = None
     """The MLP inside a MAP attention pooler (SigLIP, PE-Core), as one term; None without one."""
+    convention: str = "default"
+    """How LayerNorm centring and biases are split: ``"default"`` or ``"reference"`` (see
+    :func:`decompose`); ``"difference"`` for :func:`reference_difference` (reference − default:
+    ``embedding`` is 0 there, ``embedding_norm`` the forward pass's norm)."""
 
     def total(self) -> Float[Tensor, "batch out"]:
         """Sum of all terms: reproduces ``embedding``."""
@@ -104,6 +117,7 @@ class Decomposition:
             attn=divide(self.attn), attn_bias=divide(self.attn_bias), mlp=divide(self.mlp), bias=divide(self.bias),
             heads=divide(self.heads), tokens=divide(self.tokens), head_layers=self.head_layers,
             token_layers=self.token_layers, projected=self.projected, pooler_mlp=divide(self.pooler_mlp),
+            convention=self.convention,
         )
 
 
@@ -239,6 +253,97 @@ def _check_directions(model: "HookedCLIP", plan: ReadoutPlan, directions: Option
     return directions.to(device=model.device, dtype=model.dtype)
 
 
+CONVENTIONS = ("default", "reference")
+
+_TERMS = ("embed", "attn", "attn_bias", "mlp", "bias", "heads", "tokens", "pooler_mlp")
+"""The additive fields of a :class:`Decomposition`."""
+
+
+def _check_convention(model: "HookedCLIP", plan: ReadoutPlan, convention: str) -> None:
+    if not isinstance(convention, str) or convention not in CONVENTIONS:
+        raise InputError(f"convention must be 'default' or 'reference', got {convention!r}.")
+    if convention == "default":
+        return
+    problems = []
+    if model.cfg.pool_type != "tok" or plan.positions != slice(0, 1):
+        problems.append(f"pool_type='{model.cfg.pool_type}'")
+    if plan.pooler is not None:
+        problems.append("an attentional pooler")
+    if plan.pooled_norm is not None or plan.query_norm is not None:
+        problems.append("a LayerNorm after pooling")
+    if plan.token_norm is None:
+        problems.append("no LayerNorm before pooling")
+    if problems:
+        raise UnsupportedArchitectureError(
+            "convention='reference' is defined for CLS-pooled ViTs (pool_type='tok', LayerNorm before pooling, "
+            f"no attentional pooler) as in Gandelsman et al.; this tower has {', '.join(problems)}. "
+            "Use convention='default'."
+        )
+
+
+def _with_mean_channel(readout: Readout) -> Readout:
+    """The read-out with one more output column, ``1/d_model``: every term then also carries
+    ``mean(c) / σ`` of its component ``c`` (the mean over ``d_model`` at the CLS position)."""
+    maps = readout.maps
+    mean = maps.new_full((*maps.shape[:-1], 1), 1.0 / maps.shape[1])
+    const = torch.cat([readout.const, readout.const.new_zeros(readout.const.shape[0], 1)], -1)
+    return replace(readout, maps=torch.cat([maps, mean], -1), const=const)
+
+
+def _map_terms(parts: Decomposition, function, *others: Decomposition, **changes) -> Decomposition:
+    """``function`` applied to every additive field (``None`` stays ``None``)."""
+    def apply(name: str):
+        values = [getattr(d, name) for d in (parts, *others)]
+        return None if values[0] is None else function(*values)
+
+    return replace(parts, **{name: apply(name) for name in _TERMS}, **changes)
+
+
+def _reference_shift(
+    parts: Decomposition, means: Decomposition, u: Float[Tensor, "out"], const: Float[Tensor, "batch out"]
+) -> Decomposition:
+    """``reference − default`` for every term, from the default terms and their components' means.
+
+    For a component ``c`` with share ``1/K`` of ``μ`` and of the constant read-out ``β_post @ W (+ b)``:
+
+        reference(c) − default(c) = (mean(c) − μ/K) · (γ @ W) / σ + (β @ W + b) / K
+
+    with ``u = γ @ W`` and ``means`` holding ``mean(c)/σ`` per term (so ``μ/σ`` is their sum over
+    embed + attn + mlp). Shares: ``1/(2L+1)`` for embed, each ``mlp[l]`` and each ``attn[l]``;
+    ``1/((2L+1)·H)`` per head and ``1/((2L+1)·N·H)`` per token-head term. On top, ``attn_bias`` and
+    ``bias`` go to 0: the out_proj bias, uncentred, moves into the heads (``1/H`` each) and tokens
+    (``1/(N·H)`` each); ``attn[l]`` already contains it.
+    """
+    share = 1.0 / (2 * parts.attn.shape[1] + 1)
+    mu = means.embed + means.attn.sum(1) + means.mlp.sum(1)  # [batch, 1]: μ / σ
+    k = const - mu * u  # [batch, out]: (β @ W + b − μ γ @ W / σ), spread with the shares
+
+    def layer_term(mean: Tensor) -> Tensor:  # [batch, layer, 1] -> [batch, layer, out]
+        return mean * u + share * k[:, None]
+
+    b_O = parts.attn_bias + means.attn_bias * u  # [batch, layer, out]: the uncentred out_proj bias read-out
+    heads = tokens = None
+    if parts.heads is not None:
+        index = parts.head_layers
+        heads = means.heads * u + (b_O[:, index, None] + share * k[:, None, None]) / parts.heads.shape[2]
+    if parts.tokens is not None:
+        index = parts.token_layers
+        scale = 1.0 / (parts.tokens.shape[2] * parts.tokens.shape[3])  # 1 / (H · N)
+        tokens = means.tokens * u + (b_O[:, index, None, None] + share * k[:, None, None, None]) * scale
+    return replace(
+        parts,
+        embedding=torch.zeros_like(parts.embedding),
+        embed=means.embed * u + share * k,
+        attn=layer_term(means.attn),
+        attn_bias=-parts.attn_bias,
+        mlp=layer_term(means.mlp),
+        bias=-parts.bias,
+        heads=heads,
+        tokens=tokens,
+        convention="difference",
+    )
+
+
 def decompose(
     model: "HookedCLIP",
     images: Float[Tensor, "batch 3 H W"],
@@ -246,6 +351,7 @@ def decompose(
     heads: LayerSpec = "all",
     tokens: LayerSpec = None,
     directions: Optional[Float[Tensor, "n_directions d_embed"]] = None,
+    convention: str = "default",
 ) -> Decomposition:
     """Decompose image embeddings into the direct contributions of every component.
 
@@ -257,12 +363,49 @@ def decompose(
             Token layers always get per-head terms as well.
         directions: optional ``[n_directions, d_embed]`` matrix (e.g. text embeddings); every
             term is projected on it as it is computed.
+        convention: ``"default"``: each component centred on its own, out_proj bias in
+            ``attn_bias``, ``β_post`` in ``bias``. ``"reference"``: Gandelsman et al.'s split (CLS-pooled
+            ViTs only, else :class:`UnsupportedArchitectureError`): each component ``c`` maps to
+            ``P^T[γ⊙(c − μ/K)/σ + β/K]`` with ``K = 2L+1`` for embed and each MLP and
+            ``K = (2L+1)·N·H`` per token-head term, which carries ``b_O/(N·H)``; ``bias`` and
+            ``attn_bias`` are then 0. Both sum to the embedding; their difference is
+            :func:`reference_difference`. The reference's pieces are these divided by ``embedding_norm``
+            (:meth:`Decomposition.normalized`).
 
     Returns:
         A :class:`Decomposition` whose ``total()`` equals the un-normalised image embedding.
     """
+    parts, shift = _decompose(model, images, heads, tokens, directions, convention)
+    if shift is None:
+        return parts
+    return _map_terms(parts, torch.add, shift, convention="reference")
+
+
+def reference_difference(
+    model: "HookedCLIP",
+    images: Float[Tensor, "batch 3 H W"],
+    *,
+    heads: LayerSpec = "all",
+    tokens: LayerSpec = None,
+    directions: Optional[Float[Tensor, "n_directions d_embed"]] = None,
+) -> Decomposition:
+    """``decompose(..., convention="reference") − decompose(...)``, term by term, computed directly.
+
+    Per component ``c`` (at the CLS position, ``K`` as in :func:`decompose`):
+    ``(mean(c) − μ/K) · (γ @ P) / σ + (β @ P) / K``; per token-head term also ``b_O P' / (N·H)``
+    with ``P' = diag(γ) P / σ`` (the uncentred out_proj bias), per head ``b_O P' / H``; ``attn_bias``
+    and ``bias`` are minus the default ones. ``total()`` of the result is 0 (to rounding), ``embedding``
+    is 0 and ``convention`` is ``"difference"``.
+    """
+    return _decompose(model, images, heads, tokens, directions, "reference")[1]
+
+
+def _decompose(model, images, heads, tokens, directions, convention) -> tuple[Decomposition, Optional[Decomposition]]:
+    """The default terms and, for ``convention="reference"``, the shift to the reference split."""
     cfg = model.cfg
     plan = _plan(model)
+    _check_convention(model, plan, convention)
+    reference = convention == "reference"
     positions = plan.positions
     token_layers = _layers(tokens, cfg.n_layers, "tokens")
     head_layers = sorted(set(_layers(heads, cfg.n_layers, "heads")) | set(token_layers))
@@ -313,12 +456,20 @@ def decompose(
             bias = None if plan.bias is None else plan.bias @ directions.T
             plan = replace(plan, weight=plan.weight @ directions.T, bias=bias)
         readout = _readout(model, plan, store)
+        if reference:
+            readout = _with_mean_channel(readout)
         embedding_norm = embedding.norm(dim=-1)
         if directions is not None:
             embedding = embedding @ directions.T
-        return _contributions(
+        parts = _contributions(
             model, readout, store, head_layers, token_layers, embedding, embedding_norm, directions is not None
         )
+        if not reference:
+            return parts, None
+        means = _map_terms(parts, lambda t: t[..., -1:])
+        parts = _map_terms(parts, lambda t: t[..., :-1])
+        u = model.mod_dict[plan.token_norm].weight @ plan.weight  # γ @ W (projected with the directions)
+        return parts, _reference_shift(parts, means, u, parts.bias)
 
 
 def _head_scale(store: dict, layer: int) -> Optional[Tensor]:

@@ -48,8 +48,8 @@ class HookNameError(ClipLensError, KeyError):
         return str(self.args[0])
 
 
-class IndexOutOfRangeError(ClipLensError, IndexError):
-    """A layer or head index outside the model."""
+class IndexOutOfRangeError(InputError, IndexError):
+    """A layer, head or position index outside the model (an :class:`InputError` and an ``IndexError``)."""
 
 
 class UnsupportedArchitectureError(ClipLensError, NotImplementedError):

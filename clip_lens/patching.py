@@ -374,7 +374,7 @@ def activation_patch(
     positions: Optional[Sequence[int]] = None,
     heads: Optional[Sequence[int]] = None,
     batch_size: int = 64,
-    progress: bool = False,
+    progress: bool = True,
 ) -> PatchingResult:
     """Patch each clean activation into the corrupted run and record ``metric`` of the output.
 
