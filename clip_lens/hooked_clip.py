@@ -18,6 +18,7 @@ from clip_lens.errors import HookNameError, InputError, UnsupportedArchitectureE
 from clip_lens.text import TextTower
 from clip_lens.towers.hf_text import HFTextEncoder, HFTextTower, LazyHFTokenizer
 from clip_lens.vision import VisionTower
+from clip_lens.weights import CLIPWeights
 
 RETURN_TYPES = ("tuple", "image_features", "text_features", "logits", "loss", None)
 """What :meth:`HookedCLIP.forward` can return (``return_type``)."""
@@ -50,7 +51,7 @@ def _text_tower(model: nn.Module, model_name: Optional[str]) -> nn.Module:
     return TextTower(model, model_name)
 
 
-class HookedCLIP(HookedRootModule):
+class HookedCLIP(CLIPWeights, HookedRootModule):
     """An OpenCLIP model whose image and text towers expose named hook points.
 
     The image tower's hooks sit at the top level (``blocks.3.attn.hook_pattern``), the text

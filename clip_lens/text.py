@@ -17,10 +17,11 @@ from transformer_lens.hook_points import HookPoint
 
 from clip_lens.components import LayerNorm, TransformerBlock
 from clip_lens.config import TowerConfig
+from clip_lens.weights import TowerWeights
 from clip_lens.errors import InputError, UnsupportedArchitectureError
 
 
-class TextTower(nn.Module):
+class TextTower(TowerWeights, nn.Module):
     """Hooked text encoder sharing the parameters of the open_clip model it was built from.
 
     Hooks (under ``text.`` in :class:`~clip_lens.HookedCLIP`), ``n`` = token positions:

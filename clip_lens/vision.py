@@ -15,6 +15,7 @@ from clip_lens.components import AttentionalPooler, LayerNorm, TransformerBlock
 from clip_lens.components.readout import ReadoutPlan
 from clip_lens.config import TowerConfig
 from clip_lens.errors import UnsupportedArchitectureError
+from clip_lens.weights import TowerWeights
 
 
 def _unsupported_visual(visual: nn.Module) -> str:
@@ -24,7 +25,7 @@ def _unsupported_visual(visual: nn.Module) -> str:
     return f"image tower {name} is not supported: HookedCLIP wraps open_clip's VisionTransformer and timm ViTs."
 
 
-class VisionTower(nn.Module):
+class VisionTower(TowerWeights, nn.Module):
     """Hooked copy of an open_clip ``VisionTransformer`` sharing its parameters.
 
     Hooks, in forward order (``n = 1 + grid_h * grid_w``, ``m = d_model``, ``E = d_embed``):

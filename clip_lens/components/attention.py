@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
+from transformer_lens.FactoredMatrix import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
 from clip_lens.components.layer_norm import LayerNorm, hooks_active
@@ -56,6 +57,10 @@ class HeadAttention(nn.Module):
         in), computed only when hooked or with ``cfg.use_attn_result``.
 
     The block's ``hook_attn_out`` equals ``hook_result.sum(-2) + b_O``.
+
+    The input may be one residual ``[batch, n, m]`` for q, k and v, or (TransformerLens'
+    ``use_split_qkv_input``/``use_attn_in``) one copy per head ``[batch, n, h, m]``, projected
+    head by head with ``W_Q/W_K/W_V`` and ``b_Q/b_K/b_V`` (:meth:`project_heads`).
     """
 
     def __init__(self, n_heads: int, d_model: int, d_head: int):
@@ -68,6 +73,31 @@ class HeadAttention(nn.Module):
         self.ln_inner: Optional[LayerNorm] = None
         for name in ("q", "k", "v", "attn_scores", "pattern", "z", "result"):
             setattr(self, f"hook_{name}", HookPoint())
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """``W_Q W_K^T`` per head, ``[h, m, m]`` (factored, as TransformerLens' ``attn.QK``)."""
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """``W_V W_O`` per head, ``[h, m, m]`` (factored, as TransformerLens' ``attn.OV``)."""
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def project(self, x: Float[Tensor, "batch n m"], which: int) -> Float[Tensor, "batch n h d"]:
+        """q, k or v (``which`` = 0, 1, 2) of one residual input, as the wrapped module computes it."""
+        raise NotImplementedError
+
+    def project_heads(self, x: Float[Tensor, "batch n h m"], which: int) -> Float[Tensor, "batch n h d"]:
+        """q, k or v (``which`` = 0, 1, 2) from one input per head, with the TransformerLens-layout
+        weights: ``einsum('bnhm,hmd->bnhd', x, W) + b``."""
+        name = "QKV"[which]
+        weight, bias = getattr(self, f"W_{name}"), getattr(self, f"b_{name}")
+        return torch.einsum("bnhm,hmd->bnhd", x, weight) + bias
+
+    def project_input(self, x: Tensor, which: int) -> Float[Tensor, "batch n h d"]:
+        """:meth:`project` for ``[batch, n, m]``, :meth:`project_heads` for ``[batch, n, h, m]``."""
+        return self.project_heads(x, which) if x.ndim == 4 else self.project(x, which)
 
     def attend(
         self,
@@ -126,12 +156,15 @@ class Attention(HeadAttention):
     def W_V(self) -> Float[Tensor, "h m d"]:
         return einops.rearrange(_qkv_weights(self.mha)[2], "(h d) m -> h m d", h=self.n_heads)
 
-    @property
-    def b_V(self) -> Float[Tensor, "h d"]:
-        b = _qkv_biases(self.mha)[2]
+    def _bias(self, which: int) -> Float[Tensor, "h d"]:
+        b = _qkv_biases(self.mha)[which]
         if b is None:
-            return self.W_V.new_zeros(self.n_heads, self.d_head)
+            return _qkv_weights(self.mha)[which].new_zeros(self.n_heads, self.d_head)
         return einops.rearrange(b, "(h d) -> h d", h=self.n_heads)
+
+    b_Q = property(lambda self: self._bias(0))
+    b_K = property(lambda self: self._bias(1))
+    b_V = property(lambda self: self._bias(2))
 
     @property
     def W_O(self) -> Float[Tensor, "h d m"]:
@@ -155,12 +188,15 @@ class Attention(HeadAttention):
         return out if self.layer_scale is None else out * self.layer_scale
 
     def forward(
-        self, x: Float[Tensor, "batch n m"], attn_mask: Optional[Tensor] = None
+        self, x: Tensor, attn_mask: Optional[Tensor] = None,
+        key_input: Optional[Tensor] = None, value_input: Optional[Tensor] = None,
     ) -> Float[Tensor, "batch n m"]:
-        """``attn_mask``: additive, ``[n, n]`` or ``[batch, 1 or h, n, n]``."""
-        q = self.hook_q(self.project(x, 0))
-        k = self.hook_k(self.project(x, 1))
-        v = self.hook_v(self.project(x, 2))
+        """``x``: the query input, also the key and value input unless ``key_input``/``value_input``
+        are given; each ``[batch, n, m]`` or one copy per head ``[batch, n, h, m]``.
+        ``attn_mask``: additive, ``[n, n]`` or ``[batch, 1 or h, n, n]``."""
+        q = self.hook_q(self.project_input(x, 0))
+        k = self.hook_k(self.project_input(x if key_input is None else key_input, 1))
+        v = self.hook_v(self.project_input(x if value_input is None else value_input, 2))
         z = self.hook_z(self.attend(q, k, v, attn_mask))
         return self.output(z)
 

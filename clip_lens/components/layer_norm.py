@@ -44,6 +44,16 @@ class LayerNorm(nn.Module):
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
+    @property
+    def w(self) -> Float[Tensor, "d_model"]:
+        """TransformerLens' name for the LayerNorm weight (the same parameter as ``weight``)."""
+        return self.weight
+
+    @property
+    def b(self) -> Float[Tensor, "d_model"]:
+        """TransformerLens' name for the LayerNorm bias (``bias``; zeros when the norm has none)."""
+        return self.weight.new_zeros(self.weight.shape) if self.bias is None else self.bias
+
     def forward(self, x: Float[Tensor, "*batch_pos d_model"]) -> Float[Tensor, "*batch_pos d_model"]:
         dtype = x.dtype
         if self.compute_in_fp32:

@@ -26,6 +26,7 @@ from clip_lens.components import MLP, GatedMLP, HeadAttention, LayerNorm, Transf
 from clip_lens.components.readout import ReadoutPlan
 from clip_lens.config import TowerConfig
 from clip_lens.errors import UnsupportedArchitectureError
+from clip_lens.weights import TowerWeights
 
 TRUNKS = ("VisionTransformer", "Eva")
 BLOCKS = ("Block", "EvaBlock", "EvaBlockPostNorm")
@@ -230,13 +231,17 @@ class TimmAttention(HeadAttention):
         return result.sum(-2) + self.b_O
 
     def forward(
-        self, x: Float[Tensor, "batch n m"], attn_mask: Optional[Tensor] = None, rope: Optional[Tensor] = None
+        self, x: Tensor, attn_mask: Optional[Tensor] = None, rope: Optional[Tensor] = None,
+        key_input: Optional[Tensor] = None, value_input: Optional[Tensor] = None,
     ) -> Float[Tensor, "batch n m"]:
-        q, k = self.project(x, 0), self.project(x, 1)
+        """``x``: the query input, also the key and value input unless ``key_input``/``value_input``
+        are given; each ``[batch, n, m]`` or one copy per head ``[batch, n, h, m]``."""
+        q = self.project_input(x, 0)
+        k = self.project_input(x if key_input is None else key_input, 1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.hook_q(q), self.hook_k(k)
-        v = self.hook_v(self.project(x, 2))
+        v = self.hook_v(self.project_input(x if value_input is None else value_input, 2))
         if rope is not None:
             q = self.hook_rot_q(self.rotate(q, rope))
             k = self.hook_rot_k(self.rotate(k, rope))
@@ -360,7 +365,7 @@ class LatentAttentionPool(nn.Module):
         return out[:, 0] if self.pool == "token" else out.mean(1)
 
 
-class TimmVisionTower(nn.Module):
+class TimmVisionTower(TowerWeights, nn.Module):
     """Hooked copy of an open_clip ``TimmModel`` whose trunk is a timm ``VisionTransformer`` or ``Eva``.
 
     Hooks, in forward order (``n = prefix + grid_h * grid_w``, ``m = d_model``, ``E = d_embed``):
@@ -479,7 +484,8 @@ class TimmVisionTower(nn.Module):
             return x[:, 0]
         return x[:, self.n_prefix_tokens:].mean(dim=1)
 
-    def forward(self, images: Float[Tensor, "batch 3 H W"]) -> Float[Tensor, "batch E"]:
+    def embed(self, images: Float[Tensor, "batch 3 H W"]) -> Float[Tensor, "batch n m"]:
+        """The residual stream entering block 0 (``blocks.0.hook_resid_pre``)."""
         trunk = self.trunk
         x = trunk.patch_embed(images)  # [batch, grid_h * grid_w, m]
         prefix = [t.expand(x.shape[0], -1, -1) for t in (trunk.cls_token, trunk.reg_token) if t is not None]
@@ -490,16 +496,29 @@ class TimmVisionTower(nn.Module):
         elif self.no_embed_class and self.n_prefix_tokens:  # no position embedding for the prefix tokens
             pos = torch.cat([pos.new_zeros(1, self.n_prefix_tokens, pos.shape[-1]), pos], dim=1)
         x = embed + self.hook_pos_embed(pos.to(x.dtype).expand(x.shape[0], -1, -1))
-        if self.ln_pre is not None:
-            x = self.ln_pre(x)
-        rope = None if self.rope is None else self.rope.get_embed()
-        for block in self.blocks:
-            x = block(x, rope=rope) if rope is not None else block(x)
+        return x if self.ln_pre is None else self.ln_pre(x)
+
+    def readout(self, x: Float[Tensor, "batch n m"]) -> Float[Tensor, "batch E"]:
+        """The image embedding from the final residual stream: final norm, pooling, heads."""
         if self.ln_post is not None and not self.final_ln_after_pool:
             x = self.ln_post(x)
         pooled = self.pool(x)
         if self.ln_post is not None and self.final_ln_after_pool:
             pooled = self.ln_post(pooled)
         pooled = self.hook_pooled(pooled)
-        embedding = self.head(trunk.head(pooled))
+        embedding = self.head(self.trunk.head(pooled))
         return self.hook_image_embed(embedding)
+
+    def forward(
+        self,
+        images: Float[Tensor, "batch 3 H W"],
+        start_at_layer: Optional[int] = None,
+        stop_at_layer: Optional[int] = None,
+    ) -> Float[Tensor, "batch E"]:
+        """The image embedding; ``start_at_layer``/``stop_at_layer`` as :meth:`VisionTower.forward`."""
+        layers = self.cfg.layer_range(start_at_layer, stop_at_layer)
+        x = self.embed(images) if start_at_layer is None else images
+        rope = None if self.rope is None else self.rope.get_embed()
+        for layer in layers:
+            x = self.blocks[layer](x, rope=rope) if rope is not None else self.blocks[layer](x)
+        return x if stop_at_layer is not None else self.readout(x)
