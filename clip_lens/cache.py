@@ -97,8 +97,29 @@ class CLIPActivationCache(ActivationCache):
     def stack_neuron_results(self, *args: Any, pos_slice: Any = None, **kwargs: Any):
         return super().stack_neuron_results(*args, pos_slice=self._pos(pos_slice), **kwargs)
 
-    def get_full_resid_decomposition(self, *args: Any, pos_slice: Any = None, **kwargs: Any):
-        return super().get_full_resid_decomposition(*args, pos_slice=self._pos(pos_slice), **kwargs)
+    def get_full_resid_decomposition(self, layer: Optional[int] = None, mlp_input: bool = False,
+                                     expand_neurons: bool = True, apply_ln: bool = False, pos_slice: Any = None,
+                                     return_labels: bool = False, project_output_onto: Optional[torch.Tensor] = None):
+        """TransformerLens ``get_full_resid_decomposition`` (heads, neurons, embeddings, biases);
+        with ``ln_pre`` the two embedding rows become one, ``embed`` (``ln_pre``'s output), so the
+        rows always add up to the residual stream. Needs ``hook_result`` in the cache."""
+        pos_slice = self._pos(pos_slice)
+        if not self.model.cfg.has_ln_pre:
+            return super().get_full_resid_decomposition(layer, mlp_input, expand_neurons, apply_ln, pos_slice,
+                                                        return_labels, project_output_onto)
+        if layer is None or layer == -1:
+            layer = self.model.cfg.n_layers
+        stack, labels = super().get_full_resid_decomposition(layer, mlp_input, expand_neurons, False, pos_slice, True)
+        if not isinstance(pos_slice, Slice):
+            pos_slice = Slice(pos_slice)
+        keep = [i for i, label in enumerate(labels) if label != "pos_embed"]
+        stack[labels.index("embed")] = pos_slice.apply(self["blocks.0.hook_resid_pre"], dim=-2)
+        stack, labels = stack[keep], [labels[i] for i in keep]
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
+        if project_output_onto is not None:
+            stack = stack @ project_output_onto
+        return (stack, labels) if return_labels else stack
 
     def logit_attrs(
         self,

@@ -368,10 +368,12 @@ class HookedCLIP(CLIPWeights, HookedRootModule):
                 ``"loss"`` the model's training loss on paired images and texts (CLIP's
                 contrastive cross-entropy, or the sigmoid loss when the model has a
                 ``logit_bias``); ``None`` nothing.
-            start_at_layer / stop_at_layer: TransformerLens' layer ranges. They act on the image
-                tower whenever an image is given (on the text tower otherwise).
-                ``stop_at_layer`` returns that tower's residual stream entering the block and needs
-                exactly one of ``image``/``text``.
+            start_at_layer: TransformerLens' layer range start: the run begins at this block from
+                the residual stream passed as ``image`` (or ``text``). It acts on the image tower
+                whenever an image is given (on the text tower otherwise).
+            stop_at_layer: return the residual stream entering this block instead of an output;
+                needs exactly one of ``image``/``text``.
+            tokens: the token ids of a text run started with ``start_at_layer``.
         """
         if return_type not in RETURN_TYPES:
             raise InputError(f"return_type={return_type!r} is not one of {RETURN_TYPES}.")

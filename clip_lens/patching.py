@@ -379,11 +379,15 @@ def activation_patch(
     """Patch each clean activation into the corrupted run and record ``metric`` of the output.
 
     Args:
-        clean, corrupted: images ``[batch, 3, H, W]`` or texts (token ids or strings), the same shape;
-            row ``i`` of ``corrupted`` is the counterfactual of row ``i`` of ``clean``.
+        model: the hooked model.
+        clean: images ``[batch, 3, H, W]`` or texts (token ids or strings).
+        corrupted: the same shape as ``clean``; row ``i`` is the counterfactual of clean row ``i``.
         metric: normalised embeddings of one run ``[batch, d_embed]`` → scalar tensor.
-        activation, by: what to patch and over which axes (module docstring table).
-        layers, positions, heads: restrict the sweep (cells left out stay NaN).
+        activation: what to patch (module docstring table).
+        by: over which axes (module docstring table; the first choice by default).
+        layers: restrict the sweep to these layers.
+        positions: restrict it to these positions (cells left out stay NaN).
+        heads: restrict it to these heads (cells left out stay NaN).
         batch_size: inputs per forward (patches per forward = batch_size // batch).
         progress: show a progress bar over the forwards.
 

@@ -20,7 +20,7 @@ from transformer_lens.FactoredMatrix import FactoredMatrix
 
 from clip_lens.components import AttentionalPooler, GatedMLP, LayerNorm, TransformerBlock
 from clip_lens.components.attention import Attention
-from clip_lens.errors import UnsupportedArchitectureError
+from clip_lens.errors import IndexOutOfRangeError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
     from clip_lens.hooked_clip import HookedCLIP
@@ -98,6 +98,22 @@ class TowerWeights:
     b_in = _stacked("mlp", "b_in", "MLP input biases ``[n_layers, d_mlp]``.")
     W_out = _stacked("mlp", "W_out", "MLP output weights ``[n_layers, d_mlp, m]`` (LayerScale folded in).")
     b_out = _stacked("mlp", "b_out", "MLP output biases ``[n_layers, m]`` (LayerScale folded in).")
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Float[Tensor, "m"]:
+        """TransformerLens' ``accumulated_bias``: the attention (and MLP) output biases written into
+        the residual stream before block ``layer`` (with ``mlp_input``, also block ``layer``'s
+        attention bias). Not additive in post-norm blocks (EVA02-E)."""
+        tower = self._weights_tower()
+        total = tower.blocks[0].attn.b_O.new_zeros(tower.cfg.d_model)
+        for index in tower.cfg.layer_range(None, layer):
+            total = total + tower.blocks[index].attn.b_O
+            if include_mlp_biases:
+                total = total + tower.blocks[index].mlp.b_out
+        if mlp_input:
+            if layer >= tower.cfg.n_layers:
+                raise IndexOutOfRangeError(f"mlp_input needs a block: layer must be < {tower.cfg.n_layers}, got {layer}.")
+            total = total + tower.blocks[layer].attn.b_O
+        return total
 
     @property
     def W_gate(self) -> Optional[Float[Tensor, "n_layers m d_mlp"]]:

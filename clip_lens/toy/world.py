@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -188,7 +188,7 @@ class ShapesWorld(Dataset):
         image_size: int = 64,
         n_objects: int | tuple[int, int] = 1,
         length: int = 10_000,
-        transform=None,
+        transform: Optional[Callable[[np.ndarray], Any]] = None,
     ):
         lo, hi = (n_objects, n_objects) if isinstance(n_objects, int) else n_objects
         if image_size < 16:

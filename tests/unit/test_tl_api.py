@@ -178,3 +178,21 @@ def test_bad_layer_ranges_and_inputs_are_clear_errors(toy):
         toy(images, return_type="logits")
     with pytest.raises(InputError, match="pairs image i with text i"):
         toy(random_images(toy, 2), toy.to_tokens(["a red circle"]), return_type="loss")
+
+
+def test_full_resid_decomposition_adds_up_on_both_towers(toy):
+    """Heads, neurons, embeddings and accumulated biases sum to the residual stream (ln_pre: one embed row)."""
+    toy.set_use_attn_result(True)
+    try:
+        images, tokens = random_images(toy, 2), toy.to_tokens(["a red circle", "a big blue square on the left"])
+        _, cache = toy.run_with_cache(images, tokens)
+    finally:
+        toy.set_use_attn_result(False)
+    stack, labels = cache.get_full_resid_decomposition(return_labels=True)
+    assert labels.count("embed") == 1 and "pos_embed" not in labels  # the image tower has ln_pre
+    torch.testing.assert_close(stack.sum(0), cache[f"blocks.{toy.cfg.n_layers - 1}.hook_resid_post"], atol=1e-5, rtol=1e-5)
+    mid = cache.get_full_resid_decomposition(layer=2, mlp_input=True, expand_neurons=False, pos_slice="pooled")
+    torch.testing.assert_close(mid.sum(0), cache["blocks.2.hook_resid_mid"][:, 0], atol=1e-5, rtol=1e-5)
+    text = cache.text.get_full_resid_decomposition(pos_slice="pooled")
+    last = cache[f"text.blocks.{toy.text.cfg.n_layers - 1}.hook_resid_post"]
+    torch.testing.assert_close(text.sum(0), last[torch.arange(2), tokens.argmax(-1)], atol=1e-5, rtol=1e-5)
