@@ -15,6 +15,7 @@ from transformer_lens.hook_points import HookPoint
 from clip_lens.cache import CLIPActivationCache
 from clip_lens.config import TowerConfig
 from clip_lens.errors import HookNameError, InputError, UnsupportedArchitectureError, close_matches
+from clip_lens.sae.splice import SAESplicing
 from clip_lens.text import TextTower
 from clip_lens.towers.hf_text import HFTextEncoder, HFTextTower, LazyHFTokenizer
 from clip_lens.vision import VisionTower
@@ -51,7 +52,7 @@ def _text_tower(model: nn.Module, model_name: Optional[str]) -> nn.Module:
     return TextTower(model, model_name)
 
 
-class HookedCLIP(CLIPWeights, HookedRootModule):
+class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
     """An OpenCLIP model whose image and text towers expose named hook points.
 
     The image tower's hooks sit at the top level (``blocks.3.attn.hook_pattern``), the text
