@@ -22,6 +22,8 @@ from clip_lens.toy.world import ShapesWorld, attribute_prompt, batch_images
 N_PAIRS = 12
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small forwards: 2 threads mostly wait
+
 @pytest.fixture(scope="module")
 def toy():
     return HookedCLIP.from_pretrained("toy-shapes")

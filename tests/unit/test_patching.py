@@ -15,6 +15,8 @@ from tests.helpers import hooked_pair, random_images
 from tests.parity.test_timm_towers import NARROW, overrides
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small forwards: 2 threads mostly wait
+
 @pytest.fixture(scope="module")
 def toy():
     return HookedCLIP.from_pretrained("toy-shapes")

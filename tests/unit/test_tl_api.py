@@ -15,6 +15,8 @@ from tests.parity.test_timm_towers import NARROW, overrides
 L2 = {"layers": 2}
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small forwards: 2 threads mostly wait
+
 @pytest.fixture(scope="module")
 def toy():
     return HookedCLIP.from_pretrained("toy-shapes")
