@@ -277,6 +277,10 @@ def render_html(summary: dict[str, Any], pngs: dict[str, bytes]) -> str:
     }
     figures = tags.get("decomposition.png", "") + tags.get("tokens.png", "")
     head_sections = render_sections(summary["heads"], tags) if "heads" in summary else ""
+    if "features" in summary:
+        from clip_lens.feature_report import render_section
+
+        head_sections += render_section(summary["features"], pngs)
     overrides = summary.get("config_overrides")
     overrides_html = f" Config overrides: <code>{esc(json.dumps(overrides))}</code>." if overrides else ""
     warning = (
@@ -319,6 +323,45 @@ constant (bias) term {summary['bias_norm_mean']:.4g}.</p>
 """
 
 
+# --- SAE features -------------------------------------------------------------------------
+FEATURE_IMAGES = 256
+"""Shapes-world scenes searched for the Features section when the head analyses are off."""
+FEATURES_SHOWN = 8
+
+
+def feature_section(
+    model: "HookedCLIP", sae: Any, *, images: Any = None, n_images: int = FEATURE_IMAGES, bank: Optional[str] = None,
+    n_features: int = FEATURES_SHOWN, k: int = 9,
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The report's "Features" section: the first ``n_features`` features of an SAE by
+    :func:`clip_lens.feature_report.rank_features`, named with ``bank`` (default: shapes-attributes,
+    the single-attribute prompts, for shapes-world models, else general; no names, with a note, when the hook cannot be named), and
+    their top images among ``images`` (default: ``n_images`` shapes-world scenes of the report's
+    world, seed :data:`clip_lens.head_report.REPORT_SEED`).
+
+    Returns the summary (``summary.json``'s ``features``) and the dashboards as PNG bytes.
+    """
+    from clip_lens.collect import shapes_world_images
+    from clip_lens.feature_report import inspect_features
+    from clip_lens.head_report import REPORT_SEED
+    from clip_lens.sae import SAE, load_sae
+    from clip_lens.toy import WordTokenizer
+
+    folder = None
+    if not isinstance(sae, SAE):
+        folder = Path(sae)
+        sae = load_sae(folder)
+    if images is None:
+        if model.cfg.image_size is None:
+            raise InputError("this model has no fixed image size, so shapes-world scenes cannot be rendered; pass images.")
+        images = shapes_world_images(n_images, REPORT_SEED, model.cfg.image_size[0])
+    if bank is None:
+        bank = "shapes-attributes" if isinstance(model.tokenizer, WordTokenizer) else "general"
+    inspection = inspect_features(model, sae, images, n_features=n_features, k=k, bank=bank)
+    summary = {"sae_dir": None if folder is None else str(folder.resolve()), **inspection.to_dict()}
+    return summary, inspection.dashboards()
+
+
 # --- files --------------------------------------------------------------------------------
 def write_report(
     out_dir: Union[str, Path], summary: dict[str, Any], pngs: dict[str, bytes]
@@ -343,14 +386,16 @@ def build_report(
     head_images: int = 0,
     head_source: Any = None,
     bank: Optional[str] = None,
+    sae: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Synthetic images → ``decompose(heads="all", tokens=[last layer])`` → figures → files.
 
     ``progress`` is an optional tqdm bar advanced once per step (images, decompose, figures,
     write); ``extra`` is stored in the summary (e.g. the config overrides). With ``head_images``
     (shapes-world scenes) or ``head_source`` (a folder, tensor or dataset of images), the head analyses of
-    :mod:`clip_lens.head_report` run too (store in ``out_dir/store``). Returns
-    ``(summary, {file name: path})``.
+    :mod:`clip_lens.head_report` run too (store in ``out_dir/store``). With ``sae`` (an
+    :class:`~clip_lens.sae.SAE` or its folder) a "Features" section is added
+    (:func:`feature_section`). Returns ``(summary, {file name: path})``.
     """
 
     def step(label: str) -> None:
@@ -386,6 +431,13 @@ def build_report(
         step("head analyses")
         summary["heads"], head_pngs = analyse_heads(model, Path(out_dir), n_images=head_images, images=head_source, bank=bank)
         pngs.update(head_pngs)
+        done()
+
+    if sae is not None:
+        step("SAE features")
+        summary["features"], feature_pngs = feature_section(
+            model, sae, images=head_source, n_images=head_images or FEATURE_IMAGES, bank=bank)
+        pngs.update(feature_pngs)
         done()
 
     step("write")

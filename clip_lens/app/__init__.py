@@ -8,7 +8,8 @@ and one static page, no external resources.
 >>> serve(model, workspace.store, workspace.labels, thumbnails=workspace.thumbnails)  # doctest: +SKIP
 
 Tabs: property-based nearest neighbours, per-head topic segmentation, contrastive segmentation,
-per-head nearest neighbours of an image, and of a text (see ``docs/concepts/app.md``).
+per-head nearest neighbours of an image, and of a text, and the features of SAEs (``saes=`` of
+:func:`make_server`; :mod:`clip_lens.app.features`) (see ``docs/concepts/app.md``).
 """
 
 from clip_lens.app.api import Api

@@ -11,6 +11,10 @@ Request fields (``POST /api/<name>``):
 ``contrastive_segmentation``  ``images``, ``text_a``, ``text_b``, ``head`` ("all")
 ``image_neighbors``        ``images``, ``head``, ``k`` (8)
 ``text_neighbors``         ``text``, ``head``, ``k`` (3)
+``sae_features``           ``sae``, ``order`` ("frequency"), ``text`` (search), ``start``, ``count`` (the Features tab,
+                           :mod:`clip_lens.app.features`)
+``sae_feature``            ``sae``, ``feature``, ``k`` (9)
+``sae_image``              ``sae``, ``images``, ``k`` (8)
 =========================  =================================================================
 
 ``images`` is a list of 1..``max_images`` items, each a data URL (``"data:image/png;base64,…"``,
@@ -25,7 +29,7 @@ import binascii
 import io
 import re
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -39,6 +43,7 @@ from clip_lens.errors import InputError, close_matches
 
 if TYPE_CHECKING:
     from clip_lens import HookedCLIP
+    from clip_lens.sae import SAE
 
 MAX_K = 32
 """Most neighbours per query: the figure has one thumbnail per neighbour."""
@@ -97,6 +102,13 @@ class Fields:
             raise InputError(f"{key} must be a list of non-empty strings, got {value!r}.")
         return [t.strip() for t in value]
 
+    def integer(self, key: str, default: Optional[int], low: int, high: int) -> int:
+        """A whole number in ``low..high`` (``default`` None: the field is required)."""
+        value = self.body.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise InputError(f"{key} must be a whole number from {low} to {high}, got {value!r}.")
+        return value
+
     def k(self, default: int) -> int:
         value = self.body.get("k", default)
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_K:
@@ -114,9 +126,12 @@ class Api:
         thumbnails: store rows → ``uint8 [n, H, W, 3]`` (default: the store's own images, grey
             squares when it does not record them).
         max_images: most images per request.
+        saes: SAEs on image-tower hooks of ``model`` for the Features tab, by name (a list: named
+            ``sae0``, ``sae1``, …); each is checked against the model (:func:`~clip_lens.app.features.check_sae_fits`).
     """
 
-    ENDPOINTS = ("property_neighbors", "topic_segmentation", "contrastive_segmentation", "image_neighbors", "text_neighbors")
+    ENDPOINTS = ("property_neighbors", "topic_segmentation", "contrastive_segmentation", "image_neighbors", "text_neighbors",
+                 "sae_features", "sae_feature", "sae_image")
     """The analyses, by the name of their method and of their ``POST /api/<name>`` endpoint."""
 
     def __init__(
@@ -126,7 +141,10 @@ class Api:
         labels: Any = None,
         thumbnails: Optional[Callable[[Sequence[int]], UInt8[np.ndarray, "n H W 3"]]] = None,
         max_images: int = 16,
+        saes: Union[Mapping[str, "SAE"], Sequence["SAE"], None] = None,
     ):
+        from clip_lens.app.features import Features
+
         if model.cfg.image_size is None:
             raise InputError("the app needs a model with a fixed image size (its maps and thumbnails are drawn at it).")
         if model.preprocess is None:
@@ -153,6 +171,7 @@ class Api:
         self.ids = store.ids()
         # Models are not safe for concurrent forward passes, nor is matplotlib for concurrent figures.
         self.lock = threading.Lock()
+        self.features = Features(self, saes)
 
     def _grey(self, rows: Sequence[int]) -> UInt8[np.ndarray, "n H W 3"]:
         return np.full((len(rows), *self.image_size, 3), 200, np.uint8)
@@ -177,7 +196,12 @@ class Api:
             "store": {"path": str(self.store.path), "n_images": self.store.n_done, "source": self.store.meta.get("source", ""),
                       "has_images": self._store_images is not None},
             "limits": {"max_images": self.max_images, "max_k": MAX_K},
+            "saes": self.features.info(),
         }
+
+    def sae_status(self) -> dict[str, Any]:
+        """Per SAE: whether its store-wide feature activations are computed, and how far (no lock: answers while computing)."""
+        return self.features.status()
 
     def thumbnails(self, start: int, count: int) -> dict[str, Any]:
         """Data URLs of store rows ``start .. start + count`` (clipped to the store), for the image picker."""
@@ -242,6 +266,20 @@ class Api:
             result = self.neighbors(self.model).run(self.store, query_texts=[text], head=head, k=k)
             figure = _figure_url(result.plot(self.thumbnail_loader))
         return {**self._neighbours(result), "figure": figure}
+
+    # --- the Features tab (SAEs; clip_lens.app.features) --------------------------------------
+    def sae_features(self, body: Any) -> dict[str, Any]:
+        """The SAE's features ranked by ``order`` (or by the cosine of their carried decoder direction with
+        ``text``), with their firing frequency on the store, largest activation and text name."""
+        return self.features.feature_list(Fields(body, ("sae", "order", "text", "start", "count")))
+
+    def sae_feature(self, body: Any) -> dict[str, Any]:
+        """One feature: its names with scores and its top store images with their patch maps."""
+        return self.features.feature(Fields(body, ("sae", "feature", "k")))
+
+    def sae_image(self, body: Any) -> dict[str, Any]:
+        """The features that fire most on each query image, with their patch maps on it."""
+        return self.features.image(Fields(body, ("sae", "images", "k")))
 
     def _neighbours(self, result) -> dict[str, Any]:
         """Rows, store ids and scores of each query's neighbours, best first."""

@@ -4,7 +4,8 @@
 ``GET /``, ``/static/app.js|app.css``        the page
 ``GET /api/info``                            model, heads (with labels), properties, metrics, store size, limits
 ``GET /api/thumbnails?start=0&count=24``     store images as PNG data URLs (the page's image picker)
-``POST /api/<analysis>``                     the five analyses (:mod:`clip_lens.app.api`), JSON in and out
+``GET /api/sae_status``                      per SAE: store-wide feature activations idle / computing (images done) / ready
+``POST /api/<analysis>``                     the five analyses and the Features tab (:mod:`clip_lens.app.api`), JSON in and out
 ==========================================  =====================================================
 
 Bad input and safety: bound to 127.0.0.1 by default, and while on a loopback address it answers only
@@ -26,7 +27,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -38,6 +39,7 @@ from clip_lens.errors import ClipLensError, InputError
 
 if TYPE_CHECKING:
     from clip_lens import HookedCLIP
+    from clip_lens.sae import SAE
 
 logger = logging.getLogger("clip_lens.app")
 
@@ -115,6 +117,8 @@ class Handler(BaseHTTPRequestHandler):
             self._answer(self.server.info)
         elif url.path == "/api/thumbnails":
             self._answer(lambda: self.server.api.thumbnails(*_query_ints(url.query, start=0, count=24)))
+        elif url.path == "/api/sae_status":
+            self._answer(self.server.api.sae_status)
         else:
             self.send_error(HTTPStatus.NOT_FOUND, f"no page or endpoint {url.path}")
 
@@ -244,6 +248,7 @@ def make_server(
     max_upload_bytes: int = 8 * 2**20,
     max_images: int = 16,
     thumbnails: Optional[Callable[[Sequence[int]], UInt8[np.ndarray, "n H W 3"]]] = None,
+    saes: Union[Mapping[str, "SAE"], Sequence["SAE"], None] = None,
 ) -> AppServer:
     """A server of the app, bound (not yet serving): call ``serve_forever()`` (e.g. in a thread) and ``shutdown()``.
 
@@ -256,17 +261,18 @@ def make_server(
         max_upload_bytes: largest request body; larger ones get 413 before being read.
         max_images: most images in one request.
         thumbnails: store rows → ``uint8 [n, H, W, 3]`` for figures and the image picker (default: the store's images).
+        saes: SAEs for the Features tab, by name (e.g. ``{"resid3": load_sae(folder)}``; a list is named ``sae0``, …).
 
     Raises:
         InputError: bad limits, a store of another model, a model without image size or preprocess, an
-            address that cannot be bound (e.g. the port is taken).
+            SAE that does not fit the model (hook, width), an address that cannot be bound (e.g. the port is taken).
     """
     if isinstance(max_upload_bytes, bool) or not isinstance(max_upload_bytes, int) or max_upload_bytes < 1:
         raise InputError(f"max_upload_bytes must be a positive number of bytes, got {max_upload_bytes!r}.")
     if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
         raise InputError(f"max_images must be a positive whole number, got {max_images!r}.")
     store = store if isinstance(store, Store) else Store.open(store)
-    api = Api(model, store, labels, thumbnails, max_images)
+    api = Api(model, store, labels, thumbnails, max_images, saes)
     try:
         return AppServer((host, port), api, max_upload_bytes)
     except OSError as exc:  # port taken, address not on this machine, …
@@ -275,13 +281,13 @@ def make_server(
 
 def serve(model: "HookedCLIP", store: Union[Store, str, Path], labels: Any = None, *, port: int = 8765, **options: Any) -> None:
     """Serve the app until Ctrl-C, printing its URL (``options``: ``host``, ``max_upload_bytes``,
-    ``max_images``, ``thumbnails`` of :func:`make_server`)."""
+    ``max_images``, ``thumbnails``, ``saes`` of :func:`make_server`)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = make_server(model, store, labels, port=port, **options)
     if not server.loopback_only:
         logger.warning("serving on %s, which other machines can reach: anyone who can connect can run the model "
-                       "and see the store's images", host)
+                       "and see the store's images", server.server_address[0])
     print(f"clip-lens app: {server.url}  (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()

@@ -109,6 +109,10 @@ class ActivationSource:
         shuffle: permute the buffer after each refill (False: rows in stream order).
         seed: seed of the shuffle.
         epochs: passes over the data set (None: endless).
+        keep: keep the rows of the first forward batches, up to ``buffer_size`` rows in all (memory:
+            one more buffer), and reuse them in later epochs instead of running the model again.
+            A data set that fits in the buffer then costs one pass of forwards however long the
+            training; the stream is the same bit for bit.
         device: where the buffer lives (default: the model's device).
 
     Raises:
@@ -134,6 +138,7 @@ class ActivationSource:
         shuffle: bool = True,
         seed: int = 0,
         epochs: Optional[int] = None,
+        keep: bool = False,
         device: Union[str, torch.device, None] = None,
     ):
         for name, value in (("batch_size", batch_size), ("buffer_size", buffer_size), ("token_batch", token_batch)):
@@ -179,6 +184,9 @@ class ActivationSource:
         self.n_batches = -(-len(self.data) // batch_size)
         self._d_in: Optional[int] = None
         self._rows_per_item: Optional[int] = None
+        self.keep = bool(keep)
+        self._kept: dict[int, Tensor] = {}  # data-set batch → its rows (keep=True)
+        self._kept_rows = 0
         self.reset()
 
     # --- description --------------------------------------------------------------------
@@ -350,8 +358,14 @@ class ActivationSource:
     def _forward_batch(self, k: int) -> Tensor:
         """Rows of forward batch ``k`` of the stream (batch ``k mod n_batches`` of the data set)."""
         b = k % self.n_batches
+        if b in self._kept:
+            return self._kept[b]
         start, stop = b * self.batch_size, min(len(self.data), (b + 1) * self.batch_size)
-        return self._rows(start, stop)
+        rows = self._rows(start, stop)
+        if self.keep and self._kept_rows + len(rows) <= self.buffer_size:
+            self._kept[b] = rows
+            self._kept_rows += len(rows)
+        return rows
 
     def _probe(self) -> None:
         rows = self._rows(0, 1)

@@ -226,6 +226,19 @@ def _check_args(source, d_sae, architecture, k, l1, steps, lr, checkpoint_every,
         raise InputError(f"decay is the share of the steps decayed to 0, in [0, 1); got {decay!r}.")
 
 
+def _check_matryoshka(matryoshka: Optional[Sequence[int]], d_sae: int) -> tuple[int, ...]:
+    if matryoshka is None:
+        return ()
+    sizes = list(matryoshka) if isinstance(matryoshka, (list, tuple)) else None
+    if (not sizes or any(isinstance(m, bool) or not isinstance(m, int) for m in sizes)
+            or sizes != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] >= d_sae):
+        raise InputError(
+            f"matryoshka must be a list of increasing dictionary sizes, each in [1, d_sae={d_sae}), e.g. "
+            f"[{max(1, d_sae // 16)}, {max(2, d_sae // 4)}]; got {matryoshka!r}."
+        )
+    return tuple(sizes)
+
+
 def _batch_metrics(x: Tensor, x_hat: Tensor, f: Tensor) -> dict[str, float]:
     err = (x - x_hat).pow(2).sum()
     total = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
@@ -260,6 +273,7 @@ def train_sae(
     decay: float = 0.2,
     dead_after: Optional[int] = None,
     aux_coef: float = 1 / 32,
+    matryoshka: Optional[Sequence[int]] = None,
     b_dec_init: str = "geometric_median",
     log_every: Optional[int] = None,
     final_batches: int = 4,
@@ -285,6 +299,12 @@ def train_sae(
         dead_after: tokens without firing after which a feature is dead (default
             ``min(10M, 1000 batches)``, SAELens' window).
         aux_coef: AuxK weight (topk, batchtopk).
+        matryoshka: nested dictionary sizes (Matryoshka SAE, Bussmann et al. 2025; Nabeshima 2024),
+            e.g. ``[8, 32]`` with ``d_sae=128``: the reconstruction loss is the mean of the losses of
+            the first 8, the first 32 and all 128 features, so the first features must reconstruct on
+            their own and hold the general concepts (a "large" feature rather than "large circle",
+            "large square", … — less feature absorption). Increasing, each below ``d_sae``; None: a
+            plain SAE. The trained SAE runs like any other (the prefixes only shape training).
         b_dec_init: ``"geometric_median"``, ``"mean"`` or ``"zeros"`` of the first batch.
         log_every: steps between history entries (default ``steps // 100``, at least 1).
         final_batches: batches after training on which :attr:`TrainResult.final` is measured.
@@ -307,6 +327,7 @@ def train_sae(
         lr = 2e-4 / math.sqrt(d_sae / 16384) if isinstance(d_sae, int) and d_sae > 0 else lr
     _check_args(source, d_sae, architecture, k, l1, steps, lr, checkpoint_every, b_dec_init, dead_after, aux_coef,
                 warmup, decay)
+    prefixes = _check_matryoshka(matryoshka, d_sae)
     warmup = steps // 20 if warmup is None else warmup
     log_every = max(1, steps // 100) if log_every is None else log_every
     for name, value, low in (("log_every", log_every, 1), ("final_batches", final_batches, 0)):
@@ -316,7 +337,8 @@ def train_sae(
     args = {
         "format": FORMAT, "d_in": d_in, "d_sae": d_sae, "architecture": architecture, "k": k, "l1": l1,
         "steps": steps, "lr": lr, "seed": seed, "warmup": warmup, "decay": decay, "dead_after": dead_after,
-        "aux_coef": aux_coef, "b_dec_init": b_dec_init, "log_every": log_every, "source": source.describe(),
+        "aux_coef": aux_coef, "b_dec_init": b_dec_init,
+        "matryoshka": None if matryoshka is None else [int(m) for m in matryoshka], "log_every": log_every, "source": source.describe(),
     }
     args = json.loads(json.dumps(args))  # as stored: tuples become lists
 
@@ -357,7 +379,7 @@ def train_sae(
             pending = None
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, steps, lr, warmup, decay)
-            metrics = _train_step(sae, optimizer, x, architecture, l1, aux_coef, dead_after, generator, step)
+            metrics = _train_step(sae, optimizer, x, architecture, l1, aux_coef, dead_after, generator, step, prefixes)
             step += 1
             logged = None
             if step % log_every == 0 or step == steps:
@@ -412,13 +434,16 @@ def _initialise(sae: _TrainingSAE, x: Tensor, b_dec_init: str) -> None:
 
 
 def _train_step(sae: _TrainingSAE, optimizer, x: Tensor, architecture: str, l1: Optional[float], aux_coef: float,
-                dead_after: int, generator: torch.Generator, step: int) -> dict[str, float]:
+                dead_after: int, generator: torch.Generator, step: int, prefixes: Sequence[int] = ()) -> dict[str, float]:
     scale2 = sae.scale.pow(2)
     dead = sae.since_fired >= dead_after
     pre, f, x_hat = sae(x)
     err = x - x_hat
     mse = err.pow(2).sum(-1).mean() / scale2
     loss = mse
+    if prefixes:  # Matryoshka: the first m features must reconstruct x on their own, for every m
+        nested = [(x - f[:, :m] @ sae.W_dec[:m] - sae.b_dec).pow(2).sum(-1).mean() / scale2 for m in prefixes]
+        loss = (loss + sum(nested)) / (len(prefixes) + 1)
     extra: dict[str, float] = {}
     if architecture == "relu":
         sparsity = (f * sae.W_dec.norm(dim=1)).sum(-1).mean() / sae.scale

@@ -1,5 +1,5 @@
 """The web app in a real browser (headless Chromium through Selenium): pick an image, run analyses,
-see the figure, the neighbour list and the server's error messages."""
+see the figure, the neighbour list, the SAE features and the server's error messages."""
 
 import os
 import shutil
@@ -20,8 +20,11 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
+import torch  # noqa: E402
+
 from clip_lens import HookedCLIP  # noqa: E402
 from clip_lens.app import demo_workspace, make_server  # noqa: E402
+from clip_lens.sae import SAE, SAEConfig  # noqa: E402
 from clip_lens.toy.world import ShapesWorld  # noqa: E402
 from tests.helpers import serving  # noqa: E402
 
@@ -31,7 +34,9 @@ from tests.helpers import serving  # noqa: E402
 def server(one_torch_thread, tmp_path_factory):
     model = HookedCLIP.from_pretrained("toy-shapes")
     workspace = demo_workspace(model, tmp_path_factory.mktemp("app"), n_scenes=120)
-    server = make_server(model, workspace.store, workspace.labels, thumbnails=workspace.thumbnails)
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=128, d_sae=32, hook_name="blocks.3.hook_resid_post"))  # random: the page, not the SAE
+    server = make_server(model, workspace.store, workspace.labels, thumbnails=workspace.thumbnails, saes={"random": sae})
     with serving(server):
         yield server
 
@@ -128,6 +133,27 @@ def test_server_errors_are_shown_on_the_page(browser):
     set_value(form, "k", "0")
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
     wait(browser).until(lambda d: "k must be a whole number" in d.find_element(By.ID, "result-text_neighbors").text)
+
+
+def test_features_tab_lists_shows_and_searches_features(browser):
+    open_tab(browser, "features")  # opening it lists the features (computed over the store on first use)
+    rows = wait(browser).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#feature-list tr.pick"))
+    assert len(rows) == 32
+    assert "32 features at blocks.3.hook_resid_post" in browser.find_element(By.ID, "features-note").text
+    assert all(row.find_elements(By.TAG_NAME, "td")[3].text != "—" for row in rows)  # named through the read-out
+    rows[4].click()
+    wait(browser).until(lambda d: figure_shown(d, "features"))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#result-features table.neighbours tbody tr")) == 5  # names
+    browser.find_element(By.CSS_SELECTOR, '#thumbnails img[data-row="3"]').click()
+    browser.find_element(By.CSS_SELECTOR, "#form-features-image button[type=submit]").click()
+    wait(browser).until(lambda d: figure_shown(d, "features-image"))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#result-features-image tbody tr")) == 8
+    set_value(browser.find_element(By.ID, "form-features"), "text", "a red shape")
+    browser.find_element(By.CSS_SELECTOR, "#form-features button[type=submit]").click()
+    wait(browser).until(lambda d: "cos with text" in d.find_element(By.ID, "feature-list").text)
+    scores = [float(row.find_elements(By.TAG_NAME, "td")[4].text)
+              for row in browser.find_elements(By.CSS_SELECTOR, "#feature-list tr.pick")]
+    assert len(scores) == 32 and scores == sorted(scores, reverse=True)
 
 
 def test_no_console_errors(browser):

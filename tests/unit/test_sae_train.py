@@ -222,3 +222,44 @@ def test_bad_inputs_raise_clear_errors(toy, images):
     wrong_width = SAE(SAEConfig(d_in=128, d_sae=64, hook_name="blocks.1.mlp.hook_post"))
     with pytest.raises(InputError, match="d_in=128.*width 512"):
         evaluate_sae(toy, wrong_width, images[:4], zero_shot=False)
+
+
+def test_kept_rows_give_the_same_stream_with_one_pass_of_forwards(toy, images):
+    """keep=True: a data set that fits in the buffer is run through the model once; the stream of
+    three epochs is the one of a source that runs the model every epoch."""
+    def stream(keep):
+        source = ActivationSource(toy, images[:24], HOOK, positions="cls", batch_size=4, buffer_size=64,
+                                  token_batch=8, seed=5, keep=keep)
+        calls = []
+        rows = source._rows
+        source._rows = lambda start, stop: calls.append(start) or rows(start, stop)
+        batches = [next(source) for _ in range(9)]  # 72 rows: three epochs of 24 images
+        return torch.cat(batches), calls
+
+    kept, kept_calls = stream(True)
+    plain, plain_calls = stream(False)
+    assert torch.equal(kept, plain)
+    assert sorted(kept_calls) == [0, 0, 4, 8, 12, 16, 20]  # the probe, then each batch once
+    assert len(plain_calls) > len(kept_calls) + 6
+
+
+def test_matryoshka_prefixes_make_the_first_features_reconstruct_on_their_own(toy, images):
+    """With matryoshka=[8], the first 8 features alone explain more variance than the first 8 of a
+    plain SAE trained the same way (which spread the signal over all 32)."""
+    def first_eight_ev(matryoshka):
+        source = _source(toy, images, token_batch=64, buffer_size=4096)
+        sae = train_sae(source, 32, architecture="topk", k=6, steps=150, lr=3e-3, progress=False,
+                        matryoshka=matryoshka).sae
+        x = next(iter(_source(toy, images, token_batch=256, buffer_size=4096, seed=9)))
+        with torch.no_grad():
+            f = sae.encode(x)
+            f[:, 8:] = 0
+            err = (x - sae.decode(f)).pow(2).sum()
+        return float(1 - err / (x - x.mean(0)).pow(2).sum())
+
+    nested, plain = first_eight_ev([8]), first_eight_ev(None)
+    assert nested > plain + 0.1, (nested, plain)
+    source = _source(toy, images)
+    for bad in ([8, 8], [40], [0, 4], (4.5,), "8"):
+        with pytest.raises(InputError, match="matryoshka"):
+            train_sae(source, 32, k=4, steps=2, matryoshka=bad, progress=False)

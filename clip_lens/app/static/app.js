@@ -1,5 +1,6 @@
 // The page of `clip-lens app`: fills its controls from /api/info, keeps one query image, and posts
-// each tab's form to /api/<tab>. No external resources; every error is shown as the server's message.
+// each tab's form to /api/<tab> (the Features tab: /api/sae_*). No external resources; every error is
+// shown as the server's message.
 "use strict";
 
 const THUMBS_PER_PAGE = 24;
@@ -98,7 +99,8 @@ function showTab(name) {
     button.classList.toggle("active", button.dataset.tab === name);
     button.setAttribute("aria-selected", button.dataset.tab === name);
   }
-  for (const tab of Object.keys(TABS)) $(`#tab-${tab}`).hidden = tab !== name;
+  for (const tab of document.querySelectorAll("section#analyses > .tab")) tab.hidden = tab.id !== `tab-${name}`;
+  if (name === "features" && state.info && state.info.saes.length && !featureState.listed) listFeatures();
 }
 
 function showError(tab, message) {
@@ -160,6 +162,174 @@ function neighbourTable(data) {
   return table;
 }
 
+// --- the Features tab (SAEs) -------------------------------------------------------------
+const featureState = { listed: false, selected: null };
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// Run a request; while it is pending, show the store-wide computation's progress (GET /api/sae_status) in `note`.
+async function withProgress(pending, sae, note) {
+  let finished = false;
+  (async () => {
+    while (!finished) {
+      await sleep(400);
+      if (finished) break;
+      try {
+        const status = (await request("/api/sae_status")).saes[sae];
+        if (!finished && status && status.state === "computing") {
+          note.textContent = `Computing the SAE's activations over the store: ${status.done} of ${status.total} images…`;
+        }
+      } catch (error) { /* the request itself reports what went wrong */ }
+    }
+  })();
+  try {
+    return await pending;
+  } finally {
+    finished = true;
+  }
+}
+
+function percent(x) {
+  return `${(100 * x).toFixed(x > 0 && x < 0.01 ? 2 : 1)}%`;
+}
+
+function pickableRow(cells, feature) {
+  const row = element("tr", { class: "pick", tabindex: "0", "data-feature": feature, title: `show feature ${feature}` });
+  row.append(...cells);
+  row.addEventListener("click", () => showFeature(feature));
+  row.addEventListener("keydown", (event) => { if (event.key === "Enter") showFeature(feature); });
+  if (featureState.selected === feature) row.classList.add("chosen");
+  return row;
+}
+
+function tableWith(titles, caption) {
+  const table = element("table", { class: "neighbours" });
+  if (caption) table.append(element("caption", {}, caption));
+  const head = element("tr");
+  for (const title of titles) head.append(element("th", {}, title));
+  const thead = element("thead");
+  thead.append(head);
+  table.append(thead, element("tbody"));
+  return table;
+}
+
+function nameCell(name, score) {
+  return element("td", {}, name === null ? "—" : `${name} (${score.toFixed(2)})`);
+}
+
+async function listFeatures() {
+  const form = $("#form-features");
+  const sae = form.elements.sae.value;
+  const body = { sae, order: form.elements.order.value };
+  const text = form.elements.text.value.trim();
+  if (text) body.text = text;
+  const note = $("#features-note");
+  const button = $("button[type=submit]", form);
+  note.className = "status";
+  note.textContent = "Loading the features… (the first time, the SAE runs over the whole store)";
+  button.disabled = true;
+  featureState.listed = true;
+  try {
+    const data = await withProgress(request("/api/sae_features", body), sae, note);
+    const by = data.text === null ? "" : ` Ranked by the cosine of their decoder direction with “${data.text}”.`;
+    note.textContent = `${data.d_sae} features at ${data.hook_name}, over ${data.n_images} store images.${by} ` +
+      (data.names.note || "");
+    const titles = ["feature", "fires on", "max", "name (cos)"].concat(data.text === null ? [] : ["cos with text"]);
+    const table = tableWith(titles, data.features.length < data.d_sae ? `the first ${data.features.length}` : "");
+    const rows = $("tbody", table);
+    for (const feature of data.features) {
+      const cells = [element("td", { class: "num" }, `#${feature.feature}`),
+        element("td", { class: "num" }, percent(feature.frequency)),
+        element("td", { class: "num" }, feature.max.toFixed(2)), nameCell(feature.name, feature.name_score)];
+      if (data.text !== null) cells.push(element("td", { class: "num" }, feature.score.toFixed(3)));
+      rows.append(pickableRow(cells, feature.feature));
+    }
+    $("#feature-list").replaceChildren(table);
+  } catch (error) {
+    note.className = "error";
+    note.textContent = `Error ${error.message}`;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function showFeature(feature) {
+  const sae = $("#form-features").elements.sae.value;
+  const result = $("#result-features");
+  featureState.selected = feature;
+  for (const row of document.querySelectorAll("#feature-list tr.pick")) {
+    row.classList.toggle("chosen", Number(row.dataset.feature) === feature);
+  }
+  const status = element("p", { class: "status" }, `Loading feature ${feature}…`);
+  result.replaceChildren(status);
+  try {
+    const data = await withProgress(request("/api/sae_feature", { sae, feature, k: 9 }), sae, status);
+    const parts = [element("img", { class: "figure", src: data.figure, alt: `top store images of feature ${feature}` })];
+    if (data.maps_note) parts.push(element("p", { class: "status" }, data.maps_note));
+    if (data.names.length) {
+      const table = tableWith(["name", "cos"], `Names of feature ${feature} (${data.names_info.bank} bank, best first)`);
+      for (const name of data.names) {
+        const row = element("tr");
+        row.append(element("td", {}, name.text), element("td", { class: "num" }, name.score.toFixed(3)));
+        $("tbody", table).append(row);
+      }
+      parts.push(table);
+    } else {
+      parts.push(element("p", { class: "status" }, data.names_info.note || "no names"));
+    }
+    result.replaceChildren(...parts);
+  } catch (error) {
+    showError("features", error.message);
+  }
+}
+
+async function imageFeatures(form) {
+  if (!state.image) {
+    showError("features-image", "choose a query image first: upload one or pick a store image on the left.");
+    return;
+  }
+  const sae = $("#form-features").elements.sae.value;
+  const result = $("#result-features-image");
+  const button = $("button[type=submit]", form);
+  button.disabled = true;
+  result.replaceChildren(element("p", { class: "status" }, "Running…"));
+  try {
+    const data = await request("/api/sae_image", { sae, images: [state.image], k: number(form.elements.k) });
+    const table = tableWith(["feature", "activation", "name"], "Most active features on the query image (click one to see it)");
+    for (const feature of data.images[0].features) {
+      const cells = [element("td", { class: "num" }, `#${feature.feature}`),
+        element("td", { class: "num" }, feature.value.toFixed(3)), element("td", {}, feature.name === null ? "—" : feature.name)];
+      $("tbody", table).append(pickableRow(cells, feature.feature));
+    }
+    const parts = [element("img", { class: "figure", src: data.figure, alt: "the query image's most active features" })];
+    if (data.maps_note) parts.push(element("p", { class: "status" }, data.maps_note));
+    parts.push(data.images[0].features.length ? table : element("p", { class: "status" }, "No feature fires on this image."));
+    result.replaceChildren(...parts);
+  } catch (error) {
+    showError("features-image", error.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function setupFeatures(info) {
+  const has = info.saes.length > 0;
+  $("#features-none").hidden = has;
+  $("#features-body").hidden = !has;
+  if (!has) return;
+  const select = $("#form-features").elements.sae;
+  select.replaceChildren(...info.saes.map((sae) => element("option", { value: sae.name },
+    `${sae.name} (${sae.hook_name}, ${sae.d_sae} features${sae.other_model ? `, trained on ${sae.model_name}` : ""})`)));
+  $("#form-features").addEventListener("submit", (event) => { event.preventDefault(); listFeatures(); });
+  for (const name of ["sae", "order"]) {
+    $("#form-features").elements[name].addEventListener("change", () => {
+      featureState.selected = null;
+      $("#result-features").replaceChildren(element("p", { class: "status" }, "Select a feature in the list."));
+      listFeatures();
+    });
+  }
+  $("#form-features-image").addEventListener("submit", (event) => { event.preventDefault(); imageFeatures(event.target); });
+}
+
 // --- start ------------------------------------------------------------------------------
 function fillControls(info) {
   const labelled = (head) => head.label ? `${head.key} (${head.label})` : head.key;
@@ -195,6 +365,7 @@ async function start() {
     return;
   }
   fillControls(state.info);
+  setupFeatures(state.info);
   $("#upload").addEventListener("change", (event) => { if (event.target.files[0]) readUpload(event.target.files[0]); });
   $("#store-row-form").addEventListener("submit", (event) => {
     event.preventDefault();
