@@ -5,9 +5,17 @@ Commands: ``report``, ``models``, ``hooks``, ``train-toy``, and the head-analysi
 installed analysis plugins; ``sae train`` / ``sae inspect`` train sparse autoencoders and show their
 features (:mod:`clip_lens.feature_report`). Plugins are reached through :mod:`clip_lens.analyses` only.
 
-Errors raised by clip_lens (:class:`~clip_lens.ClipLensError`) are printed as one line and
-exit with status 2; the work itself lives in the library (:mod:`clip_lens.report`,
-:mod:`clip_lens.collect`, the plugins).
+Errors raised by clip_lens (:class:`~clip_lens.ClipLensError`) and filesystem errors
+(``OSError``) are printed as one ``error:`` line and exit with status 2; the work itself lives in
+the library (:mod:`clip_lens.report`, :mod:`clip_lens.collect`, the plugins).
+
+Outputs: every command that writes checks its output paths before any work
+(:func:`clip_lens.files.check_outputs`: never an input, never two outputs on one path, a writable
+folder, no file where a folder goes or the reverse) and refuses existing outputs unless ``--force``;
+an unfinished run that the same command resumes (``collect``, ``sae train``, ``train-toy``) is not
+an existing output. Files are written with :func:`clip_lens.files.atomic_write`. Image files are
+decoded with :func:`clip_lens.files.load_image` (one line naming a bad file); ``collect``, ``report
+--images`` and ``sae train/inspect --images`` skip unreadable images of a folder and say how many.
 """
 
 from __future__ import annotations
@@ -41,8 +49,18 @@ def _fail(message: str) -> None:
     raise typer.Exit(EXIT_USER_ERROR)
 
 
+def _os_error_message(exc: OSError) -> str:
+    """One sentence for a filesystem error: the path, the reason and what to do."""
+    from clip_lens.files import os_error_fix
+
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    return f"{where}{reason}; {os_error_fix(exc)}."
+
+
 def _user_errors(command: Callable) -> Callable:
-    """Turn a ClipLensError into one line on stderr and exit status 2 (no traceback)."""
+    """Turn a ClipLensError or a filesystem error (OSError: read-only folder, full disk …) into one
+    line on stderr and exit status 2 (no traceback)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -50,8 +68,67 @@ def _user_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except ClipLensError as exc:
             _fail(str(exc))
+        except OSError as exc:
+            _fail(_os_error_message(exc))
 
     return wrapper
+
+
+def _check_outputs(outputs: list, inputs: dict, force: bool) -> None:
+    """:func:`clip_lens.files.check_outputs` (before any work)."""
+    from clip_lens.files import check_outputs
+
+    check_outputs(outputs, inputs, force)
+
+
+def _out(path: Path, name: Optional[str] = None, folder: bool = False, resume: bool = False):
+    from clip_lens.files import Output
+
+    return Output(path, name or f"--out {path}", folder=folder, resume=resume)
+
+
+def _json_file(path: Path, option: str = "--out") -> Path:
+    """A JSON result's path: it must end in .json (a result is one file, never a folder of them)."""
+    if path.suffix.lower() != ".json":
+        _fail(f"{option} {path} must be a file name ending in .json (the result is saved as JSON).")
+    return path
+
+
+def _result_and_figure(out: Path) -> tuple[Path, Path, list]:
+    """``(NAME.json, NAME.png, outputs)`` of a command that writes a JSON result and its PNG figure:
+    ``--out`` may name either; the other goes next to it."""
+    if out.suffix.lower() not in (".json", ".png"):
+        _fail(f"--out {out} must end in .json or .png (the result is written as NAME.json and its figure as NAME.png).")
+    result, figure = out.with_suffix(".json"), out.with_suffix(".png")
+    given, other = (result, figure) if out.suffix.lower() == ".json" else (figure, result)
+    kind = "result" if other == result else "figure"
+    return result, figure, [_out(given), _out(other, f"the {kind} {other} (written next to --out {out})")]
+
+
+def _readable_images(images: Optional[Path], option: str = "--images") -> tuple[Any, int]:
+    """``(source, n_skipped)``: ``images`` (a folder or one file) for :func:`clip_lens.collect.image_source`,
+    as the list of its image files that decode when some do not: those are skipped, with a note on
+    stderr naming them (``None`` and missing paths are returned as they are, for the library to explain)."""
+    if images is None or not images.exists():
+        return images, 0
+    from clip_lens.errors import InputError
+    from clip_lens.files import load_image, readable_images
+
+    if not images.is_dir():
+        load_image(images, f"{option} file")  # one image: nothing to skip to
+        return images, 0
+    from clip_lens.collect import IMAGE_SUFFIXES
+
+    paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    good, bad = readable_images(paths)
+    if not bad:
+        return images, 0
+    listed = "; ".join(f"{path} {reason}" for path, reason in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+    if not good:
+        raise InputError(f"none of the {len(paths)} images under {option} {images} can be read: {listed}.")
+    typer.echo(f"Note: skipped {len(bad)} unreadable image{'s' if len(bad) > 1 else ''} of {len(paths)} under {images}: "
+               f"{listed}", err=True)
+    return good, len(bad)
 
 
 def _parse_overrides(text: Optional[str]) -> Optional[dict]:
@@ -103,6 +180,7 @@ def report(
         None, "--sae", help="an SAE folder (e.g. from `clip-lens sae train`): adds a Features section (names, "
         "frequencies, dashboards of its top features) over the head analyses' images (or 256 shapes-world scenes)."
     ),
+    force: bool = typer.Option(False, "--force", help="write into an --out folder that holds files (a report's files are replaced)."),
 ) -> None:
     """Decompose images, run the head analyses and write figures, summary.json and report.html into --out."""
     from tqdm import tqdm
@@ -114,8 +192,11 @@ def report(
         from clip_lens.sae import load_config
 
         load_config(sae)  # fail fast, before the model (the weights are read with it later)
-        if sae.resolve() == out.resolve() or sae.resolve() in out.resolve().parents:
-            _fail(f"--out {out} would write the report into the SAE folder {sae}; choose another --out.")
+    # a folder holding only the head analyses' store is a report interrupted while collecting: resumed
+    interrupted = out.is_dir() and {entry.name for entry in out.iterdir()} == {"store"}
+    _check_outputs([_out(out, folder=True, resume=interrupted)],
+                   {"--pretrained": pretrained, "--images": images, "--bank": bank, "SAE": sae}, force)
+    images, _ = _readable_images(images)
     start = time.perf_counter()
     if head_images is None:
         head_images = 1000 if model == "toy-shapes" and images is None else 0
@@ -169,8 +250,16 @@ def hooks(
         _fail(f"--tower must be 'vision' or 'text', got '{tower}'.")
     import torch
 
-    from clip_lens.loading import bundled_models
+    from clip_lens.errors import UnsupportedArchitectureError
+    from clip_lens.loading import bundled_models, model_config, unsupported_feature
 
+    if model not in bundled_models():  # before the shrink: SHRUNK's int layers would hide a ResNet's list
+        feature = unsupported_feature(model_config(model))
+        if feature is not None:
+            raise UnsupportedArchitectureError(
+                f"'{model}' uses a {feature}, which HookedCLIP does not reproduce exactly, so it has no hooks to list. "
+                "`clip-lens models --all` lists every open_clip model with the reason."
+            )
     hooked = _load(model, None, None if model in bundled_models() else SHRUNK)
     if tower == "vision":
         inputs: dict[str, Any] = {"image": torch.zeros(1, 3, *hooked.cfg.image_size)}
@@ -191,15 +280,20 @@ def hooks(
 
 
 @app.command("train-toy")
+@_user_errors
 def train_toy(
     out: Path = typer.Option(Path("toy_shapes_run"), "--out", "-o", help="run folder (resumes if it holds a checkpoint)."),
     steps: int = typer.Option(2800, "--steps", min=1),
     batch_size: int = typer.Option(256, "--batch-size", min=2),
     seed: int = typer.Option(0, "--seed"),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="stop (and checkpoint) after this long."),
+    force: bool = typer.Option(False, "--force", help="start a run in an --out folder that holds other files (a "
+                               "folder with a checkpoint is always resumed; delete checkpoint.pt to start over)."),
 ) -> None:
     """Train the shapes-world CLIP (same as `python -m clip_lens.toy.train`)."""
     from clip_lens.toy.train import TrainConfig, train
+
+    _check_outputs([_out(out, folder=True, resume=(out / "checkpoint.pt").is_file())], {}, force)
 
     meta = train(out, TrainConfig(steps=steps, batch_size=batch_size, seed=seed, max_minutes=max_minutes), log=typer.echo)
     typer.echo(f"done: {meta['steps_done']} steps in {meta['minutes']:.1f} min; weights in {out / 'model.safetensors'}")
@@ -251,22 +345,44 @@ def collect_command(
     tokens: str = typer.Option("none", "--tokens", help="layers whose per-head, per-token terms are kept (large): none, all or e.g. 11."),
     chunk_size: int = typer.Option(256, "--chunk-size", min=1, help="images per store chunk (the unit of resumption)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="images per forward pass."),
+    force: bool = typer.Option(False, "--force", help="collect again into an --out that holds a finished store: the "
+                               "new store replaces it once it is finished (an unfinished store is always resumed)."),
 ) -> None:
-    """Stream images through the model into a resumable store of direct contributions (for `spans`)."""
-    from clip_lens.collect import Store, collect, shapes_world_images
+    """Stream images through the model into a resumable store of direct contributions (for `spans`).
+
+    Images of --images that cannot be decoded (corrupt, truncated, too large …) are skipped, with a
+    note naming them; the store holds the others."""
+    import shutil
+
+    from clip_lens.collect import Store, collect, resumable_folder, shapes_world_images
     from clip_lens.errors import InputError
 
     if (images is None) == (shapes is None):
         _fail("give exactly one image source: --images FOLDER or --shapes N.")
     head_layers, token_layers = _parse_layers(heads, "--heads"), _parse_layers(tokens, "--tokens")
-    finished = 0
+    finished, replace, damaged = 0, False, {}
     if (out / "zarr.json").is_file():
         try:
-            finished = len(Store.open(out).done_chunks())
+            existing = Store.open(out)
+            finished, replace = len(existing.done_chunks()), existing.complete
+            if replace and existing.checked:
+                damaged = existing.verify()  # a finished store with damaged chunks is repaired, not replaced
+                replace, finished = not damaged, finished - len(damaged)
         except InputError:
             pass  # collect explains what is wrong with the folder
-    elif out.is_file() or (out.is_dir() and any(out.iterdir())):  # checked before the (slow) model load
-        raise InputError(f"{out} exists and is not a clip_lens store; choose an empty or new folder for --out.")
+    staging = out.parent / f".{out.name}.replacing"  # a forced run collects here, then takes --out's place
+    outputs = [_out(out, folder=True, resume=True)]  # a store in --out is resumed (or, finished, handled below)
+    if replace and force:
+        outputs.append(_out(staging, f"the folder {staging} (where --force collects before replacing --out)", folder=True,
+                            resume=True))
+    _check_outputs(outputs, {"--images": images, "--pretrained": pretrained}, force)  # before the (slow) model load
+    if not resumable_folder(out):  # a folder of other things (an interrupted creation's leftovers are resumed)
+        raise InputError(f"{out} exists and is not a clip_lens store; choose an empty or new folder for --out "
+                         "(--force replaces only a finished store).")
+    if replace and not force:
+        raise InputError(f"--out {out} holds a finished store ({existing.n_images} images); pass --force to collect "
+                         "again (the new store replaces it when finished), or choose another --out.")
+    readable, n_skipped = _readable_images(images)
     hooked = _load(model, pretrained, None)
     _random_weights_note(hooked, model)
     if shapes is not None:
@@ -274,16 +390,32 @@ def collect_command(
             raise InputError(f"{model} has no fixed image size, so shapes-world scenes cannot be rendered for it; use --images.")
         source: Any = shapes_world_images(shapes, seed, hooked.cfg.image_size[0])
     else:
-        source = images
+        source = readable
+    target = staging if replace else out
+    if replace and staging.exists():
+        shutil.rmtree(staging)  # left by an interrupted forced run
     store = collect(
-        hooked, source, out, heads=head_layers, tokens=token_layers, chunk_size=chunk_size, batch_size=batch_size
+        hooked, source, target, heads=head_layers, tokens=token_layers, chunk_size=chunk_size, batch_size=batch_size
     )
-    if finished:
+    if replace:  # swap: the old store is removed only once the new one is complete
+        old = out.parent / f".{out.name}.replaced"
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old)
+        store = Store.open(out)
+        typer.echo(f"Replaced the finished store in {out} (--force).")
+    elif damaged:
+        typer.echo(f"Repaired: recomputed {len(damaged)} damaged chunk(s) ({', '.join(map(str, sorted(damaged)))}); "
+                   f"{finished} of {store.n_chunks} chunks were intact.")
+    elif finished:
         typer.echo(f"Resumed: {finished} of {store.n_chunks} chunks were already done.")
     kept = f"per-head layers {store.head_layers}" if store.head_layers else "no per-head terms"
     if store.token_layers:
         kept += f", per-token layers {store.token_layers}"
-    typer.echo(f"Store {out.resolve()}: {store.n_images} images in {store.n_chunks} chunks ({kept}).")
+    skipped = f"; skipped {n_skipped} unreadable image{'s' if n_skipped > 1 else ''} (named above)" if n_skipped else ""
+    typer.echo(f"Store {out.resolve()}: {store.n_images} images in {store.n_chunks} chunks ({kept}){skipped}.")
 
 
 @app.command()
@@ -301,6 +433,7 @@ def spans(
     labels: Optional[Path] = typer.Option(
         None, "--labels", help="also label each head (head_labels, offline prototype labeler) and save the table here (JSON)."
     ),
+    force: bool = typer.Option(False, "--force", help="replace existing --out / --labels files."),
 ) -> None:
     """TextSpan on every head of a store: the texts that span each head's outputs (and optionally head labels)."""
     from tqdm import tqdm
@@ -310,6 +443,8 @@ def spans(
     from clip_lens.collect import Store
     from clip_lens.errors import InputError
 
+    outputs = [_out(_json_file(out))] + ([_out(_json_file(labels, "--labels"), f"--labels {labels}")] if labels else [])
+    _check_outputs(outputs, {"--store": store, "--bank": bank, "--pretrained": pretrained}, force)
     text_bank = load_bank(bank or ("shapes" if model == "toy-shapes" else "general"))  # fail fast, before the model
     opened = Store.open(store)
     if not opened.complete:
@@ -366,6 +501,7 @@ def compare(
     variant: str = typer.Option("paper", "--mi", help="mutual_knowledge with --models: paper or bank MI."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the table as HTML here."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="interp_metrics: K for CCS (default: the plugin's, 5)."),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out (and its figure)."),
 ) -> None:
     """Several models side by side: interpretability metrics (interp_metrics) or MI, AUC and accuracy
     with their correlation (mutual_knowledge)."""
@@ -376,6 +512,13 @@ def compare(
 
     if analysis not in ("interp_metrics", "mutual_knowledge"):
         _fail(f"--analysis must be interp_metrics or mutual_knowledge, got '{analysis}'.")
+    figure = None
+    if out is not None:  # checked before the models run
+        outputs = [_out(out)]
+        if analysis == "mutual_knowledge":
+            figure = out.with_suffix(".png")
+            outputs.append(_out(figure, f"the figure {figure} (written next to --out {out})"))
+        _check_outputs(outputs, {"compared result": files}, force)
     if models is not None:
         if analysis != "mutual_knowledge":
             _fail("--models runs the mutual_knowledge analysis: add --analysis mutual_knowledge.")
@@ -400,10 +543,10 @@ def compare(
                 f"<p>Sources: {html.escape(', '.join(sources))}</p>\n</body></html>\n")
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, page)
-        if analysis == "mutual_knowledge":
+        if figure is not None:
             from clip_lens.report import figure_png
 
-            atomic_write(out.with_suffix(".png"), figure_png(table.plot()))
+            atomic_write(figure, figure_png(table.plot()))
         typer.echo(f"HTML table written to {out.resolve()}")
 
 
@@ -454,13 +597,17 @@ def segment(
     images: Optional[Path] = typer.Option(None, "--images", help="folder with images/ (and masks/, unused here)."),
     shapes: Optional[int] = typer.Option(None, "--shapes", min=1, help="use this many shapes-world scenes."),
     seed: int = typer.Option(1000, "--seed", help="seed of the shapes-world scenes."),
-    out: Path = typer.Option(Path("segment.png"), "--out", "-o", help="overlay figure (PNG); the maps go next to it as JSON."),
+    out: Path = typer.Option(Path("segment.png"), "--out", "-o", help="overlay figure NAME.png; the maps go next to it "
+                             "as NAME.json (--out may name either)."),
+    force: bool = typer.Option(False, "--force", help="replace existing NAME.png / NAME.json."),
 ) -> None:
     """Per-head topic segmentation (or contrastive, with --versus): heatmaps over the image patches."""
     from clip_lens import analyses
     from clip_lens.files import atomic_write
     from clip_lens.report import figure_png
 
+    maps, figure, outputs = _result_and_figure(out)
+    _check_outputs(outputs, {"--images": images, "--pretrained": pretrained}, force)
     hooked = _load(model, pretrained, None)
     data = _segmentation_images(hooked, images, shapes, seed)
     pixels = data.loader(0, min(data.n, 8))[0]
@@ -469,9 +616,10 @@ def segment(
         result = analyses.get("segmentation")(hooked).run(pixels, text, head=selection)
     else:
         result = analyses.get("contrastive_segmentation")(hooked).run(pixels, text, versus, heads=selection)
-    atomic_write(out, figure_png(result.plot(pixels)))
-    saved = result.save(out.with_suffix(".json"))
-    typer.echo(f"Heatmaps of {len(pixels)} images written to {out.resolve()} and {saved.resolve()}.")
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(figure, figure_png(result.plot(pixels)))
+    saved = result.save(maps)
+    typer.echo(f"Heatmaps of {len(pixels)} images written to {figure.resolve()} and {saved.resolve()}.")
 
 
 @app.command("segment-eval")
@@ -485,11 +633,17 @@ def segment_eval(
     attribute: str = typer.Option("colour", "--attribute", help="shapes world: the attribute whose prompts are the classes."),
     seed: int = typer.Option(1000, "--seed", help="seed of the shapes-world scenes."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="save the table (JSON) here."),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out."),
 ) -> None:
-    """Zero-shot segmentation: decomposition heatmaps vs raw attention vs uniform (pixel acc, mIoU, mAP)."""
+    """Zero-shot segmentation: decomposition heatmaps vs raw attention vs uniform (pixel acc, mIoU, mAP).
+
+    An image or mask of --images that cannot be decoded stops the run with one line naming it
+    (skipping it would change the scores silently)."""
     from clip_lens import analyses
     from clip_lens.banks import load_bank
 
+    if out is not None:  # checked before the (long) evaluation
+        _check_outputs([_out(_json_file(out))], {"--images": images, "--classes": classes, "--pretrained": pretrained}, force)
     hooked = _load(model, pretrained, None)
     data = _segmentation_images(hooked, images, shapes, seed, attribute)
     prompts = load_bank(classes).texts if classes is not None else None
@@ -530,10 +684,13 @@ def mutual_information(
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Deletion/Insertion/AccDrop/AccInc with baselines."),
     corloc: bool = typer.Option(True, "--corloc/--no-corloc", help="CorLoc of GDC/PCA foregrounds (needs boxes)."),
     out: Path = typer.Option(Path("mi_report"), "--out", "-o", help="folder for the result JSON, figures and index.html."),
+    force: bool = typer.Option(False, "--force", help="write into an --out folder that holds files (a run's files are replaced)."),
 ) -> None:
     """Mutual knowledge: visual vs textual concepts of each prediction, MI dynamics/AUC, explanation metrics."""
     from clip_lens import analyses
 
+    _check_outputs([_out(out, folder=True)], {"--images": images, "--classes": classes, "--descriptors": descriptors,
+                                             "--pretrained": pretrained}, force)
     hooked = _load(model, pretrained, None)
     _random_weights_note(hooked, model)
     data = _concept_data(hooked, images, shapes, seed, classes)
@@ -563,19 +720,24 @@ def neighbors(
     subspace: Optional[str] = typer.Option(None, "--subspace", help="texts: search in the span of the property's texts."),
     texts: Optional[Path] = typer.Option(None, "--texts", help="text file, one per line: the texts of --subspace texts or "
                                          "--metric concepts (default: the property's span texts), e.g. one prompt per colour."),
-    out: Path = typer.Option(Path("neighbors.json"), "--out", "-o", help="result (JSON); the thumbnails go next to it as PNG."),
+    out: Path = typer.Option(Path("neighbors.json"), "--out", "-o", help="result NAME.json; the thumbnails go next to it "
+                             "as NAME.png (--out may name either)."),
+    force: bool = typer.Option(False, "--force", help="replace existing NAME.json / NAME.png."),
 ) -> None:
     """Nearest store images of query images or texts, by one head or by the heads of a property."""
     import numpy as np
     import torch
-    from PIL import Image
 
     from clip_lens import analyses
     from clip_lens.banks import load_bank
     from clip_lens.collect import Store, store_thumbnails
-    from clip_lens.files import atomic_write
+    from clip_lens.files import atomic_write, load_image
     from clip_lens.report import figure_png
 
+    result_path, figure, outputs = _result_and_figure(out)
+    _check_outputs(outputs, {"--store": store, "--image": image, "--labels": labels, "--texts": texts,
+                             "--pretrained": pretrained}, force)
+    query_images = [load_image(p, "--image file") for p in image or []]  # decoded once, before the model
     opened = Store.open(store)
     hooked = _load(model, pretrained, None)
     table = None
@@ -585,21 +747,22 @@ def neighbors(
     options = dict(heads=chosen, property=property, labels=table, k=k, metric=metric, subspace=subspace,
                    texts=None if texts is None else load_bank(texts).texts)
     if image:
-        pixels = torch.stack([hooked.preprocess(Image.open(p).convert("RGB")) for p in image])
+        pixels = torch.stack([hooked.preprocess(picture) for picture in query_images])
         result = analyses.get("neighbors")(hooked).run(opened, query_images=pixels, **options)
     else:
         result = analyses.get("neighbors")(hooked).run(opened, query_texts=text, **options)
-    saved = result.save(out)
     thumbnails = store_thumbnails(opened, hooked.cfg.image_size[0])
     queries = None
     if image:
         size = hooked.cfg.image_size[0]
-        queries = np.stack([np.asarray(Image.open(p).convert("RGB").resize((size, size))) for p in image])
-    atomic_write(out.with_suffix(".png"), figure_png(result.plot(thumbnails, queries)))
+        queries = np.stack([np.asarray(picture.resize((size, size))) for picture in query_images])
+    png = figure_png(result.plot(thumbnails, queries))  # before writing anything: a failing plot leaves no half pair
+    saved = result.save(result_path)
+    atomic_write(figure, png)
     for q, (rows, scores) in enumerate(zip(result.indices.tolist(), result.scores.tolist())):
         query = text[q] if text else str(image[q])
         typer.echo(f"{query}: " + ", ".join(f"#{r} ({s:.3f})" for r, s in zip(rows, scores)))
-    typer.echo(f"Saved {saved.resolve()} and {out.with_suffix('.png').resolve()}")
+    typer.echo(f"Saved {saved.resolve()} and {figure.resolve()}")
 
 
 @app.command("app")
@@ -707,9 +870,10 @@ def _pretrained_setting(pretrained: Optional[str]) -> Optional[str]:
     return pretrained
 
 
-def _check_train_out(out: Path, settings: dict) -> None:
+def _check_train_out(out: Path, settings: dict, force: bool = False) -> bool:
     """Refuse an --out that is a file, holds something this command did not write, or was started
-    with other settings (checked before the model is loaded)."""
+    with other settings (checked before the model is loaded), unless ``force``. Returns whether the
+    run there must start afresh (``force`` over a run started with other settings)."""
     from clip_lens.errors import InputError
 
     if out.exists() and not out.is_dir():
@@ -726,15 +890,19 @@ def _check_train_out(out: Path, settings: dict) -> None:
         changed = [key for key in settings if old.get(key) != settings[key]]
         started = (out / SAE_TRAINING_DIR / "checkpoint.pt").exists() or (out / "cfg.json").exists()
         if changed and started:  # (killed before its first checkpoint: nothing to lose, start afresh)
+            if force:
+                return True
             parts = "; ".join(f"--{key.replace('_', '-')} {old.get(key)!r} there, {settings[key]!r} now" for key in changed)
             raise InputError(
                 f"--out {out} holds an SAE trained with other settings ({parts}); rerun with the same options to "
-                "resume or re-evaluate it, or choose another --out."
+                "resume or re-evaluate it, pass --force to train afresh over it, or choose another --out."
             )
-        return
-    if out.is_dir() and any(out.iterdir()):
+        return False
+    if out.is_dir() and any(out.iterdir()) and not force:
         what = "an SAE that `clip-lens sae train` did not write" if (out / "cfg.json").exists() else "other files"
-        raise InputError(f"--out {out} already holds {what} (no {SAE_TRAIN_FILE}); choose a new or empty folder.")
+        raise InputError(f"--out {out} already holds {what} (no {SAE_TRAIN_FILE}); choose a new or empty folder, "
+                         "or pass --force to write into it.")
+    return False
 
 
 def _activation_source(hooked, images: Any, hook: str, positions: str, batch_size: int, buffer_size: Optional[int],
@@ -789,6 +957,10 @@ def sae_train(
         512, "--eval-images", help="held-out shapes-world scenes (seed 1000) to evaluate on after --shapes training, "
         "and for toy-shapes' zero-shot accuracy."
     ),
+    force: bool = typer.Option(
+        False, "--force", help="write into an --out that holds other files, or train afresh over a run started there "
+        "with other settings or data (its checkpoint is deleted); the same command without --force resumes."
+    ),
 ) -> None:
     """Train a sparse autoencoder on one hook point, save it in SAELens format, evaluate it (metrics.json)."""
     import math
@@ -842,7 +1014,9 @@ def sae_train(
         "steps": steps, "token_batch": token_batch, "lr": lr, "batch_size": batch_size, "buffer_size": buffer_size,
         "train_seed": train_seed, "matryoshka": prefixes,
     }
-    _check_train_out(out, settings)  # before the (slow) model load
+    restart = _check_train_out(out, settings, force)  # before the (slow) model load
+    _check_outputs([_out(out, folder=True, resume=True)], {"--images": images, "--pretrained": pretrained}, force)
+    images_or_paths, _ = _readable_images(images)
 
     from clip_lens.collect import shapes_world_images
     from clip_lens.files import atomic_write
@@ -854,24 +1028,33 @@ def sae_train(
     hooked.check_hook_name(hook)
     if shapes is not None and hooked.cfg.image_size is None:
         raise InputError(f"{model} has no fixed image size, so shapes-world scenes cannot be rendered for it; use --images.")
-    source_images: Any = images
+    source_images: Any = images_or_paths
     if shapes is not None:
         source_images = shapes_world_images(shapes, seed, hooked.cfg.image_size[0])
     source = _activation_source(hooked, source_images, hook, positions, batch_size, buffer_size, token_batch, train_seed)
     described = source.describe()
     record = out / SAE_TRAIN_FILE
-    if record.is_file():
+    checkpoint_dir = out / SAE_TRAINING_DIR
+    if record.is_file() and not restart:
         stored = json.loads(record.read_text(encoding="utf-8")).get("source", {})
         changed = [key for key in ("data_fingerprint", "n_items", "weights") if stored.get(key) != described.get(key)]
-        if changed:
+        if changed and force:
+            restart = True
+        elif changed:
             what = "the model's weights" if "weights" in changed else "the images"
             raise InputError(
                 f"--out {out} was started on other data: {what} changed since ({', '.join(changed)} differ); "
-                "rerun with the original images and weights, or choose another --out."
+                "rerun with the original images and weights, pass --force to train afresh over it, or choose another --out."
             )
+    if restart:  # --force over a run of other settings or data: its checkpoint must not be resumed
+        import shutil
+
+        if checkpoint_dir.is_dir():
+            shutil.rmtree(checkpoint_dir)
+        record.unlink(missing_ok=True)
+        typer.echo(f"Note: --force: the run in {out} (other settings or data) is discarded; training afresh.", err=True)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(record, json.dumps({"format": SAE_TRAIN_FORMAT, "settings": settings, "source": described}, indent=1))
-    checkpoint_dir = out / SAE_TRAINING_DIR
     try:
         result = train_sae(
             source, d_sae, architecture=architecture, k=k, l1=l1, steps=steps, lr=lr, seed=train_seed, matryoshka=prefixes,
@@ -887,7 +1070,7 @@ def sae_train(
 
     toy = hooked.model_name == "toy-shapes"
     if images is not None:
-        eval_source: Any = images
+        eval_source: Any = images_or_paths
         evaluated_on = f"the {len(source.data)} training images of {images} (not held out)"
     else:
         eval_source = None if toy else shapes_world_images(eval_images, HELD_OUT_SEED, hooked.cfg.image_size[0])
@@ -931,11 +1114,6 @@ def _parse_features(text: str) -> list[int]:
     return features
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
 @sae_app.command("inspect", cls=_OneLineUsageErrors)
 @_user_errors
 def sae_inspect(
@@ -959,6 +1137,7 @@ def sae_inspect(
     k: int = typer.Option(9, "--k", help="top images per feature."),
     names: int = typer.Option(5, "--names", help="bank texts kept per feature."),
     batch_size: int = typer.Option(32, "--batch-size", help="images per forward pass."),
+    force: bool = typer.Option(False, "--force", help="write into an --out folder that holds files (dashboards of the same names are replaced)."),
 ) -> None:
     """Name an SAE's features (bank texts through the frozen read-out) and show the images they fire on most."""
     from clip_lens.errors import InputError
@@ -972,13 +1151,8 @@ def sae_inspect(
                           (batch_size, "--batch-size")):
         _at_least(value, option)
     chosen = _parse_features(features) if features is not None else None
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; give a folder for the dashboards.")
-    if sae_dir.exists() and out.resolve() == sae_dir.resolve():
-        raise InputError(f"--out {out} is the SAE folder; write the dashboards to another folder (e.g. {out.parent / (out.name + '_features')}).")
-    for option, folder in (("--store", store), ("--images", images)):
-        if folder is not None and folder.exists() and _inside(out, folder):
-            raise InputError(f"--out {out} is inside the {option} folder {folder}; write the dashboards outside the inputs.")
+    _check_outputs([_out(out, folder=True)], {"SAE": sae_dir, "--store": store, "--images": images, "--bank": bank,
+                                              "--pretrained": pretrained}, force)
 
     from clip_lens.banks import load_bank
     from clip_lens.collect import Store, shapes_world_images
@@ -988,6 +1162,7 @@ def sae_inspect(
 
     if images is not None and not images.is_dir():
         _fail(f"--images {images} is not a folder; give a folder of images (searched recursively).")
+    readable, _ = _readable_images(images)
     sae = load_sae(sae_dir)
     recorded = recorded_model(sae)
     if not (model or recorded):
@@ -1019,7 +1194,7 @@ def sae_inspect(
             raise InputError(f"{model} has no fixed image size, so shapes-world scenes cannot be rendered for it; use --images.")
         source: Any = shapes_world_images(shapes, seed, hooked.cfg.image_size[0])
     else:
-        source = opened if opened is not None else images
+        source = opened if opened is not None else readable
     inspection = inspect_features(
         hooked, sae, source, features=chosen, n_features=top_features or 16, k=k, bank=text_bank, names_top=names,
         batch_size=batch_size, progress=True,

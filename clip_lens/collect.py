@@ -24,16 +24,37 @@ Crash safety: a chunk counts as written only once a marker file ``done/<chunk>``
 marker is created (atomically) after every array of that chunk is written. Running :func:`collect`
 again with the same arguments skips marked chunks and rewrites the others; readers never see an
 unmarked chunk.
+
+Integrity (store format 2): every chunk file ends in a crc32c of its bytes (Zarr's ``crc32c``
+codec, checked on every decode), and the chunk's marker records each file's size and crc32c, so a
+missing, truncated, bit-flipped or foreign chunk file raises
+:class:`~clip_lens.errors.StoreCorruptError` instead of reading as zeros or wrong rows. The group's
+attributes carry a sha256 ``checksum`` of themselves and the sha256 of every array's ``zarr.json``
+(``array_meta``) and of ``ids.json`` (``ids``). Resuming verifies every finished chunk
+(:meth:`Store.verify`) and recomputes exactly the damaged ones. A store is created in a temporary
+sibling folder renamed into place, and one writer at a time holds its ``lock`` file. Stores of
+format 1 (no checksums) are read with a :class:`~clip_lens.errors.StoreWarning`, not resumed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
+import google_crc32c
 import numpy as np
 import torch
 from jaxtyping import Float, UInt8
@@ -41,7 +62,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from clip_lens.decompose import LayerSpec, _layers
-from clip_lens.errors import InputError
+from clip_lens.errors import InputError, StoreCorruptError, StoreLockedError, StoreWarning, StoreWriteError
 from clip_lens.files import atomic_write
 
 if TYPE_CHECKING:
@@ -49,7 +70,10 @@ if TYPE_CHECKING:
 
     from clip_lens.hooked_clip import HookedCLIP
 
-FORMAT = "clip_lens.store/1"
+FORMAT = "clip_lens.store/2"
+LEGACY_FORMATS = ("clip_lens.store/1",)  # no checksums: read with a warning, never resumed
+MARKER = re.compile(r"[0-9]{6,}")  # done/000003
+WRITE_CONFIG = {"write_empty_chunks": True}  # every chunk has a file, even all-fill ones: a missing file is damage
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -68,19 +92,18 @@ class ImageSource:
 
 
 def _from_paths(paths: list[Path], preprocess) -> ImageSource:
-    from PIL import Image, UnidentifiedImageError
+    from clip_lens.files import load_image
 
     if preprocess is None:
         raise InputError("this model has no preprocess transform; pass preprocessed tensors instead of image files.")
 
     def load(start: int, stop: int):
         images = []
-        for path in paths[start:stop]:
+        for path in paths[start:stop]:  # load_image: bombs refused, 16-bit scaled (not clipped), odd modes converted
             try:
-                with Image.open(path) as image:
-                    images.append(preprocess(image.convert("RGB")))
-            except (UnidentifiedImageError, OSError) as exc:
-                raise InputError(f"cannot read image {path}: {exc}. Remove or replace the file and run again (finished chunks are kept).") from exc
+                images.append(preprocess(load_image(path)))
+            except InputError as exc:
+                raise InputError(f"{exc} (finished chunks are kept; run again after fixing it)") from exc
         return torch.stack(images), None
 
     return ImageSource(len(paths), load, [str(p) for p in paths], f"{len(paths)} image files")
@@ -154,22 +177,59 @@ def shapes_world_images(n: int, seed: int = 0, image_size: int = 64) -> ImageSou
 
 @dataclass
 class Store:
-    """A collected store, opened for reading. Arrays are read lazily; nothing unfinished is returned."""
+    """A collected store, opened for reading. Arrays are read lazily; nothing unfinished is returned.
+
+    Every read of a finished chunk is checked (docs: Concepts → Reliability → Stores): a chunk file that is
+    missing, truncated, damaged or not the one its ``done/`` marker recorded raises
+    :class:`~clip_lens.errors.StoreCorruptError` naming the array, the chunk and its rows; it is never
+    read as zeros or as another chunk's rows. :meth:`verify` checks every finished chunk at once.
+    """
 
     path: Path
     meta: dict
+    _array_ndim: dict = field(default_factory=dict, repr=False, compare=False)
+    _marker_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _file_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _stray: set = field(default_factory=set, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str | Path) -> "Store":
-        import zarr
+        """Open the store at ``path``, checking its metadata (the group's ``zarr.json`` against its
+        checksum, each array's ``zarr.json`` against the hash recorded there).
 
+        Raises:
+            InputError: ``path`` is not a clip_lens store.
+            StoreCorruptError: its metadata is damaged or was edited.
+        """
         path = Path(path)
         if not (path / "zarr.json").is_file():
             raise InputError(f"{path} is not a clip_lens store (no zarr.json); create one with clip_lens.collect.")
-        meta = dict(zarr.open_group(str(path), mode="r").attrs)
-        if meta.get("format") != FORMAT:
-            raise InputError(f"{path} is a Zarr group but not a clip_lens store (format {meta.get('format')!r}).")
-        return cls(path, meta)
+        meta = _read_group(path)
+        if "checksum" in meta and meta["checksum"] != _checksum(meta):
+            raise StoreCorruptError(
+                f"store {path}: its metadata {path / 'zarr.json'} does not match its checksum (edited or damaged). "
+                + _METADATA_FIX
+            )
+        found = meta.get("format")
+        if found not in (FORMAT, *LEGACY_FORMATS):
+            if isinstance(found, str) and found.startswith("clip_lens.store/"):
+                raise InputError(f"{path} is a clip_lens store of format {found!r}, newer than this clip_lens reads; upgrade clip_lens.")
+            raise InputError(f"{path} is a Zarr group but not a clip_lens store (format {found!r}).")
+        _check_keys(path, meta)
+        store = cls(path, meta)
+        store._check_arrays()
+        if not store.checked:
+            warnings.warn(
+                f"store {path} has no checksums (written by clip_lens before store format 2, or by hand): a missing "
+                "or damaged chunk cannot be detected when it is read. Collect it again into a new folder for a checked store.",
+                StoreWarning, stacklevel=2,
+            )
+        return store
+
+    @property
+    def checked(self) -> bool:
+        """Whether the store records checksums (format 2); stores without them read with a warning."""
+        return "checksum" in self.meta
 
     @property
     def n_images(self) -> int:
@@ -195,13 +255,23 @@ class Store:
     def arrays(self) -> list[str]:
         return list(self.meta["arrays"])
 
+    def rows(self, chunk: int) -> tuple[int, int]:
+        """``(start, stop)`` image rows of chunk ``chunk``."""
+        return chunk * self.chunk_size, min(self.n_images, (chunk + 1) * self.chunk_size)
+
     def done_chunks(self) -> list[int]:
-        return sorted(int(p.name) for p in (self.path / "done").glob("[0-9]*"))
+        """The finished chunks, in order.
+
+        Raises:
+            StoreCorruptError: a ``done/`` marker that names no chunk of this store or does not
+                describe its chunk. (Files in ``done/`` that are not named like markers, such as
+                ``000001.bak``, are ignored with a :class:`~clip_lens.errors.StoreWarning`.)
+        """
+        return sorted(self._done())
 
     def done_rows(self) -> list[tuple[int, int]]:
         """``(start, stop)`` image rows of each finished chunk, in order."""
-        size, n = self.chunk_size, self.n_images
-        return [(c * size, min(n, (c + 1) * size)) for c in self.done_chunks()]
+        return [self.rows(c) for c in self.done_chunks()]
 
     @property
     def n_done(self) -> int:
@@ -213,33 +283,316 @@ class Store:
         return len(self.done_chunks()) == self.n_chunks
 
     def ids(self) -> Optional[list[str]]:
+        """The image ids (file paths, scene indices) of the rows, or None when the source had none."""
         file = self.path / "ids.json"
-        return json.loads(file.read_text()) if file.is_file() else None
+        recorded = self.meta.get("ids")
+        if self.checked and recorded is None:
+            return None
+        try:
+            data = file.read_bytes()
+        except FileNotFoundError:
+            if self.checked:
+                raise StoreCorruptError(f"store {self.path}: its image ids {file} are missing. {_METADATA_FIX}") from None
+            return None
+        if self.checked and hashlib.sha256(data).hexdigest() != recorded:
+            raise StoreCorruptError(f"store {self.path}: its image ids {file} do not match their checksum (edited or damaged). {_METADATA_FIX}")
+        try:
+            ids = json.loads(data)
+        except ValueError as exc:
+            raise StoreCorruptError(f"store {self.path}: its image ids {file} are not valid JSON ({exc}). {_METADATA_FIX}") from exc
+        if not (isinstance(ids, list) and len(ids) == self.n_images and all(isinstance(i, str) for i in ids)):
+            raise StoreCorruptError(f"store {self.path}: {file} is not a list of {self.n_images} image ids. {_METADATA_FIX}")
+        return ids
 
     def read(self, name: str, partial: bool = False, index: tuple = ()) -> Tensor:
         """Array ``name`` as a tensor over the finished images (all of them unless ``partial``).
-        ``index`` selects within the trailing axes, read from disk (e.g. ``(layer_row, head)``)."""
-        import zarr
+        ``index`` selects within the trailing axes, read from disk (e.g. ``(layer_row, head)``).
 
+        Raises:
+            InputError: an unknown array; an incomplete store without ``partial``.
+            StoreCorruptError: a finished chunk that is missing, damaged or not its own (the message
+                names the array, chunk and rows; rerunning the same ``collect`` repairs it).
+        """
+        parts = [part for _, part in self.iter_chunks(name, partial=partial, index=index)]
+        if not parts:
+            return torch.from_numpy(np.asarray(self._zarr(name)[(slice(0, 0), *index)]))
+        return torch.from_numpy(np.concatenate(parts))
+
+    def iter_chunks(self, name: str, partial: bool = False, index: tuple = ()) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, rows)`` of array ``name`` for each finished chunk, one chunk in memory at a
+        time, each checked as :meth:`read` checks it (same arguments and errors)."""
         if name not in self.arrays:
             raise InputError(f"store {self.path} has no array '{name}'; it has {', '.join(self.arrays)}.")
-        done = self.done_rows()
-        if len(done) != self.n_chunks and not partial:
+        markers = self._done()
+        if len(markers) != self.n_chunks and not partial:
             raise InputError(
-                f"store {self.path} is incomplete ({len(done)} of {self.n_chunks} chunks); run collect again with "
+                f"store {self.path} is incomplete ({len(markers)} of {self.n_chunks} chunks); run collect again with "
                 "the same arguments to finish it, or read(..., partial=True) for the finished images."
             )
-        array = zarr.open_array(str(self.path / name), mode="r")
-        parts = [array[(slice(start, stop), *index)] for start, stop in done]
-        if not parts:
-            return torch.from_numpy(np.asarray(array[(slice(0, 0), *index)]))
-        return torch.from_numpy(np.concatenate(parts))
+        return self._chunks(name, markers, index)
+
+    def _chunks(self, name: str, markers: dict[int, dict], index: tuple) -> Iterator[tuple[int, np.ndarray]]:
+        array = self._zarr(name)
+        for c in sorted(markers):
+            start, stop = self.rows(c)
+            if self.checked:
+                problem = self._check_file(name, c, markers[c]["arrays"][name], full=False)
+                if problem:
+                    raise self._chunk_error(name, c, problem)
+            try:
+                part = np.asarray(array[(slice(start, stop), *index)] if index else array[start:stop])
+            except (IndexError, TypeError):
+                raise  # a bad `index`: the caller's error, not the store's
+            except Exception as exc:  # a decoding error: the crc32c codec found the bytes changed, zstd could not inflate …
+                if not self.checked:
+                    raise StoreCorruptError(
+                        f"store {self.path}: chunk {c} of array '{name}' (rows {start}-{stop - 1}) cannot be read ({exc}); "
+                        "this store has no checksums, so collect it again into a new folder.",
+                        name, c, (start, stop),
+                    ) from exc
+                raise self._chunk_error(name, c, f"is damaged: {exc}") from exc
+            yield start, part
 
     def head_outputs(self, layer: int, head: int) -> Float[Tensor, "n d"]:
         """One head's direct contributions ``[N, D]`` (for TextSpan)."""
         if layer not in self.head_layers:
             raise InputError(f"layer {layer} was not collected per head; the store has layers {self.head_layers}.")
         return self.read("heads", index=(self.head_layers.index(layer), head))
+
+    def verify(self, chunks: Optional[Iterable[int]] = None, progress: bool = False) -> dict[int, list[str]]:
+        """Check every file of the finished ``chunks`` (default: all) completely: it exists, has the
+        size and crc32c recorded in the chunk's marker, and its bytes match that checksum. Reads the
+        whole store once (about as fast as the disk reads; the crc32c itself runs at several GB/s).
+
+        Returns:
+            ``{chunk: [what is wrong, per damaged array]}`` for the damaged chunks only (empty: all good).
+
+        Raises:
+            InputError: a store without checksums (format 1), which cannot be verified.
+            StoreCorruptError: a bad ``done/`` marker (see :meth:`done_chunks`).
+        """
+        if not self.checked:
+            raise InputError(f"store {self.path} has no checksums (store format 1), so it cannot be verified.")
+        markers = self._done()
+        chosen = sorted(markers) if chunks is None else [c for c in chunks if c in markers]
+        damaged: dict[int, list[str]] = {}
+        for c in tqdm(chosen, desc="verify", unit="chunk", disable=not progress):
+            for name in self.arrays:
+                problem = self._check_file(name, c, markers[c]["arrays"][name], full=True)
+                if problem:
+                    damaged.setdefault(c, []).append(f"array '{name}' ({self._chunk_file(name, c).relative_to(self.path)}) {problem}")
+        return damaged
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _zarr(self, name: str):
+        import zarr
+
+        return zarr.open_array(str(self.path / name), mode="r")
+
+    def _check_arrays(self) -> None:
+        """Each listed array's metadata: its hash as recorded (checked stores), readable JSON (all)."""
+        recorded = self.meta.get("array_meta", {})
+        crc_codecs = False
+        for name in self.arrays:
+            file = self.path / name / "zarr.json"
+            try:
+                data = file.read_bytes()
+            except FileNotFoundError:
+                raise StoreCorruptError(f"store {self.path}: the metadata {file} of array '{name}' is missing. {_METADATA_FIX}") from None
+            if self.checked and hashlib.sha256(data).hexdigest() != recorded.get(name):
+                raise StoreCorruptError(
+                    f"store {self.path}: the metadata {file} of array '{name}' does not match the hash recorded when it "
+                    f"was written (edited or damaged: its data type, shape or codecs may differ). {_METADATA_FIX}"
+                )
+            try:
+                spec = json.loads(data)
+                shape = spec["shape"]
+                crc_codecs |= any(codec.get("name") == "crc32c" for codec in spec.get("codecs", []))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise StoreCorruptError(f"store {self.path}: the metadata {file} of array '{name}' is not valid ({exc!r}). {_METADATA_FIX}") from exc
+            if not isinstance(shape, list) or not shape or shape[0] != self.n_images:
+                raise StoreCorruptError(f"store {self.path}: array '{name}' has shape {shape}, not {self.n_images} rows. {_METADATA_FIX}")
+            self._array_ndim[name] = len(shape)
+        if not self.checked and crc_codecs:
+            raise StoreCorruptError(
+                f"store {self.path}: its metadata {self.path / 'zarr.json'} lost its checksum (its arrays were written "
+                f"with checksums). {_METADATA_FIX}"
+            )
+
+    def _chunk_file(self, name: str, chunk: int) -> Path:
+        if name not in self._array_ndim:  # a Store made without open()
+            self._check_arrays()
+        return _chunk_file(self.path, name, chunk, self._array_ndim[name])
+
+    def _check_file(self, name: str, chunk: int, recorded: dict, full: bool) -> Optional[str]:
+        """What is wrong with the file of ``chunk`` of array ``name`` (None: nothing). ``full``: read it
+        all and check its crc32c; else only its size and stored crc32c against the marker (cached
+        while the file is unchanged)."""
+        path = self._chunk_file(name, chunk)
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            return "is missing (its file was deleted; it would read as zeros)"
+        key = (stat.st_ino, stat.st_size, stat.st_mtime_ns, recorded["bytes"], recorded["crc32c"])
+        if not full and self._file_cache.get((name, chunk)) == key:
+            return None
+        if stat.st_size != recorded["bytes"]:
+            return f"is not the chunk that was written: it has {stat.st_size} bytes, not {recorded['bytes']} (truncated, or a file from another chunk or store)"
+        with open(path, "rb") as handle:
+            if full:
+                data = handle.read()
+                stored = int.from_bytes(data[-4:], "little")
+                computed = google_crc32c.value(np.frombuffer(data, np.uint8)[:-4])  # no copy
+            else:
+                handle.seek(-4, os.SEEK_END)
+                stored, computed = int.from_bytes(handle.read(4), "little"), None
+        if stored != recorded["crc32c"]:
+            return "is not the chunk that was written: its checksum differs from the one its marker recorded (a file from another chunk or store, or damaged)"
+        if full and computed != stored:
+            return "is damaged: its bytes do not match their crc32c checksum"
+        self._file_cache[(name, chunk)] = key
+        return None
+
+    def _chunk_error(self, name: str, chunk: int, problem: str) -> StoreCorruptError:
+        start, stop = self.rows(chunk)
+        file = self._chunk_file(name, chunk).relative_to(self.path)
+        return StoreCorruptError(
+            f"store {self.path}: chunk {chunk} of array '{name}' (rows {start}-{stop - 1}, file {file}) {problem}. "
+            + _CHUNK_FIX,
+            name, chunk, (start, stop),
+        )
+
+    def _done(self) -> dict[int, dict]:
+        """The finished chunks' markers; a bad marker raises StoreCorruptError."""
+        markers, problems = self._scan()
+        if problems:
+            path, chunk, problem = problems[0]
+            more = f" ({len(problems) - 1} more bad markers)" if len(problems) > 1 else ""
+            raise StoreCorruptError(
+                f"store {self.path}: {path.relative_to(self.path) if path != self.path else 'it'} {problem}{more}. " + _CHUNK_FIX,
+                chunk=chunk, rows=None if chunk is None else self.rows(chunk),
+            )
+        return markers
+
+    def _scan(self) -> tuple[dict[int, dict], list[tuple[Path, Optional[int], str]]]:
+        """``(valid markers by chunk, [(marker file, its chunk or None, what is wrong)])``. Files that
+        are not named like markers are stray: ignored (temporary files of atomic writes silently)."""
+        folder = self.path / "done"
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            return {}, [(folder, None, "has no done/ folder (the markers of its finished chunks)")]
+        markers, problems = {}, []
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            if not (MARKER.fullmatch(name) and f"{int(name):06d}" == name and entry.is_file()):
+                if name not in self._stray:
+                    self._stray.add(name)
+                    warnings.warn(
+                        f"store {self.path}: ignoring done/{name}, which is not a chunk marker (markers are named like 000003).",
+                        StoreWarning, stacklevel=3,
+                    )
+                continue
+            chunk = int(name)
+            if chunk >= self.n_chunks:
+                problems.append((Path(entry.path), None, f"names chunk {chunk}, but the store has only {self.n_chunks} chunks (0-{self.n_chunks - 1})"))
+                continue
+            marker, problem = self._marker(entry, chunk)
+            if problem:
+                problems.append((Path(entry.path), chunk, problem))
+            else:
+                markers[chunk] = marker
+        return markers, problems
+
+    def _marker(self, entry: os.DirEntry, chunk: int) -> tuple[Optional[dict], Optional[str]]:
+        stat = entry.stat()
+        key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        cached = self._marker_cache.get(chunk)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        result = self._parse_marker(Path(entry.path), chunk)
+        self._marker_cache[chunk] = (key, result)
+        return result
+
+    def _parse_marker(self, path: Path, chunk: int) -> tuple[Optional[dict], Optional[str]]:
+        if not self.checked:
+            return {}, None  # format 1: empty marker files
+        try:
+            marker = json.loads(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            return None, f"is not a valid chunk marker ({exc})"
+        start, stop = self.rows(chunk)
+        if not isinstance(marker, dict) or marker.get("chunk") != chunk or marker.get("rows") != [start, stop]:
+            return None, f"does not describe chunk {chunk} (rows {start}-{stop - 1})"
+        recorded = marker.get("arrays")
+        if not self.arrays or not isinstance(recorded, dict) or sorted(recorded) != sorted(self.arrays):
+            return None, f"does not list the store's arrays ({', '.join(self.arrays) or 'none yet'})"
+        for name, info in recorded.items():
+            if not (isinstance(info, dict) and _whole(info.get("bytes")) and info["bytes"] > 4
+                    and _whole(info.get("crc32c")) and 0 <= info["crc32c"] < 2**32):
+                return None, f"has no valid size and crc32c for array '{name}'"
+        return marker, None
+
+
+_CHUNK_FIX = (
+    "To repair it, run the same `clip-lens collect` command (or collect(...) with the same arguments) again: it checks "
+    "every finished chunk and recomputes exactly the damaged ones."
+)
+_METADATA_FIX = (
+    "The store's data cannot be trusted without it: restore the file from a backup, or move the folder aside and "
+    "collect again into a new one."
+)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checksum(attributes: dict) -> str:
+    """sha256 of the canonical JSON of the store's attributes without their ``checksum``."""
+    body = {k: v for k, v in attributes.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _read_group(path: Path) -> dict:
+    """The attributes of the store's group metadata ``zarr.json`` (StoreCorruptError when unreadable)."""
+    file = path / "zarr.json"
+    try:
+        group = json.loads(file.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise StoreCorruptError(f"store {path}: its metadata {file} is not valid JSON ({exc}). {_METADATA_FIX}") from exc
+    attributes = group.get("attributes") if isinstance(group, dict) else None
+    if not isinstance(group, dict) or group.get("node_type") != "group" or not isinstance(attributes, dict):
+        raise StoreCorruptError(f"store {path}: its metadata {file} is not a Zarr group with attributes. {_METADATA_FIX}")
+    return attributes
+
+
+def _check_keys(path: Path, meta: dict) -> None:
+    """The attributes every reader relies on, with their types (StoreCorruptError otherwise)."""
+    def layers(value):
+        return isinstance(value, list) and all(_whole(v) and v >= 0 for v in value)
+
+    expected = {
+        "n_images": lambda v: _whole(v) and v >= 0, "chunk_size": lambda v: _whole(v) and v >= 1,
+        "head_layers": layers, "token_layers": layers,
+        "arrays": lambda v: isinstance(v, list) and all(isinstance(a, str) and a and "/" not in a and not a.startswith(".") for a in v),
+    }
+    if "checksum" in meta:
+        expected["array_meta"] = lambda v: isinstance(v, dict) and sorted(v) == sorted(meta.get("arrays") or [])
+        expected["ids"] = lambda v: v is None or isinstance(v, str)
+    for key, valid in expected.items():
+        if key not in meta:
+            raise StoreCorruptError(f"store {path}: its metadata {path / 'zarr.json'} has no '{key}'. {_METADATA_FIX}")
+        if not valid(meta[key]):
+            raise StoreCorruptError(f"store {path}: its metadata {path / 'zarr.json'} has an invalid '{key}': {meta[key]!r}. {_METADATA_FIX}")
+
+
+def _chunk_file(path: Path, name: str, chunk: int, ndim: int) -> Path:
+    """The file of chunk ``chunk`` of array ``name`` (Zarr v3 default key encoding, chunks along rows only)."""
+    return path.joinpath(name, "c", str(chunk), *["0"] * (ndim - 1))
 
 
 def store_images(store: Store, image_size: int = 64) -> Callable[[Sequence[int]], list["PIL.Image.Image"]]:
@@ -252,11 +605,13 @@ def store_images(store: Store, image_size: int = 64) -> Callable[[Sequence[int]]
     """
     import re
 
-    from PIL import Image
+    from clip_lens.files import load_image
 
     ids = store.ids()
     match = re.search(r"shapes-world scenes \(seed (\d+)\)", store.meta.get("source", ""))
     if match:
+        from PIL import Image
+
         from clip_lens.toy.world import ShapesWorld
 
         world = ShapesWorld(seed=int(match.group(1)), image_size=image_size)
@@ -270,11 +625,7 @@ def store_images(store: Store, image_size: int = 64) -> Callable[[Sequence[int]]
     def load(rows: Sequence[int]) -> list["PIL.Image.Image"]:
         images = []
         for row in rows:
-            try:
-                with Image.open(ids[row]) as image:
-                    images.append(image.convert("RGB"))
-            except OSError as exc:
-                raise InputError(f"cannot read store image #{row} ({ids[row]}): {exc}.") from exc
+            images.append(load_image(ids[row], what=f"store image #{row}"))
         return images
 
     return load
@@ -309,25 +660,33 @@ def collect(
     chunk_size: int = 256,
     batch_size: int = 64,
     progress: bool = True,
+    verify: bool = True,
 ) -> Store:
     """Stream ``images`` through the model and store their normalised decomposition in ``out``.
 
     Args:
         model: a :class:`~clip_lens.HookedCLIP`.
         images: anything :func:`image_source` takes (tensor, folder, paths, dataset, ImageSource).
-        out: folder of the Zarr store; created, or resumed when it holds an unfinished run of the
-            same model and arguments.
+        out: folder of the Zarr store; created, or resumed when it holds an unfinished (or damaged)
+            run of the same model and arguments.
         heads: layers whose per-head terms are kept (``"all"``, a list, or None).
         tokens: layers whose per-head, per-token terms are kept (None: none). Large: use
             ``directions`` to keep only their projections.
         directions: ``[K, d_embed]``; when given, token terms are stored projected on them.
         chunk_size: images per store chunk (the unit of resumption); batch_size: images per forward.
+        verify: on resume, check every finished chunk completely (:meth:`Store.verify`: reads the
+            store once) and recompute the damaged ones; False checks only sizes and recorded
+            checksums (missing, truncated or foreign chunk files), not their bytes.
 
     Returns:
         The finished :class:`Store`.
-    """
-    import zarr
 
+    Raises:
+        InputError: bad arguments; ``out`` holds something else, or a store made with other settings.
+        StoreCorruptError: the store's metadata is damaged (its chunks cannot be trusted).
+        StoreLockedError: another ``collect`` is writing the store.
+        StoreWriteError: a write failed (full disk …); finished chunks are kept, run again.
+    """
     source = image_source(images, getattr(model, "preprocess", None))
     if chunk_size < 1 or batch_size < 1:
         raise InputError(f"chunk_size and batch_size must be positive, got {chunk_size} and {batch_size}.")
@@ -337,7 +696,7 @@ def collect(
     head_layers = sorted(set(head_layers) | set(token_layers))
     if directions is not None and directions.shape[-1] != cfg.d_embed:
         raise InputError(f"directions must be [K, {cfg.d_embed}], got {tuple(directions.shape)}.")
-    n, d = len(source), cfg.d_embed
+    n = len(source)
     params = {
         "format": FORMAT, "model": model.model_name, "pretrained": str(model.pretrained), "weights": weights_fingerprint(model),
         "n_images": n, "chunk_size": chunk_size, "head_layers": head_layers, "token_layers": token_layers,
@@ -345,33 +704,69 @@ def collect(
         "source": source.description,
     }
     out = Path(out)
-    group = _open_or_create(out, params)
-    if source.ids is not None and not (out / "ids.json").is_file():
-        atomic_write(out / "ids.json", json.dumps(source.ids))
-    done = set(Store(out, dict(group.attrs)).done_chunks())
-    n_chunks = -(-n // chunk_size)
-    arrays: dict[str, Any] = {}
-    bar = tqdm(total=n, initial=min(n, len(done) * chunk_size), desc="collect", unit="img", disable=not progress)
-    for c in range(n_chunks):
-        if c in done:
-            continue
-        start, stop = c * chunk_size, min(n, (c + 1) * chunk_size)
-        parts: dict[str, list] = {}
-        for b in range(start, stop, batch_size):
-            pixels, labels = source.load(b, min(stop, b + batch_size))
-            terms = _terms(model, pixels.to(model.device, model.dtype), head_layers, token_layers, directions)
-            terms["labels"] = labels if labels is not None else torch.full((len(pixels),), -1)
-            for key, value in terms.items():
-                parts.setdefault(key, []).append(value.cpu().numpy())
-            bar.update(len(pixels))
-        chunk = {key: np.concatenate(value) for key, value in parts.items()}
-        if not arrays:
-            arrays = _arrays(group, chunk, n, chunk_size)
-        for key, value in chunk.items():
-            arrays[key][start:stop] = value
-        atomic_write(out / "done" / f"{c:06d}", "")  # the commit point of this chunk
-    bar.close()
+    store, lock = _open_or_create(out, params, source.ids)
+    try:
+        with _writing(out):
+            todo = _chunks_to_compute(store, verify, progress)
+        arrays = _open_arrays(store)
+        bar = tqdm(total=n, initial=n - sum(stop - start for start, stop in map(store.rows, todo)), desc="collect",
+                   unit="img", disable=not progress)
+        for c in todo:
+            start, stop = store.rows(c)
+            parts: dict[str, list] = {}
+            for b in range(start, stop, batch_size):
+                pixels, labels = source.load(b, min(stop, b + batch_size))
+                terms = _terms(model, pixels.to(model.device, model.dtype), head_layers, token_layers, directions)
+                terms["labels"] = labels if labels is not None else torch.full((len(pixels),), -1)
+                for key, value in terms.items():
+                    parts.setdefault(key, []).append(value.cpu().numpy())
+                bar.update(len(pixels))
+            chunk = {key: np.concatenate(value) for key, value in parts.items()}
+            with _writing(out):
+                if not arrays:
+                    arrays = _create_arrays(store, chunk)
+                _write_chunk(store, arrays, c, chunk)
+        bar.close()
+    finally:
+        lock.release()
     return Store.open(out)
+
+
+def store_from_arrays(
+    path: str | Path, arrays: dict[str, np.ndarray], chunk_size: int, *, done: Optional[Iterable[int]] = None, **meta: Any
+) -> Store:
+    """A checked store holding ``arrays`` (each ``[N, ...]``), written exactly as :func:`collect`
+    writes (layout, checksums, markers): for tests, benchmarks and terms computed elsewhere.
+
+    Args:
+        path: a new or empty folder.
+        arrays: name → array with the same number of rows ``N``.
+        chunk_size: rows per chunk.
+        done: the chunks to write and mark finished (default: all).
+        meta: store attributes, e.g. ``model="toy-shapes"``, ``head_layers=[0, 1]`` (defaults:
+            model "custom", no head or token layers).
+    """
+    rows = {len(value) for value in arrays.values()}
+    if len(rows) != 1 or chunk_size < 1:
+        raise InputError(f"store_from_arrays needs arrays with one number of rows and a positive chunk_size, got rows {sorted(rows)}.")
+    n = rows.pop()
+    params = {
+        "format": FORMAT, "model": "custom", "pretrained": "None", "weights": None, "n_images": n, "chunk_size": chunk_size,
+        "head_layers": [], "token_layers": [], "directions": None, "source": f"{n} rows given as arrays", **meta,
+    }
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise InputError(f"{path} exists and is not empty; choose an empty or new folder.")
+    store, lock = _open_or_create(path, params, None)
+    try:
+        with _writing(path):
+            written = _create_arrays(store, {key: np.asarray(value[:1]) for key, value in arrays.items()})
+            for c in range(store.n_chunks) if done is None else sorted(set(done)):
+                start, stop = store.rows(c)
+                _write_chunk(store, written, c, {key: np.asarray(value[start:stop]) for key, value in arrays.items()})
+    finally:
+        lock.release()
+    return Store.open(path)
 
 
 def _terms(model, pixels, head_layers, token_layers, directions) -> dict[str, Tensor]:
@@ -392,13 +787,93 @@ def _terms(model, pixels, head_layers, token_layers, directions) -> dict[str, Te
     return {key: value.float() for key, value in terms.items()}
 
 
-def _open_or_create(out: Path, params: dict):
-    """The store's Zarr group: a new one, or an unfinished one made with the same parameters."""
-    import zarr
+@contextlib.contextmanager
+def _writing(out: Path):
+    """Turn an OSError while writing the store (full disk, read-only folder …) into a StoreWriteError."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, (StoreWriteError, StoreLockedError)):
+            raise
+        error = StoreWriteError(
+            f"writing the store {out} failed: {exc}. Finished chunks are kept: fix that (e.g. free disk space) and run "
+            "the same collect command again to finish the store."
+        )
+        error.errno = exc.errno
+        raise error from exc
 
+
+def resumable_folder(out: str | Path) -> bool:
+    """Whether :func:`collect` may write to ``out``: it does not exist, is an empty folder, holds a
+    store (which collect resumes or explains why not), or holds only what an interrupted creation
+    left (``lock``, an empty ``done/``, ``ids.json``, temporary files). False for anything else (a
+    file, a folder with other content), which collect refuses rather than touch."""
+    out = Path(out)
+    if not out.exists():
+        return True
+    if not out.is_dir():
+        return False
     if (out / "zarr.json").is_file():
-        group = zarr.open_group(str(out), mode="r+")
-        old = {k: group.attrs.get(k) for k in params}
+        return True
+    return _leftovers_only(out)
+
+
+def _leftovers_only(out: Path) -> bool:
+    for entry in out.iterdir():
+        name = entry.name
+        if name == "done" and entry.is_dir() and not any(entry.iterdir()):
+            continue
+        if (name in ("lock", "ids.json") or (name.startswith(".") and name.endswith(".tmp"))) and entry.is_file():
+            continue
+        return False
+    return True
+
+
+def _open_or_create(out: Path, params: dict, ids: Optional[list[str]]) -> tuple[Store, "_Lock"]:
+    """The store to write, locked: an unfinished one made with the same parameters, or a new one.
+
+    Creation is atomic: the store is built in a temporary sibling folder (lock, ``done/``,
+    ``ids.json``, ``zarr.json``) that is renamed to ``out`` at the end, so an interrupted creation
+    leaves no half-made store behind (a killed one leaves the temporary folder, removed by the next
+    run). When the parent folder is not writable but ``out`` is an existing folder, the store is
+    built inside it with ``zarr.json`` (the commit point) written last; what an interrupted
+    creation leaves there is cleaned up by the next run (:func:`resumable_folder`).
+    """
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file, not a store folder; choose an empty or new folder.")
+    if not (out / "zarr.json").is_file():
+        if not resumable_folder(out):
+            raise InputError(f"{out} exists and is not a clip_lens store; choose an empty or new folder.")
+        if not (out.exists() and any(out.iterdir())):
+            content = _Lock.content()
+            with _writing(out):
+                created = _create(out, params, ids, content)
+            if created:
+                lock = _Lock(out / "lock", content)
+                try:
+                    return Store.open(out), lock
+                except BaseException:
+                    lock.release()
+                    raise
+            if created is False and not (out / "zarr.json").is_file():  # another process filled the folder first
+                raise InputError(f"{out} exists and is not a clip_lens store; choose an empty or new folder.")
+    with _writing(out):
+        lock = _Lock.acquire(out)
+    try:
+        if not (out / "zarr.json").is_file():  # build in place (leftovers of an interrupted creation, or no sibling)
+            if not _leftovers_only(out):
+                raise InputError(f"{out} exists and is not a clip_lens store; choose an empty or new folder.")
+            with _writing(out):
+                _build(out, params, ids)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", StoreWarning)  # a store without checksums is refused below
+            store = Store.open(out)
+        if not store.checked:
+            raise InputError(
+                f"{out} was written without checksums (store format {store.meta.get('format')!r}, by an older clip_lens "
+                "or by hand); this clip_lens reads it (with a warning) but does not resume it: collect into a new folder."
+            )
+        old = {k: store.meta.get(k) for k in params}
         changed = [k for k in params if old[k] != params[k]]
         if changed:
             detail = "; ".join(f"{k}: stored {old[k]!r}, now {params[k]!r}" for k in changed)
@@ -406,23 +881,236 @@ def _open_or_create(out: Path, params: dict):
                 f"{out} holds a store made with different settings ({detail}). Use a new folder, or delete this "
                 "one to start over."
             )
-        return group
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"{out} exists and is not a clip_lens store; choose an empty or new folder.")
-    group = zarr.open_group(str(out), mode="w")
-    group.attrs.update({**params, "arrays": []})
-    (out / "done").mkdir(exist_ok=True)
-    return group
+        return store, lock
+    except BaseException:
+        lock.release()
+        raise
 
 
-def _arrays(group, chunk: dict[str, np.ndarray], n: int, chunk_size: int) -> dict[str, Any]:
-    """Open the store's arrays, creating them (shapes from the first chunk) when new."""
-    names = list(group.attrs.get("arrays", []))
-    if not names:
-        for key, value in chunk.items():
-            group.create_array(
-                key, shape=(n, *value.shape[1:]), chunks=(chunk_size, *value.shape[1:]), dtype=value.dtype,
-                fill_value=0, overwrite=True,  # left by a run killed before its first chunk
-            )
-        group.attrs["arrays"] = names = list(chunk)
-    return {key: group[key] for key in names}
+def _create(out: Path, params: dict, ids: Optional[list[str]], lock: str) -> Optional[bool]:
+    """Build a new store in a temporary sibling folder and rename it to ``out`` (the commit point of
+    creation). False when ``out`` was filled by someone else meanwhile; None when the parent folder
+    is not writable but ``out`` exists (build in place instead)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{out.name}.creating."
+        for leftover in out.parent.glob(glob.escape(prefix) + "*"):  # of a creation that was killed
+            host, _, pid = leftover.name[len(prefix):].rpartition(".")
+            if leftover.is_dir() and pid.isdigit() and _stale({"host": host, "pid": int(pid)}):
+                shutil.rmtree(leftover, ignore_errors=True)
+        tmp = out.parent / f"{prefix}{socket.gethostname()}.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and out.is_dir():
+            return None
+        raise
+    try:
+        (tmp / "lock").write_text(lock)
+        _build(tmp, params, ids)
+        try:
+            os.rename(tmp, out)  # replaces an empty folder `out`, fails on a filled one
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return False
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return True
+
+
+def _build(folder: Path, params: dict, ids: Optional[list[str]]) -> None:
+    """A new store's ``done/``, ``ids.json`` and, last, its ``zarr.json`` in ``folder``."""
+    (folder / "done").mkdir(exist_ok=True)
+    attributes = {**params, "arrays": [], "array_meta": {}, "ids": None}
+    if ids is not None:
+        data = json.dumps(ids).encode()
+        atomic_write(folder / "ids.json", data)
+        attributes["ids"] = hashlib.sha256(data).hexdigest()
+    _write_group(folder, attributes)
+
+
+def _write_group(folder: Path, attributes: dict) -> None:
+    """Write the store's group metadata (Zarr v3 ``zarr.json``) with its checksum, atomically."""
+    attributes = {**attributes, "checksum": _checksum(attributes)}
+    atomic_write(folder / "zarr.json", json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes}, indent=1))
+
+
+def _chunks_to_compute(store: Store, verify: bool, progress: bool) -> list[int]:
+    """Chunks to (re)compute: unfinished ones, those with a bad marker and those whose files are
+    damaged (bad markers and the markers of damaged chunks are removed, with a StoreWarning)."""
+    (store.path / "done").mkdir(exist_ok=True)
+    markers, problems = store._scan()
+    for path, chunk, problem in problems:
+        again = f"; chunk {chunk} will be recomputed" if chunk is not None else ""
+        warnings.warn(f"store {store.path}: removed {path.relative_to(store.path)}, which {problem}{again}.", StoreWarning, stacklevel=4)
+        path.unlink(missing_ok=True)
+    if verify:
+        damaged = store.verify(sorted(markers), progress=progress)
+    else:
+        damaged = {}
+        for c in sorted(markers):
+            for name in store.arrays:
+                problem = store._check_file(name, c, markers[c]["arrays"][name], full=False)
+                if problem:
+                    damaged.setdefault(c, []).append(f"array '{name}' {problem}")
+    for c, found in damaged.items():
+        start, stop = store.rows(c)
+        warnings.warn(
+            f"store {store.path}: chunk {c} (rows {start}-{stop - 1}) is damaged ({'; '.join(found)}); recomputing it.",
+            StoreWarning, stacklevel=4,
+        )
+        (store.path / "done" / f"{c:06d}").unlink(missing_ok=True)
+        del markers[c]
+    return [c for c in range(store.n_chunks) if c not in markers]
+
+
+def _open_arrays(store: Store) -> dict[str, Any]:
+    """The store's arrays opened for writing (empty before the first chunk created them)."""
+    import zarr
+
+    return {name: zarr.open_array(str(store.path / name), mode="r+").with_config(WRITE_CONFIG) for name in store.arrays}
+
+
+def _create_arrays(store: Store, chunk: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Create the store's arrays (shapes from the first chunk, every chunk crc32c-checksummed) and
+    record them, with the hashes of their metadata, in the store's checksummed metadata."""
+    import zarr
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    n, size = store.n_images, store.chunk_size
+    for key, value in chunk.items():
+        zarr.create_array(
+            store=str(store.path / key), shape=(n, *value.shape[1:]), chunks=(size, *value.shape[1:]), dtype=value.dtype,
+            fill_value=float("nan") if value.dtype.kind == "f" else -1,  # a chunk that is not there reads as NaN, never as 0
+            compressors=[ZstdCodec(level=0, checksum=False), Crc32cCodec()],
+            chunk_key_encoding={"name": "default", "separator": "/"},
+            overwrite=True,  # left by a run killed before it recorded its arrays
+        )
+    names = list(chunk)
+    store.meta = {
+        **{k: v for k, v in store.meta.items() if k != "checksum"}, "arrays": names,
+        "array_meta": {key: hashlib.sha256((store.path / key / "zarr.json").read_bytes()).hexdigest() for key in names},
+    }
+    _write_group(store.path, store.meta)
+    store.meta = _read_group(store.path)
+    store._check_arrays()
+    return _open_arrays(store)
+
+
+def _write_chunk(store: Store, arrays: dict[str, Any], c: int, chunk: dict[str, np.ndarray]) -> None:
+    """Write chunk ``c`` of every array, then its marker ``done/<c>`` (the commit point) recording
+    each chunk file's size and crc32c."""
+    start, stop = store.rows(c)
+    if sorted(chunk) != sorted(arrays):
+        raise InputError(f"chunk {c} has terms {sorted(chunk)}, but the store's arrays are {sorted(arrays)}.")
+    for key, value in chunk.items():
+        arrays[key][start:stop] = value
+    recorded = {}
+    for key in arrays:
+        with open(store._chunk_file(key, c), "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(-4, os.SEEK_END)
+            recorded[key] = {"bytes": size, "crc32c": int.from_bytes(handle.read(4), "little")}
+    atomic_write(store.path / "done" / f"{c:06d}", json.dumps({"chunk": c, "rows": [start, stop], "arrays": recorded}))
+
+
+class _Lock:
+    """The store's writer lock: a file ``lock`` holding the writer's pid, host, process start time
+    and start date, created atomically (a hard link of a complete temporary file). A lock whose
+    process is gone (same host, pid dead or reused) is stale and taken over."""
+
+    def __init__(self, path: Path, content: str):
+        self.path, self._content = path, content
+
+    @staticmethod
+    def content() -> str:
+        pid = os.getpid()
+        return json.dumps({
+            "pid": pid, "host": socket.gethostname(), "process_start": _process_start(pid),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        })
+
+    @classmethod
+    def acquire(cls, folder: Path) -> "_Lock":
+        path, content = folder / "lock", cls.content()
+        for _ in range(3):
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".lock.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(content)
+                os.link(tmp, path)
+                return cls(path, content)
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+            try:
+                held = path.read_text()
+            except FileNotFoundError:
+                continue  # released meanwhile
+            try:
+                holder = json.loads(held)
+                holder_text = f"pid {int(holder['pid'])} on host {holder['host']}, since {holder.get('started', '?')}"
+            except (ValueError, KeyError, TypeError):
+                raise StoreLockedError(
+                    f"store {folder} has a damaged lock file {path}; if no collect is writing this store, delete that "
+                    "file and run again."
+                ) from None
+            if not _stale(holder):
+                raise StoreLockedError(
+                    f"store {folder} is being written by another collect ({holder_text}); two writers would corrupt it. "
+                    f"Wait for that one to finish (or stop it); if that process is gone, delete {path} and run again."
+                )
+            taken = folder / f".lock.stale.{os.getpid()}.tmp"
+            try:
+                os.rename(path, taken)  # atomic: only one process takes the stale lock away
+            except FileNotFoundError:
+                continue
+            if taken.read_text() != held:  # a live lock replaced the stale one meanwhile: put it back
+                try:
+                    os.link(taken, path)
+                except FileExistsError:
+                    pass
+                os.unlink(taken)
+                continue
+            os.unlink(taken)
+            warnings.warn(f"store {folder}: removed the stale lock of a collect that is gone ({holder_text}).", StoreWarning, stacklevel=5)
+        raise StoreLockedError(f"store {folder}: could not take its lock {path}; another collect keeps taking it.")
+
+    def release(self) -> None:
+        """Remove the lock if it is still this process's."""
+        try:
+            if self.path.read_text() == self._content:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _process_start(pid: int) -> Optional[int]:
+    """The start time of process ``pid`` (clock ticks since boot; Linux), to tell a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stale(holder: dict) -> bool:
+    """Whether the lock ``holder`` (pid, host, process_start) is of a process that is gone. Only
+    decidable on the same host; a lock of another host is never stale."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    pid = holder.get("pid")
+    if not _whole(pid) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    started = holder.get("process_start")
+    return started is not None and _process_start(pid) not in (None, started)

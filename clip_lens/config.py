@@ -8,12 +8,44 @@ objects. They carry the fields TransformerLens' ``ActivationCache`` helpers read
 
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import torch
 
-from clip_lens.errors import IndexOutOfRangeError
+from clip_lens.errors import IndexOutOfRangeError, InputError
+
+
+def _kind(value: Any) -> str:
+    """``value`` as an error message shows it: its repr (short) and its type."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{text} ({type(value).__module__ + '.' if type(value).__module__ not in ('builtins',) else ''}{type(value).__name__})"
+
+
+def as_int(value: Any, what: str, error: type[InputError] = InputError) -> int:
+    """``value`` as a Python ``int``, for an index or a size passed by a user.
+
+    Accepts Python and numpy integers and 0-d integer tensors. Refuses bools, floats (``2.0``
+    too: a float index is a bug upstream, not a rounding question), ``None`` and everything
+    else with ``error`` (an :class:`~clip_lens.errors.InputError`) naming ``what``.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0 and value.dtype != torch.bool and not (value.is_floating_point() or value.is_complex()):
+            if value.is_meta:
+                raise error(f"{what} is a tensor on the meta device (no value); pass a Python int.")
+            return int(value.item())
+        raise error(f"{what} must be an integer, got {_kind(value)}.")
+    if isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b":  # numpy bools too
+        raise error(f"{what} must be an integer, got the bool {value!r}.")
+    try:
+        return operator.index(value)  # int, numpy integers, anything with __index__; never floats
+    except TypeError:
+        hint = f" Pass int({value!r}) if you mean {int(value)}." if isinstance(value, float) and value.is_integer() else ""
+        raise error(f"{what} must be an integer, got {_kind(value)}.{hint}") from None
 
 
 @dataclass
@@ -71,8 +103,7 @@ class TowerConfig:
             if value is None:
                 bounds.append(default)
                 continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise IndexOutOfRangeError(f"{name} must be an int, got {type(value).__name__}.")
+            value = as_int(value, name, IndexOutOfRangeError)
             index = value + self.n_layers if value < 0 else value
             if not 0 <= index <= self.n_layers:
                 raise IndexOutOfRangeError(

@@ -30,6 +30,7 @@ a layer's token-head terms. It is computed as the default terms plus an exact co
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
@@ -38,6 +39,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from clip_lens.components.readout import ReadoutPlan
+from clip_lens.config import _kind, as_int
 from clip_lens.errors import IndexOutOfRangeError, InputError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
@@ -145,19 +147,50 @@ class Readout:
 
 
 def _layers(spec: LayerSpec, n_layers: int, what: str) -> list[int]:
+    """The sorted layer indices ``spec`` selects: ``"all"``, None (none), one index or a collection of
+    indices (Python/numpy integers, a 1-d integer tensor or array); negative ones count from the end.
+
+    Floats (even ``2.0``), bools and None entries raise :class:`InputError` naming ``what``: a float
+    index is a bug upstream, and truncating ``1.7`` to layer 1 would silently analyse another layer.
+    """
+    usage = f"{what} must be 'all', None or a list of layer indices (or one index)"
     if spec is None:
         return []
     if isinstance(spec, str):
         if spec != "all":
-            raise InputError(f"{what} must be 'all', None or a list of layer indices, got '{spec}'.")
+            raise InputError(f"{usage}, got '{spec}'.")
         return list(range(n_layers))
-    if isinstance(spec, int):
-        spec = [spec]
+    if isinstance(spec, (bytes, Mapping)):
+        raise InputError(f"{usage}, got {type(spec).__name__}.")
+    ndim = getattr(spec, "ndim", None)  # torch tensors, numpy arrays and numpy scalars
+    if ndim is not None and ndim > 1:
+        raise InputError(f"{usage}; got an array of shape {tuple(spec.shape)} (pass a 1-d one).")
+    if ndim == 1:
+        dtype = spec.dtype
+        if isinstance(spec, Tensor):
+            integral = not (spec.is_floating_point() or spec.is_complex() or dtype == torch.bool)
+        else:
+            integral = getattr(dtype, "kind", "") in ("i", "u")
+        if not integral:
+            raise InputError(f"{usage} (integers); got a 1-d array of dtype {dtype}.")
+        if isinstance(spec, Tensor) and spec.is_meta:
+            raise InputError(f"{what} is a tensor on the meta device (no values); pass a list of ints.")
+        spec = spec.tolist()
+    if ndim == 0 or not isinstance(spec, Iterable):
+        try:
+            entries = [as_int(spec, what)]
+        except InputError:
+            if isinstance(spec, Tensor) and spec.is_meta:
+                raise
+            hint = f" (int({spec!r}) if you mean layer {int(spec)})" if isinstance(spec, float) and spec.is_integer() else ""
+            raise InputError(f"{usage}{hint}, got {_kind(spec)}.") from None
+    else:
+        entries = [as_int(layer, f"{what}[{i}]") for i, layer in enumerate(spec)]
     layers = []
-    for layer in spec:
-        if not -n_layers <= int(layer) < n_layers:
+    for layer in entries:
+        if not -n_layers <= layer < n_layers:
             raise IndexOutOfRangeError(f"{what}: layer {layer} is out of range for a {n_layers}-layer tower.")
-        layers.append(int(layer) % n_layers)
+        layers.append(layer % n_layers)
     return sorted(set(layers))
 
 
@@ -248,9 +281,10 @@ def _check_directions(model: "HookedCLIP", plan: ReadoutPlan, directions: Option
         raise InputError(f"directions must be a tensor [n_directions, {d_embed}], got {shape}.")
     if directions.shape[0] == 0:
         raise InputError("directions is empty: pass at least one direction.")
+    directions = model.to_model_device(directions, "directions")
     if not torch.isfinite(directions).all():
         raise InputError("directions contain NaN or inf values.")
-    return directions.to(device=model.device, dtype=model.dtype)
+    return directions.to(dtype=model.dtype)
 
 
 CONVENTIONS = ("default", "reference")
@@ -358,8 +392,10 @@ def decompose(
     Args:
         model: a :class:`~clip_lens.HookedCLIP`.
         images: preprocessed pixels ``[batch, 3, H, W]``.
-        heads: layers with per-head terms: ``"all"`` (default), a list of layer indices, or None.
-        tokens: layers with per-head, per-source-token terms (``"all"``, a list, or None).
+        heads: layers with per-head terms: ``"all"`` (default), a layer index, a list/tuple/1-d
+            integer tensor of layer indices (Python or numpy integers; negative ones count from the
+            end), or None. Floats, bools and None entries raise :class:`InputError`.
+        tokens: layers with per-head, per-source-token terms (same forms as ``heads``).
             Token layers always get per-head terms as well.
         directions: optional ``[n_directions, d_embed]`` matrix (e.g. text embeddings); every
             term is projected on it as it is computed.

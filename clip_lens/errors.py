@@ -60,3 +60,28 @@ def close_matches(word: str, choices: Iterable[str], n: int = 5) -> str:
     """A ' Did you mean: a, b?' suffix for error messages ('' when nothing is close)."""
     found = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.5)
     return f" Did you mean: {', '.join(found)}?" if found else ""
+
+
+class StoreCorruptError(InputError):
+    """A collected store (:mod:`clip_lens.collect`) whose data or metadata is damaged, missing or
+    not its own: a chunk file deleted, truncated, flipped or copied from elsewhere, a bad ``done/``
+    marker, edited metadata. An :class:`InputError` (the store is the bad input), so code that
+    handles bad input handles it too. ``array``, ``chunk`` and ``rows`` (``(start, stop)``) name the
+    damaged part when it is one chunk; the message says how to repair it."""
+
+    def __init__(self, message: str, array: str | None = None, chunk: int | None = None, rows: tuple[int, int] | None = None):
+        super().__init__(message)
+        self.array, self.chunk, self.rows = array, chunk, rows
+
+
+class StoreLockedError(ClipLensError, RuntimeError):
+    """A store that another ``collect`` is writing (its ``lock`` file names the process)."""
+
+
+class StoreWriteError(ClipLensError, OSError):
+    """Writing a store failed (full disk, read-only folder …); finished chunks are kept."""
+
+
+class StoreWarning(UserWarning):
+    """Something about a store the user should know that is not an error: a store without
+    checksums, stray files in ``done/``, chunks found damaged and recomputed by ``collect``."""

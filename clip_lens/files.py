@@ -1,14 +1,68 @@
-"""Atomic file writes: a reader never sees a half-written file, a crash keeps the old one."""
+"""Files in and out: atomic writes, output paths checked before the work, images decoded with
+one clear error per bad file.
+
+* :func:`atomic_write`: a reader never sees a half-written file, a crash keeps the old one; a
+  failed write (read-only folder, full disk, a folder in the way …) raises :class:`WriteError`,
+  one sentence naming the path and the fix.
+* :func:`check_outputs`: before any work, refuse outputs that would overwrite an input, collide
+  with each other, sit where a file/folder of the other kind is, or land in a folder that cannot be
+  written; existing outputs are refused unless ``force``.
+* :func:`load_image` / :func:`image_problem`: decode an image file completely (missing, corrupt,
+  truncated and header-only files, decompression bombs, odd modes such as 1-bit, 16-bit or CMYK).
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+from clip_lens.errors import ClipLensError
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 Payload = Union[bytes, str, Callable[[BinaryIO], None]]
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class WriteError(ClipLensError, OSError):
+    """A file that could not be written (an ``OSError`` too, with the original ``errno``): the
+    message names the path, the reason and what to do."""
+
+
+_WRITE_FIXES = {
+    errno.ENOSPC: "the disk is full: free some space or write somewhere else",
+    errno.EDQUOT: "the disk quota is used up: free some space or write somewhere else",
+    errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.EACCES: "the folder is not writable: write somewhere else or change its permissions",
+    errno.EPERM: "the folder is not writable: write somewhere else or change its permissions",
+    errno.EISDIR: "a folder of that name is in the way: give another file name",
+    errno.ENOTDIR: "part of the path is a file, not a folder: choose another path",
+    errno.ENAMETOOLONG: "the name is too long: choose a shorter path",
+    errno.EFBIG: "the file is larger than this file system allows: write somewhere else",
+    errno.ENOENT: "no such file or folder: check the path",
+}
+
+
+def os_error_fix(exc: OSError) -> str:
+    """What to do about a failed file operation, by its ``errno`` (a generic hint when unknown)."""
+    return _WRITE_FIXES.get(exc.errno, "check the path, its permissions and the free disk space, or write somewhere else")
+
+
+def write_error(path: PathLike, exc: OSError) -> WriteError:
+    """The :class:`WriteError` for ``exc`` raised while writing ``path``."""
+    if isinstance(exc, WriteError):
+        return exc
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    error = WriteError(f"cannot write {path}: {reason}; {os_error_fix(exc)}.")
+    error.errno = exc.errno
+    return error
 
 
 def _umask() -> int:
@@ -21,10 +75,15 @@ def atomic_write(path: Union[str, Path], data: Payload) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
 
     ``data`` is bytes, text (UTF-8), or a callable that writes into the binary file it is given
-    (``lambda f: torch.save(obj, f)``).
+    (``lambda f: torch.save(obj, f)``). The folder must exist. Any ``OSError`` (read-only folder,
+    full disk, a folder named ``path`` …) is raised as :class:`WriteError`, whose message names
+    ``path`` and the fix; the previous file, if any, is kept and no temporary file is left.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise write_error(path, exc) from exc
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as handle:
@@ -35,9 +94,11 @@ def atomic_write(path: Union[str, Path], data: Payload) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from exc
         raise
     return path
 
@@ -71,3 +132,247 @@ def read_json(path: Union[str, Path], what: str, expected: str, object_pairs_hoo
             f"{what} {str(path)!r} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}; "
             f"fix the file (it should hold {expected})."
         ) from error
+
+
+# --- output paths ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Output:
+    """One path a command will write.
+
+    Attributes:
+        path: the file, or the folder of files (``folder=True``).
+        name: how messages call it, e.g. ``"--out spans.json"`` or ``"the figure q.png (next to --out)"``.
+        folder: a folder the command writes files into (else one file).
+        resume: the path holds an unfinished run of this same command, which it continues: its
+            contents are expected, not an existing output.
+    """
+
+    path: Path
+    name: str
+    folder: bool = False
+    resume: bool = False
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor or ".")
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def writable_problem(folder: Path) -> Optional[OSError]:
+    """The error of creating (and removing) a temporary file in the existing ``folder``, or None."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".clip_lens_probe_", suffix=".tmp")
+    except OSError as exc:
+        return exc
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass
+    return None
+
+
+def _inputs(inputs: Mapping[str, Any]) -> list[tuple[str, Path]]:
+    found = []
+    for label, value in inputs.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            if item is None or not isinstance(item, (str, os.PathLike)):
+                continue
+            path = Path(item)
+            try:
+                if path.exists():
+                    found.append((label, path))
+            except (OSError, ValueError):  # a name too long for a path, or with a NUL: not a file
+                pass
+    return found
+
+
+def check_outputs(outputs: Sequence[Output], inputs: Optional[Mapping[str, Any]] = None, force: bool = False) -> None:
+    """Refuse, before any work, outputs that cannot or should not be written.
+
+    Checked for every output, in this order: two outputs with the same path; an output that is an
+    input (resolved, hard links too) or lies inside an input folder; a file where a folder is
+    expected or the reverse (also a file among the parent folders); a folder that cannot be written
+    (a temporary file is created and removed in the nearest existing folder); and, unless ``force``
+    or ``Output.resume``, an output that exists already (a file, or a folder that is not empty).
+    Nothing is created.
+
+    Args:
+        outputs: what the command will write.
+        inputs: label → path, list of paths or None (e.g. ``{"--images": folder, "--image": [a, b]}``);
+            labels name the inputs in messages (``"the --images folder …"``); values that are not
+            existing paths (model names, ``"general"``) are ignored.
+        force: existing outputs may be replaced (files of the same names in an output folder).
+
+    Raises:
+        InputError: one sentence naming the output and the fix.
+    """
+    from clip_lens.errors import InputError
+
+    given = _inputs(inputs or {})
+    for i, first in enumerate(outputs):
+        for second in outputs[i + 1:]:
+            if _same(first.path, second.path):
+                raise InputError(f"{first.name} and {second.name} are the same path {first.path}; give them different paths.")
+    for output in outputs:
+        path = output.path
+        for label, source in given:
+            kind = "folder" if source.is_dir() else "file"
+            if _same(path, source):
+                raise InputError(f"{output.name} is the {label} {kind} {source}, an input of this command: writing it "
+                                 "would destroy the input; choose another path.")
+            if source.is_dir() and source.resolve() in path.resolve().parents:
+                raise InputError(f"{output.name} is inside the {label} folder {source}; write outside the inputs.")
+        if path.is_dir() and not output.folder:
+            raise InputError(f"{output.name} is a folder, but a file is written there; give a file name.")
+        if path.exists() and not path.is_dir() and output.folder:
+            raise InputError(f"{output.name} is a file, but a folder of results is written there; give a folder.")
+        existing = _nearest_existing(path if output.folder else path.parent)
+        if not existing.is_dir():
+            raise InputError(f"{output.name} cannot be created: {existing} is a file, not a folder; choose another path.")
+        problem = writable_problem(existing)
+        if problem is not None:
+            reason = problem.strerror or str(problem)
+            raise InputError(f"{output.name} cannot be written: {existing} is not writable ({reason}); "
+                             f"{os_error_fix(problem)}.")
+        if force or output.resume:
+            continue
+        if path.is_file() or (path.exists() and not path.is_dir()):
+            raise InputError(f"{output.name} already exists; pass --force to replace it, or choose another path.")
+        if path.is_dir():
+            held = sorted(entry.name for entry in path.iterdir())
+            if held:
+                shown = ", ".join(held[:3]) + (", …" if len(held) > 3 else "")
+                raise InputError(f"{output.name} already holds files ({shown}); pass --force to write into it (files "
+                                 "of the same names are replaced), or choose a new or empty folder.")
+
+
+# --- images ---------------------------------------------------------------------------------------
+class _ImageProblem(Exception):
+    pass
+
+
+def _to_rgb(image: "PIL.Image.Image") -> "PIL.Image.Image":
+    """Any PIL mode as 8-bit RGB: 16/32-bit integer and float greyscale are scaled (not clipped)
+    into 0..255; 1-bit, palette, CMYK, alpha … through PIL's conversion."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        if image.mode.startswith("I;16") or (low >= 0 and 255 < high <= 65535 and image.mode == "I"):
+            scaled = values / 257.0  # 16-bit → 8-bit
+        elif low >= 0 and high <= 1 and image.mode == "F":
+            scaled = values * 255.0
+        elif low >= 0 and high <= 255:
+            scaled = values
+        else:
+            scaled = (values - low) / max(high - low, 1e-12) * 255.0
+        grey = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0).clip(0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise _ImageProblem(f"has the colour mode {image.mode}, which cannot be converted to RGB ({exc})") from exc
+
+
+def _decode(path: Path) -> "PIL.Image.Image":
+    """The fully decoded image (its own mode), or :class:`_ImageProblem` with the reason."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        raise _ImageProblem("does not exist")
+    if path.is_dir():
+        raise _ImageProblem("is a folder, not an image file")
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise _ImageProblem(f"cannot be opened ({exc.strerror or exc})") from exc
+    limit = Image.MAX_IMAGE_PIXELS
+    with handle, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, as an error
+        try:
+            image = Image.open(handle)
+        except UnidentifiedImageError as exc:
+            raise _ImageProblem("is not an image file PIL can read (unknown format, corrupt, or cut off after its "
+                                "header)") from exc
+        except Image.DecompressionBombError as exc:
+            raise _ImageProblem(f"is a decompression bomb ({exc})") from exc
+        except Exception as exc:  # PIL plugins raise OSError, SyntaxError, struct.error … on broken headers
+            raise _ImageProblem(f"is truncated or corrupt ({type(exc).__name__}: {exc})") from exc
+        width, height = image.size
+        if limit is not None and width * height > limit:
+            raise _ImageProblem(
+                f"has {width}x{height} = {width * height} pixels, more than PIL's decompression-bomb limit "
+                f"Image.MAX_IMAGE_PIXELS = {limit}; shrink the image (or, for a file you trust, raise "
+                "PIL.Image.MAX_IMAGE_PIXELS in Python)"
+            )
+        if width * height == 0:
+            raise _ImageProblem(f"is empty ({width}x{height} pixels)")
+        try:
+            image.load()
+        except Exception as exc:  # truncated data, bad chunks, decoder errors
+            raise _ImageProblem(f"is truncated or corrupt ({type(exc).__name__}: {exc})") from exc
+    return image
+
+
+def load_image(path: PathLike, what: str = "image", mode: Optional[str] = "RGB") -> "PIL.Image.Image":
+    """Decode the image file ``path`` completely and return it as a PIL image.
+
+    Args:
+        path: the file.
+        what: how the message calls it (``"--image file"``, ``"mask"``).
+        mode: ``"RGB"`` (default): 8-bit RGB, with 16-bit and float greyscale scaled into 0..255 and
+            1-bit, palette, CMYK and alpha images converted; None: the decoded image in its own mode.
+
+    Raises:
+        InputError: one sentence naming the file and what is wrong with it: missing, a folder, not
+            an image (corrupt, unknown format, header only), truncated, larger than
+            ``PIL.Image.MAX_IMAGE_PIXELS`` (a decompression bomb), or a mode with no RGB conversion.
+    """
+    from clip_lens.errors import InputError
+
+    path = Path(path)
+    try:
+        image = _decode(path)
+        return _to_rgb(image) if mode == "RGB" else (image if mode is None else image.convert(mode))
+    except _ImageProblem as problem:
+        raise InputError(f"{what} {path} {problem}; replace or remove the file.") from problem
+
+
+def image_problem(path: PathLike) -> Optional[str]:
+    """Why the image file ``path`` cannot be decoded to RGB (e.g. ``"is truncated or corrupt …"``),
+    or None when it can (see :func:`load_image`)."""
+    try:
+        _to_rgb(_decode(Path(path)))
+    except _ImageProblem as problem:
+        return str(problem)
+    return None
+
+
+def readable_images(paths: Iterable[PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """``(readable, unreadable)``: the paths that decode (in order) and ``(path, reason)`` of the others."""
+    good, bad = [], []
+    for path in paths:
+        problem = image_problem(path)
+        if problem is None:
+            good.append(Path(path))
+        else:
+            bad.append((Path(path), problem))
+    return good, bad

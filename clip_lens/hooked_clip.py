@@ -108,8 +108,9 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
             model_name: a name from ``clip_lens.list_models()``: an open_clip model (``"ViT-B-16"``)
                 or a bundled one (``"toy-shapes"``, the shapes-world CLIP, works offline).
             pretrained: an open_clip pretrained tag (``"laion2b_s34b_b88k"``; downloaded by
-                open_clip), a local checkpoint (``.safetensors``, or ``.pt``/``.pth``/``.bin``
-                read with ``torch.load(weights_only=True)``), or ``None`` for random weights.
+                open_clip), a local checkpoint (safetensors, or a ``torch.save`` file read with
+                ``torch.load(weights_only=True)``; recognised by content, whatever its suffix), or
+                ``None`` for random weights.
             device: where the model lives.
             dtype: its parameter precision (``torch.float32`` by default).
             config_overrides: nested dict merged into the open_clip config before building,
@@ -242,6 +243,32 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
         )
 
     # --- inputs -------------------------------------------------------------------------
+    def to_model_device(self, tensor: Tensor, what: str) -> Tensor:
+        """``tensor`` on the model's device (copied there from another real device, as TransformerLens
+        does with inputs). Raises :class:`InputError` for a tensor or a model on the ``meta`` device
+        (shapes without values) and when the copy fails, naming both devices."""
+        device = self.device
+        if tensor.is_meta:
+            raise InputError(
+                f"got {what} on the meta device: a meta tensor has a shape but no values to compute with. "
+                f"Create them on a real device (the model is on {device}), e.g. with model.preprocess."
+            )
+        if device.type == "meta":
+            raise InputError(
+                "the model's weights are on the meta device (shapes without values): load real weights first, "
+                "e.g. HookedCLIP.from_pretrained(name, pretrained=...) or model.to_empty(device=...) and a state dict."
+            )
+        if tensor.device == device:
+            return tensor
+        try:
+            return tensor.to(device)
+        except Exception as exc:  # e.g. a device this process cannot copy from
+            raise InputError(
+                f"got {what} on {tensor.device} but the model is on {device}, and copying them there failed "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'}); "
+                f"move them with .to(model.device) or the model with model.to({str(tensor.device)!r})."
+            ) from exc
+
     def check_images(self, images: Any) -> Float[Tensor, "batch 3 H W"]:
         """Validate a pixel batch ``[batch, 3, H, W]`` (preprocessed floats at the model's size)."""
         h, w = self.cfg.image_size
@@ -281,9 +308,10 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
                 f"images are {images.shape[-2]}x{images.shape[-1]} but {self.model_name or 'this model'} "
                 f"takes {h}x{w}; resize with model.preprocess."
             )
+        images = self.to_model_device(images, "images")
         if not torch.isfinite(images).all():
             raise InputError("images contain NaN or inf values.")
-        return images.to(device=self.device, dtype=self.dtype)
+        return images.to(dtype=self.dtype)
 
     def check_tokens(self, tokens: Any) -> Int[Tensor, "batch ctx"]:
         """Validate token ids ``[batch, ctx]`` with ``0 < ctx <= context_length``; strings are tokenized."""
@@ -311,12 +339,13 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
             raise InputError(f"tokens have {tokens.shape[1]} positions but the context length is {ctx}; truncate them.")
         if tokens.shape[1] == 0:
             raise InputError(f"tokens have 0 positions (shape {tuple(tokens.shape)}); use model.to_tokens(texts).")
+        tokens = self.to_model_device(tokens, "tokens")
         vocab = self.text.cfg.vocab_size
         if tokens.numel():
             lo, hi = int(tokens.min()), int(tokens.max())  # python ints: no uint8 wrap-around in comparisons
             if lo < 0 or hi >= vocab:
                 raise InputError(f"token ids must lie in [0, {vocab}), got [{lo}, {hi}].")
-        return tokens.to(device=self.device, dtype=torch.long)
+        return tokens.to(dtype=torch.long)
 
     def to_tokens(self, texts: Union[str, Sequence[str]]) -> Int[Tensor, "batch ctx"]:
         """Tokenize with the model's tokenizer (bundled, or ``open_clip.get_tokenizer(name)``)."""
@@ -417,7 +446,9 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
                 f"with start_at_layer the {tower} input is the residual stream {what}, got {shape}; "
                 f"get one from model(..., stop_at_layer=layer) or a cache's blocks.<layer>.hook_resid_pre."
             )
-        return x.to(device=self.device, dtype=self.dtype)
+        if not x.is_floating_point():
+            raise InputError(f"with start_at_layer the {tower} input is a residual stream of floats, got dtype {x.dtype}.")
+        return self.to_model_device(x, f"the {tower} residual stream").to(dtype=self.dtype)
 
     def _output(self, image_features: Optional[Tensor], text_features: Optional[Tensor], return_type: Optional[str]):
         if return_type is None:

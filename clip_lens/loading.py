@@ -227,8 +227,76 @@ def _override_fields() -> tuple[set[str], dict[str, set[str]]]:
     return top, nested
 
 
-def _check_overrides(model_name: str, config: Mapping[str, Any], overrides: Any) -> None:
-    """Raise :class:`InputError` naming any ``config_overrides`` key open_clip would reject."""
+# Override values that must be positive integers (a size or a count), per sub-config ("" = top level).
+# vision_cfg.layers and image_size take sequences too and are checked on their own.
+POSITIVE_INT_FIELDS: dict[str, tuple[str, ...]] = {
+    "": ("embed_dim",),
+    "vision_cfg": ("width", "head_width", "patch_size", "attn_pooler_queries", "attn_pooler_heads"),
+    "text_cfg": ("context_length", "vocab_size", "width", "heads", "layers"),
+    "multimodal_cfg": ("context_length", "vocab_size", "width", "heads", "layers", "dim_head", "n_queries", "attn_pooler_heads"),
+}
+
+
+def _override_types() -> dict[str, dict[str, type]]:
+    """``{sub-config: {field: bool | str}}``: fields open_clip declares as plain bool or str."""
+    from open_clip.coca_model import MultimodalCfg
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    out: dict[str, dict[str, type]] = {"": {"quick_gelu": bool, "custom_text": bool}}
+    for key, cls in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg), ("multimodal_cfg", MultimodalCfg)):
+        out[key] = {f.name: f.type for f in dataclasses.fields(cls) if f.type in (bool, str) and f.default is not None}
+    return out
+
+
+def _check_value(model_name: str, section: str, key: str, value: Any, types: dict[str, dict[str, type]]) -> Any:
+    """``value`` of override ``section.key`` checked (and numpy integers made ints); :class:`InputError` if invalid."""
+    from clip_lens.config import _kind, as_int
+
+    where = f"{section}.{key}" if section else key
+    prefix = f"Invalid config_overrides for {model_name}: "
+
+    def positive(v: Any, what: str) -> int:
+        number = as_int(v, prefix + what)
+        if number < 1:
+            raise InputError(f"{prefix}{what} must be a positive integer, got {number}.")
+        return number
+
+    if value is None and (section, key) == ("vision_cfg", "patch_size"):  # timm towers have none
+        return value
+    if key in POSITIVE_INT_FIELDS.get(section, ()) or (section == "vision_cfg" and key in ("layers", "image_size")):
+        if isinstance(value, (list, tuple)) and (section, key) in (("vision_cfg", "layers"), ("vision_cfg", "image_size")):
+            n = 4 if key == "layers" else 2  # ResNet stage depths; image (height, width)
+            if len(value) != n:
+                raise InputError(f"{prefix}{where} takes one positive integer or {n} of them, got {len(value)}: {value!r}.")
+            return type(value)(positive(v, f"{where}[{i}]") for i, v in enumerate(value))
+        return positive(value, where)
+    if key == "mlp_ratio" and section:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+            raise InputError(f"{prefix}{where} must be a positive number, got {_kind(value)}.")
+        if not float(value) > 0 or float(value) == float("inf"):
+            raise InputError(f"{prefix}{where} must be a positive number, got {value!r}.")
+        return value
+    if key == "patch_dropout" and section == "vision_cfg":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise InputError(f"{prefix}{where} must be a number in [0, 1), got {_kind(value)}.")
+        return value
+    expected = types.get(section, {}).get(key)
+    if value is None or key == "attentional_pool":  # None: open_clip's default; attentional_pool: also a str
+        return value
+    if expected is bool and not isinstance(value, bool):
+        raise InputError(f"{prefix}{where} must be True or False, got {_kind(value)}.")
+    if expected is str and not isinstance(value, str):
+        raise InputError(f"{prefix}{where} must be a string, got {_kind(value)}.")
+    return value
+
+
+def _check_overrides(model_name: str, config: Mapping[str, Any], overrides: Any) -> dict:
+    """``overrides`` with its values checked (numpy integers become ints).
+
+    Raises :class:`InputError` naming any key open_clip would reject, and any size or count that is
+    not a positive integer (``layers: -1`` or ``0``, ``width: 64.5``, ``layers: True``) or a flag that
+    is not a bool, before anything is built.
+    """
     if not isinstance(overrides, Mapping):
         raise InputError(
             "config_overrides must be a dict such as {'vision_cfg': {'layers': 2}}, "
@@ -236,11 +304,13 @@ def _check_overrides(model_name: str, config: Mapping[str, Any], overrides: Any)
         )
     try:
         top, nested = _override_fields()
+        types = _override_types()
     except Exception:  # an open_clip without these classes: open_clip itself will complain
-        return
+        return dict(overrides)
     top |= set(config)
+    checked: dict[str, Any] = {}
     for key, value in overrides.items():
-        if key not in top:
+        if not isinstance(key, str) or key not in top:
             raise InputError(
                 f"Invalid config_overrides for {model_name}: unknown key '{key}'.{close_matches(str(key), top)} "
                 f"Top-level keys: {', '.join(sorted(top))}."
@@ -258,12 +328,34 @@ def _check_overrides(model_name: str, config: Mapping[str, Any], overrides: Any)
                         f"{close_matches(str(sub), nested[key])} "
                         f"Valid {key} keys: {', '.join(sorted(nested[key]))}."
                     )
+            checked[key] = {sub: _check_value(model_name, key, sub, v, types) for sub, v in value.items()}
+        else:
+            checked[key] = _check_value(model_name, "", key, value, types)
+    return checked
+
+
+def _check_heads(model_name: str, config: Mapping[str, Any], overrides: Mapping[str, Any]) -> None:
+    """Attention widths that do not split into heads (open_clip would fail deep inside torch)."""
+    vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
+    checks = []
+    if "vision_cfg" in overrides and not vision.get("timm_model_name") and not isinstance(vision.get("layers"), (list, tuple)):
+        checks.append(("vision_cfg", "head_width", vision.get("width"), vision.get("head_width")))
+    if "text_cfg" in overrides and not text.get("hf_model_name"):
+        checks.append(("text_cfg", "heads", text.get("width"), text.get("heads")))
+    for section, field, width, divisor in checks:
+        if isinstance(width, int) and isinstance(divisor, int) and divisor > 0 and width % divisor:
+            raise InputError(
+                f"Invalid config_overrides for {model_name}: {section}.width={width} is not a multiple of "
+                f"{section}.{field}={divisor}, so it does not split into attention heads."
+            )
 
 
 def model_config(model_name: str, overrides: Optional[Mapping[str, Any]] = None) -> dict:
     """The open_clip config of ``model_name`` with ``overrides`` merged in (nested dicts merge).
 
-    Unknown override keys raise :class:`InputError` naming the key and the close valid ones.
+    Unknown override keys raise :class:`InputError` naming the key and the close valid ones; so do
+    sizes and counts that are not positive integers (numpy integers are accepted), flags that are
+    not bools, and widths that do not split into the attention heads.
     """
     if not isinstance(model_name, str):
         raise InputError(f"model_name must be a string such as 'ViT-B-16', got {type(model_name).__name__}.")
@@ -286,8 +378,10 @@ def model_config(model_name: str, overrides: Optional[Mapping[str, Any]] = None)
         )
     if overrides is None:
         return config
-    _check_overrides(model_name, config, overrides)
-    return _merge(config, overrides)
+    overrides = _check_overrides(model_name, config, overrides)
+    merged = _merge(config, overrides)
+    _check_heads(model_name, merged, overrides)
+    return merged
 
 
 def _looks_like_path(pretrained: Union[str, Path]) -> bool:
@@ -295,14 +389,139 @@ def _looks_like_path(pretrained: Union[str, Path]) -> bool:
     return isinstance(pretrained, Path) or os.sep in text or text.endswith(CHECKPOINT_SUFFIXES) or os.path.exists(text)
 
 
-def _refusal_reason(exc: BaseException) -> str:
-    """The useful part of torch's weights_only refusal (the global it would not import)."""
+CHECKPOINT_FORMATS = (
+    "safetensors (an 8-byte little-endian header length, then a JSON header)",
+    "a torch.save zip checkpoint (PyTorch >= 1.6, starts with PK\\x03\\x04)",
+    "a legacy torch.save pickle (_use_new_zipfile_serialization=False, starts with the pickle protocol byte \\x80)",
+)
+"""What :func:`read_state_dict` reads, recognised by content (never by the file name's suffix)."""
+
+
+def checkpoint_format(path: Union[str, Path]) -> str:
+    """The format of a checkpoint file from its first bytes: ``"safetensors"``, ``"torch-zip"`` or
+    ``"torch-legacy"``; :class:`CorruptCheckpointError` for an empty, truncated or unknown file."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise CorruptCheckpointError(f"Cannot read checkpoint {path}: the file is empty (0 bytes). Is the file complete?")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] == b"{":
+        header_length = int.from_bytes(head[:8], "little")
+        if header_length <= size - 8:
+            return "safetensors"
+        if head[:4] != b"PK\x03\x04":
+            raise CorruptCheckpointError(
+                f"Cannot read checkpoint {path}: it starts like a safetensors file, but its header claims "
+                f"{header_length} bytes and the file holds {size}. It is truncated; is the file complete?"
+            )
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80":
+        return "torch-legacy"
+    named = f" (its name says {path.suffix}, but the content is not)" if path.suffix in CHECKPOINT_SUFFIXES else ""
+    raise CorruptCheckpointError(
+        f"Cannot read checkpoint {path}: unknown file format{named}; it starts with {head[:8]!r} ({size} bytes). "
+        f"clip_lens reads {'; '.join(CHECKPOINT_FORMATS)}. Is it a complete checkpoint file?"
+    )
+
+
+_TORCH_ADVICE = re.compile(r"weights_only|Re-running|add_safe_globals|safe_globals|trusted source|allowlist", re.I)
+
+
+def _blocked_in_message(exc: BaseException) -> list[str]:
+    """The globals torch's weights_only unpickler names in its refusal (its wording varies by version)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if found:
-        return f"it would import {found.group(1)}, which is not a tensor type"
-    found = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
-    line = found.group(1) if found else (text.strip().splitlines() or [type(exc).__name__])[0]
+    names = re.findall(r"GLOBAL ([\w.]+)", text)
+    return list(dict.fromkeys(name if "." in name else f"builtins.{name}" for name in names))  # torch drops 'builtins.'
+
+
+def _pickle_bytes(path: Path, fmt: str) -> bytes:
+    """The pickle stream of a torch checkpoint (``data.pkl`` inside a zip; the file itself otherwise)."""
+    if fmt == "torch-zip":
+        import zipfile
+
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+            return archive.read(names[0]) if names else b""
+    with open(path, "rb") as f:
+        return f.read(64 << 20)  # the pickles come first; storages follow them
+
+
+def pickle_globals(data: bytes) -> list[str]:
+    """Every ``module.name`` a pickle stream would import (GLOBAL / STACK_GLOBAL opcodes), read with
+    :mod:`pickletools` without executing anything. Consecutive pickles (legacy torch.save files)
+    are all read; reading stops quietly at the first bytes that are not a pickle."""
+    import io
+    import pickletools
+
+    found: list[str] = []
+    stream = io.BytesIO(data)
+    strings = ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING")
+    while stream.tell() < len(data):
+        memo: dict[Any, Any] = {}
+        stack: list[Any] = []  # only the last few pushed strings matter (STACK_GLOBAL's operands)
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                name = op.name
+                if name == "GLOBAL":
+                    found.append(".".join(str(arg).split(" ", 1)))
+                    stack.append(None)
+                elif name == "STACK_GLOBAL":
+                    if len(stack) >= 2 and isinstance(stack[-2], str) and isinstance(stack[-1], str):
+                        found.append(f"{stack[-2]}.{stack[-1]}")
+                    else:
+                        found.append("<a global whose name is computed>")
+                    stack.append(None)
+                elif name in strings:
+                    stack.append(arg)
+                elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                    memo[arg] = stack[-1] if stack else None
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = stack[-1] if stack else None
+                elif name in ("BINGET", "LONG_BINGET", "GET"):
+                    stack.append(memo.get(arg))
+                elif name == "STOP":
+                    break
+                else:
+                    stack.append(None)
+                del stack[:-4]
+        except Exception:  # the storages after the pickles, or a damaged stream: report what was read
+            break
+    return list(dict.fromkeys(found))
+
+
+def _allowed_globals() -> set[str]:
+    """What ``torch.load(weights_only=True)`` imports by default (private torch API: empty if it moved)."""
+    try:
+        from torch import _weights_only_unpickler as unpickler
+
+        return set(unpickler._get_allowed_globals()) | set(unpickler._get_user_allowed_globals())
+    except Exception:
+        return set()
+
+
+def _blocked_globals(path: Path, fmt: str, exc: BaseException) -> list[str]:
+    """The globals a refused pickle would import: named in torch's message, else found statically."""
+    blocked = _blocked_in_message(exc)
+    try:
+        allowed = _allowed_globals()
+        scanned = [
+            g for g in pickle_globals(_pickle_bytes(path, fmt))
+            if g not in allowed and (allowed or not g.startswith("torch."))  # no list: torch's own assumed safe
+        ]
+    except Exception:
+        scanned = []
+    return list(dict.fromkeys([*blocked, *scanned]))
+
+
+def _plain_reason(exc: BaseException) -> str:
+    """torch's error in one line, without its advice to load with weights_only=False."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [line.strip() for line in re.split(r"[\n.]\s", text) if line.strip()]
+    useful = [line for line in lines if not _TORCH_ADVICE.search(line) and not line.startswith("Weights only load failed")]
+    line = (useful or [type(exc).__name__])[0]
+    line = re.sub(r"^(WeightsUnpickler error|Please file an issue[^:]*):\s*", "", line)
     return line[:300]
 
 
@@ -315,15 +534,18 @@ def _describe(value: Any) -> str:
 def read_state_dict(path: Union[str, Path]) -> dict[str, Tensor]:
     """Read a checkpoint file into a flat ``{name: tensor}`` dict without running pickled code.
 
-    Accepts ``.safetensors`` and ``torch.save`` files of a state dict, optionally wrapped as
+    Accepts safetensors and ``torch.save`` files (zip or legacy) of a state dict, recognised by
+    their content whatever the file is called (:func:`checkpoint_format`), optionally wrapped as
     ``{"state_dict": ...}`` (open_clip training checkpoints) with ``module.`` prefixes (DDP).
+    A pickle that would import anything but tensor types is refused, naming what it would import.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"Checkpoint not found: {path}. Check the path (it is read from local disk).")
     if path.is_dir():
         raise CheckpointNotFoundError(f"{path} is a directory; pass the checkpoint file inside it.")
-    if path.suffix == ".safetensors":
+    fmt = checkpoint_format(path)
+    if fmt == "safetensors":
         from safetensors.torch import load_file
 
         try:
@@ -332,22 +554,29 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, Tensor]:
             raise CorruptCheckpointError(f"Cannot read {path} as safetensors ({exc}). Is the file complete?") from exc
     else:
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            with open(path, "rb") as f:  # a file object: torch must not guess the format from the name either
+                checkpoint = torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            if "Weights only load failed" not in str(exc):
+            blocked = _blocked_globals(path, fmt, exc)
+            if not blocked and "Weights only load failed" not in str(exc):
                 raise CorruptCheckpointError(
                     f"Cannot read checkpoint {path}: it is corrupt or not a PyTorch checkpoint "
-                    f"({_refusal_reason(exc)}). Is the file complete?"
+                    f"({_plain_reason(exc)}). Is the file complete?"
                 ) from exc
+            what = (
+                f"it would import {_listing(blocked, 5)}, which {'is' if len(blocked) == 1 else 'are'} not "
+                "tensor data" if blocked else f"torch refused it: {_plain_reason(exc)}"
+            )
             raise CorruptCheckpointError(
-                f"{path} is not a tensor-only checkpoint ({_refusal_reason(exc)}). "
-                "clip_lens loads with torch.load(weights_only=True) and never unpickles code: "
-                "re-save it with torch.save(model.state_dict(), path) or as .safetensors."
+                f"{path} is not a tensor-only checkpoint ({what}). clip_lens loads pickled checkpoints only with "
+                "torch.load(weights_only=True) and never runs code from a file. Convert it to safetensors "
+                "in an environment where you trust the file and its code, e.g. "
+                "safetensors.torch.save_file(model.state_dict(), 'model.safetensors'), and load that."
             ) from exc
         except Exception as exc:
             raise CorruptCheckpointError(
                 f"Cannot read checkpoint {path} ({path.stat().st_size} bytes): it is truncated, corrupt or not a "
-                f"PyTorch checkpoint ({type(exc).__name__}: {exc})."
+                f"PyTorch checkpoint ({type(exc).__name__}: {_plain_reason(exc)})."
             ) from exc
     if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
         checkpoint = checkpoint["state_dict"]
@@ -373,7 +602,8 @@ def _listing(keys: list[str], limit: int = 10) -> str:
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
-    """Load ``state_dict`` into an open_clip model, naming every missing, unexpected or misshapen key."""
+    """Load ``state_dict`` into an open_clip model, naming every missing, unexpected or misshapen key
+    and every tensor whose dtype is of another kind than the model's (int8/bool where it has floats)."""
     state_dict = dict(state_dict)  # never modify the caller's dict
     if "positional_embedding" in state_dict and not hasattr(model, "positional_embedding"):
         state_dict = convert_to_custom_text_state_dict(state_dict)
@@ -405,7 +635,32 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], sour
             + ". Is it a checkpoint of this model name?",
             missing, unexpected, mismatched,
         )
+    wrong_dtype = [
+        f"{k} ({state_dict[k].dtype}; expected {_KIND_NAMES[_dtype_kind(expected[k])]}, the model's is {expected[k].dtype})"
+        for k in sorted(expected)
+        if _dtype_kind(state_dict[k]) != _dtype_kind(expected[k])
+    ]
+    if wrong_dtype:
+        raise StateDictMismatchError(
+            f"The {source} holds tensors whose dtype does not fit the model ({len(wrong_dtype)}): "
+            f"{_listing(wrong_dtype, 5)}. Copying them would silently turn integer/bool codes into float weights "
+            "(a quantised or damaged checkpoint?). Convert it to floating-point weights (dequantise it) first.",
+            [], [], wrong_dtype,
+        )
     model.load_state_dict(state_dict, strict=True)
+
+
+_KIND_NAMES = {"float": "floating point", "complex": "complex", "bool": "bool", "int": "an integer dtype"}
+
+
+def _dtype_kind(tensor: Tensor) -> str:
+    """``"float"``, ``"complex"``, ``"bool"`` or ``"int"``: tensors of one kind load into each other
+    (float16 into float32 is a cast); across kinds the values would change meaning."""
+    if tensor.is_floating_point():
+        return "float"
+    if tensor.is_complex():
+        return "complex"
+    return "bool" if tensor.dtype == torch.bool else "int"
 
 
 def load_open_clip(
@@ -443,14 +698,14 @@ def load_open_clip(
         kwargs["text_cfg"], tokenizer = prepare_hf_text_cfg(model_name, config["text_cfg"], allow_download=is_tag)
 
     # open_clip ignores vision_cfg.layers for a timm tower; clip_lens passes it to timm as depth
-    timm_depth = (config_overrides or {}).get("vision_cfg", {}).get("layers")
+    timm_depth = config["vision_cfg"].get("layers") if "layers" in (config_overrides or {}).get("vision_cfg", {}) else None
     timm_options = {"depth": timm_depth} if config["vision_cfg"].get("timm_model_name") and timm_depth else {}
 
     def build(tag: Optional[str] = None) -> nn.Module:
         try:
             with timm_create_kwargs(**timm_options):
                 return open_clip.create_model(model_name, pretrained=tag, cache_dir=cache_dir, **kwargs)
-        except (TypeError, ValueError, AssertionError) as exc:
+        except (TypeError, ValueError, AssertionError, IndexError, ZeroDivisionError) as exc:
             if not config_overrides:
                 raise
             # open_clip's constructors reject override values of the wrong type or range

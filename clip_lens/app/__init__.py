@@ -1,5 +1,5 @@
-"""The web app of CLIP-InterpreT's five analyses (``clip-lens app``): a standard-library HTTP server
-and one static page, no external resources.
+"""The web app of CLIP-InterpreT's five analyses (``clip-lens app``): a Starlette application on uvicorn
+(:mod:`clip_lens.app.server`; both imported only when a server runs) and one static page, no external resources.
 
 >>> from clip_lens import HookedCLIP
 >>> from clip_lens.app import demo_workspace, serve

@@ -49,6 +49,8 @@ MAX_K = 32
 """Most neighbours per query: the figure has one thumbnail per neighbour."""
 MAX_PIXELS = 4096 * 4096
 """Largest uploaded image (width × height), checked from the header before decoding (decompression bombs)."""
+MAX_REQUEST_PIXELS = 32 * 2**20
+"""Default of ``max_pixels``: most decoded pixels summed over one request's images (two 4096 × 4096 images)."""
 MAX_THUMBNAILS = 64
 """Most store thumbnails per ``GET /api/thumbnails``."""
 QUERY_SEED = 1000
@@ -126,6 +128,8 @@ class Api:
         thumbnails: store rows → ``uint8 [n, H, W, 3]`` (default: the store's own images, grey
             squares when it does not record them).
         max_images: most images per request.
+        max_pixels: most decoded pixels (width × height) summed over one request's images, checked from
+            their headers before any is decoded.
         saes: SAEs on image-tower hooks of ``model`` for the Features tab, by name (a list: named
             ``sae0``, ``sae1``, …); each is checked against the model (:func:`~clip_lens.app.features.check_sae_fits`).
     """
@@ -142,8 +146,12 @@ class Api:
         thumbnails: Optional[Callable[[Sequence[int]], UInt8[np.ndarray, "n H W 3"]]] = None,
         max_images: int = 16,
         saes: Union[Mapping[str, "SAE"], Sequence["SAE"], None] = None,
+        max_pixels: int = MAX_REQUEST_PIXELS,
     ):
         from clip_lens.app.features import Features
+
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+            raise InputError(f"max_pixels must be a positive whole number, got {max_pixels!r}.")
 
         if model.cfg.image_size is None:
             raise InputError("the app needs a model with a fixed image size (its maps and thumbnails are drawn at it).")
@@ -158,7 +166,7 @@ class Api:
                 f"store {store.path} was collected with other weights of {model.model_name}; load the model with the "
                 "store's pretrained weights."
             )
-        self.model, self.store, self.labels, self.max_images = model, store, labels, max_images
+        self.model, self.store, self.labels, self.max_images, self.max_pixels = model, store, labels, max_images, max_pixels
         self.image_size: tuple[int, int] = tuple(model.cfg.image_size)
         try:
             self._store_images = store_images(store, self.image_size[0])
@@ -171,6 +179,8 @@ class Api:
         self.ids = store.ids()
         # Models are not safe for concurrent forward passes, nor is matplotlib for concurrent figures.
         self.lock = threading.Lock()
+        # Uploads are decoded one request at a time: at most one request's pixels are in memory at full size.
+        self.decode_lock = threading.Lock()
         self.features = Features(self, saes)
 
     def _grey(self, rows: Sequence[int]) -> UInt8[np.ndarray, "n H W 3"]:
@@ -195,7 +205,7 @@ class Api:
             "metrics": list(getattr(self.neighbors, "metrics", ("dot",))),
             "store": {"path": str(self.store.path), "n_images": self.store.n_done, "source": self.store.meta.get("source", ""),
                       "has_images": self._store_images is not None},
-            "limits": {"max_images": self.max_images, "max_k": MAX_K},
+            "limits": {"max_images": self.max_images, "max_k": MAX_K, "max_pixels": self.max_pixels},
             "saes": self.features.info(),
         }
 
@@ -294,21 +304,36 @@ class Api:
 
     # --- query images -------------------------------------------------------------------
     def images(self, fields: Fields) -> tuple[Float[Tensor, "q 3 H W"], UInt8[np.ndarray, "q H W 3"]]:
-        """The request's images preprocessed for the model, and as the model sees them (for figures)."""
+        """The request's images preprocessed for the model, and as the model sees them (for figures).
+
+        Every image's size is read from its header, and the request refused if their pixels sum to more
+        than ``max_pixels``, before any is decoded; then they are decoded one at a time, under
+        ``decode_lock`` (one request at a time), each dropped at full size once preprocessed.
+        """
         items = fields.body.get("images")
         if not isinstance(items, list) or not items:
             raise InputError('images must be a non-empty list of data URLs, {"store_row": N} or {"scene": N, "seed": S}.')
         if len(items) > self.max_images:
             raise InputError(f"at most {self.max_images} images per request, got {len(items)}.")
-        pictures = [self._image(item, i) for i, item in enumerate(items)]
-        pixels = torch.stack([self.model.preprocess(picture) for picture in pictures])
-        # the geometry of a resize-and-centre-crop preprocess, for display
-        shown = np.stack([np.asarray(ImageOps.fit(picture, self.image_size[::-1])) for picture in pictures])
-        return pixels, shown
+        pictures: list[Optional[Image.Image]] = [self._image(item, i) for i, item in enumerate(items)]  # headers only
+        total = sum(picture.width * picture.height for picture in pictures)
+        if total > self.max_pixels:
+            sizes = ", ".join(f"{p.width}×{p.height}" for p in pictures[:4]) + (", …" if len(pictures) > 4 else "")
+            raise InputError(f"the request's images hold {total:,} pixels ({sizes}); the limit is {self.max_pixels:,} "
+                             "pixels per request. Send fewer or smaller images.")
+        pixels, shown = [], []
+        with self.decode_lock:
+            for i, picture in enumerate(pictures):
+                picture = _rgb(picture, f"images[{i}]")  # decodes
+                pixels.append(self.model.preprocess(picture))
+                # the geometry of a resize-and-centre-crop preprocess, for display
+                shown.append(np.asarray(ImageOps.fit(picture, self.image_size[::-1])))
+                pictures[i] = picture = None  # free the full-size image
+        return torch.stack(pixels), np.stack(shown)
 
     def _image(self, item: Any, i: int) -> Image.Image:
         if isinstance(item, str):
-            return decode_data_url(item, f"images[{i}]")
+            return open_data_url(item, f"images[{i}]")
         if isinstance(item, dict) and set(item) == {"store_row"}:
             row = item["store_row"]
             if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < self.store.n_images:
@@ -330,6 +355,12 @@ class Api:
 
 def decode_data_url(url: str, what: str = "image") -> Image.Image:
     """An RGB PIL image from a base64 data URL; refuses other formats and images over :data:`MAX_PIXELS`."""
+    return _rgb(open_data_url(url, what), what)
+
+
+def open_data_url(url: str, what: str = "image") -> Image.Image:
+    """A PIL image of a base64 data URL with only its header read (not decoded yet: ``.convert()`` decodes);
+    refuses other formats and images over :data:`MAX_PIXELS`."""
     match = _DATA_URL.match(url)
     if match is None:
         raise InputError(f"{what} is not a base64 image data URL ('data:image/png;base64,...'), it starts {url[:30]!r}.")
@@ -346,9 +377,15 @@ def decode_data_url(url: str, what: str = "image") -> Image.Image:
         raise InputError(f"{what} is not a readable {'/'.join(IMAGE_FORMATS)} image: {exc}.") from exc
     if image.width * image.height > MAX_PIXELS:
         raise InputError(f"{what} is {image.width}×{image.height} pixels; the limit is {MAX_PIXELS:,} pixels.")
+    return image
+
+
+def _rgb(image: Image.Image, what: str) -> Image.Image:
+    """``image`` decoded (if it is not yet) as RGB (no copy when it already is)."""
     try:
-        return image.convert("RGB")
-    except unreadable as exc:
+        image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"{what} cannot be decoded: {exc}.") from exc
 
 

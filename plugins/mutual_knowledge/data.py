@@ -114,9 +114,10 @@ def folder_data(
     class_templates: Sequence[str] = ("{}",),
 ) -> ConceptData:
     """A folder in the format of the module docstring. ``classes``: the zero-shot classes (default:
-    the sorted class names of ``labels.json``; one of the two is needed)."""
-    from PIL import Image
-
+    the sorted class names of ``labels.json``; one of the two is needed). Every image is decoded
+    here, before any work: one that cannot be (corrupt, truncated, a decompression bomb …) raises an
+    InputError naming it (:func:`clip_lens.files.load_image`)."""
+    from clip_lens.files import load_image
     from clip_lens_plugins.mutual_knowledge.regions import IMAGE_SUFFIXES, folder_boxes
 
     folder = Path(folder)
@@ -124,6 +125,8 @@ def folder_data(
     if not paths:
         raise InputError(f"no images in {folder / 'images'} ({'/'.join(IMAGE_SUFFIXES)}): see the folder format in "
                          "clip_lens_plugins.mutual_knowledge.data.")
+    for path in paths:  # fail now, not in the middle of the analysis
+        load_image(path, "image")
     names = [p.name for p in paths]
     labels_file = folder / "labels.json"
     named: Optional[dict] = _read_json(labels_file) if labels_file.is_file() else None
@@ -152,7 +155,7 @@ def folder_data(
         boxes = [by_name[name] for name in names]
 
     def load(indices: Sequence[int]) -> Tensor:
-        return torch.stack([preprocess(Image.open(paths[i]).convert("RGB")) for i in indices])
+        return torch.stack([preprocess(load_image(paths[i], "image")) for i in indices])
 
     return ConceptData(len(paths), load, classes, names, labels, boxes, tuple(class_templates), f"{len(paths)} images from {folder}")
 

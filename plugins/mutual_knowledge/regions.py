@@ -701,7 +701,7 @@ def folder_boxes(
         InputError: no ``boxes.json``, unreadable or malformed boxes, a name with no image, a
             preprocess whose geometry cannot be replayed.
     """
-    from PIL import Image
+    from clip_lens.files import load_image
 
     folder = Path(folder)
     box_file = folder / "boxes.json"
@@ -739,9 +739,9 @@ def folder_boxes(
                 f"boxes of {name!r} must be a non-empty list of [x0, y0, x1, y1] number lists, got {entry!r} "
                 "(wrap a single box in a list: [[x0, y0, x1, y1]])."
             )
-        with Image.open(path) as image:
-            size = image.size
-            pixels = preprocess(image.convert("RGB"))
+        image = load_image(path, "image")
+        size = image.size
+        pixels = preprocess(image)
         box = torch.tensor(entry, dtype=torch.float32)
         bad = (box[:, 0] >= box[:, 2]) | (box[:, 1] >= box[:, 3]) | (box[:, :2] < 0).any(1) | (box[:, 2] > size[0]) | (box[:, 3] > size[1])
         if bad.any():

@@ -265,11 +265,10 @@ class HeadIndex:
         return self.store.n_done
 
     def terms(self) -> Iterator[tuple[int, Float[Tensor, "chunk d"]]]:
-        """``(first row, summed head terms)`` of each finished chunk, read from the Zarr array one chunk
-        at a time (the whole ``heads`` array never is)."""
-        array = _heads_array(self.store)
-        for start, stop in self.store.done_rows():
-            terms = torch.from_numpy(array[start:stop]).to(self.device, torch.float32)
+        """``(first row, summed head terms)`` of each finished chunk, read one checked chunk at a time
+        (the whole ``heads`` array never is)."""
+        for start, rows in self.store.iter_chunks("heads", partial=True):  # each chunk checked (checksums, missing files)
+            terms = torch.from_numpy(rows).to(self.device, torch.float32)
             yield start, sum_heads(terms, self.store.head_layers, self.heads)
 
     def chunks(self) -> Iterator[tuple[int, Float[Tensor, "chunk r"]]]:

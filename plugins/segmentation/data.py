@@ -149,7 +149,8 @@ def _foreground(mask) -> np.ndarray:
     """``bool [h, w]`` of a PIL mask: nonzero value, palette index or colour (alpha ignored)."""
     if mask.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV"):
         return np.asarray(mask.convert("RGB")).any(-1)
-    return np.asarray(mask) != 0
+    values = np.asarray(mask)
+    return (values[..., 0] if values.ndim == 3 else values) != 0  # PA and other two-band modes: the value band
 
 
 def folder_segmentation(
@@ -164,10 +165,12 @@ def folder_segmentation(
             the resize/crop steps (:func:`mask_transform_for`) of ``preprocess``.
 
     Raises:
-        InputError: no such folder, no images, images without a mask, or a mask whose size
-            differs from its image.
+        InputError: no such folder, no images, images without a mask, a mask whose size differs
+            from its image, or an image or mask that cannot be decoded (missing, corrupt, truncated,
+            a decompression bomb …: :func:`clip_lens.files.load_image`); every file is decoded here,
+            before any work.
     """
-    from PIL import Image
+    from clip_lens.files import load_image
 
     folder = Path(path)
     image_dir, mask_dir = folder / "images", folder / "masks"
@@ -183,21 +186,22 @@ def folder_segmentation(
     if missing:
         shown = ", ".join(missing[:5]) + (", …" if len(missing) > 5 else "")
         raise InputError(f"{len(missing)} images have no mask in {mask_dir} (expected {shown}).")
-    for image_path, mask_path in zip(image_paths, mask_paths):
-        with Image.open(image_path) as image, Image.open(mask_path) as mask:
-            if image.size != mask.size:
-                raise InputError(
-                    f"mask {mask_path.name} is {mask.size[0]}x{mask.size[1]} but image {image_path.name} is "
-                    f"{image.size[0]}x{image.size[1]}; masks must have their image's size."
-                )
+    for image_path, mask_path in zip(image_paths, mask_paths):  # decoded completely: a bad file fails now, not mid-run
+        image, mask = load_image(image_path, "image"), load_image(mask_path, "mask", mode=None)
+        if image.size != mask.size:
+            raise InputError(
+                f"mask {mask_path.name} is {mask.size[0]}x{mask.size[1]} but image {image_path.name} is "
+                f"{image.size[0]}x{image.size[1]}; masks must have their image's size."
+            )
     align = mask_transform or mask_transform_for(preprocess)
 
     def load(start: int, stop: int) -> Batch:
+        from PIL import Image
+
         images, masks = [], []
         for image_path, mask_path in zip(image_paths[start:stop], mask_paths[start:stop]):
-            with Image.open(image_path) as image, Image.open(mask_path) as mask:
-                pixels = preprocess(image.convert("RGB"))
-                foreground = Image.fromarray(_foreground(mask).astype(np.uint8) * 255)
+            pixels = preprocess(load_image(image_path, "image"))
+            foreground = Image.fromarray(_foreground(load_image(mask_path, "mask", mode=None)).astype(np.uint8) * 255)
             aligned = torch.from_numpy(np.asarray(align(foreground)) > 127)
             if aligned.shape != pixels.shape[-2:]:
                 raise InputError(

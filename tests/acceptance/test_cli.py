@@ -66,10 +66,12 @@ class TestReport:
         assert "max relative error" in result.output
         assert str(out.resolve() / "report.html") in result.output
 
-    def test_report_rewrites_an_existing_folder(self, runner, report_dir):
+    def test_report_rewrites_an_existing_folder_with_force(self, runner, report_dir):
         out, _ = report_dir
         args = ["report", "-m", "ViT-B-32", "--n-images", "1", "--out", str(out), "--config-override", SMALL]
-        result = runner.invoke(app, args)
+        refused = runner.invoke(app, args)
+        assert refused.exit_code == 2 and "pass --force" in refused.stderr, refused.output
+        result = runner.invoke(app, [*args, "--force"])
         assert result.exit_code == 0, result.output
         assert json.loads((out / "summary.json").read_text())["n_images"] == 1
         assert {p.name for p in out.iterdir()} == REPORT_FILES

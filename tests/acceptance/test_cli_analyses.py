@@ -153,9 +153,15 @@ class TestErrors:
     def test_spans_on_a_folder_of_another_kind(self, runner, tmp_path):
         one_line_error(runner, ["spans", "--store", tmp_path, *TOY], "is not a clip_lens store")
 
-    def test_collect_with_other_settings_into_an_existing_store(self, runner, pipeline):
+    def test_collect_into_a_finished_store_needs_force(self, runner, pipeline):
         one_line_error(runner, ["collect", *TOY, "--shapes", 64, "--seed", 3, "--out", pipeline[0] / "store",
-                                "--chunk-size", 16], "different settings", "chunk_size")
+                                "--chunk-size", 16], "holds a finished store (64 images)", "--force")
+
+    def test_collect_with_other_settings_into_an_unfinished_store(self, runner, tmp_path):
+        ok(runner, ["collect", *TOY, "--shapes", 8, "--out", tmp_path / "s", "--chunk-size", 4, "--heads", "none"])
+        (tmp_path / "s" / "done" / "000001").unlink()  # as if killed before chunk 1 was committed
+        one_line_error(runner, ["collect", *TOY, "--shapes", 8, "--out", tmp_path / "s", "--chunk-size", 2,
+                                "--heads", "none"], "different settings", "chunk_size")
 
     def test_unknown_bank(self, runner, pipeline):
         one_line_error(runner, ["spans", "--store", pipeline[0] / "store", *TOY, "--bank", "shapez"],

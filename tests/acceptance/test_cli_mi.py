@@ -115,8 +115,10 @@ class TestMi:
         one_line_error(runner, ["mi", "--shapes", 4, "--mi", "nonsense", "--out", out],
                        "mi must be one of paper, bank, got 'nonsense'")
         one_line_error(runner, ["mi", "--shapes", 4, "--methods", "pca,spectral", "--out", out], "methods must be")
-        one_line_error(runner, ["mi", "--shapes", 4, "--images", tmp_path, "--out", out], "give one image source")
-        one_line_error(runner, ["mi", "--images", tmp_path, "--out", out], "no images in")
+        data = tmp_path / "data"  # outside --out: an output inside an input folder is refused
+        data.mkdir()
+        one_line_error(runner, ["mi", "--shapes", 4, "--images", data, "--out", out], "give one image source")
+        one_line_error(runner, ["mi", "--images", data, "--out", out], "no images in")
         assert not out.exists()
 
 

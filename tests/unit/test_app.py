@@ -5,6 +5,8 @@ import io
 import json
 import logging
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -104,7 +106,7 @@ class TestPageAndInfo:
         assert "colour" in info["properties"] and {"dot", "cosine"} <= set(info["metrics"])
         assert any(h["label"] == "colour" for h in info["heads"])
         assert info["store"]["n_images"] == N_SCENES and info["store"]["has_images"]
-        assert info["limits"] == {"max_images": 8, "max_k": 32, "max_upload_bytes": MAX_UPLOAD}
+        assert info["limits"] == {"max_images": 8, "max_k": 32, "max_pixels": 32 * 2**20, "max_upload_bytes": MAX_UPLOAD}
 
     @pytest.mark.parametrize("path", ["/", "/static/app.js", "/static/app.css"])
     def test_page_is_served_with_no_external_resource(self, server, path):
@@ -287,6 +289,24 @@ class TestBadInput:
             make_server(toy, workspace.store, max_upload_bytes=0)
         with pytest.raises(InputError, match="max_images"):
             make_server(toy, workspace.store, max_images=0)
+
+
+def test_shutdown_before_serving_returns_at_once_then_it_serves(toy, workspace):
+    server = make_server(toy, workspace.store, workspace.labels)
+    server.shutdown()  # e.g. a thread that was started but has not run yet
+    server.serve_forever()  # returns at once
+    with serving(server):
+        status, answer = call(server, "/api/info")
+    assert status == 200 and answer["model"] == "toy-shapes"
+
+
+def test_the_server_stack_is_imported_only_when_a_server_runs():
+    """`clip-lens` and `import clip_lens.app` do not import Starlette or uvicorn."""
+    code = ("import sys, clip_lens.cli, clip_lens.app; "
+            "print(sorted(m for m in ('starlette', 'uvicorn', 'clip_lens.app.asgi') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_cli_app_refuses_a_missing_store_in_one_line(tmp_path):
