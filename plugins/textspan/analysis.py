@@ -45,11 +45,22 @@ class TextSpanResult(JSONResult):
     n_images: int
     heads: list[HeadSpan]
     spans: dict[str, Span] = field(default_factory=dict, repr=False)
-    """Per head: the tensors (basis, mean) for :meth:`reconstruct`; not saved in JSON."""
+    """Per head: the tensors (basis, mean) for [`reconstruct`][clip_lens_plugins.textspan.TextSpanResult.reconstruct]; not saved in JSON."""
 
     def to_dict(self) -> dict:
         return {"model": self.model, "bank": self.bank, "m": self.m, "n_images": self.n_images,
                 "heads": [asdict(h) for h in self.heads]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TextSpanResult":
+        """The result [`save`][clip_lens.analyses.JSONResult.save] wrote (without the span tensors,
+        which are not saved: [`reconstruct`][clip_lens_plugins.textspan.TextSpanResult.reconstruct]
+        needs the result `TextSpan.run` returned)."""
+        try:
+            heads = [HeadSpan(**h) for h in data["heads"]]
+            return cls(model=data["model"], bank=data["bank"], m=int(data["m"]), n_images=int(data["n_images"]), heads=heads)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"not a TextSpan result ({exc!r}); expected the JSON written by TextSpanResult.save.") from exc
 
     def texts_by_head(self) -> dict[str, list[str]]:
         return {h.head: h.texts for h in self.heads}

@@ -86,3 +86,12 @@ def test_textspan_refuses_a_store_of_another_model_or_missing_layers(toy, store)
         TextSpan(changed).run(store, bank="shapes")
     with pytest.raises(InputError, match=r"layers \[7\] were not collected"):
         TextSpan(toy).run(store, bank="shapes", layers=[7])
+
+
+def test_saved_result_loads_back(toy, store, tmp_path):
+    result = TextSpan(toy).run(store, bank="shapes", m=3)
+    path = result.save(tmp_path / "spans.json")
+    loaded = type(result).load(path)
+    assert loaded.to_dict() == result.to_dict() and loaded.texts_by_head() == result.texts_by_head()
+    with pytest.raises(InputError, match="not a TextSpan result"):
+        type(result).from_dict({"model": "x"})
