@@ -12,8 +12,8 @@ An analysis is a class (the entry point's target) built as ``Analysis(model, **p
 ['head_labels', 'interp_metrics', 'textspan']
 >>> spans = clip_lens.analyses.get("textspan")(model).run(store, bank="shapes", m=5)  # doctest: +SKIP
 
-A plugin that fails to import is listed with its error and raises :class:`PluginImportError`
-from :func:`get`; the other plugins keep working.
+A plugin that fails to import is listed with its error and raises [`PluginImportError`][clip_lens.analyses.PluginImportError]
+from [`get`][clip_lens.analyses.get]; the other plugins keep working.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class JSONResult:
 
 @dataclass(frozen=True)
 class AnalysisInfo:
-    """One entry of :func:`list`."""
+    """One entry of [`list`][clip_lens.analyses.list]."""
 
     name: str
     target: str

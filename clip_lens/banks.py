@@ -555,7 +555,7 @@ def bank_categories(seed: int = 0, per_category: int = PER_CATEGORY) -> dict[str
 
 
 def generate_general_bank(seed: int = 0) -> list[str]:
-    """The general text bank: the categories of :func:`bank_categories` in order (3,504 texts)."""
+    """The general text bank: the categories of `bank_categories` in order (3,504 texts)."""
     return [text for texts in bank_categories(seed).values() for text in texts]
 
 
@@ -710,8 +710,8 @@ def encode_bank(model: Any, bank: TextBank, batch_size: int = 256) -> Float[Tens
     """Unit-norm text embeddings of every text in the bank, in bank order, on the model's device.
 
     ``model`` needs ``to_tokens(list[str])`` and ``encode_text(tokens, normalize=True)`` (a
-    :class:`~clip_lens.HookedCLIP`). A text the tokenizer rejects (too long for its context) raises
-    an :class:`InputError` naming its line in the bank.
+    [`HookedCLIP`][clip_lens.HookedCLIP]). A text the tokenizer rejects (too long for its context) raises
+    an [`InputError`][clip_lens.InputError] naming its line in the bank.
     """
     chunks = []
     with torch.no_grad():

@@ -80,7 +80,7 @@ class CLIPActivationCache(ActivationCache):
         return torch.zeros(batch, dtype=torch.long)
 
     def _pos(self, pos_slice: Any) -> Any:
-        """TransformerLens' ``pos_slice``, plus ``"pooled"`` (:class:`PooledSlice`)."""
+        """TransformerLens' ``pos_slice``, plus ``"pooled"`` ([`PooledSlice`][clip_lens.cache.PooledSlice])."""
         if isinstance(pos_slice, str):
             if pos_slice != "pooled":
                 raise InputError(f"pos_slice={pos_slice!r}: the only named slice is 'pooled'.")
@@ -293,7 +293,7 @@ class CLIPActivationCache(ActivationCache):
 
 
 class TextActivationCache(CLIPActivationCache):
-    """A :class:`CLIPActivationCache` over the text tower (final LayerNorm ``ln_final``)."""
+    """A [`CLIPActivationCache`][clip_lens.CLIPActivationCache] over the text tower (final LayerNorm ``ln_final``)."""
 
     final_ln = "ln_final"
 

@@ -1,20 +1,26 @@
-"""``clip-lens``: the command-line shell over :mod:`clip_lens`.
+"""``clip-lens``: the command-line shell over `clip_lens`.
 
 Commands: ``report``, ``models``, ``hooks``, ``train-toy``, and the head-analysis pipeline
 ``collect`` → ``spans`` (TextSpan, optionally head labels) → ``compare``; ``analyses`` lists the
 installed analysis plugins; ``sae train`` / ``sae inspect`` train sparse autoencoders and show their
-features (:mod:`clip_lens.feature_report`). Plugins are reached through :mod:`clip_lens.analyses` only.
+features (`clip_lens.feature_report`). Plugins are reached through `clip_lens.analyses` only.
 
-Errors raised by clip_lens (:class:`~clip_lens.ClipLensError`) and filesystem errors
+Errors raised by clip_lens (`ClipLensError`) and filesystem errors
 (``OSError``) are printed as one ``error:`` line and exit with status 2; the work itself lives in
-the library (:mod:`clip_lens.report`, :mod:`clip_lens.collect`, the plugins).
+the library (`clip_lens.report`, `clip_lens.collect`, the plugins). Library messages
+that recommend a Python call (``clip_lens.list_models()``) are printed with the CLI command that
+does the same (``clip-lens models``; ``_CLI_HINTS``).
+
+Help: plain click help, no Rich markup (a help text is printed as written, brackets included);
+every parameter has help, and options show INTEGER, NUMBER, TEXT or PATH as their placeholder
+(``_Group``). ``tests/acceptance/test_cli_help.py`` walks the command tree and checks both.
 
 Outputs: every command that writes checks its output paths before any work
-(:func:`clip_lens.files.check_outputs`: never an input, never two outputs on one path, a writable
+(`clip_lens.files.check_outputs`: never an input, never two outputs on one path, a writable
 folder, no file where a folder goes or the reverse) and refuses existing outputs unless ``--force``;
 an unfinished run that the same command resumes (``collect``, ``sae train``, ``train-toy``) is not
-an existing output. Files are written with :func:`clip_lens.files.atomic_write`. Image files are
-decoded with :func:`clip_lens.files.load_image` (one line naming a bad file); ``collect``, ``report
+an existing output. Files are written with `clip_lens.files.atomic_write`. Image files are
+decoded with `clip_lens.files.load_image` (one line naming a bad file); ``collect``, ``report
 --images`` and ``sae train/inspect --images`` skip unreadable images of a folder and say how many.
 """
 
@@ -28,19 +34,53 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperGroup
 
 from clip_lens.errors import ClipLensError
+
+# Value placeholders in --help (typer's own read "<int range>", "<str>"): by the option's type.
+_METAVARS = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "path": "PATH", "list[Path]": "PATH",
+             "list[str]": "TEXT"}
+
+
+def _readable_metavars(command: Any) -> None:
+    """Give every parameter of ``command`` (and of its sub-commands) without a metavar one that reads
+    well in ``--help``: INTEGER, NUMBER, TEXT or PATH for options (flags show none), the upper-case
+    name for arguments."""
+    for param in getattr(command, "params", []):
+        if param.param_type_name == "argument" and param.metavar is None:
+            param.metavar = param.name.upper()  # SAE_DIR, FILES (typer's own: "sae_dir <path>", "files... <list[Path]>")
+            param.display_type_rich = lambda ctx: None  # the name and the help say what it is
+        elif param.param_type_name == "option" and param.metavar is None and not getattr(param, "is_flag", False):
+            try:
+                label = param.display_type(None).strip("<>")
+            except Exception:  # pragma: no cover - a type typer cannot label: keep its own
+                continue
+            param.metavar = _METAVARS.get(label.removesuffix(" range"))
+    for sub in getattr(command, "commands", {}).values():
+        _readable_metavars(sub)
+
+
+class _Group(TyperGroup):
+    """The ``clip-lens`` group (and ``clip-lens sae``): readable option metavars in every ``--help``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _readable_metavars(self)
+
 
 app = typer.Typer(
     name="clip-lens",
     help="TransformerLens-style mechanistic interpretability for OpenCLIP models.",
+    cls=_Group,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain click help, no Rich markup: help texts are printed as written ('{class: [descriptors]}' keeps
+    # its brackets, which Rich would take for a style tag and drop)
+    rich_markup_mode=None,
 )
 
-SHRUNK = {"vision_cfg": {"layers": 1}, "text_cfg": {"layers": 1}}
 EXIT_USER_ERROR = 2
 
 
@@ -58,6 +98,29 @@ def _os_error_message(exc: OSError) -> str:
     return f"{where}{reason}; {os_error_fix(exc)}."
 
 
+# Library messages name Python calls (they are read from Python too); on the command line the same
+# advice names the commands. (pattern, replacement), applied in order to every error _user_errors prints.
+_CLI_HINTS = (
+    (r"clip_lens\.list_models\(\) lists the names", "`clip-lens models` lists the names"),
+    (r"\(clip_lens\.list_models\(\)\)", "(`clip-lens models`)"),
+    (r"clip_lens\.list_models\(\)", "`clip-lens models`"),
+    (r"create one with clip_lens\.collect\b", "create one with `clip-lens collect`"),
+    (r"run collect again with the same arguments to finish it, or read\(\.\.\., partial=True\) for the finished images",
+     "run the same `clip-lens collect` command again to finish it"),
+    (r" \(or collect\(\.\.\.\) with the same arguments\)", ""),
+    (r"remove them or pass dedupe=True to keep the first of each", "remove them from the file"),
+)
+
+
+def _cli_hints(message: str) -> str:
+    """``message`` with the Python calls it recommends replaced by the CLI commands that do the same."""
+    import re
+
+    for pattern, replacement in _CLI_HINTS:
+        message = re.sub(pattern, replacement, message)
+    return message
+
+
 def _user_errors(command: Callable) -> Callable:
     """Turn a ClipLensError or a filesystem error (OSError: read-only folder, full disk …) into one
     line on stderr and exit status 2 (no traceback)."""
@@ -67,7 +130,7 @@ def _user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except ClipLensError as exc:
-            _fail(str(exc))
+            _fail(_cli_hints(str(exc)))
         except OSError as exc:
             _fail(_os_error_message(exc))
 
@@ -75,7 +138,7 @@ def _user_errors(command: Callable) -> Callable:
 
 
 def _check_outputs(outputs: list, inputs: dict, force: bool) -> None:
-    """:func:`clip_lens.files.check_outputs` (before any work)."""
+    """`clip_lens.files.check_outputs` (before any work)."""
     from clip_lens.files import check_outputs
 
     check_outputs(outputs, inputs, force)
@@ -106,7 +169,7 @@ def _result_and_figure(out: Path) -> tuple[Path, Path, list]:
 
 
 def _readable_images(images: Optional[Path], option: str = "--images") -> tuple[Any, int]:
-    """``(source, n_skipped)``: ``images`` (a folder or one file) for :func:`clip_lens.collect.image_source`,
+    """``(source, n_skipped)``: ``images`` (a folder or one file) for `clip_lens.collect.image_source`,
     as the list of its image files that decode when some do not: those are skipped, with a note on
     stderr naming them (``None`` and missing paths are returned as they are, for the library to explain)."""
     if images is None or not images.exists():
@@ -239,13 +302,33 @@ def models(
                f"({sum(row.reason is None for row in rows)} of {len(rows)} model names).")
 
 
+def _hook_groups(names: list[str]) -> list[tuple[str, list[str]]]:
+    """``names`` (forward order) grouped per layer: the hooks before the blocks, ``blocks.0`` …
+    ``blocks.N`` (``text.blocks.…`` for the text tower), then the hooks after the blocks."""
+    import re
+
+    groups: dict[str, list[str]] = {}
+    seen_block = False
+    for name in names:
+        match = re.match(r"((?:text\.)?blocks\.\d+)\.", name)
+        if match:
+            seen_block = True
+            key = match.group(1)
+        else:
+            key = "after the blocks" if seen_block else "before the blocks"
+        groups.setdefault(key, []).append(name)
+    order = ["before the blocks", *[key for key in groups if key.split(".")[-1].isdigit()], "after the blocks"]
+    return [(key, groups[key]) for key in order if key in groups]
+
+
 @app.command()
 @_user_errors
 def hooks(
-    model: str = typer.Option(..., "--model", "-m", help="open_clip model name."),
+    model: str = typer.Option(..., "--model", "-m", help="model name (see `clip-lens models`)."),
     tower: str = typer.Option("vision", "--tower", "-t", help="vision or text."),
 ) -> None:
-    """Print the hook names of one tower in forward order, with their shapes (batch of 1)."""
+    """Print every hook name of one tower of the full model, grouped per layer in forward order, with its
+    shape for a batch of 1 (the model is built with random weights and run once on one input)."""
     if tower not in ("vision", "text"):
         _fail(f"--tower must be 'vision' or 'text', got '{tower}'.")
     import torch
@@ -253,14 +336,20 @@ def hooks(
     from clip_lens.errors import UnsupportedArchitectureError
     from clip_lens.loading import bundled_models, model_config, unsupported_feature
 
-    if model not in bundled_models():  # before the shrink: SHRUNK's int layers would hide a ResNet's list
-        feature = unsupported_feature(model_config(model))
+    overrides = None
+    if model not in bundled_models():  # said before anything is built
+        config = model_config(model)
+        feature = unsupported_feature(config)
         if feature is not None:
             raise UnsupportedArchitectureError(
                 f"'{model}' uses a {feature}, which HookedCLIP does not reproduce exactly, so it has no hooks to list. "
                 "`clip-lens models --all` lists every open_clip model with the reason."
             )
-    hooked = _load(model, None, None if model in bundled_models() else SHRUNK)
+        other = "text_cfg" if tower == "vision" else "vision_cfg"  # not listed: built with one layer, for speed
+        if isinstance((config.get(other) or {}).get("layers"), int):
+            overrides = {other: {"layers": 1}}
+    hooked = _load(model, None, overrides)  # random init: the names and shapes do not depend on the weights
+    hooked.eval()
     if tower == "vision":
         inputs: dict[str, Any] = {"image": torch.zeros(1, 3, *hooked.cfg.image_size)}
     else:
@@ -268,24 +357,33 @@ def hooks(
         tokens = torch.zeros(1, cfg.context_length, dtype=torch.long)
         tokens[0, :3] = torch.tensor([cfg.vocab_size - 2, 1, cfg.vocab_size - 1])  # SOT, word, EOT
         inputs = {"text": tokens}
-    _, cache = hooked.run_with_cache(**inputs)
-    names = [name for name in cache.keys() if name.startswith("text.") == (tower == "text")]
-    shrunk = "" if model in bundled_models() else ", shrunk to 1 layer for speed (blocks.0.* repeats for every layer)"
-    if tower == "text" and getattr(hooked.text, "unhooked_note", None):  # HF text tower: 2 hooks, not shrunk
-        shrunk = " (a Hugging Face model: only these hooks, its internals are not hooked)"
-    typer.echo(f"# {model} {tower} tower{shrunk}; shapes for a batch of 1")
-    width = max(len(name) for name in names)
-    for name in names:
-        typer.echo(f"{name:<{width}}  {list(cache[name].shape)}")
+    on_tower = lambda name: name.startswith("text.") == (tower == "text")  # noqa: E731
+    with torch.no_grad():
+        _, cache = hooked.run_with_cache(**inputs, names_filter=on_tower)
+    names = [name for name in cache.keys() if on_tower(name)]
+    not_run = [name for name in hooked.hook_dict if on_tower(name) and name not in cache]  # e.g. optional paths
+    shapes = {name: str(list(cache[name].shape)) for name in names}
+    shapes.update({name: "(not run by a plain forward)" for name in not_run})
+    groups = _hook_groups(names + not_run)
+    n_blocks = sum(key.split(".")[-1].isdigit() for key, _ in groups)
+    note = ""
+    if tower == "text" and getattr(hooked.text, "unhooked_note", None):  # HF text tower: 2 hooks
+        note = " (a Hugging Face model: only these hooks, its internals are not hooked)"
+    typer.echo(f"# {model} {tower} tower: {len(shapes)} hooks, {n_blocks} blocks{note}; shapes for a batch of 1")
+    width = max(len(name) for name in shapes)
+    for key, members in groups:
+        typer.echo(f"# {key}")
+        for name in members:
+            typer.echo(f"{name:<{width}}  {shapes[name]}")
 
 
 @app.command("train-toy")
 @_user_errors
 def train_toy(
     out: Path = typer.Option(Path("toy_shapes_run"), "--out", "-o", help="run folder (resumes if it holds a checkpoint)."),
-    steps: int = typer.Option(2800, "--steps", min=1),
-    batch_size: int = typer.Option(256, "--batch-size", min=2),
-    seed: int = typer.Option(0, "--seed"),
+    steps: int = typer.Option(2800, "--steps", min=1, help="training steps (the bundled model was trained for 2800)."),
+    batch_size: int = typer.Option(256, "--batch-size", min=2, help="scenes per training step (each with its captions)."),
+    seed: int = typer.Option(0, "--seed", help="seed of the initialisation and of the training scenes."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="stop (and checkpoint) after this long."),
     force: bool = typer.Option(False, "--force", help="start a run in an --out folder that holds other files (a "
                                "folder with a checkpoint is always resumed; delete checkpoint.pt to start over)."),
@@ -844,9 +942,11 @@ _USAGE_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ ==
 sae_app = typer.Typer(
     name="sae",
     help="Sparse autoencoders: train one on a hook point (`sae train`), name and show its features (`sae inspect`).",
+    cls=_Group,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # as the main app: help printed as written
 )
 app.add_typer(sae_app, name="sae")
 

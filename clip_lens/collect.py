@@ -1,6 +1,6 @@
 """Dataset-scale collection of direct contributions into a chunked, resumable store.
 
-:func:`collect` streams images through :func:`~clip_lens.decompose` one chunk at a time and writes
+[`collect`][clip_lens.collect.collect] streams images through [`decompose`][clip_lens.decompose] one chunk at a time and writes
 every term to a Zarr v3 group (chunks along the image axis), so memory stays at one chunk and
 the store can be read memory-mapped or lazily. All terms are divided by ‖image embedding‖ as they
 are written (Gandelsman et al.), so for every image they sum to the *unit* image embedding and
@@ -21,19 +21,19 @@ Arrays of a store (``N`` images, ``D`` = d_embed, ``K`` = number of directions w
 ========================  ===========================================  ==========================
 
 Crash safety: a chunk counts as written only once a marker file ``done/<chunk>`` exists, and the
-marker is created (atomically) after every array of that chunk is written. Running :func:`collect`
+marker is created (atomically) after every array of that chunk is written. Running [`collect`][clip_lens.collect.collect]
 again with the same arguments skips marked chunks and rewrites the others; readers never see an
 unmarked chunk.
 
 Integrity (store format 2): every chunk file ends in a crc32c of its bytes (Zarr's ``crc32c``
 codec, checked on every decode), and the chunk's marker records each file's size and crc32c, so a
 missing, truncated, bit-flipped or foreign chunk file raises
-:class:`~clip_lens.errors.StoreCorruptError` instead of reading as zeros or wrong rows. The group's
+[`StoreCorruptError`][clip_lens.errors.StoreCorruptError] instead of reading as zeros or wrong rows. The group's
 attributes carry a sha256 ``checksum`` of themselves and the sha256 of every array's ``zarr.json``
 (``array_meta``) and of ``ids.json`` (``ids``). Resuming verifies every finished chunk
-(:meth:`Store.verify`) and recomputes exactly the damaged ones. A store is created in a temporary
+([`Store.verify`][clip_lens.collect.Store.verify]) and recomputes exactly the damaged ones. A store is created in a temporary
 sibling folder renamed into place, and one writer at a time holds its ``lock`` file. Stores of
-format 1 (no checksums) are read with a :class:`~clip_lens.errors.StoreWarning`, not resumed.
+format 1 (no checksums) are read with a [`StoreWarning`][clip_lens.errors.StoreWarning], not resumed.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def _from_dataset(dataset, preprocess) -> ImageSource:
 
 
 def image_source(images: Any, preprocess=None) -> ImageSource:
-    """An :class:`ImageSource` from a tensor ``[N, 3, H, W]``, a folder, a list of paths, or a
+    """An `ImageSource` from a tensor ``[N, 3, H, W]``, a folder, a list of paths, or a
     map-style dataset (items: tensor, PIL image, ``(image, label)`` or ``{"image", "label"}``)."""
     if isinstance(images, ImageSource):
         return images
@@ -181,8 +181,8 @@ class Store:
 
     Every read of a finished chunk is checked (docs: Concepts → Reliability → Stores): a chunk file that is
     missing, truncated, damaged or not the one its ``done/`` marker recorded raises
-    :class:`~clip_lens.errors.StoreCorruptError` naming the array, the chunk and its rows; it is never
-    read as zeros or as another chunk's rows. :meth:`verify` checks every finished chunk at once.
+    [`StoreCorruptError`][clip_lens.errors.StoreCorruptError] naming the array, the chunk and its rows; it is never
+    read as zeros or as another chunk's rows. [`verify`][clip_lens.collect.Store.verify] checks every finished chunk at once.
     """
 
     path: Path
@@ -265,7 +265,7 @@ class Store:
         Raises:
             StoreCorruptError: a ``done/`` marker that names no chunk of this store or does not
                 describe its chunk. (Files in ``done/`` that are not named like markers, such as
-                ``000001.bak``, are ignored with a :class:`~clip_lens.errors.StoreWarning`.)
+                ``000001.bak``, are ignored with a [`StoreWarning`][clip_lens.errors.StoreWarning].)
         """
         return sorted(self._done())
 
@@ -320,7 +320,7 @@ class Store:
 
     def iter_chunks(self, name: str, partial: bool = False, index: tuple = ()) -> Iterator[tuple[int, np.ndarray]]:
         """``(first row, rows)`` of array ``name`` for each finished chunk, one chunk in memory at a
-        time, each checked as :meth:`read` checks it (same arguments and errors)."""
+        time, each checked as [`read`][clip_lens.collect.Store.read] checks it (same arguments and errors)."""
         if name not in self.arrays:
             raise InputError(f"store {self.path} has no array '{name}'; it has {', '.join(self.arrays)}.")
         markers = self._done()
@@ -369,7 +369,7 @@ class Store:
 
         Raises:
             InputError: a store without checksums (format 1), which cannot be verified.
-            StoreCorruptError: a bad ``done/`` marker (see :meth:`done_chunks`).
+            StoreCorruptError: a bad ``done/`` marker (see [`done_chunks`][clip_lens.collect.Store.done_chunks]).
         """
         if not self.checked:
             raise InputError(f"store {self.path} has no checksums (store format 1), so it cannot be verified.")
@@ -597,7 +597,7 @@ def _chunk_file(path: Path, name: str, chunk: int, ndim: int) -> Path:
 
 def store_images(store: Store, image_size: int = 64) -> Callable[[Sequence[int]], list["PIL.Image.Image"]]:
     """Store rows → the RGB PIL images they were collected from: the scenes of a
-    :func:`shapes_world_images` store rendered again (at ``image_size``), or the files its ids name.
+    `shapes_world_images` store rendered again (at ``image_size``), or the files its ids name.
 
     Raises:
         InputError: the store records neither (collected from a tensor or a dataset); reading a
@@ -632,7 +632,7 @@ def store_images(store: Store, image_size: int = 64) -> Callable[[Sequence[int]]
 
 
 def store_thumbnails(store: Store, image_size: int = 64) -> Callable[[Sequence[int]], UInt8[np.ndarray, "n s s 3"]]:
-    """Store rows → ``uint8 [n, image_size, image_size, 3]`` thumbnails of :func:`store_images`
+    """Store rows → ``uint8 [n, image_size, image_size, 3]`` thumbnails of [`store_images`][clip_lens.collect.store_images]
     (squashed to squares), e.g. for ``NeighborsResult.plot``."""
     images = store_images(store, image_size)
     return lambda rows: np.stack([np.asarray(image.resize((image_size, image_size))) for image in images(rows)])
@@ -665,8 +665,8 @@ def collect(
     """Stream ``images`` through the model and store their normalised decomposition in ``out``.
 
     Args:
-        model: a :class:`~clip_lens.HookedCLIP`.
-        images: anything :func:`image_source` takes (tensor, folder, paths, dataset, ImageSource).
+        model: a [`HookedCLIP`][clip_lens.HookedCLIP].
+        images: anything [`image_source`][clip_lens.collect.image_source] takes (tensor, folder, paths, dataset, ImageSource).
         out: folder of the Zarr store; created, or resumed when it holds an unfinished (or damaged)
             run of the same model and arguments.
         heads: layers whose per-head terms are kept (``"all"``, a list, or None).
@@ -674,12 +674,12 @@ def collect(
             ``directions`` to keep only their projections.
         directions: ``[K, d_embed]``; when given, token terms are stored projected on them.
         chunk_size: images per store chunk (the unit of resumption); batch_size: images per forward.
-        verify: on resume, check every finished chunk completely (:meth:`Store.verify`: reads the
+        verify: on resume, check every finished chunk completely ([`Store.verify`][clip_lens.collect.Store.verify]: reads the
             store once) and recompute the damaged ones; False checks only sizes and recorded
             checksums (missing, truncated or foreign chunk files), not their bytes.
 
     Returns:
-        The finished :class:`Store`.
+        The finished [`Store`][clip_lens.collect.Store].
 
     Raises:
         InputError: bad arguments; ``out`` holds something else, or a store made with other settings.
@@ -735,7 +735,7 @@ def collect(
 def store_from_arrays(
     path: str | Path, arrays: dict[str, np.ndarray], chunk_size: int, *, done: Optional[Iterable[int]] = None, **meta: Any
 ) -> Store:
-    """A checked store holding ``arrays`` (each ``[N, ...]``), written exactly as :func:`collect`
+    """A checked store holding ``arrays`` (each ``[N, ...]``), written exactly as [`collect`][clip_lens.collect.collect]
     writes (layout, checksums, markers): for tests, benchmarks and terms computed elsewhere.
 
     Args:
@@ -804,7 +804,7 @@ def _writing(out: Path):
 
 
 def resumable_folder(out: str | Path) -> bool:
-    """Whether :func:`collect` may write to ``out``: it does not exist, is an empty folder, holds a
+    """Whether [`collect`][clip_lens.collect.collect] may write to ``out``: it does not exist, is an empty folder, holds a
     store (which collect resumes or explains why not), or holds only what an interrupted creation
     left (``lock``, an empty ``done/``, ``ids.json``, temporary files). False for anything else (a
     file, a folder with other content), which collect refuses rather than touch."""
@@ -837,7 +837,7 @@ def _open_or_create(out: Path, params: dict, ids: Optional[list[str]]) -> tuple[
     leaves no half-made store behind (a killed one leaves the temporary folder, removed by the next
     run). When the parent folder is not writable but ``out`` is an existing folder, the store is
     built inside it with ``zarr.json`` (the commit point) written last; what an interrupted
-    creation leaves there is cleaned up by the next run (:func:`resumable_folder`).
+    creation leaves there is cleaned up by the next run (`resumable_folder`).
     """
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} is a file, not a store folder; choose an empty or new folder.")

@@ -1,6 +1,6 @@
 """Configuration of a hooked tower, read off the open_clip modules it wraps.
 
-``HookedCLIP.cfg`` (vision) and ``HookedCLIP.text.cfg`` (text) are :class:`TowerConfig`
+``HookedCLIP.cfg`` (vision) and ``HookedCLIP.text.cfg`` (text) are `TowerConfig`
 objects. They carry the fields TransformerLens' ``ActivationCache`` helpers read
 (``n_layers``, ``n_heads``, ``d_model``, ``d_head``, ``d_mlp``, ``normalization_type``,
 ``attn_only``) plus what describes the CLIP tower (pooling, image size, context length).
@@ -31,7 +31,7 @@ def as_int(value: Any, what: str, error: type[InputError] = InputError) -> int:
 
     Accepts Python and numpy integers and 0-d integer tensors. Refuses bools, floats (``2.0``
     too: a float index is a bug upstream, not a rounding question), ``None`` and everything
-    else with ``error`` (an :class:`~clip_lens.errors.InputError`) naming ``what``.
+    else with ``error`` (an [`InputError`][clip_lens.InputError]) naming ``what``.
     """
     if isinstance(value, torch.Tensor):
         if value.ndim == 0 and value.dtype != torch.bool and not (value.is_floating_point() or value.is_complex()):
@@ -92,12 +92,12 @@ class TowerConfig:
     """TransformerLens' grouped-query field: always None (every head has its own keys and values)."""
     dtype: torch.dtype = torch.float32
     device: Optional[torch.device] = None
-    """Where the tower lives, kept current by :class:`~clip_lens.HookedCLIP` (TransformerLens' helpers read it)."""
+    """Where the tower lives, kept current by [`HookedCLIP`][clip_lens.HookedCLIP] (TransformerLens' helpers read it)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def layer_range(self, start: Optional[int], stop: Optional[int]) -> range:
         """The blocks a forward with ``start_at_layer``/``stop_at_layer`` runs (negative counts from
-        the end, as in TransformerLens); raises :class:`IndexOutOfRangeError` outside ``[0, n_layers]``."""
+        the end, as in TransformerLens); raises [`IndexOutOfRangeError`][clip_lens.IndexOutOfRangeError] outside ``[0, n_layers]``."""
         bounds = []
         for name, value, default in (("start_at_layer", start, 0), ("stop_at_layer", stop, self.n_layers)):
             if value is None:

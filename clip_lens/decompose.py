@@ -25,7 +25,7 @@ on its own and keeps the out_proj bias (``attn_bias``) and ``β_post`` (``bias``
 own; ``"reference"`` reproduces Gandelsman et al.'s split (CLS-pooled ViTs only): the ``ln_post``
 mean ``μ`` and bias ``β`` are spread over the components in fixed shares and the out_proj bias over
 a layer's token-head terms. It is computed as the default terms plus an exact correction
-(:func:`reference_difference`), from one extra read-out column that carries each component's mean.
+([`reference_difference`][clip_lens.decompose.reference_difference]), from one extra read-out column that carries each component's mean.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class Decomposition:
     """The MLP inside a MAP attention pooler (SigLIP, PE-Core), as one term; None without one."""
     convention: str = "default"
     """How LayerNorm centring and biases are split: ``"default"`` or ``"reference"`` (see
-    :func:`decompose`); ``"difference"`` for :func:`reference_difference` (reference − default:
+    [`decompose`][clip_lens.decompose.decompose]); ``"difference"`` for [`reference_difference`][clip_lens.decompose.reference_difference] (reference − default:
     ``embedding`` is 0 there, ``embedding_norm`` the forward pass's norm)."""
 
     def total(self) -> Float[Tensor, "batch out"]:
@@ -97,7 +97,7 @@ class Decomposition:
 
     @property
     def head_labels(self) -> list[str]:
-        """``"L{l}H{h}"`` labels aligned with :meth:`stack_heads`."""
+        """``"L{l}H{h}"`` labels aligned with [`stack_heads`][clip_lens.Decomposition.stack_heads]."""
         n_heads = 0 if self.heads is None else self.heads.shape[2]
         return [f"L{l}H{h}" for l in self.head_layers for h in range(n_heads)]
 
@@ -150,7 +150,7 @@ def _layers(spec: LayerSpec, n_layers: int, what: str) -> list[int]:
     """The sorted layer indices ``spec`` selects: ``"all"``, None (none), one index or a collection of
     indices (Python/numpy integers, a 1-d integer tensor or array); negative ones count from the end.
 
-    Floats (even ``2.0``), bools and None entries raise :class:`InputError` naming ``what``: a float
+    Floats (even ``2.0``), bools and None entries raise [`InputError`][clip_lens.decompose.InputError] naming ``what``: a float
     index is a bug upstream, and truncating ``1.7`` to layer 1 would silently analyse another layer.
     """
     usage = f"{what} must be 'all', None or a list of layer indices (or one index)"
@@ -290,7 +290,7 @@ def _check_directions(model: "HookedCLIP", plan: ReadoutPlan, directions: Option
 CONVENTIONS = ("default", "reference")
 
 _TERMS = ("embed", "attn", "attn_bias", "mlp", "bias", "heads", "tokens", "pooler_mlp")
-"""The additive fields of a :class:`Decomposition`."""
+"""The additive fields of a [`Decomposition`][clip_lens.Decomposition]."""
 
 
 def _check_convention(model: "HookedCLIP", plan: ReadoutPlan, convention: str) -> None:
@@ -390,26 +390,26 @@ def decompose(
     """Decompose image embeddings into the direct contributions of every component.
 
     Args:
-        model: a :class:`~clip_lens.HookedCLIP`.
+        model: a [`HookedCLIP`][clip_lens.HookedCLIP].
         images: preprocessed pixels ``[batch, 3, H, W]``.
         heads: layers with per-head terms: ``"all"`` (default), a layer index, a list/tuple/1-d
             integer tensor of layer indices (Python or numpy integers; negative ones count from the
-            end), or None. Floats, bools and None entries raise :class:`InputError`.
+            end), or None. Floats, bools and None entries raise [`InputError`][clip_lens.decompose.InputError].
         tokens: layers with per-head, per-source-token terms (same forms as ``heads``).
             Token layers always get per-head terms as well.
         directions: optional ``[n_directions, d_embed]`` matrix (e.g. text embeddings); every
             term is projected on it as it is computed.
         convention: ``"default"``: each component centred on its own, out_proj bias in
             ``attn_bias``, ``β_post`` in ``bias``. ``"reference"``: Gandelsman et al.'s split (CLS-pooled
-            ViTs only, else :class:`UnsupportedArchitectureError`): each component ``c`` maps to
+            ViTs only, else [`UnsupportedArchitectureError`][clip_lens.decompose.UnsupportedArchitectureError]): each component ``c`` maps to
             ``P^T[γ⊙(c − μ/K)/σ + β/K]`` with ``K = 2L+1`` for embed and each MLP and
             ``K = (2L+1)·N·H`` per token-head term, which carries ``b_O/(N·H)``; ``bias`` and
             ``attn_bias`` are then 0. Both sum to the embedding; their difference is
-            :func:`reference_difference`. The reference's pieces are these divided by ``embedding_norm``
-            (:meth:`Decomposition.normalized`).
+            [`reference_difference`][clip_lens.decompose.reference_difference]. The reference's pieces are these divided by ``embedding_norm``
+            ([`Decomposition.normalized`][clip_lens.Decomposition.normalized]).
 
     Returns:
-        A :class:`Decomposition` whose ``total()`` equals the un-normalised image embedding.
+        A [`Decomposition`][clip_lens.Decomposition] whose ``total()`` equals the un-normalised image embedding.
     """
     parts, shift = _decompose(model, images, heads, tokens, directions, convention)
     if shift is None:
@@ -427,7 +427,7 @@ def reference_difference(
 ) -> Decomposition:
     """``decompose(..., convention="reference") − decompose(...)``, term by term, computed directly.
 
-    Per component ``c`` (at the CLS position, ``K`` as in :func:`decompose`):
+    Per component ``c`` (at the CLS position, ``K`` as in [`decompose`][clip_lens.decompose.decompose]):
     ``(mean(c) − μ/K) · (γ @ P) / σ + (β @ P) / K``; per token-head term also ``b_O P' / (N·H)``
     with ``P' = diag(γ) P / σ`` (the uncentred out_proj bias), per head ``b_O P' / H``; ``attn_bias``
     and ``bias`` are minus the default ones. ``total()`` of the result is 0 (to rounding), ``embedding``

@@ -13,8 +13,8 @@ with every residual component ``c`` (at the pooled position ``p`` of each prompt
 ``(c_p − mean(c_p)) / σ_p · γ @ P``, ``σ_p`` the frozen ``ln_final`` scale, ``P`` the text
 projection; ``bias = β @ P`` (+ the projection's own bias). Per-token ``ln_final`` followed by
 pooling (CLIP) and pooling followed by ``ln_final`` (CoCa) are the same map: a LayerNorm of the one
-pooled vector. The read-out is the image decomposition's (:mod:`clip_lens.decompose`), described by
-a :class:`~clip_lens.components.readout.ReadoutPlan` over one residual position per prompt.
+pooled vector. The read-out is the image decomposition's ([`clip_lens.decompose`][clip_lens.decompose]), described by
+a [`ReadoutPlan`][clip_lens.components.readout.ReadoutPlan] over one residual position per prompt.
 
 Prompts of different lengths pool at different positions: every hook keeps only each prompt's own
 pooled position (``hook_v`` stays whole for per-token terms), so memory does not grow with the
@@ -57,7 +57,7 @@ def _tower(model: "HookedCLIP") -> TextTower:
 
 
 def _plan(tower: TextTower) -> ReadoutPlan:
-    """The text read-out as a :class:`ReadoutPlan` over the *gathered* residual stream, one position
+    """The text read-out as a [`ReadoutPlan`][clip_lens.components.readout.ReadoutPlan] over the *gathered* residual stream, one position
     per prompt (its pooled position): position 0 with pool weight 1, ``ln_final`` per token (CLIP)
     or after pooling (CoCa; the same maths on a single position), then the projection as
     ``pooled @ weight + bias`` (the identity without a projection)."""
@@ -101,7 +101,7 @@ def decompose_text(
     Each prompt is decomposed at its own pooled position (``model.text.pooled_positions``).
 
     Args:
-        model: a :class:`~clip_lens.HookedCLIP` with an open_clip text tower.
+        model: a [`HookedCLIP`][clip_lens.HookedCLIP] with an open_clip text tower.
         tokens: token ids ``[batch, ctx]`` or a list of strings (tokenized with the model's tokenizer).
         heads: text layers with per-head terms: ``"all"`` (default), a list of layer indices, or None.
         token_layers: text layers with per-head, per-source-token terms (``"all"``, a list, or None).
@@ -110,7 +110,7 @@ def decompose_text(
             is projected on it as it is computed. ``d_embed`` is ``d_model`` without a projection.
 
     Returns:
-        A :class:`~clip_lens.decompose.Decomposition` (``out`` = ``d_embed`` or ``n_directions``):
+        A [`Decomposition`][clip_lens.Decomposition] (``out`` = ``d_embed`` or ``n_directions``):
         ``embedding [batch, out]`` (the un-normalised text embedding), ``embedding_norm [batch]``,
         ``embed [batch, out]`` (token + position embedding), ``attn``/``attn_bias``/``mlp``
         ``[batch, layer, out]``, ``bias [batch, out]``, ``heads [batch, head_layer, head, out]``,

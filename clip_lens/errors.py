@@ -1,6 +1,6 @@
 """Exception types of clip_lens.
 
-Every error a user can trigger derives from :class:`ClipLensError` and from the builtin
+Every error a user can trigger derives from [`ClipLensError`][clip_lens.ClipLensError] and from the builtin
 exception a caller would naturally catch (``ValueError``, ``FileNotFoundError`` …), so
 ``except ValueError`` keeps working. Messages say what was wrong and what to do.
 """
@@ -49,7 +49,7 @@ class HookNameError(ClipLensError, KeyError):
 
 
 class IndexOutOfRangeError(InputError, IndexError):
-    """A layer, head or position index outside the model (an :class:`InputError` and an ``IndexError``)."""
+    """A layer, head or position index outside the model (an [`InputError`][clip_lens.InputError] and an ``IndexError``)."""
 
 
 class UnsupportedArchitectureError(ClipLensError, NotImplementedError):
@@ -63,9 +63,9 @@ def close_matches(word: str, choices: Iterable[str], n: int = 5) -> str:
 
 
 class StoreCorruptError(InputError):
-    """A collected store (:mod:`clip_lens.collect`) whose data or metadata is damaged, missing or
+    """A collected store (`clip_lens.collect`) whose data or metadata is damaged, missing or
     not its own: a chunk file deleted, truncated, flipped or copied from elsewhere, a bad ``done/``
-    marker, edited metadata. An :class:`InputError` (the store is the bad input), so code that
+    marker, edited metadata. An [`InputError`][clip_lens.InputError] (the store is the bad input), so code that
     handles bad input handles it too. ``array``, ``chunk`` and ``rows`` (``(start, stop)``) name the
     damaged part when it is one chunk; the message says how to repair it."""
 

@@ -1,23 +1,23 @@
 """SAE feature dashboards: what ``clip-lens sae inspect`` writes and the report's "Features" section.
 
-For an SAE on an image-tower hook point of a :class:`~clip_lens.HookedCLIP`, :func:`inspect_features`
+For an SAE on an image-tower hook point of a [`HookedCLIP`][clip_lens.HookedCLIP], `inspect_features`
 picks features, names them with the bank texts nearest to their decoder direction carried through the
-frozen read-out (:func:`clip_lens.sae.naming.name_features`), and finds the images each one fires on
-most, with patch activation maps (:func:`clip_lens.sae.naming.top_activating`). The result
-(:class:`FeatureInspection`) gives the JSON (:meth:`~FeatureInspection.to_dict`), one PNG dashboard per
-feature (:meth:`~FeatureInspection.dashboards`) and HTML (:func:`render_section`, :func:`render_page`).
+frozen read-out (`clip_lens.sae.naming.name_features`), and finds the images each one fires on
+most, with patch activation maps (`clip_lens.sae.naming.top_activating`). The result
+(`FeatureInspection`) gives the JSON (`to_dict`), one PNG dashboard per
+feature (`dashboards`) and HTML (`render_section`, `render_page`).
 
-**Which features** (:func:`rank_features`), when none are given: the features that fire on at least
-one image, the *selective* ones first (firing on at most :data:`DENSE_FREQUENCY` = half of the
+**Which features** (`rank_features`), when none are given: the features that fire on at least
+one image, the *selective* ones first (firing on at most `DENSE_FREQUENCY` = half of the
 images), most frequent first; then the *dense* ones (firing on more than half of the images, which
 rarely mean one thing), least frequent first. Features that never fire are never chosen. Frequency
 is the share of images whose image-level activation (the largest over the positions the SAE was
 trained on) is positive. Ties go to the lower feature index.
 
 **Names** need a hook whose directions reach the embedding linearly (residual-stream hooks, the last
-MLP output, ``hook_pooled``, ``hook_image_embed``; see :func:`clip_lens.sae.naming.readout_kind`).
+MLP output, ``hook_pooled``, ``hook_image_embed``; see `clip_lens.sae.naming.readout_kind`).
 For any other hook (``attn.hook_z``, ``mlp.hook_post``, a tower with an attentional pooler)
-:func:`naming_problem` says why, and the dashboards are made without names.
+`naming_problem` says why, and the dashboards are made without names.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def naming_problem(model: "HookedCLIP", hook_name: str) -> Optional[str]:
 
 
 def rank_features(frequency: Tensor, n: int, dense: float = DENSE_FREQUENCY) -> list[int]:
-    """The ``n`` features to show first, by the ranking in the module docstring (:data:`RANKING`).
+    """The ``n`` features to show first, by the ranking in the module docstring (`RANKING`).
 
     Args:
         frequency: ``[d_sae]`` share of the images each feature fires on.
@@ -137,10 +137,10 @@ class FeatureInspection:
     top: "TopActivations"
     """Top images of the chosen features, in display order (``top.features``)."""
     names: Optional["FeatureNames"]
-    """Their names (None when naming is off or impossible, see :attr:`names_note`)."""
+    """Their names (None when naming is off or impossible, see `names_note`)."""
     k: int
     selection: str
-    """``"given"`` (features chosen by the caller) or ``"ranked"`` (:data:`RANKING`)."""
+    """``"given"`` (features chosen by the caller) or ``"ranked"`` (`RANKING`)."""
     bank: Optional[str] = None
     names_note: Optional[str] = None
     """Why the features are not named, when a bank was asked for but naming is impossible."""
@@ -209,17 +209,17 @@ def inspect_features(
     batch_size: int = 32,
     progress: bool = False,
 ) -> FeatureInspection:
-    """Pick features (``features``, else the first ``n_features`` by :func:`rank_features`), name
+    """Pick features (``features``, else the first ``n_features`` by `rank_features`), name
     them with ``bank`` and find their ``k`` top images among ``images``.
 
     Args:
-        model: the model the SAE was trained on (checked by :func:`check_sae`).
+        model: the model the SAE was trained on (checked by `check_sae`).
         sae: an SAE on an image-tower hook point.
-        images: anything :func:`~clip_lens.sae.naming.top_activating` takes (folder, tensor,
-            :class:`~clip_lens.collect.ImageSource`, collected :class:`~clip_lens.collect.Store`).
-        bank: a :class:`~clip_lens.banks.TextBank` or bank name to name features with (None: no
-            names). When the hook cannot be named (:func:`naming_problem`) the features stay
-            unnamed and :attr:`FeatureInspection.names_note` says why.
+        images: anything `top_activating` takes (folder, tensor,
+            `ImageSource`, collected [`Store`][clip_lens.collect.Store]).
+        bank: a `TextBank` or bank name to name features with (None: no
+            names). When the hook cannot be named (`naming_problem`) the features stay
+            unnamed and `FeatureInspection.names_note` says why.
         names_top: texts kept per feature.
 
     Raises:
@@ -295,8 +295,8 @@ def _img(name: str, data: bytes) -> str:
 
 
 def render_section(summary: dict, pngs: dict[str, bytes], heading: str = "h2") -> str:
-    """HTML of a :meth:`FeatureInspection.to_dict` summary: a table of the features (frequency,
-    names) and each one's dashboard (embedded from ``pngs``, keyed by :func:`dashboard_name`)."""
+    """HTML of a `FeatureInspection.to_dict` summary: a table of the features (frequency,
+    names) and each one's dashboard (embedded from ``pngs``, keyed by `dashboard_name`)."""
     esc = html.escape
     sub = "h3" if heading == "h2" else "h4"
     sae = summary.get("sae") or {}
@@ -339,7 +339,7 @@ def render_section(summary: dict, pngs: dict[str, bytes], heading: str = "h2") -
 
 
 def render_page(summary: dict, pngs: dict[str, bytes], title: str) -> str:
-    """A self-contained HTML page (dashboards embedded) around :func:`render_section`."""
+    """A self-contained HTML page (dashboards embedded) around `render_section`."""
     esc = html.escape
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">

@@ -1,13 +1,13 @@
 """Files in and out: atomic writes, output paths checked before the work, images decoded with
 one clear error per bad file.
 
-* :func:`atomic_write`: a reader never sees a half-written file, a crash keeps the old one; a
-  failed write (read-only folder, full disk, a folder in the way …) raises :class:`WriteError`,
+* `atomic_write`: a reader never sees a half-written file, a crash keeps the old one; a
+  failed write (read-only folder, full disk, a folder in the way …) raises `WriteError`,
   one sentence naming the path and the fix.
-* :func:`check_outputs`: before any work, refuse outputs that would overwrite an input, collide
+* `check_outputs`: before any work, refuse outputs that would overwrite an input, collide
   with each other, sit where a file/folder of the other kind is, or land in a folder that cannot be
   written; existing outputs are refused unless ``force``.
-* :func:`load_image` / :func:`image_problem`: decode an image file completely (missing, corrupt,
+* `load_image` / `image_problem`: decode an image file completely (missing, corrupt,
   truncated and header-only files, decompression bombs, odd modes such as 1-bit, 16-bit or CMYK).
 """
 
@@ -56,7 +56,7 @@ def os_error_fix(exc: OSError) -> str:
 
 
 def write_error(path: PathLike, exc: OSError) -> WriteError:
-    """The :class:`WriteError` for ``exc`` raised while writing ``path``."""
+    """The `WriteError` for ``exc`` raised while writing ``path``."""
     if isinstance(exc, WriteError):
         return exc
     reason = exc.strerror or str(exc) or type(exc).__name__
@@ -76,7 +76,7 @@ def atomic_write(path: Union[str, Path], data: Payload) -> Path:
 
     ``data`` is bytes, text (UTF-8), or a callable that writes into the binary file it is given
     (``lambda f: torch.save(obj, f)``). The folder must exist. Any ``OSError`` (read-only folder,
-    full disk, a folder named ``path`` …) is raised as :class:`WriteError`, whose message names
+    full disk, a folder named ``path`` …) is raised as `WriteError`, whose message names
     ``path`` and the fix; the previous file, if any, is kept and no temporary file is left.
     """
     path = Path(path)
@@ -120,7 +120,7 @@ def read_text(path: Union[str, Path], what: str) -> str:
 
 
 def read_json(path: Union[str, Path], what: str, expected: str, object_pairs_hook=None) -> Any:
-    """A UTF-8 JSON file (:func:`read_text`); invalid JSON raises an InputError with the line and
+    """A UTF-8 JSON file (`read_text`); invalid JSON raises an InputError with the line and
     column and ``expected``, what the file should hold (e.g. ``'{"NAME.png": [[x0, y0, x1, y1]]}'``)."""
     from clip_lens.errors import InputError
 
@@ -293,7 +293,7 @@ def _to_rgb(image: "PIL.Image.Image") -> "PIL.Image.Image":
 
 
 def _decode(path: Path) -> "PIL.Image.Image":
-    """The fully decoded image (its own mode), or :class:`_ImageProblem` with the reason."""
+    """The fully decoded image (its own mode), or `_ImageProblem` with the reason."""
     from PIL import Image, UnidentifiedImageError
 
     if not path.exists():
@@ -358,7 +358,7 @@ def load_image(path: PathLike, what: str = "image", mode: Optional[str] = "RGB")
 
 def image_problem(path: PathLike) -> Optional[str]:
     """Why the image file ``path`` cannot be decoded to RGB (e.g. ``"is truncated or corrupt …"``),
-    or None when it can (see :func:`load_image`)."""
+    or None when it can (see `load_image`)."""
     try:
         _to_rgb(_decode(Path(path)))
     except _ImageProblem as problem:

@@ -1,6 +1,6 @@
 """The head analyses of ``clip-lens report``: collect → TextSpan → head labels → metrics (+ checks).
 
-The plugins are reached through the registry (:mod:`clip_lens.analyses`), as any user would; the
+The plugins are reached through the registry ([`clip_lens.analyses`][clip_lens.analyses]), as any user would; the
 core never imports them. On the shapes world the report also checks the analyses against ground
 truth: zero-shot accuracy per attribute, TextSpan's span-replacement validation, and whether the
 heads labelled with a property are the ones whose ablation hurts that property most.
@@ -21,8 +21,9 @@ from clip_lens.errors import InputError
 if TYPE_CHECKING:
     from clip_lens.hooked_clip import HookedCLIP
 
-PROPERTY_ATTRIBUTE = {"colour": "colour", "shape": "shape", "size": "size", "location": "position", "texture": "background"}
-"""Shapes-world property label → the world attribute it is checked against."""
+PROPERTY_ATTRIBUTE = {attribute: attribute for attribute in ("colour", "shape", "size", "position", "background")}
+"""Shapes-world property label → the world attribute it is checked against: the labels use the world's
+attribute names, so every table of the report names a property the same way."""
 REPORT_SEED = 2024  # report images: an independent shapes world (training used 0, evaluation 1000)
 
 
@@ -106,15 +107,36 @@ def analyse_heads(
     return summary, pngs
 
 
+KEEP_LAST_NOTE = (
+    "Even with every attention layer kept (k = {n}), the embedding term and every MLP's direct effect stay "
+    "mean-ablated, so that row differs from \u201cnone ablated\u201d: the gap is what those direct paths carry."
+)
+"""Why the last row of the keep-last table is not the unablated model (shown under the table)."""
+
+
 def _keep_last_table(ablation: dict[str, Any]) -> str:
+    """Accuracy with all but the last k attention layers mean-ablated, then the unablated model, with
+    a caption saying what each row keeps (the embedding term and MLPs are ablated in every k row)."""
+    esc = html.escape
     tasks = list(ablation["original"])
-    head = "<tr><th>last k attention layers kept</th>" + "".join(f"<th>{t}</th>" for t in tasks) + "</tr>"
+    n = max((int(k) for k in ablation["keep_last"]), default=0)
+
+    def kept(k: int) -> str:
+        if k == 0:
+            return "0 (everything ablated)"
+        if k == n:
+            return f"{k} (every attention layer; MLPs and embedding term still ablated)"
+        return str(k)
+
+    head = "<tr><th>last k attention layers kept</th>" + "".join(f"<th>{esc(t)}</th>" for t in tasks) + "</tr>"
     rows = "".join(
-        f"<tr><td>{k}</td>" + "".join(f"<td>{values[t]:.3f}</td>" for t in tasks) + "</tr>"
+        f"<tr><td>{kept(int(k))}</td>" + "".join(f"<td>{values[t]:.3f}</td>" for t in tasks) + "</tr>"
         for k, values in sorted(ablation["keep_last"].items(), key=lambda kv: int(kv[0]))
     )
-    original = "<tr><td>none ablated</td>" + "".join(f"<td>{ablation['original'][t]:.3f}</td>" for t in tasks) + "</tr>"
-    return f"<table>{head}{rows}{original}</table>"
+    original = ("<tr><td>none ablated (the model)</td>" + "".join(f"<td>{ablation['original'][t]:.3f}</td>" for t in tasks)
+                + "</tr>")
+    caption = f"<caption>{esc(KEEP_LAST_NOTE.format(n=n))}</caption>"
+    return f'<table class="keep-last">{caption}{head}{rows}{original}</table>'
 
 
 def render_sections(summary: dict[str, Any], image_tags: dict[str, str]) -> str:
@@ -175,7 +197,7 @@ def render_sections(summary: dict[str, Any], image_tags: dict[str, str]) -> str:
             + truth + "</table>",
             image_tags.get("ablation.png", ""),
             "<p>Mean-ablating whole layers (direct effects): accuracy with everything but the last <i>k</i> "
-            "attention layers ablated (embedding term and MLPs included).</p>",
+            "attention layers ablated (embedding term and MLPs included, for every <i>k</i>).</p>",
             _keep_last_table(summary["ablation"]),
             image_tags.get("ablation_curves.png", ""),
         ]

@@ -22,7 +22,7 @@ from clip_lens.vision import VisionTower
 from clip_lens.weights import CLIPWeights
 
 RETURN_TYPES = ("tuple", "image_features", "text_features", "logits", "loss", None)
-"""What :meth:`HookedCLIP.forward` can return (``return_type``)."""
+"""What [`HookedCLIP.forward`][clip_lens.HookedCLIP.forward] can return (``return_type``)."""
 TOWER_PREFIX = "visual."  # the image tower's hooks are exposed without this prefix
 
 
@@ -57,13 +57,13 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
 
     The image tower's hooks sit at the top level (``blocks.3.attn.hook_pattern``), the text
     tower's under ``text.`` (``text.blocks.3.attn.hook_pattern``); see the tables in
-    :class:`~clip_lens.vision.VisionTower`, :class:`~clip_lens.text.TextTower` (or
-    :class:`~clip_lens.towers.hf_text.HFTextTower`: two hooks for a Hugging Face text tower) and
+    `VisionTower`, `TextTower` (or
+    [`HFTextTower`][clip_lens.towers.hf_text.HFTextTower]: two hooks for a Hugging Face text tower) and
     ``docs/concepts/hooks.md`` for the full ordered list with shapes. Parameters are shared
     with the open_clip model it was built from. Outputs equal open_clip's (fp32, ≤1e-5).
 
-    Build one with :meth:`from_pretrained` (a model name from ``clip_lens.list_models()``)
-    or :meth:`from_open_clip` (a model you already have).
+    Build one with [`from_pretrained`][clip_lens.HookedCLIP.from_pretrained] (a model name from ``clip_lens.list_models()``)
+    or [`from_open_clip`][clip_lens.HookedCLIP.from_open_clip] (a model you already have).
     """
 
     def __init__(
@@ -181,7 +181,7 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
         super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
     def check_hook_name(self, name: str) -> None:
-        """Raise :class:`HookNameError` (listing close names) for an unknown hook name."""
+        """Raise [`HookNameError`][clip_lens.HookNameError] (listing close names) for an unknown hook name."""
         if name not in self.hook_dict:
             note = getattr(self.text, "unhooked_note", None) if name.startswith("text.") else None
             raise HookNameError(
@@ -195,7 +195,7 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
         """Run the model and return ``(output, CLIPActivationCache)`` (TransformerLens semantics).
 
         ``names_filter`` may be a hook name, a list of names or a predicate; unknown names in a
-        list raise :class:`HookNameError`. With ``incl_bwd=True`` the gradients of a scalar are
+        list raise [`HookNameError`][clip_lens.HookNameError]. With ``incl_bwd=True`` the gradients of a scalar are
         cached too (keys ``<hook>_grad``): of ``metric(output)`` when a metric is given, else of
         the output itself, which must then be a scalar (``return_type="loss"``). Text inputs are
         kept on the cache (``cache.tokens``) for ``pos_slice="pooled"``.
@@ -245,7 +245,7 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
     # --- inputs -------------------------------------------------------------------------
     def to_model_device(self, tensor: Tensor, what: str) -> Tensor:
         """``tensor`` on the model's device (copied there from another real device, as TransformerLens
-        does with inputs). Raises :class:`InputError` for a tensor or a model on the ``meta`` device
+        does with inputs). Raises [`InputError`][clip_lens.InputError] for a tensor or a model on the ``meta`` device
         (shapes without values) and when the copy fails, naming both devices."""
         device = self.device
         if tensor.is_meta:
@@ -391,7 +391,7 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
                 stream ``[batch, n, d_model]`` entering that block.
             text: token ids ``[batch, ctx]`` or strings; with ``start_at_layer`` (and no image) the
                 text tower's residual stream, with ``tokens`` giving masks and pooled positions.
-            return_type: one of :data:`RETURN_TYPES`:
+            return_type: one of `RETURN_TYPES`:
                 ``"tuple"`` open_clip's output; ``"image_features"``/``"text_features"`` the
                 L2-normalised embeddings ``[batch, d_embed]``; ``"logits"`` ``logits_per_image``
                 ``[n_images, n_texts]`` (``logit_scale`` and ``logit_bias`` applied);
@@ -525,7 +525,7 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
 
     def texts_to_residual_directions(self, texts: Any) -> Float[Tensor, "n_texts d_model"]:
         """Texts (strings or token ids) as directions in the image tower's residual stream before
-        ``ln_post``: their normalised text embeddings through :meth:`residual_directions`."""
+        ``ln_post``: their normalised text embeddings through [`residual_directions`][clip_lens.HookedCLIP.residual_directions]."""
         with torch.no_grad():
             features = self.encode_text(texts, normalize=True)
         return self.residual_directions(features, "image")
@@ -569,13 +569,13 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
         raise UnsupportedArchitectureError(f"cannot name tokens with tokenizer {type(tokenizer).__name__}.")
 
     def decompose_text(self, tokens: Any, **kwargs: Any):
-        """Exact decomposition of the text embedding; see :func:`clip_lens.decompose_text.decompose_text`."""
+        """Exact decomposition of the text embedding; see [`clip_lens.decompose_text.decompose_text`][clip_lens.decompose_text.decompose_text]."""
         from clip_lens.decompose_text import decompose_text
 
         return decompose_text(self, tokens, **kwargs)
 
     def decompose(self, images: Tensor, **kwargs: Any):
-        """Exact direct-contribution decomposition of the image embedding; see :func:`clip_lens.decompose`."""
+        """Exact direct-contribution decomposition of the image embedding; see [`clip_lens.decompose`][clip_lens.decompose]."""
         from clip_lens.decompose import decompose
 
         return decompose(self, images, **kwargs)

@@ -42,7 +42,7 @@ BUNDLED_REGISTRY = "pretrained.json"  # models whose weights ship inside the pac
 
 @dataclass
 class LoadedModel:
-    """What :func:`load_open_clip` builds: the open_clip model and how to feed it."""
+    """What `load_open_clip` builds: the open_clip model and how to feed it."""
 
     model: nn.Module
     name: str
@@ -108,7 +108,7 @@ CUSTOM_BLOCK_FEATURES = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_
 def list_models(include_unsupported: bool = False) -> list[str]:
     """open_clip model names whose towers HookedCLIP reproduces exactly, bundled models first.
 
-    With ``include_unsupported``: every open_clip name (see :func:`unsupported_feature` for why
+    With ``include_unsupported``: every open_clip name (see `unsupported_feature` for why
     some are refused).
     """
     names = open_clip.list_models()
@@ -249,7 +249,7 @@ def _override_types() -> dict[str, dict[str, type]]:
 
 
 def _check_value(model_name: str, section: str, key: str, value: Any, types: dict[str, dict[str, type]]) -> Any:
-    """``value`` of override ``section.key`` checked (and numpy integers made ints); :class:`InputError` if invalid."""
+    """``value`` of override ``section.key`` checked (and numpy integers made ints); [`InputError`][clip_lens.InputError] if invalid."""
     from clip_lens.config import _kind, as_int
 
     where = f"{section}.{key}" if section else key
@@ -293,7 +293,7 @@ def _check_value(model_name: str, section: str, key: str, value: Any, types: dic
 def _check_overrides(model_name: str, config: Mapping[str, Any], overrides: Any) -> dict:
     """``overrides`` with its values checked (numpy integers become ints).
 
-    Raises :class:`InputError` naming any key open_clip would reject, and any size or count that is
+    Raises [`InputError`][clip_lens.InputError] naming any key open_clip would reject, and any size or count that is
     not a positive integer (``layers: -1`` or ``0``, ``width: 64.5``, ``layers: True``) or a flag that
     is not a bool, before anything is built.
     """
@@ -353,7 +353,7 @@ def _check_heads(model_name: str, config: Mapping[str, Any], overrides: Mapping[
 def model_config(model_name: str, overrides: Optional[Mapping[str, Any]] = None) -> dict:
     """The open_clip config of ``model_name`` with ``overrides`` merged in (nested dicts merge).
 
-    Unknown override keys raise :class:`InputError` naming the key and the close valid ones; so do
+    Unknown override keys raise [`InputError`][clip_lens.InputError] naming the key and the close valid ones; so do
     sizes and counts that are not positive integers (numpy integers are accepted), flags that are
     not bools, and widths that do not split into the attention heads.
     """
@@ -394,12 +394,12 @@ CHECKPOINT_FORMATS = (
     "a torch.save zip checkpoint (PyTorch >= 1.6, starts with PK\\x03\\x04)",
     "a legacy torch.save pickle (_use_new_zipfile_serialization=False, starts with the pickle protocol byte \\x80)",
 )
-"""What :func:`read_state_dict` reads, recognised by content (never by the file name's suffix)."""
+"""What `read_state_dict` reads, recognised by content (never by the file name's suffix)."""
 
 
 def checkpoint_format(path: Union[str, Path]) -> str:
     """The format of a checkpoint file from its first bytes: ``"safetensors"``, ``"torch-zip"`` or
-    ``"torch-legacy"``; :class:`CorruptCheckpointError` for an empty, truncated or unknown file."""
+    ``"torch-legacy"``; [`CorruptCheckpointError`][clip_lens.CorruptCheckpointError] for an empty, truncated or unknown file."""
     path = Path(path)
     size = path.stat().st_size
     if size == 0:
@@ -450,7 +450,7 @@ def _pickle_bytes(path: Path, fmt: str) -> bytes:
 
 def pickle_globals(data: bytes) -> list[str]:
     """Every ``module.name`` a pickle stream would import (GLOBAL / STACK_GLOBAL opcodes), read with
-    :mod:`pickletools` without executing anything. Consecutive pickles (legacy torch.save files)
+    `pickletools` without executing anything. Consecutive pickles (legacy torch.save files)
     are all read; reading stops quietly at the first bytes that are not a pickle."""
     import io
     import pickletools
@@ -535,7 +535,7 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, Tensor]:
     """Read a checkpoint file into a flat ``{name: tensor}`` dict without running pickled code.
 
     Accepts safetensors and ``torch.save`` files (zip or legacy) of a state dict, recognised by
-    their content whatever the file is called (:func:`checkpoint_format`), optionally wrapped as
+    their content whatever the file is called (`checkpoint_format`), optionally wrapped as
     ``{"state_dict": ...}`` (open_clip training checkpoints) with ``module.`` prefixes (DDP).
     A pickle that would import anything but tensor types is refused, naming what it would import.
     """
@@ -670,7 +670,7 @@ def load_open_clip(
     config_overrides: Optional[Mapping[str, Any]] = None,
     cache_dir: Optional[str] = None,
 ) -> LoadedModel:
-    """Build the open_clip model behind :meth:`HookedCLIP.from_pretrained`."""
+    """Build the open_clip model behind `HookedCLIP.from_pretrained`."""
     if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
         raise InputError(
             "pretrained must be None, an open_clip pretrained tag or a checkpoint path, "

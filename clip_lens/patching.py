@@ -26,7 +26,7 @@ forwards (``benchmarks/bench_patching.py``).
 
 A metric maps the L2-normalised embeddings of one run, ``[batch, d_embed]`` (the first element
 of open_clip's forward output for images, the second for texts), to a scalar tensor;
-:func:`logit_diff_metric` and :func:`cosine_metric` build the usual ones.
+[`logit_diff_metric`][clip_lens.patching.logit_diff_metric] and [`cosine_metric`][clip_lens.patching.cosine_metric] build the usual ones.
 """
 
 from __future__ import annotations
@@ -392,7 +392,7 @@ def activation_patch(
         progress: show a progress bar over the forwards.
 
     Returns:
-        :class:`PatchingResult` with the metric of every patched run.
+        [`PatchingResult`][clip_lens.PatchingResult] with the metric of every patched run.
     """
     setup = _prepare(model, clean, corrupted, activation, by, layers)
     batch = setup.clean.shape[0]
@@ -462,11 +462,11 @@ def attribution_patch(
     by: Optional[str] = None,
     layers: Optional[Sequence[int]] = None,
 ) -> PatchingResult:
-    """Linear estimate of :func:`activation_patch` for every cell from one forward + backward.
+    """Linear estimate of [`activation_patch`][clip_lens.activation_patch] for every cell from one forward + backward.
 
     ``values = corrupted_metric + Σ (clean − corrupted) · ∂metric/∂activation`` at the corrupted
     run, summed over the entries a patch replaces (Nanda's attribution patching). Same arguments
-    and result as :func:`activation_patch`.
+    and result as [`activation_patch`][clip_lens.activation_patch].
     """
     setup = _prepare(model, clean, corrupted, activation, by, layers)
     names = [setup.hook.format(l=layer) for layer in setup.layers]

@@ -1,13 +1,13 @@
 """The ``clip-lens report`` job: images (shapes-world scenes or synthetic blobs), a decomposition, figures and a summary.
 
-Everything here is plain functions over a :class:`~clip_lens.HookedCLIP` and a
-:class:`~clip_lens.Decomposition`, so the CLI stays a thin shell:
+Everything here is plain functions over a [`HookedCLIP`][clip_lens.HookedCLIP] and a
+[`Decomposition`][clip_lens.Decomposition], so the CLI stays a thin shell:
 
-* :func:`synthetic_images` — a seeded batch of smooth colour-blob images, normalised like CLIP;
-* :func:`summarize` — the numbers (per-layer and per-head contribution norms, sum check);
-* :func:`plot_decomposition`, :func:`plot_tokens` — matplotlib figures (Agg backend);
-* :func:`render_html` — a self-contained page with the figures embedded as base64;
-* files go through :func:`clip_lens.files.atomic_write`, so an interrupted run never leaves a half file.
+* `synthetic_images` — a seeded batch of smooth colour-blob images, normalised like CLIP;
+* `summarize` — the numbers (per-layer and per-head contribution norms, sum check);
+* `plot_decomposition`, `plot_tokens` — matplotlib figures (Agg backend);
+* `render_html` — a self-contained page with the figures embedded as base64;
+* files go through `clip_lens.files.atomic_write`, so an interrupted run never leaves a half file.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ CAPTIONS = {
     "span_variance.png": "share of each head's output variance explained by its first TextSpan texts.",
     "metrics.png": "left, the share of heads with each concept-consistency score; right, CCS per head.",
     "ablation.png": "zero-shot margin lost per attribute when each head's direct effect is mean-ablated.",
-    "ablation_curves.png": "zero-shot accuracy with everything but the last k attention layers mean-ablated.",
+    "ablation_curves.png": "zero-shot accuracy with everything but the last k attention layers mean-ablated "
+    "(the embedding term and the MLPs stay ablated for every k, so k = all layers is below the unablated model).",
 }
 
 
@@ -72,7 +73,7 @@ def synthetic_images(
     """A seeded batch of smooth random colour blobs on a coloured background.
 
     Returns ``(normalised, pixels)``: ``pixels`` in ``[0, 1]`` and ``normalised`` =
-    ``(pixels - mean) / std``, ready for :meth:`HookedCLIP.decompose`. The same ``seed`` gives
+    ``(pixels - mean) / std``, ready for `HookedCLIP.decompose`. The same ``seed`` gives
     the same images on every machine (CPU generator).
     """
     if n_images < 1:
@@ -221,7 +222,10 @@ def plot_decomposition(summary: dict[str, Any]) -> "Figure":
     ax_layers.set_ylabel("mean ‖contribution‖₂")
     ax_layers.set_title(f"Per-layer attention vs MLP (sum check: max rel. error "
                         f"{summary['sum_check']['max_relative_error']:.1e})")
-    ax_layers.legend(loc="upper left", fontsize="small")
+    # headroom above the tallest bar and line, so that the legend sits over empty space, never over a bar
+    top = max([*attn, *mlp, summary["embed_norm_mean"], 0.0])
+    ax_layers.set_ylim(0, top * 1.5 if top > 0 else 1.0)
+    ax_layers.legend(loc="upper center", ncol=2, fontsize="small", framealpha=0.9)
     return fig
 
 
@@ -298,6 +302,7 @@ def render_html(summary: dict[str, Any], pngs: dict[str, bytes]) -> str:
 body {{ font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; }}
+caption {{ caption-side: bottom; text-align: left; font-size: 0.9em; color: #555; padding-top: 0.3em; }}
 img {{ max-width: 100%; }} figure {{ margin: 1.5em 0; }}
 .warn {{ background: #fff3cd; border: 1px solid #e0c060; padding: 0.6em; }}
 code {{ background: #f3f3f3; padding: 0 0.2em; }}
@@ -334,10 +339,10 @@ def feature_section(
     n_features: int = FEATURES_SHOWN, k: int = 9,
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The report's "Features" section: the first ``n_features`` features of an SAE by
-    :func:`clip_lens.feature_report.rank_features`, named with ``bank`` (default: shapes-attributes,
+    `clip_lens.feature_report.rank_features`, named with ``bank`` (default: shapes-attributes,
     the single-attribute prompts, for shapes-world models, else general; no names, with a note, when the hook cannot be named), and
     their top images among ``images`` (default: ``n_images`` shapes-world scenes of the report's
-    world, seed :data:`clip_lens.head_report.REPORT_SEED`).
+    world, seed `clip_lens.head_report.REPORT_SEED`).
 
     Returns the summary (``summary.json``'s ``features``) and the dashboards as PNG bytes.
     """
@@ -393,9 +398,9 @@ def build_report(
     ``progress`` is an optional tqdm bar advanced once per step (images, decompose, figures,
     write); ``extra`` is stored in the summary (e.g. the config overrides). With ``head_images``
     (shapes-world scenes) or ``head_source`` (a folder, tensor or dataset of images), the head analyses of
-    :mod:`clip_lens.head_report` run too (store in ``out_dir/store``). With ``sae`` (an
-    :class:`~clip_lens.sae.SAE` or its folder) a "Features" section is added
-    (:func:`feature_section`). Returns ``(summary, {file name: path})``.
+    `clip_lens.head_report` run too (store in ``out_dir/store``). With ``sae`` (an
+    `SAE` or its folder) a "Features" section is added
+    (`feature_section`). Returns ``(summary, {file name: path})``.
     """
 
     def step(label: str) -> None:

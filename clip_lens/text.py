@@ -2,7 +2,7 @@
 
 ``open_clip.CLIP`` keeps its text modules at the top level (``model.transformer``,
 ``model.token_embedding`` …); ``CustomTextCLIP`` and ``CoCa`` hold a ``TextTransformer`` in
-``model.text``. :class:`TextTower` reads both into one hooked module.
+``model.text``. `TextTower` reads both into one hooked module.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from clip_lens.errors import InputError, UnsupportedArchitectureError
 class TextTower(TowerWeights, nn.Module):
     """Hooked text encoder sharing the parameters of the open_clip model it was built from.
 
-    Hooks (under ``text.`` in :class:`~clip_lens.HookedCLIP`), ``n`` = token positions:
+    Hooks (under ``text.`` in [`HookedCLIP`][clip_lens.HookedCLIP]), ``n`` = token positions:
 
     ==============================  =========================================================
     ``hook_embed``                  ``[batch, n, m]`` token embeddings (+ CoCa's CLS)
     ``hook_pos_embed``              ``[batch, n, m]`` positional embedding
-    ``blocks.{l}.*``                see :class:`~clip_lens.components.TransformerBlock`
+    ``blocks.{l}.*``                see `TransformerBlock`
     ``ln_final.hook_scale/normalized``  per token, or ``[batch, 1]`` for CoCa (after pooling)
     ``hook_pooled``                 ``[batch, m]`` the pooled (EOT/argmax/…) token
     ``hook_text_embed``             ``[batch, E]`` un-normalised text embedding

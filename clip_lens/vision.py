@@ -34,8 +34,8 @@ class VisionTower(TowerWeights, nn.Module):
     ``hook_embed``                            ``[batch, n, m]`` CLS + patch embeddings
     ``hook_pos_embed``                        ``[batch, n, m]`` positional embedding
     ``ln_pre.hook_scale/normalized``          ``[batch, n, 1]`` / ``[batch, n, m]``
-    ``blocks.{l}.*``                          see :class:`TransformerBlock`
-    ``attn_pool.*`` (attentional pooler)      see :class:`AttentionalPooler`
+    ``blocks.{l}.*``                          see `TransformerBlock`
+    ``attn_pool.*`` (attentional pooler)      see `AttentionalPooler`
     ``ln_post.hook_scale/normalized``         per token, or ``[batch, 1]`` after pooling
     ``hook_pooled``                           ``[batch, m]`` (``[batch, d_out]`` with a pooler)
     ``hook_image_embed``                      ``[batch, E]`` un-normalised image embedding

@@ -1,8 +1,8 @@
 """TransformerLens' weight API for hooked CLIP towers: stacked weights, ``fold_ln``, ``center_writing_weights``.
 
-:class:`TowerWeights` gives every hooked tower (and :class:`~clip_lens.HookedCLIP`, for its image
+[`TowerWeights`][clip_lens.weights.TowerWeights] gives every hooked tower (and [`HookedCLIP`][clip_lens.HookedCLIP], for its image
 tower) TransformerLens' model-level weights, stacked over layers in TransformerLens layout
-(``W_Q [n_layers, h, m, d]`` …, ``QK``/``OV`` as ``FactoredMatrix``). :func:`process_weights`
+(``W_Q [n_layers, h, m, d]`` …, ``QK``/``OV`` as ``FactoredMatrix``). [`process_weights`][clip_lens.weights.process_weights]
 rewrites the shared parameters in place so that the LayerNorms' affine maps live in the weights
 that read them (``fold_ln``) and every residual writer has mean zero (``center_writing_weights``),
 leaving the model's outputs unchanged. See ``docs/concepts/weights.md``.
@@ -202,7 +202,7 @@ class TowerWeights:
 
 
 class CLIPWeights(TowerWeights):
-    """:class:`TowerWeights` of :class:`~clip_lens.HookedCLIP`: the image tower's weights (the text
+    """[`TowerWeights`][clip_lens.weights.TowerWeights] of [`HookedCLIP`][clip_lens.HookedCLIP]: the image tower's weights (the text
     tower's are ``model.text.W_Q`` …), and TransformerLens' switches for the optional hooks,
     applied to every block of both towers."""
 
@@ -222,7 +222,7 @@ class CLIPWeights(TowerWeights):
     def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
         """TransformerLens' ``use_split_qkv_input``: ``blocks.{l}.hook_q_input``/``hook_k_input``/``hook_v_input``
         ``[batch, n, h, m]`` (``resid_pre`` per head, before ``ln1``) exist and feed q, k, v head by head.
-        Mutually exclusive with :meth:`set_use_attn_in`."""
+        Mutually exclusive with [`set_use_attn_in`][clip_lens.HookedCLIP.set_use_attn_in]."""
         self._set_block_flag("set_use_split_qkv_input", use_split_qkv_input)
 
     def set_use_attn_in(self, use_attn_in: bool) -> None:
@@ -438,7 +438,7 @@ def _centre(t: Optional[Tensor]) -> None:
 def centre_writing_weights(tower: nn.Module) -> list[str]:
     """Remove the mean over ``d_model`` from every weight and bias writing into ``tower``'s residual stream.
 
-    Raises :class:`UnsupportedArchitectureError` (before changing anything) when a reader of the
+    Raises [`UnsupportedArchitectureError`][clip_lens.weights.UnsupportedArchitectureError] (before changing anything) when a reader of the
     stream is not a LayerNorm. Returns the names of what was centred.
     """
     problem = _centring_problem(tower)
@@ -488,7 +488,7 @@ def process_weights(
             to weight 1, bias 0 (the LayerNorm modules stay: TransformerLens swaps in ``LNPre``).
         center_writing_weights: subtract the per-output mean from every weight and bias writing into
             the residual stream (LayerScale is folded into them first). Refused with
-            :class:`UnsupportedArchitectureError` where a reader of the stream is not a LayerNorm.
+            [`UnsupportedArchitectureError`][clip_lens.weights.UnsupportedArchitectureError] where a reader of the stream is not a LayerNorm.
 
     Returns:
         ``{"fold_ln": [...], "center_writing_weights": [...]}``: what was folded/centred, as module

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from typing import Any, Optional
 
@@ -107,3 +110,16 @@ def one_line_error(runner, args, *expected: str) -> str:
     for text in expected:
         assert text in errors[0], errors[0]
     return errors[0]
+
+
+def call(server, path, body=None, data=None, headers=None):
+    """``(status, JSON)`` of a GET (no body) or POST to ``path``."""
+    if body is not None:
+        data = json.dumps(body).encode()
+    request = urllib.request.Request(server.url + path.lstrip("/"), data,
+                                     {"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)

@@ -1,5 +1,5 @@
 """The web app of CLIP-InterpreT's five analyses (``clip-lens app``): a Starlette application on uvicorn
-(:mod:`clip_lens.app.server`; both imported only when a server runs) and one static page, no external resources.
+(`clip_lens.app.server`; both imported only when a server runs) and one static page, no external resources.
 
 >>> from clip_lens import HookedCLIP
 >>> from clip_lens.app import demo_workspace, serve
@@ -9,7 +9,7 @@
 
 Tabs: property-based nearest neighbours, per-head topic segmentation, contrastive segmentation,
 per-head nearest neighbours of an image, and of a text, and the features of SAEs (``saes=`` of
-:func:`make_server`; :mod:`clip_lens.app.features`) (see ``docs/concepts/app.md``).
+[`make_server`][clip_lens.app.make_server]; `clip_lens.app.features`) (see ``docs/concepts/app.md``).
 """
 
 from clip_lens.app.api import Api

@@ -1,6 +1,6 @@
 """The five CLIP-InterpreT analyses as JSON functions: a request dict in, a response dict out.
 
-Every user mistake raises :class:`~clip_lens.errors.InputError` (the server answers 400 with its
+Every user mistake raises [`InputError`][clip_lens.InputError] (the server answers 400 with its
 message); the analyses come from the registry (``analyses.get``), never from a plugin import.
 
 Request fields (``POST /api/<name>``):
@@ -12,14 +12,17 @@ Request fields (``POST /api/<name>``):
 ``image_neighbors``        ``images``, ``head``, ``k`` (8)
 ``text_neighbors``         ``text``, ``head``, ``k`` (3)
 ``sae_features``           ``sae``, ``order`` ("frequency"), ``text`` (search), ``start``, ``count`` (the Features tab,
-                           :mod:`clip_lens.app.features`)
+                           `clip_lens.app.features`)
 ``sae_feature``            ``sae``, ``feature``, ``k`` (9)
 ``sae_image``              ``sae``, ``images``, ``k`` (8)
 =========================  =================================================================
 
 ``images`` is a list of 1..``max_images`` items, each a data URL (``"data:image/png;base64,…"``,
 PNG/JPEG/GIF/WebP/BMP), ``{"store_row": N}`` or ``{"scene": N, "seed": S}`` (a shapes-world scene,
-seed 1000 by default). Every response holds ``figure`` (a PNG data URL) and the numbers behind it.
+seed 1000 by default); the optional ``names`` (one string per image, e.g. the uploaded files' names)
+titles the uploads in the figures, whose query images are otherwise titled by what they are ("store
+image #3", "scene 5 (seed 1000)", "uploaded image"). Every response holds ``figure`` (a PNG data URL,
+every heatmap with its colour bar) and the numbers behind it.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ MAX_PIXELS = 4096 * 4096
 """Largest uploaded image (width × height), checked from the header before decoding (decompression bombs)."""
 MAX_REQUEST_PIXELS = 32 * 2**20
 """Default of ``max_pixels``: most decoded pixels summed over one request's images (two 4096 × 4096 images)."""
+MAX_NAME = 120
+"""Longest query image name (``names``) shown in a figure."""
 MAX_THUMBNAILS = 64
 """Most store thumbnails per ``GET /api/thumbnails``."""
 QUERY_SEED = 1000
@@ -68,6 +73,30 @@ def _figure_url(fig) -> str:
     from clip_lens.report import figure_png
 
     return png_data_url(figure_png(fig))
+
+
+def name_neighbour_queries(fig: Any, names: Sequence[str]) -> Any:
+    """Title the query column of a neighbours figure (one row per query) with the queries' names."""
+    rows = [ax for ax in fig.axes if ax.get_subplotspec() is not None and ax.get_subplotspec().colspan.start == 0]
+    for ax, name in zip(rows, names):
+        ax.set_title(name, fontsize=8)
+    return fig
+
+
+def name_map_rows(fig: Any, names: Sequence[str], label: str) -> Any:
+    """Title the image column of a segmentation figure (one row per image, maps in [0, 1] drawn with
+    ``jet``) with the images' names, and add the maps' colour bar."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    axes = [ax for ax in fig.axes if ax.get_subplotspec() is not None]
+    first = [ax for ax in axes if ax.get_subplotspec().colspan.start == 0]
+    for ax, name in zip(first, names):
+        ax.set_title(name, fontsize=8)
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=axes, shrink=0.9, aspect=25, pad=0.02)
+    bar.set_label(label, fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    return fig
 
 
 class Fields:
@@ -131,7 +160,7 @@ class Api:
         max_pixels: most decoded pixels (width × height) summed over one request's images, checked from
             their headers before any is decoded.
         saes: SAEs on image-tower hooks of ``model`` for the Features tab, by name (a list: named
-            ``sae0``, ``sae1``, …); each is checked against the model (:func:`~clip_lens.app.features.check_sae_fits`).
+            ``sae0``, ``sae1``, …); each is checked against the model (`check_sae_fits`).
     """
 
     ENDPOINTS = ("property_neighbors", "topic_segmentation", "contrastive_segmentation", "image_neighbors", "text_neighbors",
@@ -225,7 +254,7 @@ class Api:
     # --- the five analyses --------------------------------------------------------------
     def property_neighbors(self, body: Any) -> dict[str, Any]:
         """Nearest store images by the summed terms of the heads labelled with a property."""
-        fields = Fields(body, ("images", "property", "k", "metric", "texts"))
+        fields = Fields(body, ("images", "names", "property", "k", "metric", "texts"))
         prop, k, metric, texts = fields.string("property"), fields.k(10), fields.string("metric", "dot"), fields.texts()
         if self.labels is None:
             raise InputError("this server has no head labels, so there is no property search; start it with labels.")
@@ -233,39 +262,41 @@ class Api:
         with self.lock:
             result = self.neighbors(self.model).run(self.store, query_images=pixels, property=prop, labels=self.labels,
                                                     k=k, metric=metric, texts=texts)
-            figure = _figure_url(result.plot(self.thumbnail_loader, shown))
+            figure = _figure_url(name_neighbour_queries(result.plot(self.thumbnail_loader, shown), self.query_names(fields)))
         return {**self._neighbours(result), "figure": figure}
 
     def topic_segmentation(self, body: Any) -> dict[str, Any]:
         """Per-patch shares of the chosen heads' contributions along a text (one map per image)."""
-        fields = Fields(body, ("images", "text", "head"))
+        fields = Fields(body, ("images", "names", "text", "head"))
         text, head = fields.text("text"), fields.string("head", "all")
         pixels, _ = self.images(fields)
         with self.lock:
             result = analyses.get("segmentation")(self.model).run(pixels, text, head=head)
-            figure = _figure_url(result.plot(pixels, max_images=len(pixels)))
+            figure = _figure_url(name_map_rows(result.plot(pixels, max_images=len(pixels)), self.query_names(fields),
+                                               "share of the image–text similarity (per image, min to max)"))
         return {"text": result.text, "heads": result.heads, "grid": result.grid.tolist(), "prefix": result.prefix.tolist(),
                 "figure": figure}
 
     def contrastive_segmentation(self, body: Any) -> dict[str, Any]:
         """Where the chosen heads write text A more than text B, and the reverse."""
-        fields = Fields(body, ("images", "text_a", "text_b", "head"))
+        fields = Fields(body, ("images", "names", "text_a", "text_b", "head"))
         text_a, text_b, head = fields.text("text_a"), fields.text("text_b"), fields.string("head", "all")
         pixels, _ = self.images(fields)
         with self.lock:
             result = analyses.get("contrastive_segmentation")(self.model).run(pixels, text_a, text_b, heads=head)
-            figure = _figure_url(result.plot(pixels, max_images=len(pixels)))
+            figure = _figure_url(name_map_rows(result.plot(pixels, max_images=len(pixels)), self.query_names(fields),
+                                               "A − B and B − A on one scale per image (min to max)"))
         return {"text_a": text_a, "text_b": text_b, "heads": result.heads, "a_minus_b": result.a_minus_b.tolist(),
                 "b_minus_a": result.b_minus_a.tolist(), "figure": figure}
 
     def image_neighbors(self, body: Any) -> dict[str, Any]:
         """Nearest store images by one head's term."""
-        fields = Fields(body, ("images", "head", "k"))
+        fields = Fields(body, ("images", "names", "head", "k"))
         head, k = fields.string("head"), fields.k(8)
         pixels, shown = self.images(fields)
         with self.lock:
             result = self.neighbors(self.model).run(self.store, query_images=pixels, head=head, k=k)
-            figure = _figure_url(result.plot(self.thumbnail_loader, shown))
+            figure = _figure_url(name_neighbour_queries(result.plot(self.thumbnail_loader, shown), self.query_names(fields)))
         return {**self._neighbours(result), "figure": figure}
 
     def text_neighbors(self, body: Any) -> dict[str, Any]:
@@ -289,7 +320,7 @@ class Api:
 
     def sae_image(self, body: Any) -> dict[str, Any]:
         """The features that fire most on each query image, with their patch maps on it."""
-        return self.features.image(Fields(body, ("sae", "images", "k")))
+        return self.features.image(Fields(body, ("sae", "images", "names", "k")))
 
     def _neighbours(self, result) -> dict[str, Any]:
         """Rows, store ids and scores of each query's neighbours, best first."""
@@ -331,6 +362,26 @@ class Api:
                 pictures[i] = picture = None  # free the full-size image
         return torch.stack(pixels), np.stack(shown)
 
+    def query_names(self, fields: Fields) -> list[str]:
+        """What each query image is, for the figures: "store image #N", "scene N (seed S)", or an upload's
+        name from ``names`` ("uploaded image" without one)."""
+        items = fields.body.get("images") or []
+        given = fields.body.get("names")
+        if given is not None and (not isinstance(given, list) or len(given) != len(items)
+                                  or not all(isinstance(n, str) or n is None for n in given)):
+            raise InputError(f"names must be a list of {len(items)} strings (one per image), got {given!r}.")
+        uploads = sum(isinstance(item, str) for item in items)
+        names = []
+        for i, item in enumerate(items):
+            name = " ".join((given[i] or "").split())[:MAX_NAME] if given is not None else ""
+            if isinstance(item, dict) and "store_row" in item:
+                names.append(f"store image #{item['store_row']}")
+            elif isinstance(item, dict) and "scene" in item:
+                names.append(name or f"scene {item['scene']} (seed {item.get('seed', QUERY_SEED)})")
+            else:
+                names.append(name or ("uploaded image" if uploads == 1 else f"uploaded image {i + 1}"))
+        return names
+
     def _image(self, item: Any, i: int) -> Image.Image:
         if isinstance(item, str):
             return open_data_url(item, f"images[{i}]")
@@ -354,13 +405,13 @@ class Api:
 
 
 def decode_data_url(url: str, what: str = "image") -> Image.Image:
-    """An RGB PIL image from a base64 data URL; refuses other formats and images over :data:`MAX_PIXELS`."""
+    """An RGB PIL image from a base64 data URL; refuses other formats and images over `MAX_PIXELS`."""
     return _rgb(open_data_url(url, what), what)
 
 
 def open_data_url(url: str, what: str = "image") -> Image.Image:
     """A PIL image of a base64 data URL with only its header read (not decoded yet: ``.convert()`` decodes);
-    refuses other formats and images over :data:`MAX_PIXELS`."""
+    refuses other formats and images over `MAX_PIXELS`."""
     match = _DATA_URL.match(url)
     if match is None:
         raise InputError(f"{what} is not a base64 image data URL ('data:image/png;base64,...'), it starts {url[:30]!r}.")

@@ -1,8 +1,8 @@
-"""The app's HTTP layer: a Starlette application over :class:`~clip_lens.app.api.Api`.
+"""The app's HTTP layer: a Starlette application over [`Api`][clip_lens.app.Api].
 
 Routing, the JSON body (size, type, strict parse), the answer and every error as
 ``{"error": message, "status": code}``; the analyses themselves run in Starlette's thread pool, one
-:class:`Api` method per endpoint. :class:`Guard`, outside the router, refuses foreign ``Host`` names,
+[`Api`][clip_lens.app.Api] method per endpoint. `Guard`, outside the router, refuses foreign ``Host`` names,
 HTTP versions other than 1.0/1.1 and over-long URLs, adds the security headers to every answer and
 turns anything that still escapes into a JSON 500 (never a traceback to the client, never a dropped
 connection).
@@ -52,7 +52,7 @@ def json_error(request: Optional[Request], status: int, message: str, close: boo
 
 
 def build_app(api: Api, limits: Limits, info: Callable[[], dict], loopback_only: bool) -> ASGIApp:
-    """The ASGI application of one server: :class:`Guard` around a Starlette router."""
+    """The ASGI application of one server: `Guard` around a Starlette router."""
     budget = ByteBudget(limits.pending_bytes)
     files = resources.files("clip_lens.app").joinpath("static")
     pages = {path: (files.joinpath(name).read_bytes(), f"{kind}; charset=utf-8") for path, (name, kind) in STATIC.items()}
@@ -166,7 +166,7 @@ class Guard:
     - ``Host`` not a loopback name while the server is on a loopback address: 403 (DNS rebinding:
       evil.example → 127.0.0.1 would otherwise let a web page call the API);
     - HTTP versions other than 1.0 and 1.1 (h11 parses ``HTTP/9.9`` as a version): 400;
-    - a request target over :data:`~clip_lens.app.guard.MAX_URL_BYTES`: 414.
+    - a request target over `MAX_URL_BYTES`: 414.
     """
 
     def __init__(self, app: ASGIApp, loopback_only: bool):

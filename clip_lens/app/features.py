@@ -3,16 +3,16 @@
 Per SAE, computed once on first use (under the app's model lock, progress in ``GET /api/sae_status``)
 and then cached:
 
-- the store-wide dashboard, :func:`~clip_lens.sae.naming.top_activating` over every store image
-  (the :data:`TOP_K` top images of every feature, their patch maps and each feature's firing frequency);
+- the store-wide dashboard, `top_activating` over every store image
+  (the `TOP_K` top images of every feature, their patch maps and each feature's firing frequency);
   memory ``d_sae × TOP_K × grid_h × grid_w`` floats (e.g. 128 features × 12 × 8 × 8: 0.4 MB;
   49,152 features × 12 × 14 × 14: 460 MB);
-- the features' text names, :func:`~clip_lens.sae.naming.name_features` on the builtin ``"shapes"``
+- the features' text names, `name_features` on the builtin ``"shapes"``
   bank for the bundled ``toy-shapes`` model and the ``"general"`` bank for any other model. A hook
   whose directions the read-out cannot carry to the embedding (``attn.hook_z``, ``mlp.hook_post``,
   a tower with an attentional pooler) gets no names, and the answers say why.
 
-Endpoints (methods of :class:`~clip_lens.app.api.Api`, which delegates here):
+Endpoints (methods of [`Api`][clip_lens.app.Api], which delegates here):
 
 ======================  ==========================================================================
 ``sae_features``        ``sae``, ``order`` ("frequency"), ``text`` (search), ``start`` (0), ``count`` (100)
@@ -139,7 +139,7 @@ class SAEView:
 
 
 class Features:
-    """The Features tab's computations for an :class:`~clip_lens.app.api.Api` (which owns the lock,
+    """The Features tab's computations for an [`Api`][clip_lens.app.Api] (which owns the lock,
     the store images and the request parsing)."""
 
     def __init__(self, api: Any, saes: Union[Mapping[str, "SAE"], Sequence["SAE"], None]):
@@ -268,7 +268,7 @@ class Features:
                      "map": maps[j].tolist() if maps is not None else None}
                     for j, f in enumerate(chosen)])
                 panels.append((shown[q], chosen, [float(acts[q, f]) for f in chosen], maps))
-            figure = _figure_url(image_figure(panels, names, sae.cfg.hook_name))
+            figure = _figure_url(image_figure(panels, names, sae.cfg.hook_name, queries=self.api.query_names(fields)))
         return {"sae": view.name, "images": [{"features": features} for features in answers],
                 "names_info": self._names_info(view), "maps_note": note, "figure": figure}
 
@@ -423,15 +423,18 @@ def feature_figure(
     return fig
 
 
-def image_figure(panels: Sequence[tuple], names: Optional["FeatureNames"], hook_name: str, wrap: int = 5) -> "Figure":
-    """Per query image ``(picture, features, values, maps)``: the image, then its most active features'
-    patch maps over it, one colour scale. Several images: one line each; one image: wrapped at ``wrap`` panels."""
+def image_figure(panels: Sequence[tuple], names: Optional["FeatureNames"], hook_name: str, wrap: int = 5,
+                 queries: Optional[Sequence[str]] = None) -> "Figure":
+    """Per query image ``(picture, features, values, maps)``: the image (titled with its name from
+    ``queries``, e.g. "store image #3"), then its most active features' patch maps over it, one colour
+    scale. Several images: one line each; one image: wrapped at ``wrap`` panels."""
     from matplotlib.figure import Figure
 
     scale = max([float(maps.max()) for _, _, _, maps in panels if maps is not None and len(maps)] + [0.0])
     lines: list[list[tuple]] = []  # cells of (picture, map or None, title)
-    for picture, chosen, values, maps in panels:
-        cells = [(picture, None, "query" if chosen else "query: no feature fires")]
+    for q, (picture, chosen, values, maps) in enumerate(panels):
+        query = queries[q] if queries is not None and q < len(queries) else "query"
+        cells = [(picture, None, query if chosen else f"{query}: no feature fires")]
         for j, feature in enumerate(chosen):
             label = names.texts[int(names.indices[feature, 0])] if names is not None else ""
             label = label if len(label) <= 22 else label[:21] + "…"

@@ -1,19 +1,19 @@
 """The web app's request budget and strict JSON, shared by the ASGI app and the connection protocol.
 
-Nothing here imports the server stack (Starlette, uvicorn): :mod:`clip_lens.app.server` imports those
+Nothing here imports the server stack (Starlette, uvicorn): `clip_lens.app.server` imports those
 only when a server is made, so that ``clip-lens`` starts without them.
 
-Per request (:class:`Limits`):
+Per request (`Limits`):
 
 - **bytes**: a ``Content-Length`` over ``max_upload_bytes`` gets 413 before any of the body is read; a
   chunked body is cut off with 413 as soon as it passes the limit; all request bodies held at once
-  (read or being read, until their answer is sent) share ``pending_bytes`` (:class:`ByteBudget`);
+  (read or being read, until their answer is sent) share ``pending_bytes`` (`ByteBudget`);
 - **images and pixels**: at most ``max_images`` images whose decoded pixels sum to at most
   ``max_pixels``, checked from the image headers before anything is decoded
-  (:meth:`Api.images <clip_lens.app.api.Api.images>`, which also decodes one request at a time);
+  ([`Api.images`][clip_lens.app.Api.images], which also decodes one request at a time);
 - **time**: the whole request (line, headers and body) must arrive within ``request_timeout`` seconds
-  of its first byte, else 408 (:mod:`clip_lens.app.protocol`);
-- **shape**: the body must be strict JSON (:func:`parse_json`).
+  of its first byte, else 408 (`clip_lens.app.protocol`);
+- **shape**: the body must be strict JSON (`parse_json`).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def _constant(name: str) -> Any:
 
 def parse_json(raw: bytes) -> Any:
     """A request body as JSON, strictly: UTF-8, no ``NaN``/``Infinity``, integers of at most
-    :data:`MAX_JSON_DIGITS` digits, nesting at most :data:`MAX_JSON_DEPTH` deep, no lone surrogates
+    `MAX_JSON_DIGITS` digits, nesting at most `MAX_JSON_DEPTH` deep, no lone surrogates
     (``"\\ud800"``, which no UTF-8 answer can carry).
 
     Raises:

@@ -1,17 +1,17 @@
-"""The web app's server: the Starlette application of :mod:`clip_lens.app.asgi` on uvicorn.
+"""The web app's server: the Starlette application of `clip_lens.app.asgi` on uvicorn.
 
 ==========================================  =====================================================
 ``GET /``, ``/static/app.js|app.css``        the page
 ``GET /api/info``                            model, heads (with labels), properties, metrics, store size, limits
 ``GET /api/thumbnails?start=0&count=24``     store images as PNG data URLs (the page's image picker)
 ``GET /api/sae_status``                      per SAE: store-wide feature activations idle / computing (images done) / ready
-``POST /api/<analysis>``                     the five analyses and the Features tab (:mod:`clip_lens.app.api`), JSON in and out
+``POST /api/<analysis>``                     the five analyses and the Features tab (`clip_lens.app.api`), JSON in and out
 ==========================================  =====================================================
 
 Bad input and safety: bound to 127.0.0.1 by default, and while on a loopback address it answers only
 requests whose ``Host`` is a loopback name (a web page cannot reach it through DNS rebinding); POSTs
 must be ``application/json`` (a cross-site form cannot send that without a CORS preflight, which
-is never granted); each request has a budget (:class:`~clip_lens.app.guard.Limits`: body bytes, image
+is never granted); each request has a budget (`Limits`: body bytes, image
 count, decoded pixels, time to arrive); a malformed request gets a 4xx; ``InputError`` → 400 with its
 message; anything else → 500 with a short message, the traceback going to the ``clip_lens.app``
 logger only. Every error is ``{"error": message, "status": code}``.
@@ -22,13 +22,16 @@ Starlette and uvicorn are imported when a server is made, not when ``clip_lens.a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import logging
+import signal
 import socket
+import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from jaxtyping import UInt8
@@ -50,6 +53,37 @@ KEEP_ALIVE_SECONDS = 5.0
 """How long an idle keep-alive connection stays open between requests."""
 
 
+class Terminated(SystemExit):
+    """Raised in the main thread by SIGTERM (or SIGHUP) inside `exit_on_signals`: unlike the default
+    action (the process dies at once), it unwinds the stack, so ``with`` blocks and ``finally`` clauses
+    run (the demo's temporary folder is removed). Its exit status is 128 + the signal number."""
+
+
+@contextlib.contextmanager
+def exit_on_signals() -> Iterator[None]:
+    """While inside (main thread only; elsewhere nothing changes): SIGTERM and SIGHUP raise
+    `Terminated`, as Ctrl-C (SIGINT) raises ``KeyboardInterrupt``. The previous handlers come back
+    on leaving. uvicorn captures these signals while it serves and raises them again once it has stopped,
+    so a server stopped by SIGTERM shuts down gracefully and then unwinds through this handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(128 + signum)
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None:
+            previous[number] = signal.signal(number, handler)
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (a name or address to bind) only accepts connections from this machine."""
     if host == "localhost":
@@ -65,7 +99,7 @@ class AppServer:
     ``shutdown()``, then ``server_close()`` (the ``socketserver`` interface, on uvicorn).
 
     Attributes:
-        api: the :class:`~clip_lens.app.api.Api` it serves.
+        api: the [`Api`][clip_lens.app.Api] it serves.
         limits: the per-request budget.
         server_address: ``(host, port)`` it is bound to.
         loopback_only: whether it is bound to a loopback address (then only loopback ``Host`` names are answered).
@@ -86,7 +120,7 @@ class AppServer:
         return self.limits.max_upload_bytes
 
     def info(self) -> dict[str, Any]:
-        """:meth:`Api.info <clip_lens.app.api.Api.info>` plus the upload limit (the page checks files against it)."""
+        """[`Api.info`][clip_lens.app.Api.info] plus the upload limit (the page checks files against it)."""
         info = self.api.info()
         info["limits"]["max_upload_bytes"] = self.limits.max_upload_bytes
         return info
@@ -105,7 +139,7 @@ class AppServer:
         return build_app(self.api, self.limits, self.info, self.loopback_only)
 
     def serve_forever(self) -> None:
-        """Serve in this thread until :meth:`shutdown` (or Ctrl-C in the main thread). uvicorn closes the
+        """Serve in this thread until `shutdown` (or Ctrl-C in the main thread). uvicorn closes the
         socket when it stops, so a server serves once; make another to serve again."""
         import uvicorn
 
@@ -132,7 +166,7 @@ class AppServer:
                 self._stopped.set()
 
     def shutdown(self) -> None:
-        """Stop :meth:`serve_forever` (from another thread) and wait until it has returned."""
+        """Stop `serve_forever` (from another thread) and wait until it has returned."""
         with self._lock:
             if self._server is None:
                 self._exit_requested = True  # serve_forever() has not started yet: it will return at once
@@ -176,7 +210,7 @@ def make_server(
 
     Args:
         model: the HookedCLIP the store was collected with.
-        store: a store (or its folder) with per-head terms, e.g. from :func:`~clip_lens.app.demo_workspace`.
+        store: a store (or its folder) with per-head terms, e.g. from [`demo_workspace`][clip_lens.app.demo_workspace].
         labels: ``HeadLabelsResult`` of the store's heads (the head_labels analysis); None: no property search.
         host: address to bind; keep the loopback default unless every machine that can reach it is trusted.
         port: 0 picks a free port (read it from ``server.server_address`` or ``server.url``).
@@ -206,18 +240,22 @@ def make_server(
 
 
 def serve(model: "HookedCLIP", store: Union[Store, str, Path], labels: Any = None, *, port: int = 8765, **options: Any) -> None:
-    """Serve the app until Ctrl-C, printing its URL (``options``: ``host``, ``max_upload_bytes``,
-    ``max_images``, ``thumbnails``, ``saes``, ``max_pixels``, ``request_timeout`` of :func:`make_server`)."""
+    """Serve the app until Ctrl-C, SIGTERM or SIGHUP, printing its URL (``options``: ``host``, ``max_upload_bytes``,
+    ``max_images``, ``thumbnails``, ``saes``, ``max_pixels``, ``request_timeout`` of [`make_server`][clip_lens.app.make_server]).
+
+    Each of those signals stops the server gracefully (open requests finish, the socket is closed) and
+    returns normally, so the caller's ``with`` blocks clean up (``clip-lens app``'s temporary demo folder)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = make_server(model, store, labels, port=port, **options)
     if not server.loopback_only:
         logger.warning("serving on %s, which other machines can reach: anyone who can connect can run the model "
                        "and see the store's images", server.server_address[0])
-    print(f"clip-lens app: {server.url}  (Ctrl-C to stop)", flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        with exit_on_signals():  # before the URL is printed: whoever reads it may signal at once
+            print(f"clip-lens app: {server.url}  (Ctrl-C to stop)", flush=True)
+            server.serve_forever()
+    except (KeyboardInterrupt, Terminated):
+        print("clip-lens app: stopped", file=sys.stderr, flush=True)
     finally:
         server.server_close()

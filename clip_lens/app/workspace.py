@@ -3,6 +3,8 @@ labels, a thumbnail loader and (optionally) a small SAE for the Features tab."""
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
@@ -29,7 +31,7 @@ fires on some scenes, at frequencies from a few percent to all of them."""
 
 @dataclass
 class Workspace:
-    """A store, its head labels and its thumbnails: the arguments of :func:`~clip_lens.app.make_server`."""
+    """A store, its head labels and its thumbnails: the arguments of [`make_server`][clip_lens.app.make_server]."""
 
     store: Store
     labels: Any
@@ -41,36 +43,56 @@ class Workspace:
 
 
 def demo_workspace(
-    model: "HookedCLIP", directory: Union[str, Path], n_scenes: int = 300, seed: int = DEMO_SEED, sae: bool = False
+    model: "HookedCLIP", directory: Union[str, Path], n_scenes: int = 300, seed: int = DEMO_SEED, sae: bool = False,
+    progress: bool = True,
 ) -> Workspace:
     """Collect ``n_scenes`` shapes-world scenes into ``directory/store`` (resumed if already there),
     run TextSpan (shapes-attributes bank, 20 texts per head) and label the heads (saved as
-    ``directory/labels.json``); with ``sae=True`` also train :func:`demo_sae` on the same scenes
+    ``directory/labels.json``); with ``sae=True`` also train `demo_sae` on the same scenes
     (``workspace.saes["demo"]``).
 
     Takes a few seconds on CPU for the bundled ``toy-shapes`` model and 300 scenes (about 2.5 s, and
-    3 s more for the SAE, on one core).
+    3 s more for the SAE, on one core). With ``progress`` each step is printed to stderr as it starts
+    ("demo [1/3] collecting 300 shapes-world scenes …", with the store's tqdm bar) and the total at the end.
+    SIGTERM while it builds unwinds the stack (`exit_on_signals`), so the
+    caller's temporary folder is removed.
 
     Raises:
         InputError: the model has no fixed image size (scenes cannot be rendered for it).
     """
     if model.cfg.image_size is None:
         raise InputError("the demo workspace renders shapes-world scenes, which needs a model with a fixed image size.")
+    from clip_lens.app.server import exit_on_signals
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    size = model.cfg.image_size[0]
-    store = collect(model, shapes_world_images(n_scenes, seed=seed, image_size=size), directory / "store", progress=False)
-    spans = analyses.get("textspan")(model).run(store, bank="shapes-attributes", m=20)
-    labels = analyses.get("head_labels")(model).run(spans)
-    labels.save(directory / "labels.json")
-    saes = {"demo": demo_sae(model, shapes_world_images(n_scenes, seed=seed, image_size=size))} if sae else {}
-    return Workspace(store, labels, store_thumbnails(store, size), saes)
+    steps, began = 3 if sae else 2, time.perf_counter()
+
+    def say(step: int, what: str) -> None:
+        if progress:
+            print(f"demo [{step}/{steps}] {what} …", file=sys.stderr, flush=True)
+
+    with exit_on_signals():
+        directory.mkdir(parents=True, exist_ok=True)
+        size = model.cfg.image_size[0]
+        say(1, f"collecting {n_scenes} shapes-world scenes into {directory / 'store'}")
+        store = collect(model, shapes_world_images(n_scenes, seed=seed, image_size=size), directory / "store",
+                        progress=progress)
+        say(2, "TextSpan on the shapes-attributes bank and head labels")
+        spans = analyses.get("textspan")(model).run(store, bank="shapes-attributes", m=20)
+        labels = analyses.get("head_labels")(model).run(spans)
+        labels.save(directory / "labels.json")
+        if sae:
+            say(3, "training the demo SAE (Features tab)")
+        saes = {"demo": demo_sae(model, shapes_world_images(n_scenes, seed=seed, image_size=size))} if sae else {}
+        if progress:
+            print(f"demo ready in {time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
+        return Workspace(store, labels, store_thumbnails(store, size), saes)
 
 
 def demo_sae(model: "HookedCLIP", images: Any, hook_name: Union[str, None] = None, seed: int = 0) -> "SAE":
-    """A small SAE (:data:`DEMO_SAE`: ReLU + L1, 128 features, 200 steps of 256 patch tokens) on the
+    """A small SAE (`DEMO_SAE`: ReLU + L1, 128 features, 200 steps of 256 patch tokens) on the
     patch tokens of ``hook_name`` (default: the last residual stream, where the features' text names
-    are exact) over ``images`` (anything :class:`~clip_lens.sae.ActivationSource` reads).
+    are exact) over ``images`` (anything `ActivationSource` reads).
 
     Made for the demo's Features tab: seconds on a CPU for the bundled model, not a good SAE. It trains
     on one torch thread (restored afterwards): its matrices are tiny, and on a busy 2-core machine two

@@ -1,7 +1,7 @@
 """Per-head attention recomputed from a fused ``nn.MultiheadAttention``.
 
 open_clip's blocks call ``nn.MultiheadAttention`` with ``need_weights=False``, which hides
-q/k/v, the pattern and the per-head outputs from forward hooks. :class:`Attention` reads the
+q/k/v, the pattern and the per-head outputs from forward hooks. `Attention` reads the
 same ``in_proj_weight``/``out_proj`` parameters and computes them head by head.
 """
 
@@ -60,7 +60,7 @@ class HeadAttention(nn.Module):
 
     The input may be one residual ``[batch, n, m]`` for q, k and v, or (TransformerLens'
     ``use_split_qkv_input``/``use_attn_in``) one copy per head ``[batch, n, h, m]``, projected
-    head by head with ``W_Q/W_K/W_V`` and ``b_Q/b_K/b_V`` (:meth:`project_heads`).
+    head by head with ``W_Q/W_K/W_V`` and ``b_Q/b_K/b_V`` (`project_heads`).
     """
 
     def __init__(self, n_heads: int, d_model: int, d_head: int):
@@ -96,7 +96,7 @@ class HeadAttention(nn.Module):
         return torch.einsum("bnhm,hmd->bnhd", x, weight) + bias
 
     def project_input(self, x: Tensor, which: int) -> Float[Tensor, "batch n h d"]:
-        """:meth:`project` for ``[batch, n, m]``, :meth:`project_heads` for ``[batch, n, h, m]``."""
+        """`project` for ``[batch, n, m]``, `project_heads` for ``[batch, n, h, m]``."""
         return self.project_heads(x, which) if x.ndim == 4 else self.project(x, which)
 
     def attend(
@@ -132,7 +132,7 @@ class HeadAttention(nn.Module):
 
 class Attention(HeadAttention):
     """Self-attention of an open_clip block, split into heads from its fused
-    ``nn.MultiheadAttention`` (``in_proj_weight`` / ``out_proj``). See :class:`HeadAttention`
+    ``nn.MultiheadAttention`` (``in_proj_weight`` / ``out_proj``). See `HeadAttention`
     for the hooks. ``W_O`` and ``b_O`` include the block's LayerScale, so per-head results add
     up to what enters the residual.
     """

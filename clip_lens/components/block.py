@@ -30,7 +30,7 @@ class MLP(nn.Module):
 
     Weights in TransformerLens layout: ``W_in [m, d_mlp]``, ``b_in [d_mlp]``, ``W_out [d_mlp, m]``,
     ``b_out [m]``. ``W_out``/``b_out`` include the block's LayerScale (``layer_scale``, set by
-    :class:`TransformerBlock`), so ``hook_post @ W_out + b_out`` is what enters the residual; with
+    `TransformerBlock`), so ``hook_post @ W_out + b_out`` is what enters the residual; with
     ``ln_inner`` they fold its weight, bias and centring in, as ``TimmAttention.W_O`` does:
     ``hook_mlp_out = hook_post @ W_out / ln_inner.hook_scale + b_out``.
     """

@@ -6,7 +6,7 @@ residual stream to the embedding by the same few steps, each optional:
     per-token LayerNorm → pooling (fixed weights over positions, or an attention pooler whose
     queries are then pooled) → per-query LayerNorm → LayerNorm of the pooled vector → affine map
 
-:class:`ReadoutPlan` names the hooked modules of these steps; :func:`clip_lens.decompose`
+[`ReadoutPlan`][clip_lens.components.readout.ReadoutPlan] names the hooked modules of these steps; [`clip_lens.decompose`][clip_lens.decompose]
 freezes their LayerNorm scales and attention pattern and so learns every family once.
 """
 

@@ -1,13 +1,13 @@
 """Sparse autoencoders on any hook point of a HookedCLIP, in SAELens' format and semantics.
 
-- :mod:`clip_lens.sae.model`: :class:`SAEConfig` and :class:`SAE` (standard / topk / jumprelu).
-- :mod:`clip_lens.sae.io`: SAELens' folder format (``cfg.json`` + ``sae_weights.safetensors``).
-- :mod:`clip_lens.sae.splice`: ``model.add_sae``, ``run_with_saes``, ``run_with_cache_with_saes``
-  (the :class:`SAESplicing` mixin of :class:`~clip_lens.HookedCLIP`).
-- :mod:`clip_lens.sae.activations`: :class:`ActivationSource`, a memory-bounded shuffled stream of
+- `clip_lens.sae.model`: `SAEConfig` and `SAE` (standard / topk / jumprelu).
+- `clip_lens.sae.io`: SAELens' folder format (``cfg.json`` + ``sae_weights.safetensors``).
+- `clip_lens.sae.splice`: ``model.add_sae``, ``run_with_saes``, ``run_with_cache_with_saes``
+  (the `SAESplicing` mixin of [`HookedCLIP`][clip_lens.HookedCLIP]).
+- `clip_lens.sae.activations`: `ActivationSource`, a memory-bounded shuffled stream of
   any hook's activations (or decomposition terms) over an image set.
-- :mod:`clip_lens.sae.train`: :func:`train_sae` (TopK, BatchTopK, ReLU+L1; resumable) and
-  :func:`evaluate_sae`.
+- `clip_lens.sae.train`: `train_sae` (TopK, BatchTopK, ReLU+L1; resumable) and
+  `evaluate_sae`.
 
 The training modules are imported on first use: ``hooked_clip`` imports the splicing mixin from
 this package, and training imports ``hooked_clip``'s neighbours.

@@ -1,6 +1,6 @@
 """Streaming activations of one hook point (or one decomposition term) into a shuffled buffer.
 
-:class:`ActivationSource` runs a model over an image set (or a text set, for ``text.`` hooks) one
+`ActivationSource` runs a model over an image set (or a text set, for ``text.`` hooks) one
 forward batch at a time, keeps the rows of one hook point (one row per token and image, or per
 image for pooled hooks and decomposition terms) in a memory-bounded buffer, and yields shuffled
 batches of ``[tokens, d_in]`` rows: the training data of a sparse autoencoder.
@@ -26,9 +26,9 @@ Rows per hook (``n`` positions, ``h`` heads):
 ``"cls"`` (position 0), ``"pooled"`` (the pooled token: CLS, or each prompt's EOT) or a list of
 indices. A hook in block ``l`` runs only blocks ``0..l`` (``stop_at_layer=l + 1``).
 
-Resumption: :meth:`ActivationSource.state_dict` records where the stream is (the next forward
+Resumption: `ActivationSource.state_dict` records where the stream is (the next forward
 batch, the shuffle generator) and, for every row still in the buffer, which forward batch and
-offset it came from — not the rows themselves. :meth:`load_state_dict` recomputes those forward
+offset it came from — not the rows themselves. `load_state_dict` recomputes those forward
 batches (same images, same batch boundaries, so the same values bit for bit on one machine) and
 continues exactly as the uninterrupted stream would.
 """
@@ -91,17 +91,17 @@ class ActivationSource:
     of a finite stream may be shorter). The stream is endless unless ``epochs`` is given.
 
     Args:
-        model: a :class:`~clip_lens.HookedCLIP`.
-        images: anything :func:`clip_lens.collect.image_source` takes (tensor ``[N, 3, H, W]``,
+        model: a [`HookedCLIP`][clip_lens.HookedCLIP].
+        images: anything [`clip_lens.collect.image_source`][clip_lens.collect.image_source] takes (tensor ``[N, 3, H, W]``,
             folder, paths, dataset); for a ``text.`` hook, texts (strings or token ids ``[N, ctx]``).
         hook_name: the hook point (``"blocks.3.hook_resid_post"``, ``"text.blocks.1.mlp.hook_post"``);
             None with ``term``.
         positions: ``"all"``, ``"patches"``, ``"cls"``, ``"pooled"`` or a list of position indices
             (per-token hooks only; a pooled hook or a term gives one row per image).
         term: instead of a hook, a decomposition term (``"heads"``, ``"attn"`` or ``"mlp"``) of
-            :meth:`HookedCLIP.decompose`: ``d_embed``-wide direct contributions, one row per image.
+            `HookedCLIP.decompose`: ``d_embed``-wide direct contributions, one row per image.
         layer, head: which term (``head`` only for ``"heads"``).
-        normalized: divide terms by ‖image embedding‖ (as :func:`clip_lens.collect.collect` stores them).
+        normalized: divide terms by ‖image embedding‖ (as [`clip_lens.collect.collect`][clip_lens.collect.collect] stores them).
         batch_size: images (or texts) per forward pass.
         buffer_size: rows the buffer holds at most (memory: ``buffer_size × d_in`` values); it must
             hold at least two forward batches.
@@ -451,7 +451,7 @@ class ActivationSource:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from :meth:`state_dict`: the buffered rows are recomputed from their forward batches."""
+        """Continue from `state_dict`: the buffered rows are recomputed from their forward batches."""
         self.reset()
         if self._d_in is None:
             self._probe()

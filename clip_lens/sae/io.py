@@ -1,7 +1,7 @@
 """SAELens' on-disk format: one folder per SAE.
 
 =============================  =================================================================
-``cfg.json``                   :meth:`SAEConfig.to_dict` (SAELens v6 layout: ``hook_name``,
+``cfg.json``                   `SAEConfig.to_dict` (SAELens v6 layout: ``hook_name``,
                                ``model_name`` and ``sae_lens_version`` under ``metadata``)
 ``sae_weights.safetensors``    ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
                                ``b_dec [d_in]``, and ``threshold [d_sae]`` for ``jumprelu``
@@ -112,7 +112,7 @@ def _folder(path: Union[str, Path]) -> Path:
 
 
 def load_config(folder: Union[str, Path]) -> SAEConfig:
-    """The :class:`SAEConfig` of an SAE folder (``cfg.json`` only)."""
+    """The `SAEConfig` of an SAE folder (``cfg.json`` only)."""
     folder = _folder(folder)
     path = folder / CFG_FILENAME
     if not path.is_file():
@@ -200,7 +200,7 @@ def _check_tensors(tensors: dict[str, Tensor], cfg: SAEConfig, path: Path) -> di
 
 
 def load_sae(folder: Union[str, Path], device: Union[str, torch.device] = "cpu", sae_class: type = SAE) -> SAE:
-    """Read an SAE folder (written by SAELens or by :func:`save_sae`) onto ``device``.
+    """Read an SAE folder (written by SAELens or by `save_sae`) onto ``device``.
 
     Raises:
         CheckpointNotFoundError: the folder, ``cfg.json`` or the weights file is missing.

@@ -17,11 +17,11 @@ unless a hook on the SAE changes something; the error is a constant for gradient
 ``no_grad``, as SAELens does).
 
 ``reshape_activations="hook_z"`` flattens ``[..., n_heads, d_head]`` to ``[..., n_heads*d_head]`` on
-the way in; :meth:`SAE.forward` restores the input's shape on the way out (:meth:`SAE.decode`
+the way in; `SAE.forward` restores the input's shape on the way out (`SAE.decode`
 returns the flat width).
 
 Hook points (SAELens names; under ``<hook_name>.`` when spliced into a model, see
-:mod:`clip_lens.sae.splice`):
+`clip_lens.sae.splice`):
 
 ==========================  ===================  =================================================
 ``hook_sae_input``          ``[..., d_in]``       the input (flattened for ``hook_z``), before normalisation
@@ -117,13 +117,13 @@ class SAEConfig:
     rescale_acts_by_decoder_norm: bool = False
     """``topk`` only (SAELens' ``TopKSAEConfig`` field): select on ``pre * ||W_dec||`` and decode ``f / ||W_dec||``."""
     check_finite: bool = True
-    """Run-time check (not written to cfg.json): a NaN/inf input raises :class:`InputError`."""
+    """Run-time check (not written to cfg.json): a NaN/inf input raises [`InputError`][clip_lens.InputError]."""
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise :class:`InputError` for a config clip_lens cannot run."""
+        """Raise [`InputError`][clip_lens.InputError] for a config clip_lens cannot run."""
         for name in ("d_in", "d_sae"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -184,7 +184,7 @@ class SAEConfig:
         """Read a ``cfg.json`` dict: SAELens v6 (``hook_name`` in ``metadata``) or an older flat layout
         (``hook_name``/``hook_point``, ``model_name``, ``activation_fn_str`` at the top level).
         Training-only fields are ignored; missing widths or an unknown architecture raise
-        :class:`InputError`."""
+        [`InputError`][clip_lens.InputError]."""
         if not isinstance(d, Mapping):
             raise InputError(f"an SAE config must be a JSON object (dict), got {type(d).__name__}.")
         missing = [k for k in ("d_in", "d_sae") if k not in d]
@@ -255,13 +255,13 @@ class SAE(HookedRootModule):
 
     Parameters: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
     ``b_dec [d_in]``, and ``threshold [d_sae]`` for ``jumprelu``. The module docstring gives the
-    equations and the hook table. Build one with :meth:`from_config`, read one with :meth:`load`
-    (SAELens' folder format, see :mod:`clip_lens.sae.io`), splice it into a model with
+    equations and the hook table. Build one with `from_config`, read one with `load`
+    (SAELens' folder format, see `clip_lens.sae.io`), splice it into a model with
     ``model.add_sae(sae)`` / ``model.run_with_saes(..., saes=[sae])``.
 
     Args:
         cfg: the config.
-        use_error_term: :meth:`forward` returns ``recon + error`` (the input, unless a hook on the
+        use_error_term: `forward` returns ``recon + error`` (the input, unless a hook on the
             SAE intervenes) instead of the reconstruction.
     """
 
@@ -293,21 +293,21 @@ class SAE(HookedRootModule):
     # --- construction and files -----------------------------------------------------------
     @classmethod
     def from_config(cls, cfg: Union[SAEConfig, Mapping[str, Any]], use_error_term: bool = False) -> "SAE":
-        """A freshly initialised SAE from an :class:`SAEConfig` or a ``cfg.json`` dict."""
+        """A freshly initialised SAE from an `SAEConfig` or a ``cfg.json`` dict."""
         if not isinstance(cfg, SAEConfig):
             cfg = SAEConfig.from_dict(cfg)
         return cls(cfg, use_error_term=use_error_term)
 
     def save(self, folder: Union[str, Path], log_feature_sparsity: Optional[Tensor] = None) -> Path:
         """Write SAELens' folder format (``cfg.json``, ``sae_weights.safetensors`` and, when given,
-        ``sparsity.safetensors``) atomically; see :func:`clip_lens.sae.io.save_sae`."""
+        ``sparsity.safetensors``) atomically; see `clip_lens.sae.io.save_sae`."""
         from clip_lens.sae.io import save_sae
 
         return save_sae(self, folder, log_feature_sparsity=log_feature_sparsity)
 
     @classmethod
     def load(cls, folder: Union[str, Path], device: Union[str, torch.device] = "cpu") -> "SAE":
-        """Read an SAE folder written by SAELens or :meth:`save`; see :func:`clip_lens.sae.io.load_sae`."""
+        """Read an SAE folder written by SAELens or `save`; see `clip_lens.sae.io.load_sae`."""
         from clip_lens.sae.io import load_sae
 
         return load_sae(folder, device=device, sae_class=cls)
@@ -330,7 +330,7 @@ class SAE(HookedRootModule):
         """Feature activations of ``x`` (``[..., n_heads, d_head]`` is accepted for ``hook_z``).
 
         Fires ``hook_sae_input``, ``hook_sae_acts_pre`` and ``hook_sae_acts_post``. With a run-time
-        normalisation the input's statistics are kept for the next :meth:`decode` (as in SAELens).
+        normalisation the input's statistics are kept for the next `decode` (as in SAELens).
         """
         flat = self._flatten(x)
         acts, self._norm_state = self._encode(flat, hooked=True, check=True)
@@ -340,7 +340,7 @@ class SAE(HookedRootModule):
         """``norm_out(f @ W_dec + b_dec)`` at the flat width ``d_in``; fires ``hook_sae_recons``.
 
         With ``normalize_activations`` other than ``"none"`` it undoes the normalisation of the
-        input passed to the last :meth:`encode`.
+        input passed to the last `encode`.
         """
         if self.cfg.normalize_activations != "none" and self._norm_state is None:
             raise InputError(
@@ -355,7 +355,7 @@ class SAE(HookedRootModule):
         return self.run(x, use_error_term=self.use_error_term)
 
     def run(self, x: Tensor, use_error_term: bool) -> Tensor:
-        """:meth:`forward` with an explicit ``use_error_term`` (what a spliced SAE calls)."""
+        """`forward` with an explicit ``use_error_term`` (what a spliced SAE calls)."""
         flat = self._flatten(x)
         acts, state = self._encode(flat, hooked=True, check=True)
         recons = self._decode(acts, state, hooked=True)

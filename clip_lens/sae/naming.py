@@ -9,23 +9,23 @@ carries ``d`` to the embedding as
 
 (the LayerNorm divides by a positive per-image scale and adds a constant bias, neither of which
 changes the direction; without a final LayerNorm ``e(d) = d @ W_proj``). It is the inverse way of
-:meth:`~clip_lens.HookedCLIP.residual_directions`. For the last residual stream
+[`residual_directions`][clip_lens.HookedCLIP.residual_directions]. For the last residual stream
 (``blocks.{L-1}.hook_resid_post``, and the last MLP's output) the read-out is the only path from the
 hook to the embedding; for an earlier residual stream (and the other ``hook_attn_out``/``hook_mlp_out``)
 the later blocks read ``d`` too and ``e(d)`` is its **direct path only** (a logit-lens approximation). For ``hook_pooled``
 ``e(d) = d @ W_proj`` and for ``hook_image_embed``/``hook_text_embed`` ``e(d) = d``, both exact.
 A direction at a token the tower does not pool is read as if it were at the pooled token.
 
-:func:`name_features` ranks a text bank by the cosine of ``e(d_i)`` with each text's normalised
+`name_features` ranks a text bank by the cosine of ``e(d_i)`` with each text's normalised
 embedding: the nearest texts are the feature's names.
 
-**Dashboards.** :func:`top_activating` streams images through the model and the SAE and keeps, per
+**Dashboards.** `top_activating` streams images through the model and the SAE and keeps, per
 feature, the ``k`` images with the largest activation (the largest over the positions the SAE reads)
 and, for token-level hooks, the activation at every patch token as a ``[grid_h, grid_w]`` map;
-:meth:`TopActivations.plot` draws them as thumbnails with heat-map overlays.
+`TopActivations.plot` draws them as thumbnails with heat-map overlays.
 
-**Ground truth.** :func:`feature_auroc` scores every feature as a detector of a binary label
-(rank-based, ties averaged); :func:`shapes_world_ground_truth` trains an SAE on the shapes world and
+**Ground truth.** `feature_auroc` scores every feature as a detector of a binary label
+(rank-based, ties averaged); `shapes_world_ground_truth` trains an SAE on the shapes world and
 checks, per attribute value, that some feature detects it on held-out scenes and is named after it
 (``tests/acceptance/test_sae_truth.py``, ``docs/scripts/sae_ground_truth.py``).
 """
@@ -125,10 +125,10 @@ def feature_directions_to_embedding(
     ``(γ ⊙ centre(W_dec[i])) @ W_proj`` for residual hooks, ``W_dec[i] @ W_proj`` for
     ``hook_pooled`` and ``W_dec[i]`` for the embedding hooks (see the module docstring). For a
     residual stream before the last layer this is the **direct path only** (a logit-lens
-    approximation); :func:`readout_kind` says which.
+    approximation); `readout_kind` says which.
 
     Args:
-        model: the :class:`~clip_lens.HookedCLIP` the SAE was trained on.
+        model: the [`HookedCLIP`][clip_lens.HookedCLIP] the SAE was trained on.
         sae: an SAE whose ``cfg.hook_name`` is one of the supported hooks.
         features: feature indices (default: all ``d_sae``).
 
@@ -186,7 +186,7 @@ class FeatureNames:
     """Their cosine similarity with the carried decoder direction."""
     hook_name: str
     readout: str
-    """``"exact"`` or ``"direct"`` (direct path only, see :func:`readout_kind`)."""
+    """``"exact"`` or ``"direct"`` (direct path only, see `readout_kind`)."""
 
     def _row(self, feature: int) -> int:
         rows = (self.features == int(feature)).nonzero().flatten()
@@ -227,15 +227,15 @@ def name_features(
 
     Args:
         model: the model the SAE was trained on.
-        sae: the SAE (see :func:`feature_directions_to_embedding` for the hooks it may read).
-        texts: a list of texts, a :class:`~clip_lens.banks.TextBank`, a builtin bank name
+        sae: the SAE (see `feature_directions_to_embedding` for the hooks it may read).
+        texts: a list of texts, a `TextBank`, a builtin bank name
             (``"general"``, ``"shapes"``, ``"shapes-attributes"``), or text embeddings
             ``[n_texts, d_embed]`` (then ``bank_texts`` gives their texts).
         top: texts kept per feature.
         features: which features (default: all).
 
     Returns:
-        :class:`FeatureNames` (cosines between the carried direction and the normalised text embeddings).
+        `FeatureNames` (cosines between the carried direction and the normalised text embeddings).
     """
     from clip_lens.banks import TextBank, encode_bank, load_bank
 
@@ -380,7 +380,7 @@ class TopActivations:
     positions: str
     n_images: int
     source: Any = field(default=None, repr=False)
-    """The :class:`~clip_lens.collect.ImageSource` the indices refer to (for :meth:`plot`)."""
+    """The `ImageSource` the indices refer to (for `plot`)."""
     names: Optional[FeatureNames] = field(default=None, repr=False)
 
     def _row(self, feature: int) -> int:
@@ -489,18 +489,18 @@ def top_activating(
     Args:
         model: the model the SAE was trained on (image tower hooks only).
         sae: the SAE.
-        images: anything :func:`clip_lens.collect.image_source` takes, or a collected
-            :class:`~clip_lens.collect.Store` (its images are read again).
+        images: anything [`clip_lens.collect.image_source`][clip_lens.collect.image_source] takes, or a collected
+            [`Store`][clip_lens.collect.Store] (its images are read again).
         k: images kept per feature.
         features: which features (default: all; memory is ``n_features × k × grid`` values, plus
             one batch of SAE activations).
         positions: which positions give the image-level activation (its largest): ``"cls"``,
             ``"patches"``, ``"all"``; default: the positions the SAE was trained on.
         batch_size: images per forward pass.
-        names: :func:`name_features` output, shown by :meth:`TopActivations.plot`.
+        names: `name_features` output, shown by `TopActivations.plot`.
 
     Returns:
-        :class:`TopActivations`. ``maps`` holds the feature at the patch tokens (for an SAE trained
+        `TopActivations`. ``maps`` holds the feature at the patch tokens (for an SAE trained
         on the class token these are activations at positions it was not trained on).
     """
     from tqdm.auto import tqdm
@@ -553,7 +553,7 @@ def top_activating(
 # --- ground truth on the shapes world ------------------------------------------------------------
 SAE_WORLD_SEED = 21
 """Seed of the shapes world the ground-truth SAE trains on (the toy CLIP trained on seed 0; the
-held-out scenes come from :data:`clip_lens.toy.evaluate.HELD_OUT_SEED`)."""
+held-out scenes come from `clip_lens.toy.evaluate.HELD_OUT_SEED`)."""
 BASELINES = ("random", "pca", "embedding")
 
 
@@ -595,7 +595,7 @@ class SAEGroundTruth:
     """Rows and columns of the 3×3 grid (``"row top"`` … ``"column right"``): the best feature's
     held-out AUROC (``sae``) and the baselines'. The model writes position as row + column."""
     training: dict
-    """The SAE's training metrics (:attr:`~clip_lens.sae.train.TrainResult.final`)."""
+    """The SAE's training metrics (`final`)."""
     settings: dict
     sae: Optional[SAE] = field(default=None, repr=False)
     names: Optional[FeatureNames] = field(default=None, repr=False)
@@ -721,10 +721,10 @@ def shapes_world_ground_truth(
     one-object scenes of seed ``train_seed``. For each of the 29 attribute values (8 colours,
     6 shapes, 2 sizes, 9 positions, 4 backgrounds) the feature with the largest AUROC on the first
     ``n_select`` of those scenes is chosen, and its AUROC is measured on ``n_eval`` held-out scenes
-    (seed ``eval_seed``, default :data:`~clip_lens.toy.evaluate.HELD_OUT_SEED`): no choice is made on
+    (seed ``eval_seed``, default `HELD_OUT_SEED`): no choice is made on
     the held-out scenes. The feature's text name is its nearest prompt among the 29
     ``attribute_prompt(attribute, value)`` texts through the read-out
-    (:func:`name_features`); it must be the value's own prompt.
+    (`name_features`); it must be the value's own prompt.
 
     Baselines, chosen and measured the same way: ``d_sae`` random unit directions and the
     principal components (both signs) of the same activations; and, without any choice, the cosine

@@ -48,7 +48,7 @@ class _Splice:
 
 
 class SAESplicing:
-    """Mixin for :class:`~clip_lens.HookedCLIP`: attach SAEs to hook points (SAELens semantics).
+    """Mixin for [`HookedCLIP`][clip_lens.HookedCLIP]: attach SAEs to hook points (SAELens semantics).
 
     The model must be a ``HookedRootModule`` whose ``setup()`` rebuilds ``hook_dict``.
     """
@@ -68,12 +68,12 @@ class SAESplicing:
 
     # --- attach / detach ----------------------------------------------------------------------
     def add_sae(self, sae: SAE, use_error_term: Optional[bool] = None) -> None:
-        """Splice ``sae`` into the model at ``sae.cfg.hook_name`` until :meth:`reset_saes`.
+        """Splice ``sae`` into the model at ``sae.cfg.hook_name`` until `reset_saes`.
 
         An SAE already at that hook point is replaced.
 
         Args:
-            sae: an :class:`~clip_lens.sae.SAE` whose ``cfg.hook_name`` is one of the model's hooks.
+            sae: an `SAE` whose ``cfg.hook_name`` is one of the model's hooks.
             use_error_term: add the SAE's clean error back (outputs unchanged unless a hook on the
                 SAE intervenes); ``None`` keeps ``sae.use_error_term``.
 
@@ -124,7 +124,7 @@ class SAESplicing:
         self.setup()
 
     def reset_saes(self, act_names: Union[str, Sequence[str], None] = None) -> None:
-        """Remove the SAEs at ``act_names`` (all by default); unknown names raise :class:`InputError`."""
+        """Remove the SAEs at ``act_names`` (all by default); unknown names raise [`InputError`][clip_lens.InputError]."""
         names = list(self._sae_splices) if act_names is None else (
             [act_names] if isinstance(act_names, str) else list(act_names))
         unknown = [n for n in names if n not in self._sae_splices]
@@ -197,7 +197,7 @@ class SAESplicing:
 
     def run_with_saes(self, *model_args: Any, saes: SAEs = (), reset_saes_end: bool = True,
                       use_error_term: Optional[bool] = None, **model_kwargs: Any) -> Any:
-        """One forward pass with ``saes`` spliced (see :meth:`saes`)."""
+        """One forward pass with ``saes`` spliced (see `saes`)."""
         with self.saes(saes=saes, reset_saes_end=reset_saes_end, use_error_term=use_error_term):
             return self(*model_args, **model_kwargs)
 

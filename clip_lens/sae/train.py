@@ -1,4 +1,4 @@
-"""Training sparse autoencoders on an :class:`~clip_lens.sae.activations.ActivationSource`.
+"""Training sparse autoencoders on an `ActivationSource`.
 
 Three recipes, each converted at the end into the SAELens architecture that runs it:
 
@@ -30,9 +30,9 @@ on the first batch, so learning rates and ``l1`` do not depend on the activation
 
 Resumption: every ``checkpoint_every`` steps ``checkpoint.pt`` is replaced atomically with the
 parameters, Adam's state, the generator, the step, the history and the activation stream's
-position (:meth:`ActivationSource.state_dict`). Running :func:`train_sae` again with the same
+position (`ActivationSource.state_dict`). Running `train_sae` again with the same
 arguments continues from it and ends bit for bit where an uninterrupted run ends; other arguments
-raise :class:`InputError`. No global RNG is used: everything random draws from generators seeded
+raise [`InputError`][clip_lens.InputError]. No global RNG is used: everything random draws from generators seeded
 by ``seed``.
 
 We do not use the ``overcomplete`` package: its SAEs have no decoder bias (so they are not
@@ -60,7 +60,7 @@ from clip_lens.sae.activations import ActivationSource
 from clip_lens.sae.model import SAE, SAEConfig
 
 TRAINING_ARCHITECTURES = ("topk", "batchtopk", "relu")
-"""What :func:`train_sae` trains (converted to the SAELens architectures in ``CONVERTED``)."""
+"""What `train_sae` trains (converted to the SAELens architectures in ``CONVERTED``)."""
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 FORMAT = "clip_lens.sae_train/1"
 THRESHOLD_RATE = 0.01
@@ -70,7 +70,7 @@ CONVERTED = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard"}
 
 @dataclass
 class TrainResult:
-    """What :func:`train_sae` returns."""
+    """What `train_sae` returns."""
 
     sae: SAE
     """The trained SAE in inference form (``topk``, ``jumprelu`` for batchtopk, ``standard`` for relu)."""
@@ -80,7 +80,7 @@ class TrainResult:
     features are dead), ``threshold`` (batchtopk), ``l1_loss`` and ``resampled`` (relu: features
     resampled so far), measured on that step's training batch before its update."""
     final: dict
-    """``mse``, ``explained_variance``, ``l0`` of :attr:`sae` on the next ``final_batches`` batches of
+    """``mse``, ``explained_variance``, ``l0`` of `sae` on the next ``final_batches`` batches of
     the stream (not trained on), the ``dead_fraction`` at the end of training, and ``tokens`` seen."""
     steps: int
     resumed_from: Optional[int] = None
@@ -307,7 +307,7 @@ def train_sae(
             plain SAE. The trained SAE runs like any other (the prefixes only shape training).
         b_dec_init: ``"geometric_median"``, ``"mean"`` or ``"zeros"`` of the first batch.
         log_every: steps between history entries (default ``steps // 100``, at least 1).
-        final_batches: batches after training on which :attr:`TrainResult.final` is measured.
+        final_batches: batches after training on which `TrainResult.final` is measured.
         checkpoint_dir: folder for ``checkpoint.pt`` (and, at the end, ``sae/`` and ``history.json``);
             None: no checkpoints.
         checkpoint_every: steps between checkpoints.
@@ -509,7 +509,7 @@ def _resample(sae: _TrainingSAE, optimizer, x: Tensor, err: Tensor, dead_after: 
 
 
 def _convert(trained: _TrainingSAE, source: ActivationSource, args: dict) -> SAE:
-    """The trained parameters as a SAELens-architecture :class:`SAE`."""
+    """The trained parameters as a SAELens-architecture `SAE`."""
     architecture = CONVERTED[trained.architecture]
     hook = source.hook_name or source.name
     cfg = SAEConfig(
@@ -593,13 +593,13 @@ def evaluate_sae(
     spliced in (``model.saes``), against the model alone.
 
     Args:
-        model: the :class:`~clip_lens.HookedCLIP` the SAE was trained on.
-        sae: an :class:`SAE` on one of its hook points (or a decomposition term, then no splicing).
-        images: anything :class:`ActivationSource` takes; default: ``n_images`` held-out shapes-world
+        model: the [`HookedCLIP`][clip_lens.HookedCLIP] the SAE was trained on.
+        sae: an `SAE` on one of its hook points (or a decomposition term, then no splicing).
+        images: anything `ActivationSource` takes; default: ``n_images`` held-out shapes-world
             scenes (seed 1000) for the bundled ``toy-shapes`` model.
         texts, labels: class prompts and each image's class index for zero-shot accuracy on
             ``images``; without them, the shapes world's single-attribute zero-shot accuracy
-            (:func:`clip_lens.toy.evaluate.zero_shot_accuracy` on ``n_images`` scenes) when the
+            ([`clip_lens.toy.evaluate.zero_shot_accuracy`][clip_lens.toy.evaluate.zero_shot_accuracy] on ``n_images`` scenes) when the
             model is ``toy-shapes``, else none.
         positions: rows per image (default: those the SAE was trained on, else ``"all"``).
         zero_shot: also measure zero-shot accuracy.

@@ -2,17 +2,17 @@
 
 ``roberta-ViT-B-32``, ``xlm-roberta-*``, ``nllb-clip-*``, ``mt5-*`` and ``coca_roberta-ViT-B-32``
 keep a Hugging Face ``transformers`` model as their text tower (``text_cfg.hf_model_name``).
-:class:`HFTextTower` wraps that encoder (sharing its parameters) and calls its own ``forward``,
+[`HFTextTower`][clip_lens.towers.hf_text.HFTextTower] wraps that encoder (sharing its parameters) and calls its own ``forward``,
 so the attention mask (from the pad token id), the pooler and the projection are open_clip's;
 only the pooled vector and the text embedding are hooked. The transformer's internals (attention,
 MLP, residual stream) have no hook points: they are Hugging Face code, not reproduced here.
 
-Building such a model needs the Hugging Face ``config.json`` (and, for :meth:`HookedCLIP.to_tokens`,
-the tokenizer files). :func:`prepare_hf_text_cfg` finds them locally (a directory, or the Hugging
+Building such a model needs the Hugging Face ``config.json`` (and, for `HookedCLIP.to_tokens`,
+the tokenizer files). `prepare_hf_text_cfg` finds them locally (a directory, or the Hugging
 Face cache) and never downloads unless the caller allows it; otherwise it raises
-:class:`~clip_lens.errors.CheckpointNotFoundError` saying what to download and where to put it.
+[`CheckpointNotFoundError`][clip_lens.CheckpointNotFoundError] saying what to download and where to put it.
 This module imports no ``transformers`` code itself: ``open_clip.hf_model`` already tries to
-(leaving ``transformers = None`` when it is missing, which :func:`require_transformers` reports).
+(leaving ``transformers = None`` when it is missing, which `require_transformers` reports).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _first_attr(config: Any, *names: str, default: Any = None) -> Any:
 class HFTextTower(nn.Module):
     """Hooked wrapper of open_clip's ``HFTextEncoder`` (a Hugging Face text tower), parameters shared.
 
-    Hooks (under ``text.`` in :class:`~clip_lens.HookedCLIP`); only these two exist:
+    Hooks (under ``text.`` in [`HookedCLIP`][clip_lens.HookedCLIP]); only these two exist:
 
     ======================  ==================================================================
     ``hook_pooled``         ``[batch, d_model]`` pooled vector before the projection: masked
@@ -159,7 +159,7 @@ class HFTextTower(nn.Module):
 
 
 def require_transformers(model_name: str) -> None:
-    """Raise a :class:`ClipLensError` saying how to install ``transformers`` when open_clip lacks it."""
+    """Raise a [`ClipLensError`][clip_lens.ClipLensError] saying how to install ``transformers`` when open_clip lacks it."""
     import open_clip.hf_model
 
     if open_clip.hf_model.transformers is None:  # the condition under which open_clip itself fails
@@ -242,7 +242,7 @@ def prepare_hf_text_cfg(
     directory (given, or the HF cache snapshot) so ``transformers`` never goes online, and
     ``hf_model_pretrained`` is False (the weights come from the CLIP checkpoint, or are random).
     With ``allow_download`` (a pretrained tag, which downloads anyway) a config that is not
-    cached is left to ``transformers`` to fetch; otherwise :class:`CheckpointNotFoundError`.
+    cached is left to ``transformers`` to fetch; otherwise [`CheckpointNotFoundError`][clip_lens.CheckpointNotFoundError].
     """
     require_transformers(model_name)
     repo = text_cfg["hf_model_name"]
@@ -265,7 +265,7 @@ class LazyHFTokenizer:
     """open_clip's ``HFTokenizer`` for ``name``, built on the first call from local files only.
 
     Called like open_clip's tokenizers: ``tokenizer(texts) -> Int[Tensor, "batch context_length"]``
-    (padded with the pad id, truncated). Missing files raise :class:`CheckpointNotFoundError`
+    (padded with the pad id, truncated). Missing files raise [`CheckpointNotFoundError`][clip_lens.CheckpointNotFoundError]
     naming what to download, unless ``allow_download`` lets ``transformers`` fetch them.
     """
 

@@ -1,13 +1,13 @@
 """Hooked timm image towers: plain ViT (CLIP, MobileCLIP2-L), SigLIP/SigLIP2, EVA/EVA02, PE-Core.
 
 open_clip builds these as a ``TimmModel`` whose ``trunk`` is a timm ``VisionTransformer`` or
-``Eva``. :class:`TimmVisionTower` shares the trunk's parameters and re-runs it with the same
-TransformerLens hook names as :class:`~clip_lens.vision.VisionTower`, plus the hooks of what
+``Eva``. [`TimmVisionTower`][clip_lens.towers.timm_vit.TimmVisionTower] shares the trunk's parameters and re-runs it with the same
+TransformerLens hook names as `VisionTower`, plus the hooks of what
 the native tower lacks: ``attn.hook_rot_q/hook_rot_k`` (after rotary embeddings),
 ``attn.ln_inner.*`` (EVA02's LayerNorm of the heads before the output projection),
 ``mlp.hook_pre_linear`` and ``mlp.ln_inner.*`` (SwiGLU and its LayerNorm), and the MAP
 pooler's ``attn_pool.*``. A module this file does not reproduce exactly is refused by its
-class name in :func:`check_trunk`, which needs only the module tree (it runs on the meta
+class name in `check_trunk`, which needs only the module tree (it runs on the meta
 device before anything is built).
 """
 
@@ -144,7 +144,7 @@ def _qkv(attn: nn.Module) -> list[tuple[Tensor, Optional[Tensor]]]:
 
 
 class TimmAttention(HeadAttention):
-    """Self-attention of a timm block split into heads (see :class:`HeadAttention` for the hooks).
+    """Self-attention of a timm block split into heads (see `HeadAttention` for the hooks).
 
     Extra hooks: ``hook_rot_q``/``hook_rot_k`` ``[batch, n, h, d]`` (after rotary embeddings, the
     prefix tokens unrotated, as timm does) and ``ln_inner.hook_scale/normalized`` (EVA02's
@@ -276,7 +276,7 @@ class PoolerAttention(HeadAttention):
     """The cross-attention of timm's ``AttentionPoolLatent``: learned latent queries attend to the tokens.
 
     Weights in TransformerLens layout from its ``q``/``kv``/``proj`` linears (``q`` may be absent:
-    the latent is the query). Hooks as :class:`HeadAttention`, with ``n_query`` latent queries.
+    the latent is the query). Hooks as `HeadAttention`, with ``n_query`` latent queries.
     """
 
     def __init__(self, pool: nn.Module):
@@ -327,7 +327,7 @@ class LatentAttentionPool(nn.Module):
     """timm's ``AttentionPoolLatent`` (the MAP head of SigLIP and PE-Core), hooked.
 
     ``out = attn(tokens) + mlp(ln(attn(tokens)))`` per latent query, then the queries are pooled.
-    Hooks (under ``attn_pool.``): ``attn.*`` (see :class:`PoolerAttention`), ``hook_attn_out``,
+    Hooks (under ``attn_pool.``): ``attn.*`` (see `PoolerAttention`), ``hook_attn_out``,
     ``ln.*``, ``mlp.*``, ``hook_mlp_out`` and ``hook_out``, all ``[batch, n_query, m]``.
     """
 
@@ -374,9 +374,9 @@ class TimmVisionTower(TowerWeights, nn.Module):
     ``hook_embed``                            ``[batch, n, m]`` class/register tokens + patch embeddings
     ``hook_pos_embed``                        ``[batch, n, m]`` absolute position embedding (0 where none)
     ``ln_pre.hook_scale/normalized``          ``norm_pre`` (CLIP-style ViTs, PE-Core)
-    ``blocks.{l}.*``                          see :class:`TimmAttention`, :class:`~clip_lens.components.TransformerBlock`
+    ``blocks.{l}.*``                          see [`TimmAttention`][clip_lens.towers.timm_vit.TimmAttention], `TransformerBlock`
     ``ln_post.hook_scale/normalized``         the final norm per token, or timm's ``fc_norm`` after pooling
-    ``attn_pool.*``                           the MAP pooler (:class:`LatentAttentionPool`)
+    ``attn_pool.*``                           the MAP pooler ([`LatentAttentionPool`][clip_lens.towers.timm_vit.LatentAttentionPool])
     ``hook_pooled``                           ``[batch, m]`` the pooled vector
     ``hook_image_embed``                      ``[batch, E]`` un-normalised image embedding
     ========================================  ===============================================
@@ -515,7 +515,7 @@ class TimmVisionTower(TowerWeights, nn.Module):
         start_at_layer: Optional[int] = None,
         stop_at_layer: Optional[int] = None,
     ) -> Float[Tensor, "batch E"]:
-        """The image embedding; ``start_at_layer``/``stop_at_layer`` as :meth:`VisionTower.forward`."""
+        """The image embedding; ``start_at_layer``/``stop_at_layer`` as `VisionTower.forward`."""
         layers = self.cfg.layer_range(start_at_layer, stop_at_layer)
         x = self.embed(images) if start_at_layer is None else images
         rope = None if self.rope is None else self.rope.get_embed()

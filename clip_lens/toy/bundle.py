@@ -1,7 +1,7 @@
 """Package a finished training run as the bundled ``toy-shapes`` model.
 
 ``python -m clip_lens.toy.bundle RUN_DIR`` copies the run's weights into ``clip_lens/toy/weights``,
-measures zero-shot accuracy on 2,000 held-out scenes through :class:`~clip_lens.HookedCLIP`, and
+measures zero-shot accuracy on 2,000 held-out scenes through [`HookedCLIP`][clip_lens.HookedCLIP], and
 writes the config with the tokenizer, preprocessing, provenance and the measured metrics.
 """
 

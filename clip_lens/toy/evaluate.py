@@ -38,7 +38,7 @@ def zero_shot_accuracy(
 ) -> ZeroShotResult:
     """Zero-shot accuracy on ``n_images`` held-out scenes.
 
-    ``model`` is a :class:`~clip_lens.HookedCLIP` with the world's tokenizer, or any open_clip
+    ``model`` is a [`HookedCLIP`][clip_lens.HookedCLIP] with the world's tokenizer, or any open_clip
     model given ``tokenize`` and ``image_size``. Prompts are the caption templates with one
     attribute ("a red shape", "a shape at the top left", "a shape on a striped background");
     the prediction is the argmax over the attribute's values.

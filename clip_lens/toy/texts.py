@@ -44,7 +44,7 @@ def vocabulary() -> list[str]:
 
 
 def attribute_bank() -> list[str]:
-    """The texts of :func:`text_bank` that name a single attribute (plus descriptors and distractors).
+    """The texts of `text_bank` that name a single attribute (plus descriptors and distractors).
 
     A head's property can be read off these directly; a text such as "a pink star" names two, and
     the text tower puts it nearer to "a star", so a colour head spanned by such texts looks like a

@@ -1,14 +1,14 @@
 """Train a small CLIP on the shapes world (``python -m clip_lens.toy.train``).
 
-The model is an open_clip ``CLIP`` built from a custom config (data, see :func:`model_config`).
+The model is an open_clip ``CLIP`` built from a custom config (data, see `model_config`).
 Half of each batch is random scenes whose captions keep each attribute with probability
-``keep_prob``; the other half is minimal sets (:meth:`ShapesWorld.variants`): scenes identical
+``keep_prob``; the other half is minimal sets ([`ShapesWorld.variants`][clip_lens.toy.ShapesWorld.variants]): scenes identical
 but for one attribute, which their captions always name, so the loss cannot ignore an attribute
 that the rest of a caption makes redundant (shape, without them). Several captions in a batch can
 be true of the same image ("a red shape"), so the loss treats every caption that is true of an
 image as a positive (multi-positive InfoNCE); with one positive per row it equals open_clip's
 ``ClipLoss`` (tested). Training is seeded and resumable: batch ``k`` is a function of
-``(seed, k)`` only (:func:`training_batch`), and checkpoints keep model, optimizer and step.
+``(seed, k)`` only (`training_batch`), and checkpoints keep model, optimizer and step.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class TrainConfig:
     warmup: int = 100
     keep_prob: float = 0.3
     contrast: float = 0.5
-    """Share of each batch made of minimal sets (:meth:`ShapesWorld.variants`) that differ in one attribute."""
+    """Share of each batch made of minimal sets ([`ShapesWorld.variants`][clip_lens.toy.ShapesWorld.variants]) that differ in one attribute."""
     group_size: int = 4
     seed: int = 0
     image_size: int = 64

@@ -94,7 +94,7 @@ class AblationResult(JSONResult):
     heads: list[str] = field(default_factory=list)
     original_margin: dict[str, float] = field(default_factory=dict)
     ablated_margin: dict[str, dict[str, float]] = field(default_factory=dict)
-    """head → task → mean margin (:meth:`ZeroShotTask.margin`) with that head mean-ablated."""
+    """head → task → mean margin (`ZeroShotTask.margin`) with that head mean-ablated."""
     keep_last: dict[int, dict[str, float]] = field(default_factory=dict)
     """k → task → accuracy with everything but the last k layers' attention mean-ablated."""
     attention_upto: dict[int, dict[str, float]] = field(default_factory=dict)

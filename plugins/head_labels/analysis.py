@@ -25,8 +25,8 @@ class HeadLabels:
     Args:
         model: the HookedCLIP the spans come from; the prototype labeler embeds with its text tower.
         labeler: ``"prototype"`` (offline, default), ``"llm"`` (OpenAI-compatible endpoint), or any
-            :class:`~clip_lens_plugins.head_labels.labelers.Labeler`.
-        **options: the labeler's options (see :attr:`parameters`).
+            `Labeler`.
+        **options: the labeler's options (see `parameters`).
     """
 
     name = "head_labels"

@@ -1,11 +1,11 @@
 """Head labelers: each head's TextSpan texts → a property label, and a judge of texts against a label.
 
-Both labelers implement :class:`Labeler`:
+Both labelers implement `Labeler`:
 
-* :class:`PrototypeLabeler` (offline default): a text's property is the nearest set of prototype
+* `PrototypeLabeler` (offline default): a text's property is the nearest set of prototype
   phrases in the model's text-embedding space (``prototypes_general.json`` for real CLIP models,
-  :func:`shapes_prototypes` for the bundled ``toy-shapes`` model);
-* :class:`LLMLabeler`: in-context labelling by a chat model behind any OpenAI-compatible endpoint,
+  `shapes_prototypes` for the bundled ``toy-shapes`` model);
+* `LLMLabeler`: in-context labelling by a chat model behind any OpenAI-compatible endpoint,
   with the few-shot prompt of ``prompt.md`` (standard-library HTTP, no extra dependency).
 """
 
@@ -26,15 +26,16 @@ import torch
 import torch.nn.functional as F
 
 from clip_lens.errors import ClipLensError, InputError, close_matches
-from clip_lens.toy.world import VALUES, attribute_prompt
+from clip_lens.toy.world import ATTRIBUTES, VALUES, attribute_prompt
 from clip_lens_plugins.head_labels.result import HeadLabel
 
 Encoder = Callable[[list[str]], torch.Tensor]
 """``n`` texts → ``[n, d]`` text embeddings."""
 
 TOY_MODEL = "toy-shapes"  # the bundled model (clip_lens/pretrained.json), which knows only shapes-world words
-SHAPES_PROPERTIES = {"colour": "colour", "shape": "shape", "size": "size", "location": "position", "texture": "background"}
-"""Shapes-world property → the world attribute whose values it covers."""
+SHAPES_PROPERTIES = {attribute: attribute for attribute in ATTRIBUTES}
+"""Shapes-world property → the world attribute whose values it covers. The same names (colour, shape, size,
+position, background): a property has one name in the labels, the report's tables and the app."""
 
 ENV_URL, ENV_MODEL, ENV_KEY = "CLIP_LENS_LLM_URL", "CLIP_LENS_LLM_MODEL", "CLIP_LENS_LLM_KEY"
 
@@ -45,10 +46,10 @@ class LabelerError(ClipLensError, RuntimeError):
 
 @runtime_checkable
 class Labeler(Protocol):
-    """What :class:`~clip_lens_plugins.head_labels.HeadLabels` and the metrics use."""
+    """What [`HeadLabels`][clip_lens_plugins.head_labels.HeadLabels] and the metrics use."""
 
     name: str
-    """Recorded as :attr:`HeadLabelsResult.labeler`: ``"prototype"`` or ``"llm:<model name>"``."""
+    """Recorded as `HeadLabelsResult.labeler`: ``"prototype"`` or ``"llm:<model name>"``."""
     properties: list[str]
     """The labels it chooses from (empty: any label)."""
 
@@ -76,7 +77,7 @@ PROTOTYPE_SETS: dict[str, Callable[[], dict[str, list[str]]]] = {"general": gene
 
 
 def resolve_prototypes(prototypes: Union[str, Mapping[str, Sequence[str]]], model_name: Optional[str] = None) -> dict[str, list[str]]:
-    """A prototype set: a mapping as given, a name of :data:`PROTOTYPE_SETS`, or ``"auto"`` (``"shapes"``
+    """A prototype set: a mapping as given, a name of `PROTOTYPE_SETS`, or ``"auto"`` (``"shapes"``
     for the bundled toy model, else ``"general"``)."""
     if not isinstance(prototypes, str):
         return {prop: list(phrases) for prop, phrases in prototypes.items()}
@@ -125,7 +126,7 @@ class PrototypeLabeler:
         cls, model: Any, prototypes: Union[str, Mapping[str, Sequence[str]]] = "auto",
         min_confidence: float = 0.4, batch_size: int = 256,
     ) -> "PrototypeLabeler":
-        """A labeler embedding with a :class:`~clip_lens.HookedCLIP`'s text tower (``batch_size`` texts a pass)."""
+        """A labeler embedding with a [`HookedCLIP`][clip_lens.HookedCLIP]'s text tower (``batch_size`` texts a pass)."""
 
         @torch.no_grad()
         def encode(texts: list[str]) -> torch.Tensor:
@@ -205,7 +206,7 @@ def load_prompt() -> Prompt:
 
 
 def check_examples(examples: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Worked examples as plain dicts, or :class:`InputError` naming the first bad one."""
+    """Worked examples as plain dicts, or [`InputError`][clip_lens.InputError] naming the first bad one."""
     checked = []
     for i, example in enumerate(examples):
         texts, label, fits = example.get("texts"), example.get("label"), example.get("fits")
@@ -234,7 +235,7 @@ class LLMLabeler:
 
     One request per head: the system message and worked examples of ``prompt.md``, then the head's
     numbered texts; the model answers ``{"label": ..., "fits": [...]}``, so labelling and judging
-    take one call. ``confidence`` is the share of texts that fit. :meth:`fits` asks the judge prompt.
+    take one call. ``confidence`` is the share of texts that fit. `fits` asks the judge prompt.
 
     Args:
         url: API base such as ``http://localhost:8000/v1`` (requests go to ``{url}/chat/completions``);

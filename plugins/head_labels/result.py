@@ -73,7 +73,7 @@ class HeadLabelsResult(JSONResult):
         """Layer × head grid: each cell coloured by its head's label (legend), its confidence written in it.
 
         Built on ``matplotlib.figure.Figure`` (no pyplot): nothing global, works headless; save with
-        ``fig.savefig(path)``. Colours follow :attr:`properties`, so a label keeps its colour across tables.
+        ``fig.savefig(path)``. Colours follow `properties`, so a label keeps its colour across tables.
         """
         import numpy as np
         from matplotlib import colormaps

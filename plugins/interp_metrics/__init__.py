@@ -2,7 +2,7 @@
 
 Reads the head label table of the ``head_labels`` analysis and scores it with concept consistency
 (CCS, CCS@k; Madasu et al. 2025, arXiv 2503.11103), association and entanglement (CLIP-InterpreT,
-Madasu et al. 2024, arXiv 2409.06579) and the concentrated-concept ratio (CCR). Definitions: :mod:`.metrics`.
+Madasu et al. 2024, arXiv 2409.06579) and the concentrated-concept ratio (CCR). Definitions: `metrics`.
 
 | module | what |
 |---|---|

@@ -1,6 +1,6 @@
 """The ``interp_metrics`` analysis: CCS, CCS@k, association, entanglement and CCR of a head label table.
 
-The metric definitions are in :mod:`clip_lens_plugins.interp_metrics.metrics`.
+The metric definitions are in `clip_lens_plugins.interp_metrics.metrics`.
 
 >>> result = InterpMetrics().run("runs/ViT-B-32/labels.json", top_k=5)   # doctest: +SKIP
 >>> print(result.to_markdown())                                       # doctest: +SKIP
@@ -150,7 +150,7 @@ class InterpMetrics:
         """Score a label table.
 
         Args:
-            labels: a :class:`HeadLabelsResult` or the path of its saved JSON.
+            labels: a `HeadLabelsResult` or the path of its saved JSON.
             top_k: K, the number of leading span texts per head scored for CCS.
 
         Returns:

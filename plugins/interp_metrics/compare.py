@@ -96,7 +96,7 @@ def compare(results: dict[str, MetricsResult]) -> ComparisonResult:
     """Tabulate several models' metrics.
 
     Args:
-        results: model name → its :class:`MetricsResult`; all must use the same ``top_k``.
+        results: model name → its `MetricsResult`; all must use the same ``top_k``.
 
     Raises:
         InputError: no results, or results computed with different ``top_k``.
@@ -144,7 +144,7 @@ def compare_files(paths: Sequence[Union[str, Path]], top_k: int = DEFAULT_TOP_K)
     """Tabulate models from saved files, each named by its ``model`` field.
 
     Args:
-        paths: JSON files, each a saved :class:`MetricsResult` or a saved :class:`HeadLabelsResult`
+        paths: JSON files, each a saved `MetricsResult` or a saved `HeadLabelsResult`
             (whose metrics are computed here).
         top_k: K for the head label tables; saved results keep their own and must match it.
 

@@ -1,7 +1,7 @@
 """Interpretability metrics of a head label table: pure functions, no model needed.
 
-Every function reads a :class:`~clip_lens_plugins.head_labels.result.HeadLabelsResult` (or a plain
-list of :class:`~clip_lens_plugins.head_labels.result.HeadLabel`). A head is *labelled* when its
+Every function reads a `HeadLabelsResult` (or a plain
+list of `HeadLabel`). A head is *labelled* when its
 ``label`` is not None; ``fits[i]`` says whether its span text ``texts[i]`` fits that label.
 
 Definitions (K = ``top_k``, 5 by default; see ``docs/concepts/interpretability_metrics.md``):
@@ -17,7 +17,7 @@ Definitions (K = ``top_k``, 5 by default; see ``docs/concepts/interpretability_m
 * **CCR**, concentrated-concept ratio: (number of labels held by more than one high-CCS head) /
   (number of high-CCS heads), where high-CCS means CCS == K. 0.0 with no high-CCS heads.
 
-Metrics whose denominator is empty are 0.0 rather than NaN; :func:`empty_metric_warnings` says which.
+Metrics whose denominator is empty are 0.0 rather than NaN; `empty_metric_warnings` says which.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def property_counts(labels: Labels) -> dict[str, int]:
 
 
 def layer_mean_ccs(ccs: dict[str, int]) -> dict[int, float]:
-    """Layer → mean CCS of its heads in ``ccs`` (the output of :func:`concept_consistency`), by layer."""
+    """Layer → mean CCS of its heads in ``ccs`` (the output of `concept_consistency`), by layer."""
     by_layer: dict[int, list[int]] = defaultdict(list)
     for head, score in ccs.items():
         by_layer[parse_head(head)[0]].append(score)

@@ -106,7 +106,7 @@ class MutualKnowledgeResult(JSONResult):
     """Zero-shot accuracy on the labelled images (None without labels)."""
     methods: dict[str, MethodRun]
     evaluation: Optional[dict] = None
-    """:class:`~clip_lens_plugins.mutual_knowledge.evaluation.ExplanationEval` as a dict."""
+    """`ExplanationEval` as a dict."""
     corloc: Optional[dict[str, float]] = None
     """"GDC tokens/keys" (the paper's second vector), "GDC auto tokens/keys", "PCA tokens/keys",
     "random boxes" → CorLoc (foregrounds per image)."""

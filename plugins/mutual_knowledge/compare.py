@@ -2,7 +2,7 @@
 
 The paper reports a line fit across 7 ViTs (accuracy ≈ 11.24·AUC + 25.97) and no correlation
 coefficients; from its Table 3 the Pearson correlation within ViTs is 0.90–0.92. This module puts
-several models' :class:`~clip_lens_plugins.mutual_knowledge.MutualKnowledgeResult` side by side
+several models' `MutualKnowledgeResult` side by side
 and reports Pearson and Spearman correlation of AUC (and MI) with accuracy and the least-squares line.
 
 >>> table = compare_files(["runs/step250.json", "runs/final.json"])   # doctest: +SKIP
@@ -159,7 +159,7 @@ class MutualKnowledgeComparison(JSONResult):
 
 
 def compare_results(results: dict[str, "object"]) -> MutualKnowledgeComparison:
-    """Model name → :class:`MutualKnowledgeResult` (all with the same MI variant)."""
+    """Model name → `MutualKnowledgeResult` (all with the same MI variant)."""
     variants = {r.parameters["mi"] for r in results.values()}
     if len(variants) > 1:
         raise InputError(f"the results use different MI variants ({', '.join(sorted(variants))}); "

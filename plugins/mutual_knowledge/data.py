@@ -9,7 +9,7 @@ exact object masks) and a folder of real images::
       boxes.json      # optional: {"NAME.jpg": [[x0, y0, x1, y1], ...]}  (original pixels) → CorLoc
 
 Folder images are preprocessed with the model's ``preprocess``; boxes are mapped into the model's
-input coordinates by :func:`~clip_lens_plugins.mutual_knowledge.regions.folder_boxes`.
+input coordinates by `folder_boxes`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ SHAPES_CLASS_TEMPLATES = ("a {}",)  # the toy text tower's class prompt ("a circ
 
 @dataclass
 class ConceptData:
-    """``n`` images (loaded by index with :meth:`load`), the class names and what is known about them."""
+    """``n`` images (loaded by index with `load`), the class names and what is known about them."""
 
     n: int
     loader: Callable[[Sequence[int]], Float[Tensor, "batch 3 H W"]]
@@ -116,7 +116,7 @@ def folder_data(
     """A folder in the format of the module docstring. ``classes``: the zero-shot classes (default:
     the sorted class names of ``labels.json``; one of the two is needed). Every image is decoded
     here, before any work: one that cannot be (corrupt, truncated, a decompression bomb …) raises an
-    InputError naming it (:func:`clip_lens.files.load_image`)."""
+    InputError naming it (`clip_lens.files.load_image`)."""
     from clip_lens.files import load_image
     from clip_lens_plugins.mutual_knowledge.regions import IMAGE_SUFFIXES, folder_boxes
 

@@ -4,16 +4,16 @@ A *descriptor* is a short text naming a visual feature of a class ("a red circle
 The paper pools the descriptors of all classes into one deduplicated bank (D = 4,229 for ImageNet)
 and describes an image twice with it:
 
-* **visual concepts** D_v (:func:`visual_concepts`): each of L image regions is matched to
+* **visual concepts** D_v (`visual_concepts`): each of L image regions is matched to
   descriptors by Sinkhorn optimal transport, which spreads the regions over different descriptors;
   the top 3 per region, deduplicated, give at most 3·L descriptors;
-* **textual concepts** D_ŷ (:func:`textual_concepts`): the u = 50 descriptors nearest to the
+* **textual concepts** D_ŷ (`textual_concepts`): the u = 50 descriptors nearest to the
   predicted class's text embedding.
 
-Mutual knowledge is the overlap of the two sets (:mod:`.information`).
+Mutual knowledge is the overlap of the two sets (`information`).
 
-Descriptor files are JSON (never pickles); see :func:`load_descriptors` for the schema. The bundled
-shapes-world bank is :func:`shapes_world_descriptors`.
+Descriptor files are JSON (never pickles); see `load_descriptors` for the schema. The bundled
+shapes-world bank is `shapes_world_descriptors`.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class DescriptorBank:
                       self.template, self.name)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON object :func:`load_descriptors` reads back: ``{"name", "template", "classes"}``."""
+        """The JSON object `load_descriptors` reads back: ``{"name", "template", "classes"}``."""
         return {
             "name": self.name,
             "template": self.template,
@@ -143,8 +143,8 @@ def shapes_world_descriptors() -> DescriptorBank:
 
     Classes are the world's shapes ("circle", …, as ``mutual_knowledge.data.shapes_world_data``
     names them); their class prompt is ``attribute_prompt("shape", s)`` = "a circle", i.e.
-    :func:`class_embeddings` with ``templates=("a {}",)``. Each class's descriptors name the shape together with one other attribute, worded as
-    the training captions word it (:func:`clip_lens.toy.world.phrase`):
+    `class_embeddings` with ``templates=("a {}",)``. Each class's descriptors name the shape together with one other attribute, worded as
+    the training captions word it (`clip_lens.toy.world.phrase`):
 
     * 8 colours: "a red circle", …
     * 2 sizes: "a small circle", "a large circle"
@@ -155,7 +155,7 @@ def shapes_world_descriptors() -> DescriptorBank:
 
     **Why the class name is kept** (the paper strips it from LLM descriptors): the toy model's text
     tower only learned the words and phrasings of its training captions. The hand-written part
-    descriptors of :data:`clip_lens.toy.texts.DESCRIPTORS` ("round", "four corners", …) never
+    descriptors of `clip_lens.toy.texts.DESCRIPTORS` ("round", "four corners", …) never
     appeared in a caption, and the model maps them essentially at random (their nearest shape class
     is right 16% of the time, chance 16.7%); descriptors without the shape ("a red shape") are
     shared by every class and say nothing about it. Class-qualified phrases are text the model was
@@ -183,15 +183,15 @@ def load_descriptors(spec: Union[str, Path, Mapping[str, Any], DescriptorBank]) 
     """A validated descriptor bank from a builtin name, a JSON file or a dict.
 
     Args:
-        spec: ``"shapes"`` (:func:`shapes_world_descriptors`), a path to a UTF-8 JSON file, a dict
-            of the same form, or a :class:`DescriptorBank` (returned as is). The JSON has one of
+        spec: ``"shapes"`` (`shapes_world_descriptors`), a path to a UTF-8 JSON file, a dict
+            of the same form, or a `DescriptorBank` (returned as is). The JSON has one of
             two forms:
 
             * plain: ``{"class name": ["descriptor", ...], ...}``, with the paper's template
               ``"a photo showing {}"``;
             * full: ``{"classes": {"class name": ["descriptor", ...], ...}, "template": "{}",
               "name": "mine"}`` (``template`` and ``name`` optional; this is what
-              :meth:`DescriptorBank.to_dict` writes). An object is read as the full form exactly
+              `DescriptorBank.to_dict` writes). An object is read as the full form exactly
               when its ``"classes"`` entry is an object (in the plain form every value is a list).
 
             Descriptors and class names are stripped; a descriptor listed twice for one class is
@@ -364,7 +364,7 @@ def class_embeddings(
     model: "HookedCLIP", classes: Sequence[str], templates: Sequence[str] = ("{}",), batch_size: int = 256
 ) -> Float[Tensor, "K E"]:
     """Prompt-ensemble class embeddings: per class, the mean over ``templates`` of the unit-norm
-    embeddings of ``template.format(class)``, renormalised. Use :data:`IMAGENET_TEMPLATES` for
+    embeddings of ``template.format(class)``, renormalised. Use `IMAGENET_TEMPLATES` for
     real models (as the paper); the toy model's class prompts are already full captions ("{}")."""
     if isinstance(classes, str) or not classes:
         raise InputError("class_embeddings needs a non-empty list of class names.")
@@ -451,7 +451,7 @@ def _mask(mask: Optional[Tensor], shape: tuple[int, ...], device: torch.device, 
 
 # --- visual and textual concepts -----------------------------------------------------------
 CANDIDATE_STAGES = ("intersection+image", "intersection", "union+image", "union", "none")
-"""How :func:`candidate_mask` chose an image's candidates (index into this tuple)."""
+"""How `candidate_mask` chose an image's candidates (index into this tuple)."""
 
 
 def candidate_mask(
@@ -513,9 +513,9 @@ def visual_concepts(
 ) -> Union[list[list[int]], tuple[list[list[int]], list[list[list[int]]]]]:
     """D_v for each image: descriptor indices matched to its regions by optimal transport.
 
-    1. Candidates per image (:func:`candidate_mask`): the intersection of the valid regions' top-k
+    1. Candidates per image (`candidate_mask`): the intersection of the valid regions' top-k
        descriptors, filtered by similarity to the whole image (with its documented fallback).
-    2. Sinkhorn (:func:`sinkhorn`) on ``scale`` × (region · candidate) similarities, uniform
+    2. Sinkhorn (`sinkhorn`) on ``scale`` × (region · candidate) similarities, uniform
        marginals: it spreads the regions over different descriptors, where a plain argmax sends
        many regions to the same one.
     3. Each valid region's top ``per_region`` candidates by transport mass, region by region,

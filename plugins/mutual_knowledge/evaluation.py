@@ -25,7 +25,7 @@ this is not the scale of the paper's Table 1, whose normalisation is unknown):
   accuracy instead of the score. Lower = better explanation.
 * **AccInc**: area under the accuracy curve of insertion. Higher = better explanation.
 
-Blur: :func:`~clip_lens_plugins.mutual_knowledge.regions.gaussian_blur`, a separable Gaussian with
+Blur: `gaussian_blur`, a separable Gaussian with
 OpenCV's kernel → sigma rule ``σ = 0.3·((k − 1)/2 − 1) + 0.8`` and reflect padding (OpenCV's
 default border). Because the blur is linear with weights summing to one and the padding is per
 channel, blurring a normalised image equals normalising the blurred raw image, so images are
@@ -40,7 +40,7 @@ built on the fly from (image, step) indices: besides one blurred copy of the ima
 ``[B, S + 1, H, W]`` bool unions, memory stays ``O(batch_size)`` images. Points whose
 image *is* the original (deletion step 0, or an insertion step whose regions cover everything)
 reuse the original image's scores instead of another forward pass, so they are exactly equal to
-:func:`class_scores` of the original images.
+`class_scores` of the original images.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ class CurveSet:
 
     @property
     def accuracy_auc(self) -> Optional[float]:
-        """Area under :attr:`accuracy_curve` (AccDrop for deletion, AccInc for insertion)."""
+        """Area under `accuracy_curve` (AccDrop for deletion, AccInc for insertion)."""
         curve = self.accuracy_curve
         return None if curve is None else float(_trapezoid(curve))
 

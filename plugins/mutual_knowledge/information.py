@@ -3,17 +3,17 @@
 D_v (visual concepts, L_v descriptors) and D_ŷ (textual concepts, L_T descriptors) are sets of
 descriptor indices; they share m. Two measures of how much they share:
 
-* ``"paper"`` (:func:`mi_paper`): the quantity the paper's code computes, ``log(L_v · L_T · m)``
-  (0 when m = 0). It is a log count, not a mutual information: see :func:`mi_paper`.
-* ``"bank"`` (:func:`mi_bank`): a proper mutual information, between "d ∈ D_v" and "d ∈ D_ŷ" for a
+* ``"paper"`` (`mi_paper`): the quantity the paper's code computes, ``log(L_v · L_T · m)``
+  (0 when m = 0). It is a log count, not a mutual information: see `mi_paper`.
+* ``"bank"`` (`mi_bank`): a proper mutual information, between "d ∈ D_v" and "d ∈ D_ŷ" for a
   descriptor d drawn uniformly from the bank of N descriptors. It is 0 exactly when the overlap is
   what chance gives (``L_v · L_T / N``), and signed by default so that less overlap than chance
   reads negative.
 
-Dynamics (:func:`mi_dynamics`): D_v's items, most similar to the image first, are replaced one at
+Dynamics (`mi_dynamics`): D_v's items, most similar to the image first, are replaced one at
 a time by a dummy outside D_ŷ, so L_v stays fixed and m falls; the curve has L_v + 1 points and its
-mean (:func:`auc`) is the paper's "strength of shared knowledge". Curves of different lengths are
-averaged after zero-padding (:func:`mean_curve`), as in the paper's code.
+mean (`auc`) is the paper's "strength of shared knowledge". Curves of different lengths are
+averaged after zero-padding (`mean_curve`), as in the paper's code.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def order_by_image(
     visual: Sequence[int], image_emb: Float[Tensor, "E"], desc_emb: Float[Tensor, "D E"]
 ) -> list[int]:
     """``visual`` sorted by each descriptor's similarity to the whole image, most similar first
-    (ties keep the given order) — the order :func:`mi_dynamics` removes them in."""
+    (ties keep the given order) — the order `mi_dynamics` removes them in."""
     visual = [int(v) for v in visual]
     if not visual:
         return []
@@ -162,7 +162,7 @@ def mi_dynamics(
     n_bank: Optional[int] = None,
     signed: bool = True,
 ) -> list[float]:
-    """MI as D_v's items are removed one at a time, in the given order (:func:`order_by_image`).
+    """MI as D_v's items are removed one at a time, in the given order (`order_by_image`).
 
     At step s = 0 … L_v the first s items of ``visual`` are replaced by a dummy descriptor outside
     D_ŷ: L_v stays fixed and m counts the shared items among ``visual[s:]``. Returns the L_v + 1
@@ -172,7 +172,7 @@ def mi_dynamics(
         visual: D_v, distinct descriptor indices, most similar to the image first.
         textual: D_ŷ (its distinct items count).
         variant: ``"paper"`` or ``"bank"`` (which needs ``n_bank``, the bank size; ``signed`` as in
-            :func:`mi_bank`).
+            `mi_bank`).
     """
     if variant not in MI_VARIANTS:
         raise InputError(f"unknown MI variant {variant!r}; choose one of {', '.join(MI_VARIANTS)}."

@@ -3,22 +3,22 @@
 Step 1 of Sammani & Deligiannis (NeurIPS 2024), implemented from our notes
 (``shared/papers/mutual_knowledge.md`` §1 and §5):
 
-1. :func:`patch_features`: last-block patch features of the image tower, either the residual
+1. `patch_features`: last-block patch features of the image tower, either the residual
    stream (``"tokens"``, before ``ln_post``) or the attention keys without their bias (``"keys"``),
    CLS dropped.
-2. :func:`prominent_region`: graph decomposition (GDC). The second left singular vector of the
+2. `prominent_region`: graph decomposition (GDC). The second left singular vector of the
    L2-row-normalised features (= the second eigenvector of the affinity ``A = f fᵀ``; no Laplacian,
    no threshold), sign-fixed so that the foreground is the minority, ``> 0``, then the largest
    4-connected component (plus the second if it has ``>= min_second`` patches).
-   :func:`pca_foreground` is the PCA alternative of the CorLoc ablation. The dense-CRF refinement
+   `pca_foreground` is the PCA alternative of the CorLoc ablation. The dense-CRF refinement
    of the reference code is left out (the paper reports it changes accuracy by < 0.13).
-3. :func:`concept_parts`: ``L`` part concepts over the foreground patches of the whole batch (PCA
+3. `concept_parts`: ``L`` part concepts over the foreground patches of the whole batch (PCA
    with min-max scaled components and an argmax, or K-means on L2-normalised features).
-4. :func:`visual_prompts` / :func:`region_embeddings`: a red ellipse around each part (fitted from
+4. `visual_prompts` / `region_embeddings`: a red ellipse around each part (fitted from
    the part's second moments), alone, with the outside greyscaled, and with the outside blurred;
    each prompt is encoded, L2-normalised, and the three are averaged.
-5. CorLoc (:func:`mask_box`, :func:`box_iou`, :func:`corloc`, :func:`random_boxes_like`,
-   :func:`folder_boxes`): box around the prominent mask, a hit is IoU > 0.5 with any ground-truth box.
+5. CorLoc (`mask_box`, `box_iou`, `corloc`, `random_boxes_like`,
+   `folder_boxes`): box around the prominent mask, a hit is IoU > 0.5 with any ground-truth box.
 
 CorLoc on the bundled ``toy-shapes`` model (200 held-out one-object scenes, world seed 1000; the
 objects cover ~7% of the image, ~4 patches of 64): the paper's GDC (second vector) localises
@@ -260,7 +260,7 @@ def pca_foreground(
     features: Float[Tensor, "batch n_patches C"], grid: tuple[int, int], joint: bool = False, min_second: int = 5
 ) -> Bool[Tensor, "batch gh gw"]:
     """PCA foreground (CorLoc ablation): first principal component of the centred L2-normalised
-    features, with the same sign fix, ``> 0`` and cleanup as :func:`prominent_region`."""
+    features, with the same sign fix, ``> 0`` and cleanup as `prominent_region`."""
     grid = _check_features(features, grid)
     return _foreground(spectral_vector(features, index=0, centre=True, joint=joint), grid, min_second)
 
@@ -521,11 +521,11 @@ def visual_prompts(
 ) -> Float[Tensor, "batch L kind 3 H W"]:
     """Red-ellipse visual prompts of each part, in the images' normalised pixel space.
 
-    The ellipse (:func:`fit_ellipses`) is drawn as a red outline ``max(1, round(H / 224))`` px
+    The ellipse (`fit_ellipses`) is drawn as a red outline ``max(1, round(H / 224))`` px
     thick. ``"ellipse"``: the outline only; ``"grey"``: plus everything outside the ellipse
     greyscaled (BT.601 luma); ``"blur"``: plus the outside Gaussian-blurred (``blur_kernel``,
-    default :func:`default_blur_kernel`). ``mean``/``std`` are the preprocessing's
-    (:func:`pixel_normalization`). Empty parts give the unchanged image.
+    default `default_blur_kernel`). ``mean``/``std`` are the preprocessing's
+    (`pixel_normalization`). Empty parts give the unchanged image.
     """
     kinds = _check_kinds(kinds)
     part_masks = _check_part_masks(part_masks, images)
@@ -541,7 +541,7 @@ def region_embeddings(
     blur_kernel: Optional[int] = None,
 ) -> tuple[Float[Tensor, "batch L d_embed"], Bool[Tensor, "batch L"]]:
     """Embedding of each part: the mean over ``kinds`` of the L2-normalised image embeddings of its
-    visual prompts (:func:`visual_prompts`; the mean is not re-normalised). Parts with no pixel are
+    visual prompts (`visual_prompts`; the mean is not re-normalised). Parts with no pixel are
     not encoded: their embedding is zero and ``valid`` is False. ``batch_size`` bounds the prompts
     built and encoded at once."""
     kinds = _check_kinds(kinds)

@@ -1,6 +1,6 @@
 """The ``neighbors`` analysis: CLIP-InterpreT's nearest-neighbour searches on a collected store.
 
-Three searches, one mechanism (:class:`~clip_lens_plugins.neighbors.index.HeadIndex`):
+Three searches, one mechanism ([`HeadIndex`][clip_lens_plugins.neighbors.HeadIndex]):
 
 - **property-based** (``property="colour"``): images are represented by the summed terms of the
   heads labelled with the property; the query image by the same sum;
@@ -10,9 +10,9 @@ Three searches, one mechanism (:class:`~clip_lens_plugins.neighbors.index.HeadIn
 
 Any of them can be restricted to a text subspace (``subspace="texts"``): representations and queries
 are projected onto the span of the property's text directions before scoring
-(:class:`~clip_lens_plugins.neighbors.index.HeadIndex`). Image searches can compare images by their
+([`HeadIndex`][clip_lens_plugins.neighbors.HeadIndex]). Image searches can compare images by their
 distributions over the property's texts instead (``metric="concepts"``,
-:class:`~clip_lens_plugins.neighbors.index.Concepts`): on the shapes world this is the search whose
+`Concepts`): on the shapes world this is the search whose
 neighbours share the property and are indifferent to the others.
 """
 
@@ -98,9 +98,9 @@ class Neighbors:
         Give one of ``query_images`` / ``query_texts`` and one of ``property`` / ``head`` / ``heads``.
         ``subspace="texts"`` projects every representation onto the span of ``texts`` (default: the
         span texts of the property's heads that fit it) before scoring; see
-        :meth:`HeadIndex.from_store <clip_lens_plugins.neighbors.index.HeadIndex.from_store>`.
+        [`HeadIndex.from_store`][clip_lens_plugins.neighbors.HeadIndex.from_store].
         ``metric="concepts"`` compares image queries with store images by their distributions over
-        ``texts`` (:class:`~clip_lens_plugins.neighbors.index.Concepts`).
+        ``texts`` (`Concepts`).
         """
         if (query_images is None) == (query_texts is None):
             raise InputError("give either query_images=[Q, 3, H, W] or query_texts=[...], not both or neither.")

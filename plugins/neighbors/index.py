@@ -2,7 +2,7 @@
 
 An image's representation is the sum of the chosen heads' normalised direct contributions (the
 store's ``heads`` array), optionally projected onto the span of a property's text directions.
-:class:`HeadIndex` scores queries against every finished image one store chunk at a time and keeps a
+[`HeadIndex`][clip_lens_plugins.neighbors.HeadIndex] scores queries against every finished image one store chunk at a time and keeps a
 running top-k, so memory stays at one chunk whatever the store's size.
 """
 
@@ -144,14 +144,14 @@ class HeadIndex:
     >>> scores, indices = index.search(queries, k=10)                           # doctest: +SKIP
     >>> HeadIndex.from_store(store, property="colour", labels=labels, subspace="texts", model=model)  # doctest: +SKIP
 
-    Build with :meth:`from_store`, which checks the heads against the store.
+    Build with [`from_store`][clip_lens_plugins.neighbors.HeadIndex.from_store], which checks the heads against the store.
 
     With a ``basis``, every representation, store rows and queries alike, is projected onto its span
     before scoring (and before the cosine's normalisation). Why: the heads labelled "colour" also
     carry some shape and size information, which the raw sum lets into the ranking; the span of the
     property's text directions keeps only what the texts say the property is. With
     ``metric="concepts"`` every representation becomes its distribution over the property's texts
-    (:class:`Concepts`), which keeps less still.
+    (`Concepts`), which keeps less still.
     """
 
     store: Store
@@ -159,7 +159,7 @@ class HeadIndex:
     """``"L{l}H{h}"`` keys whose terms are summed."""
     metric: str = "dot"
     """``"dot"``: raw dot product, as CLIP-InterpreT; ``"cosine"``: both sides normalised;
-    ``"concepts"``: ``p · p'`` of the distributions over the property's texts (:class:`Concepts`)."""
+    ``"concepts"``: ``p · p'`` of the distributions over the property's texts (`Concepts`)."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     basis: Optional[Float[Tensor, "r d"]] = None
     """Orthonormal rows spanning the subspace representations are projected onto (None: no projection)."""
@@ -189,11 +189,11 @@ class HeadIndex:
             subspace: None (the representations as they are) or ``"texts"``: project them onto the
                 span of ``texts``' unit embeddings (see the class docstring).
             texts: the texts spanning the subspace, or the concepts of ``metric="concepts"``; default:
-                the span texts of ``property``'s heads that fit it (:func:`property_texts`). One text
+                the span texts of ``property``'s heads that fit it (`property_texts`). One text
                 per value of the property ("a red shape", "a blue shape", …) works best.
             model: the model that embeds ``texts`` (needed for ``subspace="texts"`` and ``metric="concepts"``).
             temperature: ``metric="concepts"`` only: softmax temperature on the standardised text
-                scores (:class:`Concepts`).
+                scores (`Concepts`).
 
         Raises:
             InputError: neither or both of ``heads``/``property``; a property no head has; a head the
@@ -272,7 +272,7 @@ class HeadIndex:
             yield start, sum_heads(terms, self.store.head_layers, self.heads)
 
     def chunks(self) -> Iterator[tuple[int, Float[Tensor, "chunk r"]]]:
-        """``(first row, representations)`` of each finished chunk (:meth:`terms`), prepared as the queries are."""
+        """``(first row, representations)`` of each finished chunk ([`terms`][clip_lens_plugins.neighbors.HeadIndex.terms]), prepared as the queries are."""
         for start, rows in self.terms():
             yield start, self.prepare(rows)
 
@@ -291,7 +291,7 @@ class HeadIndex:
 
         Exact (not approximate). Equal scores are ordered by image index, so the answer does not
         depend on the chunk size or device. ``indices`` are store rows (``store.ids()[i]``). The
-        queries are projected and normalised as the store rows are (:meth:`chunks`).
+        queries are projected and normalised as the store rows are ([`chunks`][clip_lens_plugins.neighbors.HeadIndex.chunks]).
         """
         if queries.ndim != 2:
             raise InputError(f"queries must be [q, d], got shape {tuple(queries.shape)}.")

@@ -63,7 +63,7 @@ class NeighborsResult(JSONResult):
         neighbours' thumbnails titled with row and score.
 
         Args:
-            images: the store's images, as an :data:`ImageLoader` or an array indexed by store row.
+            images: the store's images, as an `ImageLoader` or an array indexed by store row.
             queries: the query images (image queries); text queries are written out instead.
 
         Returns:

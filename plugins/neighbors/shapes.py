@@ -57,13 +57,13 @@ def property_neighbor_agreement(
     Args:
         model: the model the store was collected with.
         store: a store of shapes-world scenes of seed ``world_seed`` (its ``ids`` are scene indices,
-            as :func:`clip_lens.collect.shapes_world_images` writes them).
+            as `clip_lens.collect.shapes_world_images` writes them).
         labels, property: search by the heads labelled ``property`` …
         heads: … or by these heads.
         n_queries: held-out query scenes, from ``query_seed`` (default ``world_seed + 1``), so that
             no query is in the store.
         subspace, texts: search in the span of the property's text directions (see
-            :meth:`Neighbors.run <clip_lens_plugins.neighbors.analysis.Neighbors.run>`), e.g.
+            [`Neighbors.run`][clip_lens_plugins.neighbors.Neighbors.run]), e.g.
             ``texts=world_prompts("colour")``.
 
     Returns:

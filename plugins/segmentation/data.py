@@ -35,7 +35,7 @@ Batch = tuple[Float[Tensor, "batch 3 H W"], Bool[Tensor, "batch H W"]]
 
 @dataclass
 class SegmentationData:
-    """Images and their foreground masks, loaded in batches with :meth:`load`."""
+    """Images and their foreground masks, loaded in batches with `load`."""
 
     n: int
     loader: Callable[[int, int], Batch]
@@ -162,12 +162,12 @@ def folder_segmentation(
         path: the dataset folder.
         preprocess: the image transform (usually ``model.preprocess``).
         mask_transform: PIL mask → PIL mask at the preprocessed geometry; default
-            the resize/crop steps (:func:`mask_transform_for`) of ``preprocess``.
+            the resize/crop steps (`mask_transform_for`) of ``preprocess``.
 
     Raises:
         InputError: no such folder, no images, images without a mask, a mask whose size differs
             from its image, or an image or mask that cannot be decoded (missing, corrupt, truncated,
-            a decompression bomb …: :func:`clip_lens.files.load_image`); every file is decoded here,
+            a decompression bomb …: `clip_lens.files.load_image`); every file is decoded here,
             before any work.
     """
     from clip_lens.files import load_image

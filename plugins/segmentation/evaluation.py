@@ -4,7 +4,7 @@ For each image the predicted class c* is the argmax of the image embedding again
 embeddings. A patch's score is its direct contribution through every head of the chosen layers,
 projected on ``class_text[c*] − mean over classes of class_text`` (the contrast with the other
 classes; prefix/CLS tokens excluded). Maps are bilinearly upsampled, clipped below 0, min-max
-normalised and thresholded at their mean (:mod:`~clip_lens_plugins.segmentation.metrics`).
+normalised and thresholded at their mean (`metrics`).
 
 Baselines in the same run: *raw attention* (the last layer's CLS → patch attention, averaged over
 heads) and *uniform* (a constant map: AP = foreground share, thresholded to all foreground).

@@ -71,7 +71,7 @@ def average_precision(scores: Float[Tensor, "*pixels"], target: Bool[Tensor, "*p
 
 @dataclass
 class SegmentationScore:
-    """Running totals of one method over a dataset (update per batch, then :meth:`summary`)."""
+    """Running totals of one method over a dataset (update per batch, then `summary`)."""
 
     correct: int = 0
     pixels: int = 0

@@ -1,4 +1,4 @@
-"""Results of the map analyses: :class:`HeatmapResult` (one text) and :class:`ContrastiveResult` (two)."""
+"""Results of the map analyses: `HeatmapResult` (one text) and `ContrastiveResult` (two)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ class HeatmapResult(JSONResult):
         return minmax(self.raw)
 
     def inside_outside(self, masks: Bool[Tensor, "batch H W"]) -> Float[Tensor, "batch 2"]:
-        """Mean of :attr:`maps` inside and outside each mask (images with an empty side give NaN there)."""
+        """Mean of `maps` inside and outside each mask (images with an empty side give NaN there)."""
         if masks.shape != self.raw.shape:
             raise InputError(f"masks {tuple(masks.shape)} do not match the maps {tuple(self.raw.shape)}.")
         masks = masks.to(self.raw.device).bool()

@@ -103,7 +103,7 @@ def textspan(
             texts are restricted to the subspace the head can write to.
 
     Returns:
-        A :class:`Span` (fields batched over heads when ``outputs`` is 3-D).
+        A `Span` (fields batched over heads when ``outputs`` is 3-D).
     """
     _check(outputs, texts, m)
     single = outputs.ndim == 2

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
@@ -112,23 +114,45 @@ class TestModelsAndHooks:
         names = result.stdout.split()
         assert "ViT-B-32" in names and "RN50" not in names
 
-    def test_hooks_lists_vision_hooks_in_forward_order(self, runner):
+    def test_hooks_lists_every_vision_hook_of_the_full_model_per_layer(self, runner):
         result = runner.invoke(app, ["hooks", "--model", "ViT-B-32"])
         assert result.exit_code == 0, result.output
-        assert "shrunk" in result.stdout
-        names = [line.split()[0] for line in result.stdout.splitlines() if not line.startswith("#")]
-        assert "blocks.0.attn.hook_pattern" in names
-        assert names[0] == "hook_embed" and names[-1] == "hook_image_embed"
-        assert names.index("blocks.0.attn.hook_q") < names.index("blocks.0.attn.hook_pattern")
+        lines = result.stdout.splitlines()
+        assert lines[0].startswith("# ViT-B-32 vision tower: 224 hooks, 12 blocks") and "shrunk" not in result.stdout
+        names = [line.split()[0] for line in lines if not line.startswith("#")]
+        assert names[0] == "hook_embed" and names[-1] == "hook_image_embed"  # forward order
         assert not any(name.startswith("text.") for name in names)
-        assert "[1, 12, 50, 50]" in result.stdout  # pattern: batch, head, query, key
+        per_block = [name.split(".", 2)[2] for name in names if name.startswith("blocks.0.")]
+        assert len(per_block) == 18 and per_block.index("attn.hook_q") < per_block.index("attn.hook_pattern")
+        for layer in range(12):  # every layer, each with the same hooks
+            assert [n.split(".", 2)[2] for n in names if n.startswith(f"blocks.{layer}.")] == per_block
+        headers = [line[2:] for line in lines[1:] if line.startswith("# ")]
+        assert headers == ["before the blocks", *[f"blocks.{i}" for i in range(12)], "after the blocks"]
+        shapes = {line.split()[0]: line.split(None, 1)[1] for line in lines if not line.startswith("#")}
+        assert shapes["blocks.11.attn.hook_pattern"] == "[1, 12, 50, 50]"  # batch, head, query, key
+        assert shapes["blocks.11.mlp.hook_post"] == "[1, 50, 3072]"
+
+    @pytest.mark.parametrize("tower", ["vision", "text"])
+    def test_hooks_of_toy_shapes_are_every_hook_of_the_model(self, runner, tower):
+        from clip_lens import HookedCLIP
+
+        model = HookedCLIP.from_pretrained("toy-shapes")
+        result = runner.invoke(app, ["hooks", "--model", "toy-shapes", "--tower", tower])
+        assert result.exit_code == 0, result.output
+        names = [line.split()[0] for line in result.stdout.splitlines() if not line.startswith("#")]
+        expected = [name for name in model.hook_dict if name.startswith("text.") == (tower == "text")]
+        assert sorted(names) == sorted(expected)
+        assert "not run" not in result.stdout  # a plain forward reaches every hook
+        n_layers = (model.text.cfg if tower == "text" else model.cfg).n_layers
+        prefix = "text." if tower == "text" else ""
+        assert f"# {prefix}blocks.{n_layers - 1}" in result.stdout
 
     def test_hooks_text_tower_lists_text_hooks_only(self, runner):
         result = runner.invoke(app, ["hooks", "--model", "ViT-B-32", "--tower", "text"])
         assert result.exit_code == 0, result.output
         names = [line.split()[0] for line in result.stdout.splitlines() if not line.startswith("#")]
         assert names and all(name.startswith("text.") for name in names)
-        assert "text.blocks.0.attn.hook_pattern" in names
+        assert "text.blocks.11.attn.hook_pattern" in names and names[-1] == "text.hook_text_embed"
 
     def test_hooks_unknown_tower_exits_2(self, runner):
         result = runner.invoke(app, ["hooks", "--model", "ViT-B-32", "--tower", "audio"])
@@ -152,3 +176,17 @@ class TestAtomicWrites:
             atomic_write(target, "new")
         assert target.read_text() == "old"
         assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+@pytest.mark.parametrize("command", [[], ["report"], ["collect"], ["sae", "train"], ["app"]])
+def test_help_imports_no_heavy_package(command):
+    """`clip-lens … --help` starts fast because it imports neither torch nor open_clip, matplotlib or
+    zarr (start-up time itself is measured by benchmarks/bench_cli_startup.py)."""
+    code = (
+        "import sys\nfrom clip_lens.cli import app\n"
+        f"try:\n    app({command + ['--help']!r})\nexcept SystemExit:\n    pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'open_clip', 'matplotlib', 'zarr', 'starlette') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout, result.stdout[-500:]

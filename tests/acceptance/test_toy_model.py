@@ -86,8 +86,8 @@ def test_readme_main_job_reports_on_the_bundled_model(tmp_path):
     for attribute, scores in heads["span_replacement"].items():  # spans of 20 texts keep what heads do
         assert scores["m=20"] >= scores["original"] - 0.02, attribute
     truth = {row["property"]: row for row in heads["ground_truth"]}
-    # the strongest colour head by ablation is labelled colour, and texture/location labels match ablation
+    # the strongest colour head by ablation is labelled colour, and background/position labels match ablation
     assert truth["colour"]["top_ablation_heads"][0] in truth["colour"]["labelled_heads"]
-    assert truth["texture"]["agreement"] == 1.0 and truth["location"]["agreement"] == 1.0
+    assert truth["background"]["agreement"] == 1.0 and truth["position"]["agreement"] == 1.0
     page = (tmp_path / "report.html").read_text()
     assert "Head spans" in page and "Checks against ground truth" in page and page.count("data:image/png") == 7

@@ -99,9 +99,9 @@ class TestPrototypeLabeler:
 class TestPrototypeSets:
     def test_shapes_set_covers_the_world_in_its_vocabulary(self):
         prototypes = shapes_prototypes()
-        assert list(prototypes) == ["colour", "shape", "size", "location", "texture"]
+        assert list(prototypes) == ["colour", "shape", "size", "position", "background"]  # the world's attribute names
         assert [len(p) for p in prototypes.values()] == [len(VALUES[a]) for a in ("colour", "shape", "size", "position", "background")]
-        assert prototypes["colour"][0] == "a red shape" and prototypes["location"][0] == "a shape at the top left"
+        assert prototypes["colour"][0] == "a red shape" and prototypes["position"][0] == "a shape at the top left"
         tokens = WordTokenizer(vocabulary())([p for phrases in prototypes.values() for p in phrases])
         assert not (tokens == 1).any(), "a shapes-world prototype uses a word outside the toy vocabulary"
 
@@ -124,7 +124,7 @@ def toy():
     return clip_lens.HookedCLIP.from_pretrained("toy-shapes")
 
 
-def test_toy_model_labels_colour_and_location_heads(toy):
+def test_toy_model_labels_colour_and_position_heads(toy):
     spans = {
         "L3H1": ["a red shape", "a blue shape", "a green shape"],
         "L2H0": ["a shape at the top left", "a shape on the right", "a circle"],
@@ -132,7 +132,7 @@ def test_toy_model_labels_colour_and_location_heads(toy):
     result = HeadLabels(toy).run(spans)
     assert (result.model, result.labeler, result.properties) == ("toy-shapes", "prototype", list(shapes_prototypes()))
     assert [(h.head, h.label, h.confidence, h.fits) for h in result.heads] == [
-        ("L2H0", "location", 2 / 3, [True, True, False]),
+        ("L2H0", "position", 2 / 3, [True, True, False]),
         ("L3H1", "colour", 1.0, [True, True, True]),
     ]
     labeler = PrototypeLabeler.from_model(toy, batch_size=16)  # 28 phrases: two text-tower passes
@@ -226,13 +226,13 @@ def test_llm_judge(server):
 def test_llm_properties_constrain_labels(server, toy):
     server.reply = lambda body: chat('{"label": "animal", "fits": [true, true]}')
     labels = HeadLabels(toy, labeler="llm", url=server.url, llm_model="test-model")
-    assert labels.labeler.properties == ["colour", "shape", "size", "location", "texture"]  # the toy model's set
+    assert labels.labeler.properties == ["colour", "shape", "size", "position", "background"]  # the toy model's set
     with pytest.raises(LabelerError, match="head L0H0: the model answered label 'animal', which is not one of the allowed"):
         labels.run({"L0H0": ["a cat", "a dog"]})
     messages = server.requests[0]["body"]["messages"]
-    assert "Allowed labels: colour, shape, size, location, texture, or null" in messages[0]["content"]
+    assert "Allowed labels: colour, shape, size, position, background, or null" in messages[0]["content"]
     shown = [json.loads(m["content"])["label"] for m in messages if m["role"] == "assistant"]
-    assert shown == ["colour", "location", None]  # the 'animal' example is left out
+    assert shown == ["colour", None]  # the 'location' and 'animal' examples (not toy properties) are left out
 
 
 def closed_port_url() -> str:

@@ -213,7 +213,7 @@ class TestNeighbors:
             search.run(store, query_images=torch.zeros(1, 3, 32, 32), head="L3H1")
         with pytest.raises(InputError, match="either query_images=.* or query_texts="):
             search.run(store, head="L3H1")
-        with pytest.raises(InputError, match="Labelled properties: colour, location, shape, texture"):
+        with pytest.raises(InputError, match="Labelled properties: background, colour, position, shape"):
             search.run(store, query_texts=["a big shape"], property="size", labels=labels)
 
     def test_result_saves_and_plots(self, toy, world, tmp_path):
@@ -266,10 +266,10 @@ class TestTextSubspace:
 
     def test_default_texts_are_the_fitting_span_texts(self, toy, world, tmp_path):
         store, labels = world
-        texts = property_texts(labels, "texture")
-        assert sorted(texts) == sorted(world_prompts("background"))  # the labeller's texture texts, each once
+        texts = property_texts(labels, "background")
+        assert sorted(texts) == sorted(world_prompts("background"))  # the labeller's background texts, each once
         queries = shapes_world_images(3, seed=WORLD_SEED + 1).load(0, 3)[0]
-        result = Neighbors(toy).run(store, query_images=queries, property="texture", labels=labels, k=5, subspace="texts")
+        result = Neighbors(toy).run(store, query_images=queries, property="background", labels=labels, k=5, subspace="texts")
         assert result.search_texts == texts
         assert NeighborsResult.load(result.save(tmp_path)).search_texts == texts
 
@@ -349,8 +349,8 @@ class TestShapesWorld:
         # the labelled "shape" heads include L3H1, a size head: size is found, shape only partly
         ("dot", "shape", {"shape": 0.623, "colour": 0.230, "size": 0.972}),
         ("cosine", "shape", {"shape": 0.768, "colour": 0.332, "size": 0.983}),
-        ("dot", "location", {"position": 0.977, "shape": 0.248}),
-        ("dot", "texture", {"background": 1.0, "colour": 0.128, "shape": 0.182}),
+        ("dot", "position", {"position": 0.977, "shape": 0.248}),
+        ("dot", "background", {"background": 1.0, "colour": 0.128, "shape": 0.182}),
     ])
     def test_property_neighbours_share_the_property(self, toy, world, metric, prop, expected):
         store, labels = world
@@ -363,8 +363,8 @@ class TestShapesWorld:
         ("cosine", "colour", "colour", {"colour": 0.990, "shape": 0.267, "position": 0.172}),
         ("dot", "shape", "shape", {"shape": 0.682, "colour": 0.137, "size": 0.910}),
         ("cosine", "shape", "shape", {"shape": 0.805, "colour": 0.140, "size": 0.963}),
-        ("dot", "location", "position", {"position": 0.995, "colour": 0.183, "shape": 0.165}),
-        ("cosine", "texture", "background", {"background": 1.0, "shape": 0.177, "size": 0.722}),
+        ("dot", "position", "position", {"position": 0.995, "colour": 0.183, "shape": 0.165}),
+        ("cosine", "background", "background", {"background": 1.0, "shape": 0.177, "size": 0.722}),
     ])
     def test_in_the_span_of_the_world_prompts(self, toy, world, metric, prop, attribute, expected):
         store, labels = world
@@ -376,8 +376,8 @@ class TestShapesWorld:
     @pytest.mark.parametrize("prop, attribute, expected", [
         # the target: the property's value ≥ 90 %, the others at chance
         ("colour", "colour", {"colour": 0.963, "shape": 0.138, "size": 0.508, "position": 0.127, "background": 0.238}),
-        ("location", "position", {"position": 1.0, "colour": 0.118, "shape": 0.158, "background": 0.280}),
-        ("texture", "background", {"background": 1.0, "colour": 0.130, "shape": 0.150, "position": 0.148}),
+        ("position", "position", {"position": 1.0, "colour": 0.118, "shape": 0.158, "background": 0.280}),
+        ("background", "background", {"background": 1.0, "colour": 0.130, "shape": 0.150, "position": 0.148}),
         # the labelled heads write only part of the shape (the MLPs write the rest): others at chance, shape 0.75
         ("shape", "shape", {"shape": 0.747, "colour": 0.107, "position": 0.127, "background": 0.242}),
     ])

@@ -19,7 +19,7 @@ from clip_lens import HookedCLIP, analyses
 from clip_lens.app import demo_workspace, make_server
 from clip_lens.errors import InputError
 from clip_lens.toy.world import ShapesWorld
-from tests.helpers import serving
+from tests.helpers import call, serving
 
 STORE_SEED, QUERY_SEED, N_SCENES = 2024, 1000, 120
 MAX_UPLOAD = 200_000  # small, so that the oversize request stays cheap
@@ -41,19 +41,6 @@ def server(toy, workspace):
                          thumbnails=workspace.thumbnails)
     with serving(server):
         yield server
-
-
-def call(server, path, body=None, data=None, headers=None):
-    """``(status, JSON)`` of a GET (no body) or POST to ``path``."""
-    if body is not None:
-        data = json.dumps(body).encode()
-    request = urllib.request.Request(server.url + path.lstrip("/"), data,
-                                     {"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
 
 
 def png_url(image: np.ndarray) -> str:

@@ -19,7 +19,7 @@ from clip_lens.errors import HookNameError, InputError
 from clip_lens.sae import SAE, SAEConfig, save_sae
 from clip_lens.sae.naming import image_feature_acts, name_features, top_activating
 from clip_lens.toy.world import ShapesWorld
-from tests.helpers import serving
+from tests.helpers import call, serving
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -65,19 +65,6 @@ def direct(toy, workspace):
     """The library's own answers for the demo SAE over the store."""
     sae = workspace.saes["demo"]
     return top_activating(toy, sae, workspace.store, k=TOP_K), name_features(toy, sae, "shapes", top=5)
-
-
-def call(server, path, body=None, data=None, headers=None):
-    """``(status, JSON)`` of a GET (no body) or POST to ``path``."""
-    if body is not None:
-        data = json.dumps(body).encode()
-    request = urllib.request.Request(server.url + path.lstrip("/"), data,
-                                     {"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
 
 
 def ok(server, path, body=None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
@@ -55,6 +56,7 @@ def _held_out_loss(weights) -> float:
     return multi_positive_loss(images, texts, model.logit_scale.exp(), positives).item()
 
 
+@pytest.mark.slow  # ~60 s of training on 2 idle cores: CI runs it in its slow step
 def test_short_training_run_lowers_the_loss_and_resumes_exactly(tmp_path):
     config = TrainConfig(steps=100, batch_size=64, warmup=10, eval_every=1000, eval_images=32, checkpoint_every=50)
     meta = train(tmp_path / "full", config, log=lambda *_: None)

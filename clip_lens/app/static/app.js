@@ -4,7 +4,7 @@
 "use strict";
 
 const THUMBS_PER_PAGE = 24;
-const state = { info: null, image: null, thumbStart: 0 };  // image: a data URL or {store_row: N}
+const state = { info: null, image: null, name: null, thumbStart: 0 };  // image: a data URL or {store_row: N}; name: what it is
 const $ = (selector, root = document) => root.querySelector(selector);
 
 function element(tag, attributes = {}, text = "") {
@@ -35,7 +35,10 @@ async function request(url, body) {
 // --- query image ------------------------------------------------------------------------
 function chooseImage(image, src, caption) {
   state.image = image;
+  state.name = caption;  // the figures title the query with it (an upload's file name, "store image #3")
   $("#preview").src = src;
+  $("#preview").alt = caption;
+  $("#preview").hidden = false;
   $("#preview-caption").textContent = caption;
   for (const thumb of document.querySelectorAll("#thumbnails img")) {
     thumb.classList.toggle("chosen", image.store_row !== undefined && Number(thumb.dataset.row) === image.store_row);
@@ -116,6 +119,7 @@ async function submit(tab, form) {
       return;
     }
     body.images = [state.image];
+    body.names = [state.name];
   }
   const button = $("button[type=submit]", form);
   button.disabled = true;
@@ -293,7 +297,7 @@ async function imageFeatures(form) {
   button.disabled = true;
   result.replaceChildren(element("p", { class: "status" }, "Running…"));
   try {
-    const data = await request("/api/sae_image", { sae, images: [state.image], k: number(form.elements.k) });
+    const data = await request("/api/sae_image", { sae, images: [state.image], names: [state.name], k: number(form.elements.k) });
     const table = tableWith(["feature", "activation", "name"], "Most active features on the query image (click one to see it)");
     for (const feature of data.images[0].features) {
       const cells = [element("td", { class: "num" }, `#${feature.feature}`),
