@@ -53,8 +53,7 @@ class TextSpanResult(JSONResult):
 
     @classmethod
     def from_dict(cls, data: dict) -> "TextSpanResult":
-        """The result [`save`][clip_lens.analyses.JSONResult.save] wrote (without the span tensors,
-        which are not saved: [`reconstruct`][clip_lens_plugins.textspan.TextSpanResult.reconstruct]
+        """The result `save` wrote (without the span tensors, which are not saved: `reconstruct`
         needs the result `TextSpan.run` returned)."""
         try:
             heads = [HeadSpan(**h) for h in data["heads"]]
