@@ -63,6 +63,7 @@ import warnings
 from typing import Callable, Optional
 
 import torch
+from peak_memory import malloc_trim, proc_status_kb, reset_peak_rss
 
 CONFIGS = ["raw", "hooked", "heads", "tokens+D"]
 LABELS = {
@@ -196,36 +197,6 @@ def sync(device: torch.device) -> None:
 
 
 # --- memory ---------------------------------------------------------------------------------
-def proc_status_kb(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def malloc_trim() -> bool:
-    """Return memory freed by earlier calls to the OS (glibc), so the measured call cannot reuse it."""
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
-    except (OSError, AttributeError):
-        return False
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def cpu_peak_child(args: argparse.Namespace) -> None:
     """Subprocess entry: peak RSS growth of one call of one config (printed as JSON)."""
     device = torch.device("cpu")

@@ -42,6 +42,7 @@ import time
 from typing import Callable
 
 import torch
+from peak_memory import malloc_trim, proc_status_kb, reset_peak_rss
 
 TARGET = 0.7
 SETTINGS = {  # per model on CPU: images per round, forward batch, buffer rows
@@ -154,35 +155,6 @@ def training(model, settings: dict, steps: int, expansion: int, device: str) -> 
 
 
 # --- memory (child processes) ------------------------------------------------------------------
-def proc_status_kb(key: str):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def malloc_trim() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def rss_child(name: str, buffer: int, batch: int, device: str) -> None:
     from clip_lens.sae.activations import ActivationSource
 
