@@ -56,8 +56,9 @@ def bundled_models() -> dict[str, dict[str, Any]]:
     return json.loads(resources.files("clip_lens").joinpath(BUNDLED_REGISTRY).read_text())
 
 
-def load_bundled(name: str) -> LoadedModel:
-    """Build a bundled model (e.g. ``"toy-shapes"``) from the weights inside the package."""
+def load_bundled(name: str, weights_file: Union[str, Path, None] = None) -> LoadedModel:
+    """Build a bundled model (e.g. ``"toy-shapes"``) from the weights inside the package, or with
+    its architecture and tokenizer from ``weights_file`` (a checkpoint of its training run)."""
     from open_clip.factory import set_model_preprocess_cfg
     from open_clip.model import CLIP
 
@@ -72,12 +73,15 @@ def load_bundled(name: str) -> LoadedModel:
             f"The bundled weights of '{name}' are missing ({entry['weights']}); reinstall clip_lens or "
             f"train them with `python -m clip_lens.toy.train`."
         )
-    with resources.as_file(weights) as path:
-        state_dict = read_state_dict(path)
+    if weights_file is not None:
+        state_dict, source = read_state_dict(Path(weights_file)), str(weights_file)
+    else:
+        with resources.as_file(weights) as path:
+            state_dict, source = read_state_dict(path), f"bundled:{entry['weights']}"
     model = CLIP(**meta["model_cfg"])
-    load_state_dict_strict(model, state_dict, source=f"bundled checkpoint of {name}")
+    load_state_dict_strict(model, state_dict, source=f"checkpoint {source} of {name}")
     set_model_preprocess_cfg(model, meta["preprocess_cfg"])
-    return LoadedModel(model.eval(), name, f"bundled:{entry['weights']}", WordTokenizer.from_dict(meta["tokenizer"]))
+    return LoadedModel(model.eval(), name, source, WordTokenizer.from_dict(meta["tokenizer"]))
 
 
 # What HookedCLIP reproduces, and why not where it does not: one table, read before anything is
@@ -677,9 +681,14 @@ def load_open_clip(
             f"got {type(pretrained).__name__}."
         )
     if isinstance(model_name, str) and model_name in bundled_models():
-        if pretrained is not None or config_overrides:
-            raise InputError(f"'{model_name}' is a bundled model: it takes no pretrained= or config_overrides=.")
-        return load_bundled(model_name)
+        if config_overrides:
+            raise InputError(f"'{model_name}' is a bundled model: it takes no config_overrides=.")
+        if pretrained is not None and not Path(pretrained).is_file():
+            raise InputError(
+                f"'{model_name}' is a bundled model: pretrained= can only be a local checkpoint of the same "
+                f"architecture (e.g. a training run's steps/model-500.safetensors); {str(pretrained)!r} is not a file."
+            )
+        return load_bundled(model_name, pretrained)
     config = model_config(model_name, config_overrides)
     feature = unsupported_feature(config)
     if feature is not None:

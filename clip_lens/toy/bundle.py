@@ -20,10 +20,11 @@ PREPROCESS = {"size": 64, "mode": "RGB", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0
 
 def bundle(run_dir: str | Path, name: str = "toy-shapes", n_eval: int = 2000) -> dict:
     from clip_lens import HookedCLIP
-    from clip_lens.toy.evaluate import zero_shot_accuracy
+    from clip_lens.toy.evaluate import binding_accuracy, zero_shot_accuracy
 
     run_dir = Path(run_dir)
     meta = json.loads((run_dir / "config.json").read_text())
+    version = int(meta["train"].get("world_version", 1))
     WEIGHTS_DIR.mkdir(exist_ok=True)
     atomic_write(WEIGHTS_DIR / f"{name}.safetensors", (run_dir / "model.safetensors").read_bytes())
     preprocess = {**PREPROCESS, "size": meta["model_cfg"]["vision_cfg"]["image_size"]}
@@ -34,6 +35,7 @@ def bundle(run_dir: str | Path, name: str = "toy-shapes", n_eval: int = 2000) ->
         "provenance": {
             # the step the run ended at, not its time budget, so that the command reproduces the weights
             "command": f"python -m clip_lens.toy.train --steps {meta['train']['steps']} --seed {meta['train']['seed']}"
+            + (f" --world-version {version}" if version != 1 else "")
             + (f" --stop-at {meta['steps_done']}" if meta["steps_done"] < meta["train"]["steps"] else ""),
             "train": meta["train"],
             "steps_done": meta["steps_done"],
@@ -43,8 +45,10 @@ def bundle(run_dir: str | Path, name: str = "toy-shapes", n_eval: int = 2000) ->
     }
     atomic_write(WEIGHTS_DIR / f"{name}.json", json.dumps(config, indent=1))  # from_pretrained reads it
     model = HookedCLIP.from_pretrained(name)
-    result = zero_shot_accuracy(model, n_images=n_eval)
+    result = zero_shot_accuracy(model, n_images=n_eval, world_version=version)
     config["metrics"] = result.to_dict()
+    if version == 2:
+        config["metrics"]["binding"] = binding_accuracy(model, n_scenes=n_eval).to_dict()
     atomic_write(WEIGHTS_DIR / f"{name}.json", json.dumps(config, indent=1))
     return config
 

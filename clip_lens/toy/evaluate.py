@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-from clip_lens.toy.world import ATTRIBUTES, VALUES, ShapesWorld, attribute_prompt, batch_images
+from clip_lens.stats import bootstrap_ci
+from clip_lens.toy.world import ShapesWorld, attribute_prompt, batch_images
 
 HELD_OUT_SEED = 1000  # training uses seed 0; evaluation scenes come from an independent world
 
@@ -22,6 +23,8 @@ class ZeroShotResult:
     """Per attribute: 1 / number of values."""
     n_images: int
     seed: int
+    interval: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Per attribute: bootstrap 95% interval over the scenes."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -35,32 +38,116 @@ def zero_shot_accuracy(
     batch_size: int = 250,
     tokenize: Optional[Callable] = None,
     image_size: Optional[int] = None,
+    world_version: Optional[int] = None,
 ) -> ZeroShotResult:
     """Zero-shot accuracy on ``n_images`` held-out scenes.
 
     ``model`` is a [`HookedCLIP`][clip_lens.HookedCLIP] with the world's tokenizer, or any open_clip
     model given ``tokenize`` and ``image_size``. Prompts are the caption templates with one
     attribute ("a red shape", "a shape at the top left", "a shape on a striped background");
-    the prediction is the argmax over the attribute's values.
+    the prediction is the argmax over the attribute's values. The scenes hold one object, except
+    for version 2's ``count``, measured on scenes of 1–4 objects ("one shape" … "four shapes").
+    ``world_version`` defaults to the model's (`shapes_world_version`), else 1.
     """
     tokenize = tokenize or model.to_tokens
     size = image_size or model.cfg.image_size[0]
+    version = world_version or shapes_world_version(model) or 1
     parameter = next(model.parameters())
-    world = ShapesWorld(seed=seed, image_size=size)
+    worlds = {1: ShapesWorld(seed=seed, image_size=size, version=version)}
+    if version == 2:
+        worlds[4] = ShapesWorld(seed=seed, image_size=size, n_objects=(1, 4), version=version)
+    world = worlds[1]
     prompts = {
-        a: model.encode_text(tokenize([attribute_prompt(a, v) for v in VALUES[a]]).to(parameter.device), normalize=True)
-        for a in ATTRIBUTES
+        a: model.encode_text(tokenize([attribute_prompt(a, v) for v in world.values[a]]).to(parameter.device), normalize=True)
+        for a in world.attributes
     }
-    correct = dict.fromkeys(ATTRIBUTES, 0)
+    correct: dict[str, list[float]] = {a: [] for a in world.attributes}
     for start in range(0, n_images, batch_size):
-        scenes = [world.scene(i) for i in range(start, min(n_images, start + batch_size))]
-        images = model.encode_image(batch_images(scenes).to(parameter.device, parameter.dtype), normalize=True)
-        for a in ATTRIBUTES:
-            truth = torch.tensor([VALUES[a].index(s.value(a)) for s in scenes])
-            correct[a] += int(((images @ prompts[a].T).argmax(-1).cpu() == truth).sum())
+        indices = range(start, min(n_images, start + batch_size))
+        for n_max, source in worlds.items():
+            scenes = [source.scene(i) for i in indices]
+            images = model.encode_image(batch_images(scenes).to(parameter.device, parameter.dtype), normalize=True)
+            for a in world.attributes:
+                if (a == "count") != (n_max == 4):
+                    continue
+                truth = torch.tensor([world.values[a].index(s.value(a)) for s in scenes])
+                correct[a].extend(((images @ prompts[a].T).argmax(-1).cpu() == truth).float().tolist())
     return ZeroShotResult(
-        accuracy={a: correct[a] / n_images for a in ATTRIBUTES},
-        chance={a: 1 / len(VALUES[a]) for a in ATTRIBUTES},
+        accuracy={a: sum(v) / n_images for a, v in correct.items()},
+        chance={a: 1 / len(world.values[a]) for a in world.attributes},
         n_images=n_images,
+        seed=seed,
+        interval={a: bootstrap_ci(v) for a, v in correct.items()},
+    )
+
+
+def shapes_world_version(model) -> Optional[int]:
+    """The shapes-world version a bundled model (or model name) was trained on: its registry
+    entry's ``world_version`` (``toy-shapes``: 1, ``toy-shapes-v2``: 2); None for other models."""
+    from clip_lens.loading import bundled_models
+
+    name = model if isinstance(model, str) else getattr(model, "model_name", None)
+    version = bundled_models().get(name or "", {}).get("world_version")
+    return None if version is None else int(version)
+
+
+@dataclass
+class BindingResult:
+    """Two-object scenes: does the model prefer the true caption to the same words wrongly bound?
+
+    Each test is a choice between two captions, so chance is 0.5; ``interval`` holds bootstrap 95%
+    intervals over scenes. ``colour_shape``: "a red circle" (present) against "a blue circle" (the
+    other object's colour on this object's shape). ``relation``: "a red circle above a blue square"
+    against "a blue square above a red circle". ``relation_colours``: against "a blue circle above a
+    red square" (the colours swapped).
+    """
+
+    accuracy: dict[str, float]
+    interval: dict[str, tuple[float, float]]
+    chance: float
+    n_scenes: int
+    seed: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def binding_accuracy(model, n_scenes: int = 2000, seed: int = HELD_OUT_SEED, batch_size: int = 250) -> BindingResult:
+    """Binding tests on two-object scenes of the version-2 world whose objects differ in colour and shape."""
+    from clip_lens.toy.world import relation_phrase, relations
+
+    world = ShapesWorld(seed=seed, image_size=model.cfg.image_size[0], n_objects=2, version=2)
+    parameter = next(model.parameters())
+    outcomes: dict[str, list[float]] = {"colour_shape": [], "relation": [], "relation_colours": []}
+    index = 0
+    while len(outcomes["relation"]) < n_scenes:
+        scenes = []
+        while len(scenes) < batch_size and len(outcomes["relation"]) + len(scenes) < n_scenes:
+            scene = world.scene(index)
+            index += 1
+            a, b = scene.objects
+            if a.colour != b.colour and a.shape != b.shape:
+                scenes.append(scene)
+        images = model.encode_image(batch_images(scenes).to(parameter.device, parameter.dtype), normalize=True)
+        pairs = {name: [] for name in outcomes}
+        for scene in scenes:
+            a, b = scene.objects
+            relation = relations(a, b)[0]
+            pa, pb = {"colour": a.colour, "shape": a.shape}, {"colour": b.colour, "shape": b.shape}
+            pairs["colour_shape"].append((f"a {a.colour} {a.shape}", f"a {b.colour} {a.shape}"))
+            pairs["relation"].append((relation_phrase(pa, relation, pb), relation_phrase(pb, relation, pa)))
+            swapped_a, swapped_b = {**pa, "colour": b.colour}, {**pb, "colour": a.colour}
+            pairs["relation_colours"].append((relation_phrase(pa, relation, pb), relation_phrase(swapped_a, relation, swapped_b)))
+        for name, texts in pairs.items():
+            true = model.encode_text(model.to_tokens([t for t, _ in texts]).to(parameter.device), normalize=True)
+            false = model.encode_text(model.to_tokens([f for _, f in texts]).to(parameter.device), normalize=True)
+            wins = ((images * true).sum(-1) > (images * false).sum(-1)).float().cpu().tolist()
+            outcomes[name].extend(wins)
+    return BindingResult(
+        accuracy={k: float(sum(v) / len(v)) for k, v in outcomes.items()},
+        interval={k: bootstrap_ci(v) for k, v in outcomes.items()},
+        chance=0.5,
+        n_scenes=n_scenes,
         seed=seed,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 
-from clip_lens.toy.world import ATTRIBUTES, POSITION_PHRASES, VALUES, attribute_prompt, phrase
+from clip_lens.toy.world import ATTRIBUTES, POSITION_PHRASES, RELATIONS, V2_ATTRIBUTES, VALUES, attribute_prompt, phrase
 
 DESCRIPTORS: dict[str, list[str]] = {
     "circle": ["round", "no corners", "a curved edge", "a smooth outline", "the same width everywhere"],
@@ -32,14 +32,20 @@ DISTRACTORS: list[str] = [
 WORLD_WORDS = ["a", "shape", "and", "on", "background", "scene", "at", "the", "in", "of", "something", "with"]
 
 
-def vocabulary() -> list[str]:
-    """Every word the toy tokenizer knows (world phrases, descriptors, distractors)."""
+V2_WORDS = ["one", "two", "three", "four", "shapes", *" ".join(RELATIONS).split()]
+"""Version 2 adds counts and relations; its words come after version 1's, whose ids stay as they were."""
+
+
+def vocabulary(version: int = 1) -> list[str]:
+    """Every word the toy tokenizer of world ``version`` knows (world phrases, descriptors, distractors)."""
     words: list[str] = list(WORLD_WORDS)
     for values in VALUES.values():
         for value in values:
             words.extend(value.split())
     for text in [*POSITION_PHRASES.values(), *itertools.chain(*DESCRIPTORS.values()), *DISTRACTORS]:
         words.extend(text.replace(",", " ").split())
+    if version == 2:
+        words.extend(V2_WORDS)
     return list(dict.fromkeys(w.lower() for w in words))
 
 

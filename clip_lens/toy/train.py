@@ -28,6 +28,7 @@ from open_clip.model import CLIP
 from tqdm import tqdm
 
 from clip_lens.files import atomic_write
+from clip_lens.toy.claims import count_claim, object_claim, positives, relation_claim
 from clip_lens.toy.evaluate import zero_shot_accuracy
 from clip_lens.toy.texts import vocabulary
 from clip_lens.toy.tokenizer import WordTokenizer
@@ -53,6 +54,12 @@ class TrainConfig:
     max_minutes: Optional[float] = None
     stop_at: Optional[int] = None
     """Stop (checkpointed, resumable) after this step, as an interrupted run would; None: run to ``steps``."""
+    world_version: int = 1
+    """1: the grey world of ``toy-shapes``; 2: coloured textures, clutter, 1–4 objects (``toy-shapes-v2``)."""
+    multi: float = 0.25
+    """Version 2: share of each batch made of 2–4-object scenes with relation, count or object captions."""
+    keep_every: int = 0
+    """Keep a copy of the weights every this many steps (``steps/model-<step>.safetensors``; 0: none)."""
 
 
 def model_config(vocab_size: int, image_size: int = 64, context_length: int = 32) -> dict:
@@ -71,6 +78,7 @@ def build_model(config: dict) -> CLIP:
 CONTRAST_WEIGHTS = {"colour": 0.1, "shape": 0.5, "size": 0.2, "position": 0.1, "background": 0.1}
 """Which attribute a minimal set varies: mostly the ones a random batch rarely needs (shape, size)."""
 CONTRAST_INDEX = 2**40  # minimal sets come from world indices far from the random scenes'
+MULTI_INDEX = 2**41  # and version 2's several-object scenes from others again
 
 
 def sample_keep(rng: np.random.Generator, keep_prob: float) -> dict[str, bool]:
@@ -116,6 +124,34 @@ def training_batch(world: ShapesWorld, config: TrainConfig, step: int):
     return scenes, captions, positives
 
 
+def training_batch_v2(world: ShapesWorld, config: TrainConfig, step: int):
+    """Version 2's batch ``step``: minimal sets as in version 1, one-object scenes with partial
+    captions (a tenth of them counted: "one shape") and ``multi`` × batch scenes of 2–4 objects,
+    captioned by a relation between two of them (40 %), their count (20 %) or one object (40 %)."""
+    n_groups = int(config.contrast * config.batch_size) // config.group_size
+    rng = np.random.default_rng([config.seed, 2, step])
+    attributes = rng.choice(list(CONTRAST_WEIGHTS), size=n_groups, p=list(CONTRAST_WEIGHTS.values()))
+    grouped, varied = [], []
+    for j, attribute in enumerate(map(str, attributes)):
+        group = world.variants(CONTRAST_INDEX + step * n_groups + j, attribute, min(config.group_size, len(VALUES[attribute])))
+        grouped += group
+        varied += [attribute] * len(group)
+    n_multi = int(config.multi * config.batch_size)
+    n_single = config.batch_size - len(grouped) - n_multi
+    several = ShapesWorld(seed=config.seed, image_size=config.image_size, n_objects=(2, 4), version=2)
+    singles = [world.scene(i) for i in range(step * n_single, (step + 1) * n_single)]
+    multis = [several.scene(MULTI_INDEX + i) for i in range(step * n_multi, (step + 1) * n_multi)]
+    rng = np.random.default_rng([config.seed, 1, step])
+    claims = [count_claim(s, rng) if rng.random() < 0.1 else object_claim(s, rng, config.keep_prob) for s in singles]
+    claims += [object_claim(s, rng, config.keep_prob, must=a) for s, a in zip(grouped, varied)]
+    for scene in multis:
+        kind = rng.random()
+        claims.append(relation_claim(scene, rng) if kind < 0.4 else count_claim(scene, rng) if kind < 0.6
+                      else object_claim(scene, rng, config.keep_prob))
+    scenes = singles + grouped + multis
+    return scenes, [c.text for c in claims], positives(scenes, claims)
+
+
 def multi_positive_loss(image_features, text_features, logit_scale, positives: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE where every true (image, caption) pair is a positive."""
     logits = logit_scale * image_features @ text_features.T
@@ -128,12 +164,12 @@ def multi_positive_loss(image_features, text_features, logit_scale, positives: t
 def train(out: str | Path, config: TrainConfig = TrainConfig(), log=print) -> dict:
     """Train (or resume) into ``out``; returns the final metrics. Writes ``checkpoint.pt``,
     ``model.safetensors``, ``config.json`` and ``metrics.json``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save, save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    tokenizer = WordTokenizer(vocabulary(), context_length=32)
+    tokenizer = WordTokenizer(vocabulary(config.world_version), context_length=32)
     spec = model_config(tokenizer.vocab_size, config.image_size)
     model = build_model(spec)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -150,7 +186,8 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), log=print) -> di
         step, elapsed = int(state["step"]), float(state["elapsed"])
         history, losses = json.loads(state["history"]), json.loads(state.get("losses", "[]"))
         log(f"resumed from step {step}")
-    world = ShapesWorld(seed=config.seed, image_size=config.image_size)
+    world = ShapesWorld(seed=config.seed, image_size=config.image_size, version=config.world_version)
+    make_batch = training_batch if config.world_version == 1 else training_batch_v2
 
     def lr_at(s: int) -> float:
         if s < config.warmup:
@@ -173,12 +210,12 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), log=print) -> di
             log(f"stopping at step {step} (stop_at); run again to resume")
             break
         model.train()
-        scenes, captions, positives = training_batch(world, config, step)
+        scenes, captions, truth = make_batch(world, config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         image_features = F.normalize(model.encode_image(batch_images(scenes)), dim=-1)
         text_features = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
-        loss = multi_positive_loss(image_features, text_features, model.logit_scale.exp(), positives)
+        loss = multi_positive_loss(image_features, text_features, model.logit_scale.exp(), truth)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -191,11 +228,16 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), log=print) -> di
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % config.eval_every == 0 or step == config.steps:
             model.eval()
-            acc = zero_shot_accuracy(model, config.eval_images, tokenize=tokenizer, image_size=config.image_size).accuracy
+            acc = zero_shot_accuracy(model, config.eval_images, tokenize=tokenizer, image_size=config.image_size,
+                                     world_version=config.world_version).accuracy
             history.append({"step": step, "loss": loss.item(), "minutes": elapsed / 60, **acc})
             log(json.dumps(history[-1]))
         if step % config.checkpoint_every == 0:
             checkpoint()
+        if config.keep_every and step % config.keep_every == 0:
+            (out / "steps").mkdir(exist_ok=True)
+            weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+            atomic_write(out / "steps" / f"model-{step}.safetensors", save(weights))
     bar.close()
     checkpoint()
     model.eval()

@@ -4,6 +4,12 @@ Every scene is a background texture with one or more objects. Each object has a 
 a position (a cell of a 3×3 grid) and a size; the scene has a background. Everything is rendered
 with numpy from the attributes, so the masks are exact and the same seed gives the same images.
 
+Version 1 (the bundled ``toy-shapes``) draws grey backgrounds, so colour alone finds the objects.
+Version 2 (``ShapesWorld(version=2)``, the bundled ``toy-shapes-v2``) draws the textures in random
+colours that keep their distance from the objects' colours, scatters small coloured marks (clutter,
+never an object, its own mask) under the objects, lets neighbouring objects overlap, and adds the
+scene attribute ``count``; captions can bind attributes ("a red circle above a blue square").
+
 >>> world = ShapesWorld(seed=0)
 >>> scene = world.scene(0)
 >>> scene.image.shape, scene.caption()   # doctest: +SKIP
@@ -50,6 +56,12 @@ VALUES: dict[str, tuple[str, ...]] = {
     "background": BACKGROUNDS,
 }
 
+COUNTS = ("one", "two", "three", "four")
+V2_ATTRIBUTES = (*ATTRIBUTES, "count")
+V2_VALUES: dict[str, tuple[str, ...]] = {**VALUES, "count": COUNTS}
+RELATIONS = ("above", "below", "to the left of", "to the right of")
+WORLD_VERSIONS = (1, 2)
+
 POSITION_PHRASES = {
     "top left": "at the top left", "top center": "at the top", "top right": "at the top right",
     "middle left": "on the left", "middle center": "in the center", "middle right": "on the right",
@@ -68,6 +80,12 @@ class ShapeObject:
 
     def attributes(self) -> dict[str, str]:
         return asdict(self)
+
+    @property
+    def cell(self) -> tuple[int, int]:
+        """``(row, column)`` of the object's grid cell."""
+        row, column = self.position.split()
+        return ROWS.index(row), COLUMNS.index(column)
 
 
 def phrase(objects: Sequence[dict[str, str]], background: Optional[str] = None) -> str:
@@ -94,7 +112,31 @@ def attribute_prompt(attribute: str, value: str) -> str:
     """The single-attribute prompt used for zero-shot evaluation (same template as captions)."""
     if attribute == "background":
         return phrase([{}], value)
+    if attribute == "count":
+        return count_phrase(value)
     return phrase([{attribute: value}])
+
+
+def count_phrase(count: str, background: Optional[str] = None) -> str:
+    """``"two"`` → ``"two shapes"`` (``"one shape"``), optionally ``"... on a striped background"``."""
+    text = f"{count} shape" + ("" if count == "one" else "s")
+    return text + (f" on a {background} background" if background is not None else "")
+
+
+def relation_phrase(first: dict[str, str], relation: str, second: dict[str, str]) -> str:
+    """``{"colour": "red", "shape": "circle"}, "above", {"shape": "square"}`` → ``"a red circle above a square"``."""
+    return f"{phrase([first])} {relation} {phrase([second])}"
+
+
+def relations(a: "ShapeObject", b: "ShapeObject") -> list[str]:
+    """The relations true of ``a`` to ``b`` from their grid cells ("above", "to the left of", …)."""
+    (row_a, col_a), (row_b, col_b) = a.cell, b.cell
+    out = []
+    if row_a != row_b:
+        out.append("above" if row_a < row_b else "below")
+    if col_a != col_b:
+        out.append("to the left of" if col_a < col_b else "to the right of")
+    return out
 
 
 @dataclass
@@ -117,13 +159,19 @@ class Scene:
         return phrase(objects, self.background if keep.get("background") else None)
 
     def value(self, attribute: str) -> str:
-        """The scene's value of ``attribute``: the background, or the first object's attribute."""
-        return self.background if attribute == "background" else getattr(self.objects[0], attribute)
+        """The scene's value of ``attribute``: the background, the count, or the first object's attribute."""
+        if attribute == "background":
+            return self.background
+        if attribute == "count":
+            return COUNTS[len(self.objects) - 1]
+        return getattr(self.objects[0], attribute)
 
     def attribute_mask(self, attribute: str, value: str) -> np.ndarray:
         """``bool [H, W]``: pixels showing ``attribute == value`` (background: the uncovered pixels)."""
         if attribute == "background":
             return ~self.object_masks.any(0) if value == self.background else np.zeros(self.image.shape[:2], bool)
+        if attribute == "count":
+            return self.object_masks.any(0) if value == self.value("count") else np.zeros(self.image.shape[:2], bool)
         mask = np.zeros(self.image.shape[:2], bool)
         for obj, obj_mask in zip(self.objects, self.object_masks):
             if getattr(obj, attribute) == value:
@@ -153,8 +201,56 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size]
+    """Version 1: a grey texture ``float [size, size, 3]``."""
     base, alt = 0.30 + 0.05 * rng.random(), 0.50 + 0.05 * rng.random()
+    grey = np.where(_pattern(kind, size, rng), alt, base)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def _hsv(hue: float, saturation: float, value: float) -> np.ndarray:
+    """One HSV colour → RGB ``float [3]``."""
+    k = (np.array([5.0, 3.0, 1.0]) + hue * 6) % 6
+    return value - value * saturation * np.clip(np.minimum(k, 4 - k), 0, 1)
+
+
+def _coloured_background(kind: str, size: int, rng: np.random.Generator, avoid: Sequence[np.ndarray]) -> np.ndarray:
+    """Version 2: the texture in two tones of a random hue, turned (without further draws, so that
+    minimal sets share it) to the hue farthest from the objects' colours among six rotations."""
+    hue, saturation, value = rng.random(), 0.25 + 0.5 * rng.random(), 0.35 + 0.3 * rng.random()
+    pattern = _pattern(kind, size, rng)
+
+    def distance(h: float) -> float:
+        tone = _hsv(h, saturation, value)
+        return min((float(np.abs(tone - c).sum()) for c in avoid), default=np.inf)
+
+    hue = max(((hue + k / 6) % 1 for k in range(6)), key=distance)
+    base, alt = _hsv(hue, saturation, value), _hsv(hue, saturation * 0.7, min(1.0, value + 0.2))
+    return np.where(pattern[..., None], alt, base)
+
+
+def _clutter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Draw 0–6 small marks (dots and short strokes in saturated colours) into ``image``; their mask."""
+    size = image.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    mask = np.zeros((size, size), bool)
+    for _ in range(int(rng.integers(0, 7))):
+        colour = _hsv(rng.random(), 0.6 + 0.4 * rng.random(), 0.6 + 0.4 * rng.random())
+        x0, y0 = rng.uniform(0, size, 2)
+        if rng.random() < 0.5:  # a dot of radius 1–2 px
+            mark = (xx - x0) ** 2 + (yy - y0) ** 2 <= rng.uniform(1.0, 2.0) ** 2
+        else:  # a stroke 4–10 px long, about 1 px wide
+            angle, length = rng.uniform(0, np.pi), rng.uniform(4, 10)
+            dx, dy = np.cos(angle), np.sin(angle)
+            along = np.clip((xx - x0) * dx + (yy - y0) * dy, 0, length)
+            mark = np.hypot(xx - x0 - along * dx, yy - y0 - along * dy) <= 0.7
+        image[mark] = colour
+        mask |= mark
+    return mask
+
+
+def _pattern(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``bool [size, size]``: the texture's second tone."""
+    yy, xx = np.mgrid[0:size, 0:size]
     period = max(4, size // 8)
     phase = rng.integers(period)
     if kind == "plain":
@@ -167,8 +263,7 @@ def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
         pattern = (((xx + phase) % period - period / 2) ** 2 + ((yy + phase) % period - period / 2) ** 2) <= (period / 4) ** 2
     else:
         raise InputError(f"unknown background '{kind}'; choose from {', '.join(BACKGROUNDS)}.")
-    grey = np.where(pattern, alt, base)
-    return np.repeat(grey[..., None], 3, axis=2)
+    return pattern
 
 
 class ShapesWorld(Dataset):
@@ -180,6 +275,8 @@ class ShapesWorld(Dataset):
         n_objects: objects per scene, an int or an inclusive ``(min, max)`` range.
         length: nominal dataset length for ``len()`` / iteration.
         transform: optional callable applied to the ``uint8 [H, W, 3]`` image in ``__getitem__``.
+        version: 1 (grey textures, the bundled ``toy-shapes``) or 2 (coloured textures, clutter,
+            overlapping objects and the ``count`` attribute; ``toy-shapes-v2``).
     """
 
     def __init__(
@@ -189,13 +286,27 @@ class ShapesWorld(Dataset):
         n_objects: int | tuple[int, int] = 1,
         length: int = 10_000,
         transform: Optional[Callable[[np.ndarray], Any]] = None,
+        version: int = 1,
     ):
         lo, hi = (n_objects, n_objects) if isinstance(n_objects, int) else n_objects
         if image_size < 16:
             raise InputError(f"image_size must be at least 16 pixels, got {image_size}.")
         if not 1 <= lo <= hi <= 4:
             raise InputError(f"n_objects must lie in 1..4, got {n_objects}.")
+        if version not in WORLD_VERSIONS:
+            raise InputError(f"version must be one of {WORLD_VERSIONS}, got {version!r}.")
         self.seed, self.image_size, self.n_objects, self.length, self.transform = seed, image_size, (lo, hi), length, transform
+        self.version = version
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        """The attribute names of this world (version 2 adds ``count``)."""
+        return ATTRIBUTES if self.version == 1 else V2_ATTRIBUTES
+
+    @property
+    def values(self) -> dict[str, tuple[str, ...]]:
+        """Attribute → its values."""
+        return VALUES if self.version == 1 else V2_VALUES
 
     def __len__(self) -> int:
         return self.length
@@ -219,23 +330,35 @@ class ShapesWorld(Dataset):
 
     def render(self, objects: Sequence[ShapeObject], background: str, rng: np.random.Generator) -> Scene:
         size = self.image_size
-        image = _background(background, size, rng)
+        extra = {}
+        if self.version == 1:
+            image = _background(background, size, rng)
+        else:
+            image = _coloured_background(background, size, rng, [np.array(COLOURS[o.colour]) for o in objects])
+            extra["clutter_mask"] = _clutter(image, rng)
         masks = np.zeros((len(objects), size, size), bool)
+        hidden = np.zeros(len(objects), bool)
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
         cell = size / 3
+        # version 2 lets centres reach their cell's edge, so that large neighbours overlap
+        spread = 0.6 if self.version == 1 else 1.0
         for i, obj in enumerate(objects):
-            row, col = ROWS.index(obj.position.split()[0]), COLUMNS.index(obj.position.split()[1])
+            row, col = obj.cell
             radius = SIZES[obj.size] * size / 2 * (1 + 0.08 * rng.standard_normal())
             slack = max(0.0, cell / 2 - radius)
-            cx = (col + 0.5) * cell + rng.uniform(-slack, slack) * 0.6
-            cy = (row + 0.5) * cell + rng.uniform(-slack, slack) * 0.6
+            cx = (col + 0.5) * cell + rng.uniform(-slack, slack) * spread
+            cy = (row + 0.5) * cell + rng.uniform(-slack, slack) * spread
             mask = _shape_mask(obj.shape, (xx - cx) / radius, (yy - cy) / radius)
+            hidden[:i] |= (masks[:i] & mask).any((1, 2))
             masks[:i] &= ~mask  # occlusion: later objects are drawn on top
             masks[i] = mask
             colour = np.clip(np.array(COLOURS[obj.colour]) + 0.04 * rng.standard_normal(3), 0, 1)
             image[mask] = colour
         image = np.clip(image + 0.02 * rng.standard_normal(image.shape), 0, 1)
-        return Scene((image * 255).round().astype(np.uint8), list(objects), background, masks)
+        if "clutter_mask" in extra:
+            extra["clutter_mask"] &= ~masks.any(0)  # marks under an object are not visible
+            extra["occluded"] = hidden  # bool [n_objects]: partly covered by a later object
+        return Scene((image * 255).round().astype(np.uint8), list(objects), background, masks, extra=extra)
 
     def scene(self, index: int) -> Scene:
         """The scene at ``index`` (deterministic in ``(seed, index)``)."""
@@ -252,7 +375,7 @@ class ShapesWorld(Dataset):
         the only visible difference is the attribute. Training batches mix them in so that the
         contrastive loss cannot ignore an attribute the rest of the caption makes redundant.
         """
-        if attribute not in VALUES:
+        if attribute not in VALUES:  # count is not varied: it changes what else is in the scene
             raise InputError(f"unknown attribute '{attribute}'; choose from {', '.join(ATTRIBUTES)}.")
         rng = self._rng(index)
         objects, background = self.sample_attributes(rng)
@@ -291,9 +414,9 @@ class ShapesWorld(Dataset):
         for i in range(start, start + n):
             scene = self.scene(i)
             atomic_write(folder / "images" / f"{i:06d}.png", lambda f: Image.fromarray(scene.image).save(f, format="PNG"))
-            atomic_write(folder / "masks" / f"{i:06d}.npz", lambda f: np.savez_compressed(f, objects=scene.object_masks))
+            atomic_write(folder / "masks" / f"{i:06d}.npz", lambda f: np.savez_compressed(f, objects=scene.object_masks, **scene.extra))
             records.append({**scene.record(), "image": f"images/{i:06d}.png", "masks": f"masks/{i:06d}.npz", "caption": scene.caption()})
-        meta = {"seed": self.seed, "image_size": self.image_size, "n_objects": list(self.n_objects), "scenes": records}
+        meta = {"seed": self.seed, "version": self.version, "image_size": self.image_size, "n_objects": list(self.n_objects), "scenes": records}
         atomic_write(folder / "scenes.json", json.dumps(meta, indent=1))
         return folder
 

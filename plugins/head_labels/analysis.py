@@ -34,7 +34,8 @@ class HeadLabels:
     parameters = {
         "labeler": "'prototype' (offline: nearest prototype phrases in the model's text space), 'llm', or a Labeler",
         "prototypes": "prototype: 'auto' (shapes set for toy-shapes, else general), 'general', 'shapes' or a dict property → phrases",
-        "min_confidence": "prototype: smallest share of a head's texts that must fit its label (else None); default 0.4",
+        "min_confidence": "prototype: smallest share of a head's texts that must fit its label (else 'mixed'); default 0.4",
+        "world_version": "prototype, shapes set: the world whose texts calibrate abstention; default the model's (toy-shapes-v2: 2)",
         "batch_size": "prototype: texts per text-tower pass; default 256",
         "url": "llm: API base, e.g. http://localhost:8000/v1; default $CLIP_LENS_LLM_URL",
         "llm_model": "llm: chat model name; default $CLIP_LENS_LLM_MODEL",
@@ -78,7 +79,8 @@ class HeadLabels:
         if not model_name:
             raise InputError("pass run(..., model_name=...): the name of the model the spans come from.")
         return HeadLabelsResult(
-            model=model_name, labeler=self.labeler.name, heads=self.labeler.label(texts), properties=list(self.labeler.properties)
+            model=model_name, labeler=self.labeler.name, heads=self.labeler.label(texts), properties=list(self.labeler.properties),
+            threshold=getattr(self.labeler, "threshold", None) if getattr(self.labeler, "none", None) else None,
         )
 
 

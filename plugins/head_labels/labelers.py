@@ -4,14 +4,19 @@ Both labelers implement `Labeler`:
 
 * `PrototypeLabeler` (offline default): a text's property is the nearest set of prototype
   phrases in the model's text-embedding space (``prototypes_general.json`` for real CLIP models,
-  `shapes_prototypes` for the bundled ``toy-shapes`` model);
+  `shapes_prototypes` for the bundled ``toy-shapes`` models). On the shapes world it can abstain: a
+  text fits no property when it is not clearly nearer to its property than to phrases about
+  nothing in the world (``none`` phrases: held-out unrelated texts), by a threshold calibrated on held-out ground truth
+  (`calibrate`, `world_texts`);
 * `LLMLabeler`: in-context labelling by a chat model behind any OpenAI-compatible endpoint,
   with the few-shot prompt of ``prompt.md`` (standard-library HTTP, no extra dependency).
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
+import itertools
 import json
 import os
 import re
@@ -26,16 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from clip_lens.errors import ClipLensError, InputError, close_matches
-from clip_lens.toy.world import ATTRIBUTES, VALUES, attribute_prompt
-from clip_lens_plugins.head_labels.result import HeadLabel
+from clip_lens.toy.texts import DESCRIPTORS, DISTRACTORS
+from clip_lens.toy.world import WORLD_VERSIONS, ShapesWorld, attribute_prompt, phrase
+from clip_lens_plugins.head_labels.result import ABSTAIN, HeadLabel
 
 Encoder = Callable[[list[str]], torch.Tensor]
 """``n`` texts → ``[n, d]`` text embeddings."""
 
-TOY_MODEL = "toy-shapes"  # the bundled model (clip_lens/pretrained.json), which knows only shapes-world words
-SHAPES_PROPERTIES = {attribute: attribute for attribute in ATTRIBUTES}
-"""Shapes-world property → the world attribute whose values it covers. The same names (colour, shape, size,
-position, background): a property has one name in the labels, the report's tables and the app."""
+TOY_MODEL = "toy-shapes"  # prefix of the bundled models (clip_lens/pretrained.json), which know only shapes-world words
 
 ENV_URL, ENV_MODEL, ENV_KEY = "CLIP_LENS_LLM_URL", "CLIP_LENS_LLM_MODEL", "CLIP_LENS_LLM_KEY"
 
@@ -67,27 +70,121 @@ def general_prototypes() -> dict[str, list[str]]:
     return json.loads(resources.files(__package__).joinpath("prototypes_general.json").read_text())
 
 
-def shapes_prototypes() -> dict[str, list[str]]:
+def model_world_version(model_name: Optional[str]) -> int:
+    """The shapes-world version a bundled model was trained on: 2 for ``toy-shapes-v2…``, else 1."""
+    return 2 if (model_name or "").startswith(f"{TOY_MODEL}-v2") else 1
+
+
+def _world(version: int) -> ShapesWorld:
+    if version not in WORLD_VERSIONS:
+        raise InputError(f"world_version must be one of {WORLD_VERSIONS}, got {version!r}.")
+    return ShapesWorld(seed=0, version=version)
+
+
+def shapes_prototypes(version: int = 1) -> dict[str, list[str]]:
     """Property → the shapes world's single-attribute prompts of its values ("a red shape", "a shape
-    at the top left"), so every word is in the toy model's vocabulary."""
-    return {prop: [attribute_prompt(attr, value) for value in VALUES[attr]] for prop, attr in SHAPES_PROPERTIES.items()}
+    at the top left"), one property per world attribute (version 2 adds ``count``), so every word is in
+    the toy model's vocabulary. The property names are the attribute names, in every table."""
+    world = _world(version)
+    return {attr: [attribute_prompt(attr, value) for value in world.values[attr]] for attr in world.attributes}
 
 
 PROTOTYPE_SETS: dict[str, Callable[[], dict[str, list[str]]]] = {"general": general_prototypes, "shapes": shapes_prototypes}
 
 
-def resolve_prototypes(prototypes: Union[str, Mapping[str, Sequence[str]]], model_name: Optional[str] = None) -> dict[str, list[str]]:
+def resolve_prototypes(
+    prototypes: Union[str, Mapping[str, Sequence[str]]], model_name: Optional[str] = None, version: Optional[int] = None,
+) -> dict[str, list[str]]:
     """A prototype set: a mapping as given, a name of `PROTOTYPE_SETS`, or ``"auto"`` (``"shapes"``
-    for the bundled toy model, else ``"general"``)."""
+    for the bundled toy models, else ``"general"``). ``version``: the shapes world's (default: the
+    model's, `model_world_version`)."""
     if not isinstance(prototypes, str):
         return {prop: list(phrases) for prop, phrases in prototypes.items()}
-    name = ("shapes" if model_name == TOY_MODEL else "general") if prototypes == "auto" else prototypes
+    name = ("shapes" if is_toy(model_name) else "general") if prototypes == "auto" else prototypes
     if name not in PROTOTYPE_SETS:
         raise InputError(
             f"unknown prototype set '{name}'.{close_matches(name, PROTOTYPE_SETS)} Choose 'auto', "
             f"{', '.join(repr(n) for n in PROTOTYPE_SETS)}, or pass a dict property → phrases."
         )
+    if name == "shapes":
+        return shapes_prototypes(version or model_world_version(model_name))
     return PROTOTYPE_SETS[name]()
+
+
+def is_toy(model_name: Optional[str]) -> bool:
+    """A bundled shapes-world model (``toy-shapes``, its checkpoints, ``toy-shapes-v2``)."""
+    return (model_name or "").startswith(TOY_MODEL)
+
+
+# --- ground truth of the shapes world's texts --------------------------------------------------
+def world_texts(version: int = 1) -> dict[str, frozenset[str]]:
+    """Every shapes-world text whose attributes are known by construction → the attributes it names.
+
+    The single-attribute prompts (``attribute_prompt``); the pairs of object attributes and the
+    colour + shape + background texts of ``text_bank``; the ``"something with …"`` descriptors and the
+    distractors name none (empty set). Descriptors count as naming no attribute: they describe a shape
+    by its parts ("four corners") without naming a value of any attribute, and the bundled models were
+    never trained on their words, so nothing in the model ties them to shape.
+    """
+    world = _world(version)
+    values = world.values
+    truth = {attribute_prompt(a, v): frozenset({a}) for a in world.attributes for v in values[a]}
+    objects = [a for a in ("size", "colour", "shape", "position") if a in world.attributes]
+    for a, b in itertools.combinations(objects, 2):
+        for va, vb in itertools.product(values[a], values[b]):
+            truth.setdefault(phrase([{a: va, b: vb}]), frozenset({a, b}))
+    for colour, shape, background in itertools.product(values["colour"], values["shape"], values["background"]):
+        truth.setdefault(phrase([{"colour": colour, "shape": shape}], background), frozenset({"colour", "shape", "background"}))
+    for text in [*(f"something with {d}" for d in itertools.chain(*DESCRIPTORS.values())), *DISTRACTORS]:
+        truth.setdefault(text, frozenset())
+    return truth
+
+
+def calibration_half(text: str) -> bool:
+    """Whether ``text`` belongs to the calibration half (else the evaluation half): the parity of its
+    SHA-256, so a text's half never depends on which other texts are split."""
+    return hashlib.sha256(text.encode()).digest()[-1] % 2 == 0
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The abstention of a `PrototypeLabeler`, chosen on the calibration half of `world_texts`."""
+
+    threshold: float
+    """A text fits its nearest property only when its similarity to it exceeds its similarity to the
+    nearest ``none`` phrase by more than this. Chosen to maximise Youden's J on the calibration half:
+    (share of texts naming attributes that fit one they name) − (share of unrelated texts that fit
+    anything), each unrelated text scored without itself among the ``none`` phrases; ties: the larger."""
+    none: list[str]
+    """The abstain class: the calibration half's texts that name no attribute."""
+    texts: list[str]
+    """The calibration texts it was chosen on."""
+
+
+def calibrate(encode: Encoder, prototypes: Mapping[str, Sequence[str]], truth: Mapping[str, frozenset]) -> Calibration:
+    """Choose the abstain class and threshold from the calibration half of ``truth`` (text → attributes
+    it names; empty: about nothing in the world) only; the evaluation half is never read.
+
+    Raises:
+        InputError: the calibration half lacks texts naming an attribute or texts naming none.
+    """
+    texts = [t for t in truth if calibration_half(t)]
+    related = torch.tensor([bool(truth[t]) for t in texts])
+    if related.all() or not related.any():
+        raise InputError("calibration needs texts that name an attribute and texts that name none in its calibration half.")
+    none = [t for t in texts if not truth[t]]
+    per_property, none_sim = PrototypeLabeler(encode, prototypes, none=none).scores(texts, leave_out=True)
+    best, index = per_property.max(1)
+    margin = best - none_sim  # [n_texts]
+    names = list(prototypes)
+    right = torch.tensor([names[i] in truth[t] for t, i in zip(texts, index.tolist())])
+
+    def youden(tau: float) -> float:
+        fit = margin > tau
+        return float((fit & right)[related].float().mean() - fit[~related].float().mean())
+
+    candidates = sorted(set(margin.tolist()), reverse=True)  # max keeps the first: the larger of equals
+    return Calibration(max(candidates, key=youden), none, texts)
 
 
 # --- prototype labeler -------------------------------------------------------------------------
@@ -95,45 +192,72 @@ class PrototypeLabeler:
     """Labels heads by nearest prototype property in a text-embedding space (offline, deterministic).
 
     A text's property is the one whose prototype phrases come closest (cosine similarity, max over
-    the property's phrases; ties go to the property listed first). A head's label is the property
-    most of its texts have (ties: the one reached first in TextSpan order) and its confidence the
-    share of texts that have it; below ``min_confidence`` the label is None.
+    the property's phrases; ties go to the property listed first). With ``none`` phrases (texts about
+    no property) a text fits its property only when ``sim(property) − sim(nearest none phrase) >
+    threshold``; otherwise it is *unrelated* and fits nothing.
+
+    A head's label is the property most of its texts fit (ties: the one reached first in TextSpan
+    order), its confidence the share of texts that fit it. The labeler abstains (label None, shown as
+    ``"none"``) when more than half of the texts fit no property (``abstention="none"``) or when the
+    label's share is below ``min_confidence`` (``abstention="mixed"``).
 
     Args:
         encode: ``n`` texts → ``[n, d]`` embeddings (re-normalised here, so any scale works).
         prototypes: property → short phrases describing it.
         min_confidence: the smallest share of fitting texts that still gives a label (0..1).
+        none: phrases about no property (the abstain class); empty: every text fits its nearest property.
+        threshold: the margin over the ``none`` phrases a text needs to fit (see `calibrate`).
     """
 
     name = "prototype"
 
-    def __init__(self, encode: Encoder, prototypes: Mapping[str, Sequence[str]], min_confidence: float = 0.4):
+    def __init__(
+        self, encode: Encoder, prototypes: Mapping[str, Sequence[str]], min_confidence: float = 0.4,
+        none: Sequence[str] = (), threshold: float = 0.0,
+    ):
         if not prototypes or any(not phrases or not all(isinstance(p, str) and p.strip() for p in phrases) for phrases in prototypes.values()):
             raise InputError("prototypes must map each property to a non-empty list of non-empty phrases.")
         if not 0.0 <= min_confidence <= 1.0:
             raise InputError(f"min_confidence is a share of texts in [0, 1], got {min_confidence}.")
+        if ABSTAIN in prototypes:
+            raise InputError(f"'{ABSTAIN}' names the abstention; give its phrases as none=, not as a property.")
+        if not all(isinstance(p, str) and p.strip() for p in none):
+            raise InputError("none phrases must be non-empty strings.")
         self.encode = encode
         self.prototypes = {prop: list(phrases) for prop, phrases in prototypes.items()}
         self.properties = list(self.prototypes)
         self.min_confidence = min_confidence
+        self.none = list(none)
+        self.threshold = float(threshold)
         self._phrases = [p for phrases in self.prototypes.values() for p in phrases]
         self._owner = torch.tensor([i for i, phrases in enumerate(self.prototypes.values()) for _ in phrases])
         """``[n_phrases]``: the property index of each phrase."""
         self._phrase_embeddings: Optional[torch.Tensor] = None  # embedded on first use, once
+        self._none_embeddings: Optional[torch.Tensor] = None
 
     @classmethod
     def from_model(
         cls, model: Any, prototypes: Union[str, Mapping[str, Sequence[str]]] = "auto",
-        min_confidence: float = 0.4, batch_size: int = 256,
+        min_confidence: float = 0.4, batch_size: int = 256, world_version: Optional[int] = None,
     ) -> "PrototypeLabeler":
-        """A labeler embedding with a [`HookedCLIP`][clip_lens.HookedCLIP]'s text tower (``batch_size`` texts a pass)."""
+        """A labeler embedding with a [`HookedCLIP`][clip_lens.HookedCLIP]'s text tower (``batch_size`` texts a pass).
+
+        With the shapes prototype set (``"auto"`` for the bundled toy models), it abstains with the
+        `calibrate`d ``none`` phrases and threshold of the world of ``world_version`` (default: the
+        model's, `model_world_version`); other sets never abstain on a text."""
 
         @torch.no_grad()
         def encode(texts: list[str]) -> torch.Tensor:
             chunks = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
             return torch.cat([model.encode_text(model.to_tokens(chunk), normalize=True).float().cpu() for chunk in chunks])
 
-        return cls(encode, resolve_prototypes(prototypes, getattr(model, "model_name", None)), min_confidence)
+        model_name = getattr(model, "model_name", None)
+        version = world_version or model_world_version(model_name)
+        phrases = resolve_prototypes(prototypes, model_name, version)
+        if phrases != shapes_prototypes(version):
+            return cls(encode, phrases, min_confidence)
+        calibration = calibrate(encode, phrases, world_texts(version))
+        return cls(encode, phrases, min_confidence, none=calibration.none, threshold=calibration.threshold)
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
         """``[n, d]`` unit-norm embeddings."""
@@ -143,16 +267,32 @@ class PrototypeLabeler:
             raise InputError(f"encode must return a [{len(texts)}, d] tensor for {len(texts)} texts, got {found}.")
         return F.normalize(out.detach().float().cpu(), dim=-1)
 
-    def nearest(self, texts: Sequence[str]) -> list[str]:
-        """Each text's nearest property (each distinct text is embedded once)."""
+    def scores(self, texts: Sequence[str], leave_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n, n_properties]`` similarity of each text to each property (max over its phrases) and
+        ``[n]`` to the nearest ``none`` phrase (−inf without any). ``leave_out``: a text that is itself a
+        ``none`` phrase is scored without it (calibration on the abstain class's own phrases)."""
+        if self._phrase_embeddings is None:
+            self._phrase_embeddings = self._embed(self._phrases)
+            self._none_embeddings = self._embed(self.none) if self.none else torch.empty(0, self._phrase_embeddings.shape[1])
+        embedded = self._embed(list(texts))
+        similarity = embedded @ self._phrase_embeddings.T  # [n, n_phrases]
+        per_property = torch.stack([similarity[:, self._owner == i].amax(1) for i in range(len(self.properties))], 1)
+        to_none = embedded @ self._none_embeddings.T  # [n, n_none]
+        if leave_out:
+            itself = torch.tensor([[t == p for p in self.none] for t in texts], dtype=torch.bool).reshape(len(texts), len(self.none))
+            to_none = to_none.masked_fill(itself, float("-inf"))
+        none = to_none.amax(1) if self.none else torch.full((len(texts),), float("-inf"))
+        return per_property, none
+
+    def nearest(self, texts: Sequence[str]) -> list[Optional[str]]:
+        """Each text's property, None where it fits none (each distinct text is embedded once)."""
         distinct = list(dict.fromkeys(texts))
         if not distinct:
             return []
-        if self._phrase_embeddings is None:
-            self._phrase_embeddings = self._embed(self._phrases)
-        similarity = self._embed(distinct) @ self._phrase_embeddings.T  # [n_distinct, n_phrases]
-        per_property = torch.stack([similarity[:, self._owner == i].amax(1) for i in range(len(self.properties))], 1)
-        by_text = {text: self.properties[i] for text, i in zip(distinct, per_property.argmax(1).tolist())}
+        per_property, none = self.scores(distinct)
+        best, index = per_property.max(1)
+        fits = (best - none) > self.threshold
+        by_text = {t: self.properties[i] if ok else None for t, i, ok in zip(distinct, index.tolist(), fits.tolist())}
         return [by_text[t] for t in texts]
 
     def label(self, spans: dict[str, list[str]]) -> list[HeadLabel]:
@@ -161,12 +301,17 @@ class PrototypeLabeler:
         heads = []
         for head, texts in spans.items():
             properties = [nearest[t] for t in texts]
-            counts = Counter(properties)  # insertion order = TextSpan order, and max keeps the first of equals
+            counts = Counter(p for p in properties if p is not None)  # insertion order = TextSpan order; max keeps the first
             label = max(counts, key=counts.__getitem__) if counts else None
-            confidence = counts[label] / len(texts) if texts else 0.0
-            if confidence < self.min_confidence:
+            confidence = counts[label] / len(texts) if label is not None else 0.0
+            abstention = None
+            if 2 * properties.count(None) > len(texts) or label is None:
+                abstention = ABSTAIN
+            elif confidence < self.min_confidence:
+                abstention = "mixed"
+            if abstention is not None:
                 label = None
-            heads.append(HeadLabel(head, label, confidence, list(texts), [p == label for p in properties]))
+            heads.append(HeadLabel(head, label, confidence, list(texts), [p is not None and p == label for p in properties], abstention))
         return heads
 
     def fits(self, texts: list[str], label: Optional[str]) -> list[bool]:
@@ -298,7 +443,7 @@ class LLMLabeler:
 
     def _label_head(self, head: str, texts: list[str]) -> HeadLabel:
         if not texts:
-            return HeadLabel(head, None, 0.0, [], [])
+            return HeadLabel(head, None, 0.0, [], [], ABSTAIN)
         where = f"LLM labeler, head {head}"
         answer = self._ask(self.messages(texts), where, {"label", "fits"})
         label = answer["label"]
@@ -314,7 +459,7 @@ class LLMLabeler:
         fits = self._check_fits(answer["fits"], len(texts), where)
         if label is None:
             fits = [False] * len(texts)  # no property: nothing fits it, whatever the flags said
-        return HeadLabel(head, label, sum(fits) / len(texts), texts, fits)
+        return HeadLabel(head, label, sum(fits) / len(texts), texts, fits, ABSTAIN if label is None else None)
 
     def fits(self, texts: list[str], label: Optional[str]) -> list[bool]:
         if label is None or not texts:

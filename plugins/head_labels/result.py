@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 HEAD_KEY = re.compile(r"^L(\d+)H(\d+)$")
+ABSTAIN = "none"
+"""The name tables give a head the labeler abstains on (its ``label`` is None): one name everywhere."""
+ABSTENTIONS = (ABSTAIN, "mixed")
 
 
 def parse_head(key: str) -> tuple[int, int]:
@@ -30,16 +33,22 @@ class HeadLabel:
     head: str
     """``"L{layer}H{head}"``."""
     label: Optional[str]
-    """The property (e.g. ``"colour"``), or None when the labeler found none."""
+    """The property (e.g. ``"colour"``), or None when the labeler abstains (tables show `ABSTAIN`)."""
     confidence: float
     """0..1: how sure the labeler is (prototype labeler: share of span texts that fit)."""
     texts: list[str]
     """The head's span texts in TextSpan order."""
     fits: list[bool]
     """``fits[i]``: ``texts[i]`` fits ``label`` (all False when ``label`` is None)."""
+    abstention: Optional[str] = None
+    """Why ``label`` is None: ``"none"`` (most texts are about no property), ``"mixed"`` (no property
+    is shared by enough of them); None when labelled, or for tables from before abstention was recorded."""
 
     def __post_init__(self) -> None:
         parse_head(self.head)
+        if self.abstention is not None and (self.abstention not in ABSTENTIONS or self.label is not None):
+            raise InputError(f"head {self.head}: abstention is one of {ABSTENTIONS} and only without a label, got "
+                             f"{self.abstention!r} with label {self.label!r}.")
         if len(self.fits) != len(self.texts):
             raise InputError(f"head {self.head}: {len(self.fits)} fit flags for {len(self.texts)} texts; give one per text.")
 
@@ -53,7 +62,10 @@ class HeadLabelsResult(JSONResult):
     """``"prototype"`` or ``"llm:<model name>"``."""
     heads: list[HeadLabel]
     properties: list[str] = field(default_factory=list)
-    """The property vocabulary the labeler chose from."""
+    """The property vocabulary the labeler chose from (abstention, `ABSTAIN`, is not one of them)."""
+    threshold: Optional[float] = None
+    """Prototype labeler: the calibrated margin over the ``none`` phrases a text needs to fit a property
+    (`calibrate`); None: the labeler does not abstain on texts."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +74,8 @@ class HeadLabelsResult(JSONResult):
     def from_dict(cls, data: dict) -> "HeadLabelsResult":
         try:
             heads = [HeadLabel(**h) for h in data["heads"]]
-            return cls(model=data["model"], labeler=data["labeler"], heads=heads, properties=list(data.get("properties", [])))
+            return cls(model=data["model"], labeler=data["labeler"], heads=heads, properties=list(data.get("properties", [])),
+                       threshold=data.get("threshold"))
         except (KeyError, TypeError) as exc:
             raise InputError(f"not a head label table ({exc}); expected the JSON written by HeadLabelsResult.save.") from exc
 
@@ -103,7 +116,7 @@ class HeadLabelsResult(JSONResult):
         ax.set_title(f"Head labels: {self.model}, {self.labeler}\n(number: confidence)", fontsize="medium")
         shown = [label for label in [*vocabulary, None] if any(h.label == label for h in self.heads)]
         ax.legend(
-            handles=[Patch(color=colour[label], label=label or "none") for label in shown],
+            handles=[Patch(color=colour[label], label=label or ABSTAIN) for label in shown],
             loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small",
         )
         return fig

@@ -23,8 +23,11 @@ from clip_lens.toy.world import VALUES
 from clip_lens_plugins.head_labels import (
     HeadLabels, HeadLabelsResult, LabelerError, LLMLabeler, PrototypeLabeler,
 )
+from clip_lens.toy.texts import DISTRACTORS
+from clip_lens.toy.world import ATTRIBUTES, attribute_prompt
 from clip_lens_plugins.head_labels.labelers import (
-    general_prototypes, load_prompt, render_texts, resolve_prototypes, shapes_prototypes,
+    calibrate, calibration_half, general_prototypes, load_prompt, render_texts, resolve_prototypes, shapes_prototypes,
+    world_texts,
 )
 
 PROTOTYPES = {"colour": ["red", "blue", "green"], "shape": ["circle", "square"], "animal": ["dog", "cat"]}
@@ -137,6 +140,47 @@ def test_toy_model_labels_colour_and_position_heads(toy):
     ]
     labeler = PrototypeLabeler.from_model(toy, batch_size=16)  # 28 phrases: two text-tower passes
     assert labeler.fits(["a circle", "a large shape", "a shape on a dotted background"], "shape") == [True, False, False]
+
+
+@pytest.fixture(scope="module")
+def toy_labeler(toy):
+    return PrototypeLabeler.from_model(toy)
+
+
+class TestAbstentionAgainstGroundTruth:
+    """The calibrated toy labeler judged on the shapes world's texts, whose attributes are known."""
+
+    def test_distractors_fit_no_property_unless_they_name_a_world_value(self, toy_labeler):
+        words = {a: {w for v in VALUES[a] for w in v.split()} for a in ATTRIBUTES}
+        for text, found in zip(DISTRACTORS, toy_labeler.nearest(DISTRACTORS)):
+            named = {a for a in ATTRIBUTES if words[a] & set(text.split())}  # "a red car": red is a world colour
+            assert found is None or found in named, f"{text!r} fits {found}"
+            assert [toy_labeler.fits([text], p)[0] for p in toy_labeler.properties].count(True) <= len(named)
+
+    def test_evaluation_prompts_fit_their_attribute_and_only_it(self, toy_labeler):
+        prompts = [(a, attribute_prompt(a, v)) for a in ATTRIBUTES for v in VALUES[a] if not calibration_half(attribute_prompt(a, v))]
+        assert len(prompts) >= 10
+        for attribute, text in prompts:
+            assert {p for p in toy_labeler.properties if toy_labeler.fits([text], p)[0]} == {attribute}, text
+
+    def test_abstains_on_a_head_of_distractors_and_labels_size_prompts_size(self, toy_labeler):
+        plain = [t for t in DISTRACTORS if not {"red", "black", "white"} & set(t.split())][:5]
+        sizes = [attribute_prompt("size", v) for v in VALUES["size"]]
+        none, size = toy_labeler.label({"L0H0": plain, "L0H1": sizes})
+        assert (none.label, none.abstention, none.fits) == (None, "none", [False] * 5)
+        assert (size.label, size.abstention, size.fits, size.confidence) == ("size", None, [True, True], 1.0)
+
+    def test_calibration_reads_only_the_calibration_half(self, toy):
+        encode = PrototypeLabeler.from_model(toy, prototypes="general").encode
+        truth = world_texts(1)
+        reference = calibrate(encode, shapes_prototypes(1), truth)
+        changed = {t: (frozenset() if not calibration_half(t) else a) for t, a in truth.items()}  # evaluation half: all "unrelated"
+        extra = [t for t in (f"a {w} extra text" for w in ("first", "second", "third", "fourth", "fifth")) if not calibration_half(t)]
+        assert extra
+        changed.update({t: frozenset({"colour"}) for t in extra})
+        moved = calibrate(encode, shapes_prototypes(1), changed)
+        assert moved.threshold == reference.threshold and moved.none == reference.none
+        assert all(calibration_half(t) for t in reference.texts) and set(reference.texts) == {t for t in truth if calibration_half(t)}
 
 
 # --- LLM labeler -------------------------------------------------------------------------------

@@ -420,3 +420,22 @@ def test_close_matches_caps_the_number_of_suggestions():
     found = close_matches("ViT-B-3", choices, n=3)
     assert found.count("ViT-B-3") == 3
     assert close_matches("ViT-B-3", iter(choices), n=1).count(",") == 0  # any iterable of choices
+
+
+def test_bundled_architecture_loads_a_training_checkpoint(tmp_path):
+    """`from_pretrained("toy-shapes", file)`: the bundled architecture and tokenizer with a run's weights."""
+    from safetensors.torch import save_file
+
+    from clip_lens import HookedCLIP
+    from clip_lens.errors import InputError
+
+    bundled = HookedCLIP.from_pretrained("toy-shapes")
+    state = {k: (v * 0.5).contiguous() for k, v in clip_lens.loading.load_bundled("toy-shapes").model.state_dict().items()}
+    save_file(state, str(tmp_path / "model-250.safetensors"))
+    halved = HookedCLIP.from_pretrained("toy-shapes", tmp_path / "model-250.safetensors")
+    assert halved.pretrained == str(tmp_path / "model-250.safetensors")
+    for (name, mine), (_, theirs) in zip(halved.named_parameters(), bundled.named_parameters()):
+        assert torch.equal(mine, 0.5 * theirs), name
+    assert torch.equal(halved.to_tokens(["a red circle"]), bundled.to_tokens(["a red circle"]))
+    with pytest.raises(InputError, match="local checkpoint of the same architecture"):
+        HookedCLIP.from_pretrained("toy-shapes", "laion2b_s34b_b88k")
