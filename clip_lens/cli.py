@@ -43,6 +43,13 @@ _METAVARS = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "path": "PATH",
              "list[str]": "TEXT"}
 
 
+
+def _shapes_model(name: Optional[str]) -> bool:
+    """A bundled model trained on the shapes world (toy-shapes, its checkpoints, toy-shapes-v2)."""
+    from clip_lens.loading import bundled_models
+
+    return bundled_models().get(name or "", {}).get("world_version") is not None
+
 def _readable_metavars(command: Any) -> None:
     """Give every parameter of ``command`` (and of its sub-commands) without a metavar one that reads
     well in ``--help``: INTEGER, NUMBER, TEXT or PATH for options (flags show none), the upper-case
@@ -262,7 +269,7 @@ def report(
     images, _ = _readable_images(images)
     start = time.perf_counter()
     if head_images is None:
-        head_images = 1000 if model == "toy-shapes" and images is None else 0
+        head_images = 1000 if _shapes_model(model) and images is None else 0
     with tqdm(total=(6 if head_images or images else 5) + (sae is not None), desc="clip-lens report", unit="step") as bar:
         bar.set_postfix_str("build model")
         hooked = _load(model, pretrained, overrides)
@@ -543,7 +550,7 @@ def spans(
 
     outputs = [_out(_json_file(out))] + ([_out(_json_file(labels, "--labels"), f"--labels {labels}")] if labels else [])
     _check_outputs(outputs, {"--store": store, "--bank": bank, "--pretrained": pretrained}, force)
-    text_bank = load_bank(bank or ("shapes" if model == "toy-shapes" else "general"))  # fail fast, before the model
+    text_bank = load_bank(bank or ("shapes" if _shapes_model(model) else "general"))  # fail fast, before the model
     opened = Store.open(store)
     if not opened.complete:
         raise InputError(
@@ -756,8 +763,10 @@ def _concept_data(hooked, images: Optional[Path], shapes: Optional[int], seed: i
     if images is not None and shapes is not None:
         _fail("give one image source: --images FOLDER or --shapes N.")
     if images is None:
+        from clip_lens.toy.evaluate import shapes_world_version
+
         make = _plugin_function("mutual_knowledge", "shapes_world_data")
-        return make(shapes or 200, seed=seed, image_size=hooked.cfg.image_size[0])
+        return make(shapes or 200, seed=seed, image_size=hooked.cfg.image_size[0], version=shapes_world_version(hooked) or 1)
     from clip_lens.banks import load_bank
 
     names = load_bank(classes).texts if classes is not None else None
@@ -1168,7 +1177,7 @@ def sae_train(
         raise
     save_sae(result.sae, out)
 
-    toy = hooked.model_name == "toy-shapes"
+    toy = _shapes_model(hooked.model_name)
     if images is not None:
         eval_source: Any = images_or_paths
         evaluated_on = f"the {len(source.data)} training images of {images} (not held out)"
@@ -1269,7 +1278,7 @@ def sae_inspect(
         raise InputError(f"the SAE in {sae_dir} does not record its model; pass --model.")
     text_bank = None
     if bank is None or bank.lower() != "none":
-        text_bank = load_bank(bank or ("shapes-attributes" if (model or recorded) == "toy-shapes" else "general"))  # fail fast
+        text_bank = load_bank(bank or ("shapes-attributes" if _shapes_model(model or recorded) else "general"))  # fail fast
     opened = Store.open(store) if store is not None else None
     if model is None:
         from clip_lens.errors import ModelNotFoundError

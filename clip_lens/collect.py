@@ -164,14 +164,14 @@ def image_source(images: Any, preprocess=None) -> ImageSource:
     raise InputError(f"cannot read images from a {type(images).__name__}; give a tensor, a folder, paths or a dataset.")
 
 
-def shapes_world_images(n: int, seed: int = 0, image_size: int = 64) -> ImageSource:
-    """``n`` shapes-world scenes as an image source (labels: -1; ``ids``: scene indices)."""
+def shapes_world_images(n: int, seed: int = 0, image_size: int = 64, version: int = 1) -> ImageSource:
+    """``n`` one-object scenes of shapes world ``version`` as an image source (labels: -1; ``ids``: scene indices)."""
     from clip_lens.toy.world import ShapesWorld, batch_images
 
-    world = ShapesWorld(seed=seed, image_size=image_size)
+    world = ShapesWorld(seed=seed, image_size=image_size, version=version)
     return ImageSource(
         n, lambda a, b: (batch_images([world.scene(i) for i in range(a, b)]), None),
-        [str(i) for i in range(n)], f"{n} shapes-world scenes (seed {seed})",
+        [str(i) for i in range(n)], f"{n} shapes-world{'' if version == 1 else f' v{version}'} scenes (seed {seed})",
     )
 
 

@@ -12,6 +12,7 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
 import torch
 
 from clip_lens import analyses
@@ -21,41 +22,76 @@ from clip_lens.errors import InputError
 if TYPE_CHECKING:
     from clip_lens.hooked_clip import HookedCLIP
 
-PROPERTY_ATTRIBUTE = {attribute: attribute for attribute in ("colour", "shape", "size", "position", "background")}
-"""Shapes-world property label → the world attribute it is checked against: the labels use the world's
-attribute names, so every table of the report names a property the same way."""
 REPORT_SEED = 2024  # report images: an independent shapes world (training used 0, evaluation 1000)
+CARRIER_SHARE = 0.10
+"""A head carries an attribute (ground truth for its label) when mean-ablating its direct effect costs
+at least this share of the attribute's mean zero-shot margin."""
+
+
+def report_attributes(model: "HookedCLIP") -> tuple[str, ...]:
+    """The attributes checked on the report's one-object scenes: the model's world's, except ``count``
+    (always "one" there; the bundle's zero-shot table measures it on scenes of 1–4 objects)."""
+    from clip_lens.toy.evaluate import shapes_world_version
+    from clip_lens.toy.world import ShapesWorld
+
+    return tuple(a for a in ShapesWorld(version=shapes_world_version(model) or 1).attributes if a != "count")
 
 
 def attribute_tasks(model: "HookedCLIP", n_images: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per world attribute: (prompt embeddings ``[values, D]``, true value index per image ``[N]``)."""
-    from clip_lens.toy.world import ATTRIBUTES, VALUES, ShapesWorld, attribute_prompt
+    from clip_lens.toy.evaluate import shapes_world_version
+    from clip_lens.toy.world import ShapesWorld, attribute_prompt
 
-    world = ShapesWorld(seed=seed, image_size=model.cfg.image_size[0])
+    world = ShapesWorld(seed=seed, image_size=model.cfg.image_size[0], version=shapes_world_version(model) or 1)
     scenes = [world.scene(i) for i in range(n_images)]
     tasks = {}
     with torch.no_grad():
-        for attribute in ATTRIBUTES:
-            prompts = [attribute_prompt(attribute, v) for v in VALUES[attribute]]
+        for attribute in report_attributes(model):
+            values = world.values[attribute]
+            prompts = [attribute_prompt(attribute, v) for v in values]
             classifier = model.encode_text(model.to_tokens(prompts).to(model.device), normalize=True).float().cpu()
-            labels = torch.tensor([VALUES[attribute].index(s.value(attribute)) for s in scenes])
+            labels = torch.tensor([values.index(s.value(attribute)) for s in scenes])
             tasks[attribute] = (classifier, labels)
     return tasks
 
 
-def ground_truth_agreement(labels, ablation) -> list[dict[str, Any]]:
-    """For each property with labelled heads: of the ``k`` heads labelled with it, how many are
-    among the ``k`` heads whose mean-ablation costs the matching attribute the most accuracy."""
+def ground_truth_agreement(labels, ablation, attributes, n_boot: int = 1000) -> list[dict[str, Any]]:
+    """Per attribute: of the ``k`` heads labelled with it, how many are among the ``k`` heads whose
+    mean-ablation costs it the most margin (k = 1 and agreement 0 when no head has the label, so a
+    missed attribute shows); and the labels' precision and recall against the heads that carry it
+    (`CARRIER_SHARE`). Bootstrap 95% intervals resample the images behind the ablation ranking;
+    the labels, from one TextSpan run, are held fixed."""
+    rng = np.random.default_rng(0)
+    heads = ablation.heads
     rows = []
-    for prop, attribute in PROPERTY_ATTRIBUTE.items():
-        labelled = [h.head for h in labels.heads if h.label == prop]
-        if not labelled:
-            continue
-        top = ablation.top_heads(attribute, len(labelled))
-        rows.append({
-            "property": prop, "attribute": attribute, "labelled_heads": labelled, "top_ablation_heads": top,
-            "agreement": len(set(labelled) & set(top)) / len(labelled),
-        })
+    for attribute in attributes:
+        drops = ablation.margin_drops[attribute].numpy()  # [heads, N]
+        base = ablation.original_margin[attribute]
+        labelled = [h.head for h in labels.heads if h.label == attribute]
+        k = max(1, len(labelled))
+
+        def measures(columns: np.ndarray) -> tuple[float, float, float]:
+            mean = drops[:, columns].mean(1)
+            top = {heads[i] for i in np.argsort(-mean, kind="stable")[:k]}
+            carriers = {heads[i] for i in np.flatnonzero(mean >= CARRIER_SHARE * abs(base))}
+            hits = len(set(labelled) & carriers)
+            precision = hits / len(labelled) if labelled else float("nan")
+            recall = hits / len(carriers) if carriers else float("nan")
+            return len(set(labelled) & top) / k, precision, recall
+
+        point = measures(np.arange(drops.shape[1]))
+        samples = np.array([measures(rng.integers(0, drops.shape[1], drops.shape[1])) for _ in range(n_boot)])
+        mean = drops.mean(1)
+        row = {
+            "property": attribute, "attribute": attribute, "labelled_heads": labelled,
+            "top_ablation_heads": [heads[i] for i in np.argsort(-mean, kind="stable")[:k]],
+            "carriers": [heads[i] for i in np.flatnonzero(mean >= CARRIER_SHARE * abs(base))],
+        }
+        for j, name in enumerate(("agreement", "precision", "recall")):
+            column = samples[:, j][~np.isnan(samples[:, j])]
+            row[name] = None if np.isnan(point[j]) else point[j]
+            row[f"{name}_ci95"] = list(np.percentile(column, [2.5, 97.5])) if column.size else None
+        rows.append(row)
     return rows
 
 
@@ -78,10 +114,13 @@ def analyse_heads(
     toy = images is None
     if toy and model.cfg.image_size is None:
         raise InputError("this model has no image size; pass images.")
-    source = shapes_world_images(n_images, REPORT_SEED, model.cfg.image_size[0]) if toy else images
+    from clip_lens.toy.evaluate import shapes_world_version
+
+    version = shapes_world_version(model)
+    source = shapes_world_images(n_images, REPORT_SEED, model.cfg.image_size[0], version or 1) if toy else images
     store = collect(model, source, Path(out_dir) / "store", chunk_size=250, batch_size=125, progress=progress)
     # one attribute per text on the shapes world, so that a head's property can be read off its texts
-    bank = bank or ("shapes-attributes" if model.model_name == "toy-shapes" else "general")
+    bank = bank or ("shapes-attributes" if version is not None else "general")
 
     spans = analyses.get("textspan")(model).run(store, bank=bank, m=m)
     labels = analyses.get("head_labels")(model).run(spans)
@@ -101,7 +140,7 @@ def analyse_heads(
         summary["zero_shot"] = {a: scores["original"] for a, scores in summary["span_replacement"].items()}
         ablation = analyses.get("ablation")().run(store, tasks)
         summary["ablation"] = ablation.to_dict()
-        summary["ground_truth"] = ground_truth_agreement(labels, ablation)
+        summary["ground_truth"] = ground_truth_agreement(labels, ablation, list(tasks))
         pngs["ablation.png"] = figure_png(ablation.plot())
         pngs["ablation_curves.png"] = figure_png(ablation.plot_curves())
     return summary, pngs
@@ -137,6 +176,13 @@ def _keep_last_table(ablation: dict[str, Any]) -> str:
                 + "</tr>")
     caption = f"<caption>{esc(KEEP_LAST_NOTE.format(n=n))}</caption>"
     return f'<table class="keep-last">{caption}{head}{rows}{original}</table>'
+
+
+def _with_interval(value: Optional[float], interval: Optional[list]) -> str:
+    """``0.950 [0.931, 0.966]``; "–" for an undefined value (no labelled head, no carrier)."""
+    if value is None:
+        return "–"
+    return f"{value:.3f}" + (f" <small>[{interval[0]:.3f}, {interval[1]:.3f}]</small>" if interval else "")
 
 
 def render_sections(summary: dict[str, Any], image_tags: dict[str, str]) -> str:
@@ -177,14 +223,17 @@ def render_sections(summary: dict[str, Any], image_tags: dict[str, str]) -> str:
     ]
     if "zero_shot" in summary:
         attributes = list(summary["zero_shot"])
-        columns = list(next(iter(summary["span_replacement"].values())))
+        columns = [c for c in next(iter(summary["span_replacement"].values())) if c != "ci95"]
         rows = "".join(
-            f"<tr><td>{a}</td>" + "".join(f"<td>{summary['span_replacement'][a][c]:.3f}</td>" for c in columns) + "</tr>"
+            f"<tr><td>{a}</td>" + "".join(
+                f"<td>{_with_interval(summary['span_replacement'][a][c], summary['span_replacement'][a].get('ci95', {}).get(c))}</td>"
+                for c in columns) + "</tr>"
             for a in attributes
         )
         truth = "".join(
-            f"<tr><td>{r['property']}</td><td>{', '.join(r['labelled_heads'])}</td><td>{', '.join(r['top_ablation_heads'])}</td>"
-            f"<td>{r['agreement']:.2f}</td></tr>"
+            f"<tr><td>{r['property']}</td><td>{', '.join(r['labelled_heads']) or 'none'}</td><td>{', '.join(r['top_ablation_heads'])}</td>"
+            f"<td>{_with_interval(r['agreement'], r.get('agreement_ci95'))}</td><td>{', '.join(r.get('carriers', [])) or 'none'}</td>"
+            f"<td>{_with_interval(r.get('precision'), r.get('precision_ci95'))}</td><td>{_with_interval(r.get('recall'), r.get('recall_ci95'))}</td></tr>"
             for r in summary["ground_truth"]
         )
         parts += [
@@ -192,9 +241,12 @@ def render_sections(summary: dict[str, Any], image_tags: dict[str, str]) -> str:
             "<p>Zero-shot accuracy per attribute with every head replaced by its span reconstruction "
             "(first <i>m</i> texts), against the original model.</p>",
             "<table><tr><th>attribute</th>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>" + rows + "</table>",
-            "<p>Heads labelled with a property vs. the heads whose mean-ablation costs that attribute the most accuracy.</p>",
-            "<table><tr><th>property</th><th>labelled heads</th><th>top ablation heads</th><th>agreement</th></tr>"
-            + truth + "</table>",
+            "<p>Heads labelled with a property vs. the heads whose mean-ablation costs that attribute the most margin "
+            f"(agreement: share of the k labelled heads among the top k; k = 1 when none is labelled), and the labels' "
+            f"precision and recall against the heads that carry the attribute (ablating one costs at least "
+            f"{CARRIER_SHARE:.0%} of its mean margin). [bootstrap 95% intervals over images; labels held fixed]</p>",
+            "<table><tr><th>attribute</th><th>labelled heads</th><th>top ablation heads</th><th>agreement</th>"
+            "<th>carriers</th><th>precision</th><th>recall</th></tr>" + truth + "</table>",
             image_tags.get("ablation.png", ""),
             "<p>Mean-ablating whole layers (direct effects): accuracy with everything but the last <i>k</i> "
             "attention layers ablated (embedding term and MLPs included, for every <i>k</i>).</p>",

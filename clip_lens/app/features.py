@@ -34,6 +34,7 @@ from jaxtyping import Float, UInt8
 from torch import Tensor
 
 from clip_lens.errors import ClipLensError, InputError, close_matches
+from clip_lens.toy.evaluate import shapes_world_version
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -154,7 +155,7 @@ class Features:
                 raise InputError(f"SAE names must be non-empty strings, got {name!r}.")
             check_sae_fits(api.model, sae, f"SAE '{name}'")
             self.views[name] = SAEView(name, sae)
-        self.bank = "shapes" if api.model.model_name == "toy-shapes" else "general"
+        self.bank = "shapes" if shapes_world_version(api.model) is not None else "general"
         """The bank the features are named with."""
 
     # --- GET ----------------------------------------------------------------------------

@@ -608,17 +608,18 @@ def evaluate_sae(
         InputError: the SAE's width does not match its hook point; images are needed; bad labels.
     """
     from clip_lens.collect import shapes_world_images
-    from clip_lens.toy.evaluate import HELD_OUT_SEED, zero_shot_accuracy
+    from clip_lens.toy.evaluate import HELD_OUT_SEED, shapes_world_version, zero_shot_accuracy
 
     if not isinstance(sae, SAE):
         raise InputError(f"sae must be a clip_lens.sae.SAE, got {type(sae).__name__}.")
-    toy = getattr(model, "model_name", None) == "toy-shapes"
+    version = shapes_world_version(model)
+    toy = version is not None
     if images is None and sae.cfg.hook_name.startswith("text."):
         raise InputError(f"{sae.cfg.hook_name} is a text-tower hook: pass the texts to evaluate on as images=[...].")
     if images is None:
         if not toy:
             raise InputError("evaluate_sae needs images (the shapes-world default is only for the toy-shapes model).")
-        images = shapes_world_images(n_images, seed=HELD_OUT_SEED, image_size=model.cfg.image_size[0])
+        images = shapes_world_images(n_images, seed=HELD_OUT_SEED, image_size=model.cfg.image_size[0], version=version)
     trained = sae.cfg.metadata.get("clip_lens_training", {}).get("args", {}).get("source", {})
     if positions is None:
         positions = trained.get("positions", "all")

@@ -39,10 +39,14 @@ class ZeroShotTask:
     def margin(self, embedding: Float[Tensor, "n d"]) -> float:
         """Mean over images of (true class cosine − best other class cosine): a graded accuracy,
         so that heads whose ablation flips no prediction can still be ranked."""
+        return float(self.margins(embedding).mean())
+
+    def margins(self, embedding: Float[Tensor, "n d"]) -> Float[Tensor, "n"]:
+        """Per image: true class cosine − best other class cosine."""
         logits = torch.nn.functional.normalize(embedding, dim=-1) @ self.classifier.T
         true = logits.gather(1, self.labels[:, None]).squeeze(1)
         other = logits.scatter(1, self.labels[:, None], float("-inf")).max(1).values
-        return float((true - other).mean())
+        return true - other
 
 
 def mean_ablate_layers(
@@ -101,6 +105,9 @@ class AblationResult(JSONResult):
     """ℓ → task → accuracy with the attention of layers 0…ℓ mean-ablated (MLPs intact)."""
     mlps: dict[str, float] = field(default_factory=dict)
     """task → accuracy with every MLP (and the embedding term) mean-ablated."""
+    margin_drops: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    """task → ``[heads, N]`` margin lost per image when each head is ablated (in memory only, for
+    intervals over images: resample the columns)."""
 
     def drop(self, task: str) -> dict[str, float]:
         """head → accuracy lost on ``task`` when it is ablated."""
@@ -187,11 +194,16 @@ class MeanAblation:
         original = {name: task.accuracy(embedding) for name, task in tasks.items()}
         original_margin = {name: task.margin(embedding) for name, task in tasks.items()}
         ablated, ablated_margin = {}, {}
+        before = {name: task.margins(embedding) for name, task in tasks.items()}
+        drops: dict[str, list[Tensor]] = {name: [] for name in tasks}
         for head in heads:
             changed = mean_ablate_heads(embedding, terms, store.head_layers, [head])
             ablated[head] = {name: task.accuracy(changed) for name, task in tasks.items()}
-            ablated_margin[head] = {name: task.margin(changed) for name, task in tasks.items()}
-        result = AblationResult(store.meta.get("model", "?"), original, ablated, heads, original_margin, ablated_margin)
+            for name, task in tasks.items():
+                drops[name].append(before[name] - task.margins(changed))
+            ablated_margin[head] = {name: original_margin[name] - float(drops[name][-1].mean()) for name in tasks}
+        result = AblationResult(store.meta.get("model", "?"), original, ablated, heads, original_margin, ablated_margin,
+                                margin_drops={name: torch.stack(d) for name, d in drops.items()})
         layer_terms = {"embedding": embedding, **{name: store.read(name) for name in ("embed", "attn", "mlp")}}
         n_layers = layer_terms["attn"].shape[1]
 

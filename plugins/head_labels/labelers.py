@@ -32,13 +32,13 @@ import torch.nn.functional as F
 
 from clip_lens.errors import ClipLensError, InputError, close_matches
 from clip_lens.toy.texts import DESCRIPTORS, DISTRACTORS
+from clip_lens.toy.evaluate import shapes_world_version
 from clip_lens.toy.world import WORLD_VERSIONS, ShapesWorld, attribute_prompt, phrase
 from clip_lens_plugins.head_labels.result import ABSTAIN, HeadLabel
 
 Encoder = Callable[[list[str]], torch.Tensor]
 """``n`` texts → ``[n, d]`` text embeddings."""
 
-TOY_MODEL = "toy-shapes"  # prefix of the bundled models (clip_lens/pretrained.json), which know only shapes-world words
 
 ENV_URL, ENV_MODEL, ENV_KEY = "CLIP_LENS_LLM_URL", "CLIP_LENS_LLM_MODEL", "CLIP_LENS_LLM_KEY"
 
@@ -71,8 +71,8 @@ def general_prototypes() -> dict[str, list[str]]:
 
 
 def model_world_version(model_name: Optional[str]) -> int:
-    """The shapes-world version a bundled model was trained on: 2 for ``toy-shapes-v2…``, else 1."""
-    return 2 if (model_name or "").startswith(f"{TOY_MODEL}-v2") else 1
+    """The shapes-world version a bundled model was trained on (its registry entry; 1 for other models)."""
+    return shapes_world_version(model_name or "") or 1
 
 
 def _world(version: int) -> ShapesWorld:
@@ -113,7 +113,7 @@ def resolve_prototypes(
 
 def is_toy(model_name: Optional[str]) -> bool:
     """A bundled shapes-world model (``toy-shapes``, its checkpoints, ``toy-shapes-v2``)."""
-    return (model_name or "").startswith(TOY_MODEL)
+    return shapes_world_version(model_name or "") is not None
 
 
 # --- ground truth of the shapes world's texts --------------------------------------------------

@@ -94,19 +94,19 @@ def mask_boxes(masks: np.ndarray) -> list[Tensor]:
     return boxes
 
 
-def shapes_world_data(n: int, seed: int = SHAPES_WORLD_HELD_OUT_SEED, image_size: int = 64) -> ConceptData:
-    """``n`` one-object shapes-world scenes; classes are the shapes, boxes enclose the object's mask."""
+def shapes_world_data(n: int, seed: int = SHAPES_WORLD_HELD_OUT_SEED, image_size: int = 64, version: int = 1) -> ConceptData:
+    """``n`` one-object scenes of shapes world ``version``; classes are the shapes, boxes enclose the object's mask."""
     from clip_lens.toy.world import VALUES, ShapesWorld, batch_images
 
     if n < 1:
         raise InputError(f"n must be at least 1, got {n}.")
-    world = ShapesWorld(seed=seed, image_size=image_size, n_objects=1)
+    world = ShapesWorld(seed=seed, image_size=image_size, n_objects=1, version=version)
     scenes = [world.scene(i) for i in range(n)]
     classes = list(VALUES["shape"])
     labels = torch.tensor([classes.index(s.value("shape")) for s in scenes])
     boxes = mask_boxes(np.stack([s.object_masks[0] for s in scenes]))
     return ConceptData.from_tensors(batch_images(scenes), classes, labels, boxes, SHAPES_CLASS_TEMPLATES,
-                                    description=f"{n} shapes-world scenes (seed {seed}, classes: shape)")
+                                    description=f"{n} shapes-world{'' if version == 1 else f' v{version}'} scenes (seed {seed}, classes: shape)")
 
 
 def folder_data(

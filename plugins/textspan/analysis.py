@@ -85,19 +85,28 @@ class TextSpanResult(JSONResult):
         spans keep what the heads contribute. Heads not analysed are left as they are.
 
         ``tasks``: name → (class text embeddings, true class of every store image). Returns
-        ``{task: {"original": acc, "m=5": acc, ...}}``; an ``m`` above the spans' ``m`` is skipped.
+        ``{task: {"original": acc, "m=5": acc, ..., "ci95": {"original": [low, high], ...}}}`` (bootstrap
+        95% intervals over the images); an ``m`` above the spans' ``m`` is skipped.
         """
+        from clip_lens.stats import bootstrap_ci
+
         embedding, heads = store.read("embedding"), store.read("heads")
         tasks = {name: (classifier, torch.as_tensor(list(labels))) for name, (classifier, labels) in tasks.items()}
         for name, (_, labels) in tasks.items():
             if len(labels) != len(embedding):
                 raise InputError(f"task '{name}': {len(labels)} labels for {len(embedding)} images in the store.")
 
-        def accuracy(image: Tensor, classifier: Tensor, labels: Tensor) -> float:
-            logits = torch.nn.functional.normalize(image, dim=-1) @ classifier.T
-            return float((logits.argmax(-1) == labels).float().mean())
+        scores: dict = {name: {"ci95": {}} for name in tasks}
 
-        scores = {name: {"original": accuracy(embedding, *task)} for name, task in tasks.items()}
+        def score(name: str, column: str, image: Tensor) -> None:
+            classifier, labels = tasks[name]
+            logits = torch.nn.functional.normalize(image, dim=-1) @ classifier.T
+            correct = (logits.argmax(-1) == labels).float().numpy()
+            scores[name][column] = float(correct.mean())
+            scores[name]["ci95"][column] = list(bootstrap_ci(correct))
+
+        for name in tasks:
+            score(name, "original", embedding)
         for m in ms:
             if m > self.m:
                 continue
@@ -105,8 +114,8 @@ class TextSpanResult(JSONResult):
             for head in self.heads:
                 outputs = heads[:, store.head_layers.index(head.layer), head.index]
                 replaced += self.reconstruct(head.head, outputs, m) - outputs
-            for name, task in tasks.items():
-                scores[name][f"m={m}"] = accuracy(replaced, *task)
+            for name in tasks:
+                score(name, f"m={m}", replaced)
         return scores
 
     def plot(self):

@@ -62,18 +62,29 @@ def test_ground_truth_agreement_counts_labelled_heads_among_top_ablations():
         HeadLabel("L0H0", "colour", 1.0, ["a"], [True]), HeadLabel("L0H1", "colour", 1.0, ["a"], [True]),
         HeadLabel("L1H0", "shape", 1.0, ["a"], [True]), HeadLabel("L1H1", None, 0.0, ["a"], [False]),
     ])
-    ablation = AblationResult(
-        "m", {"colour": 0.9, "shape": 0.8},
-        {"L0H0": {"colour": 0.5, "shape": 0.8}, "L0H1": {"colour": 0.88, "shape": 0.8},
-         "L1H0": {"colour": 0.9, "shape": 0.85}, "L1H1": {"colour": 0.7, "shape": 0.3}},
-        ["L0H0", "L0H1", "L1H0", "L1H1"],
-        {"colour": 0.5, "shape": 0.5},
-        {"L0H0": {"colour": 0.1, "shape": 0.5}, "L0H1": {"colour": 0.4, "shape": 0.45},
-         "L1H0": {"colour": 0.5, "shape": 0.3}, "L1H1": {"colour": 0.2, "shape": 0.1}},
-    )
-    rows = {r["property"]: r for r in ground_truth_agreement(labels, ablation)}
-    assert rows["colour"]["top_ablation_heads"] == ["L0H0", "L1H1"] and rows["colour"]["agreement"] == 0.5
+    heads = ["L0H0", "L0H1", "L1H0", "L1H1"]
+    n = 200
+    # per-image margin lost per head (rows: heads): colour is carried by L0H0 (0.2) and L1H1 (0.1);
+    # shape by L1H1 only; size by L1H0, which nobody labels
+    drops = {
+        "colour": torch.tensor([0.2, 0.01, 0.0, 0.1])[:, None].expand(4, n).clone(),
+        "shape": torch.tensor([0.0, 0.0, 0.01, 0.3])[:, None].expand(4, n).clone(),
+        "size": torch.tensor([0.0, 0.0, 0.2, 0.0])[:, None].expand(4, n).clone(),
+    }
+    drops["colour"][0, ::2] = 0.1  # image noise: L0H0 still carries colour on average (0.15)
+    ablation = AblationResult("m", {}, {}, heads, {"colour": 0.5, "shape": 0.5, "size": 0.5}, {}, margin_drops=drops)
+    rows = {r["property"]: r for r in ground_truth_agreement(labels, ablation, ["colour", "shape", "size"], n_boot=200)}
+    colour = rows["colour"]
+    assert colour["top_ablation_heads"] == ["L0H0", "L1H1"] and colour["agreement"] == 0.5
+    assert colour["carriers"] == ["L0H0", "L1H1"]  # ≥ 10 % of the 0.5 margin
+    assert colour["precision"] == 0.5 and colour["recall"] == 0.5
+    low, high = colour["agreement_ci95"]
+    assert low <= 0.5 <= high
     assert rows["shape"]["top_ablation_heads"] == ["L1H1"] and rows["shape"]["agreement"] == 0.0
+    assert rows["shape"]["precision"] == 0.0 and rows["shape"]["recall"] == 0.0
+    # an attribute nobody labels is a row with agreement 0 (k = 1), not a skipped row
+    assert rows["size"]["labelled_heads"] == [] and rows["size"]["agreement"] == 0.0
+    assert rows["size"]["top_ablation_heads"] == ["L1H0"] and rows["size"]["precision"] is None
 
 
 def test_margin_grades_what_accuracy_cannot_see():

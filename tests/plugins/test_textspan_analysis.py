@@ -57,7 +57,9 @@ def test_span_replacement_with_the_full_span_keeps_accuracy(toy, store):
     )
     assert worst < 0.2
     assert scores["m=40"] == pytest.approx(scores["original"], abs=0.02)
-    assert set(scores) == {"original", "m=5", "m=40"}
+    assert set(scores) == {"original", "m=5", "m=40", "ci95"}
+    for column, (low, high) in scores["ci95"].items():  # bootstrap intervals over the 200 images
+        assert low <= scores[column] <= high and high - low < 0.2
 
 
 def test_planted_mix_of_bank_texts_is_recovered_in_order(toy):
