@@ -230,7 +230,7 @@ def _load(model: str, pretrained: Optional[str], overrides: Optional[dict]):
 @app.command()
 @_user_errors
 def report(
-    model: str = typer.Option("toy-shapes", "--model", "-m", help="model name (see `clip-lens models`)."),
+    model: str = typer.Option("toy-shapes-v2", "--model", "-m", help="model name (see `clip-lens models`)."),
     pretrained: Optional[str] = typer.Option(
         None, "--pretrained", "-p", help="pretrained tag or local checkpoint; omitted: RANDOM weights (bundled models excepted)."
     ),
@@ -242,7 +242,7 @@ def report(
     ),
     head_images: Optional[int] = typer.Option(
         None, "--head-images", min=0,
-        help="shapes-world scenes for the head analyses (TextSpan, labels, metrics); default 1000 for toy-shapes, 0 (off) otherwise.",
+        help="shapes-world scenes for the head analyses (TextSpan, labels, metrics); default 1000 for the shapes-world models, 0 (off) otherwise.",
     ),
     images: Optional[Path] = typer.Option(None, "--images", help="folder of real images for the head analyses."),
     bank: Optional[str] = typer.Option(None, "--bank", help="text bank: general, shapes or a text file (default: shapes for toy-shapes)."),

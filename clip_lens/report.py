@@ -109,12 +109,12 @@ def report_images(model: "HookedCLIP", n_images: int, seed: int = 0) -> tuple[Te
     """``(normalised, pixels in [0, 1], description)``: held-out shapes-world scenes for a
     shapes-world model (it has the world's word tokenizer), synthetic colour blobs otherwise."""
     from clip_lens.toy import ShapesWorld, WordTokenizer, batch_images
-    from clip_lens.toy.evaluate import HELD_OUT_SEED
+    from clip_lens.toy.evaluate import HELD_OUT_SEED, shapes_world_version
 
     if isinstance(model.tokenizer, WordTokenizer):
         if n_images < 1:
             raise InputError(f"n_images must be at least 1, got {n_images}.")
-        world = ShapesWorld(seed=HELD_OUT_SEED + seed, image_size=model.cfg.image_size[0])
+        world = ShapesWorld(seed=HELD_OUT_SEED + seed, image_size=model.cfg.image_size[0], version=shapes_world_version(model) or 1)
         scenes = [world.scene(i) for i in range(n_images)]
         images = batch_images(scenes)
         captions = "; ".join(s.caption() for s in scenes[:3])
@@ -359,7 +359,9 @@ def feature_section(
     if images is None:
         if model.cfg.image_size is None:
             raise InputError("this model has no fixed image size, so shapes-world scenes cannot be rendered; pass images.")
-        images = shapes_world_images(n_images, REPORT_SEED, model.cfg.image_size[0])
+        from clip_lens.toy.evaluate import shapes_world_version
+
+        images = shapes_world_images(n_images, REPORT_SEED, model.cfg.image_size[0], shapes_world_version(model) or 1)
     if bank is None:
         bank = "shapes-attributes" if isinstance(model.tokenizer, WordTokenizer) else "general"
     inspection = inspect_features(model, sae, images, n_features=n_features, k=k, bank=bank)

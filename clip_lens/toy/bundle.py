@@ -18,6 +18,24 @@ PREPROCESS = {"size": 64, "mode": "RGB", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0
               "interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
 
 
+def _command(meta: dict) -> str:
+    """The training command that reproduces the run's weights: steps, seed and every setting that is
+    not the default (not ``max_minutes``: the step the run ended at is given instead)."""
+    from dataclasses import asdict
+
+    from clip_lens.toy.train import TrainConfig
+
+    defaults = asdict(TrainConfig())
+    train = meta["train"]
+    parts = [f"--steps {train['steps']}", f"--seed {train['seed']}"]
+    parts += [f"--{k.replace('_', '-')} {v}" for k, v in train.items()
+              if k not in ("steps", "seed", "max_minutes", "stop_at", "eval_every", "eval_images", "checkpoint_every")
+              and v != defaults.get(k)]
+    if meta["steps_done"] < train["steps"]:
+        parts.append(f"--stop-at {meta['steps_done']}")
+    return "python -m clip_lens.toy.train " + " ".join(parts)
+
+
 def bundle(run_dir: str | Path, name: str = "toy-shapes", n_eval: int = 2000) -> dict:
     from clip_lens import HookedCLIP
     from clip_lens.toy.evaluate import binding_accuracy, zero_shot_accuracy
@@ -34,9 +52,7 @@ def bundle(run_dir: str | Path, name: str = "toy-shapes", n_eval: int = 2000) ->
         "preprocess_cfg": preprocess,
         "provenance": {
             # the step the run ended at, not its time budget, so that the command reproduces the weights
-            "command": f"python -m clip_lens.toy.train --steps {meta['train']['steps']} --seed {meta['train']['seed']}"
-            + (f" --world-version {version}" if version != 1 else "")
-            + (f" --stop-at {meta['steps_done']}" if meta["steps_done"] < meta["train"]["steps"] else ""),
+            "command": _command(meta),
             "train": meta["train"],
             "steps_done": meta["steps_done"],
             "minutes": round(meta["minutes"], 1),

@@ -60,6 +60,9 @@ class TrainConfig:
     """Version 2: share of each batch made of 2–4-object scenes with relation, count or object captions."""
     keep_every: int = 0
     """Keep a copy of the weights every this many steps (``steps/model-<step>.safetensors``; 0: none)."""
+    init_from: Optional[str] = None
+    """Start from a bundled model's weights (e.g. ``toy-shapes``) instead of random ones; words the new
+    vocabulary adds get fresh embeddings, the others keep theirs (`initial_weights`)."""
 
 
 def model_config(vocab_size: int, image_size: int = 64, context_length: int = 32) -> dict:
@@ -152,6 +155,23 @@ def training_batch_v2(world: ShapesWorld, config: TrainConfig, step: int):
     return scenes, [c.text for c in claims], positives(scenes, claims)
 
 
+def initial_weights(model: CLIP, name: str, tokenizer: WordTokenizer) -> None:
+    """Copy bundled model ``name``'s weights into ``model`` (same architecture), mapping token
+    embeddings by word: ``tokenizer``'s words that ``name``'s vocabulary lacks keep their fresh rows."""
+    from clip_lens.loading import load_bundled
+
+    source = load_bundled(name)
+    state = source.model.state_dict()
+    target = model.state_dict()
+    rows = target["token_embedding.weight"].clone()
+    old = source.tokenizer.index
+    for word, i in tokenizer.index.items():
+        if word in old:
+            rows[i] = state["token_embedding.weight"][old[word]]
+    state["token_embedding.weight"] = rows
+    model.load_state_dict(state)
+
+
 def multi_positive_loss(image_features, text_features, logit_scale, positives: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE where every true (image, caption) pair is a positive."""
     logits = logit_scale * image_features @ text_features.T
@@ -177,6 +197,8 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), log=print) -> di
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr
     )
+    if config.init_from:
+        initial_weights(model, config.init_from, tokenizer)
     ckpt_path = out / "checkpoint.pt"
     step, history, losses, elapsed = 0, [], [], 0.0
     if ckpt_path.exists():
@@ -252,7 +274,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="toy_shapes_run")
     for name, value in asdict(TrainConfig()).items():
-        kind = float if name in ("lr", "weight_decay", "keep_prob", "contrast", "max_minutes") else int
+        kind = float if name in ("lr", "weight_decay", "keep_prob", "contrast", "max_minutes", "multi") else int
+        kind = str if name == "init_from" else kind
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
     args = vars(parser.parse_args(argv))
     out = args.pop("out")

@@ -5,6 +5,12 @@ coefficients; from its Table 3 the Pearson correlation within ViTs is 0.90–0.9
 several models' `MutualKnowledgeResult` side by side
 and reports Pearson and Spearman correlation of AUC (and MI) with accuracy and the least-squares line.
 
+A correlation over a handful of checkpoints moves a lot with the scenes it was measured on, so each
+carries a bootstrap 95% interval over scenes (`clip_lens.stats.bootstrap_correlation`): the scenes are resampled once for
+all models, and each model's accuracy, MI and AUC are recomputed from its per-scene values. This
+needs every result to have been measured on the same images; results on different images get no
+interval, and the summary says so.
+
 >>> table = compare_files(["runs/step250.json", "runs/final.json"])   # doctest: +SKIP
 >>> print(table.to_markdown())                                        # doctest: +SKIP
 """
@@ -15,43 +21,18 @@ import html
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
+import numpy as np
 import torch
+from jaxtyping import Float
 
 from clip_lens.analyses import JSONResult
 from clip_lens.errors import InputError
+from clip_lens.stats import bootstrap_correlation, pearson, spearman
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson correlation; NaN when either side is constant."""
-    a, b = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
-    a, b = a - a.mean(), b - b.mean()
-    denominator = float(a.norm() * b.norm())
-    return float((a * b).sum()) / denominator if denominator > 0 else math.nan
-
-
-def ranks(values: Sequence[float]) -> list[float]:
-    """1-based ranks, ties sharing their average rank (as Spearman's rho needs)."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    out = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        stop = start
-        while stop + 1 < len(order) and values[order[stop + 1]] == values[order[start]]:
-            stop += 1
-        for k in range(start, stop + 1):
-            out[order[k]] = (start + stop) / 2 + 1
-        start = stop + 1
-    return out
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (Pearson of the average ranks)."""
-    return pearson(ranks(x), ranks(y))
 
 
 def line_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
@@ -87,16 +68,29 @@ class MutualKnowledgeComparison(JSONResult):
     slope: float
     intercept: float
     """accuracy ≈ slope · AUC + intercept (least squares)."""
+    intervals: Optional[dict[str, list[float]]] = None
+    """``"pearson_auc"`` … ``"spearman_mi"`` → bootstrap 95% interval ``[low, high]`` over the
+    ``interval_scenes`` scenes every model was measured on (None: the models saw different images)."""
+    interval_scenes: Optional[int] = None
 
     @classmethod
-    def from_rows(cls, rows: dict[str, ModelRow], variant: str) -> "MutualKnowledgeComparison":
+    def from_rows(
+        cls, rows: dict[str, ModelRow], variant: str, scenes: Optional[dict[str, Float[np.ndarray, "model scene"]]] = None
+    ) -> "MutualKnowledgeComparison":
+        """The correlations of ``rows``; with ``scenes`` (``"accuracy"`` in %, ``"mi"``, ``"auc"`` per
+        model and scene, models in the order of ``rows``, all on the same scenes) also their intervals."""
         if len(rows) < 2:
             raise InputError(f"comparing models needs at least 2 results, got {len(rows)}.")
         acc = [r.accuracy for r in rows.values()]
         auc = [r.auc for r in rows.values()]
         mi = [r.mi for r in rows.values()]
         slope, intercept = line_fit(auc, acc)
-        return cls(rows, variant, pearson(auc, acc), spearman(auc, acc), pearson(mi, acc), spearman(mi, acc), slope, intercept)
+        intervals = None
+        if scenes is not None:
+            intervals = {f"{method}_{name}": list(bootstrap_correlation(scenes[name], scenes["accuracy"], method))
+                         for name in ("auc", "mi") for method in ("pearson", "spearman")}
+        return cls(rows, variant, pearson(auc, acc), spearman(auc, acc), pearson(mi, acc), spearman(mi, acc), slope, intercept,
+                   intervals, None if scenes is None else scenes["accuracy"].shape[1])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,11 +110,23 @@ class MutualKnowledgeComparison(JSONResult):
         body = [[m, f"{r.accuracy:.2f}", f"{r.mi:.3f}", f"{r.auc:.3f}", str(r.images)] for m, r in self.rows.items()]
         return header, body
 
+    def _with_interval(self, name: str) -> str:
+        value = f"{getattr(self, name):.3f}"
+        if self.intervals is None:
+            return value
+        low, high = self.intervals[name]
+        return f"{value} [{low:.2f}, {high:.2f}]"
+
     def summary(self) -> str:
-        """The correlations and the line, in one sentence."""
-        return (f"Pearson(AUC, accuracy) = {self.pearson_auc:.3f}, Spearman = {self.spearman_auc:.3f}; "
-                f"Pearson(MI, accuracy) = {self.pearson_mi:.3f}, Spearman = {self.spearman_mi:.3f}; "
-                f"accuracy ≈ {self.fit_text} over {len(self.rows)} models.")
+        """The correlations (with their intervals) and the line, in one sentence."""
+        if self.intervals is None:
+            note = "no intervals: the models were measured on different images."
+        else:
+            note = f"[bootstrap 95% intervals over the {self.interval_scenes} scenes every model saw]."
+        return (f"Pearson(AUC, accuracy) = {self._with_interval('pearson_auc')}, "
+                f"Spearman = {self._with_interval('spearman_auc')}; "
+                f"Pearson(MI, accuracy) = {self._with_interval('pearson_mi')}, Spearman = {self._with_interval('spearman_mi')}; "
+                f"accuracy ≈ {self.fit_text} over {len(self.rows)} models; {note}")
 
     def to_markdown(self) -> str:
         header, body = self._table()
@@ -169,7 +175,23 @@ def compare_results(results: dict[str, "object"]) -> MutualKnowledgeComparison:
         raise InputError(f"{', '.join(unlabelled)} has no zero-shot accuracy (its images had no labels); comparing "
                          "models needs labelled images (shapes-world scenes or a folder with labels.json).")
     rows = {name: ModelRow(100 * r.accuracy, r.mean_mi, r.mean_auc, len(r.images)) for name, r in results.items()}
-    return MutualKnowledgeComparison.from_rows(rows, variants.pop())
+    return MutualKnowledgeComparison.from_rows(rows, variants.pop(), _scene_values(list(results.values())))
+
+
+def _scene_values(results: list) -> Optional[dict[str, Float[np.ndarray, "model scene"]]]:
+    """Per model and scene: accuracy (100 · correct), MI and AUC averaged over the part methods, as
+    the rows average them; None unless every result was measured on the same images (same data
+    description, same image ids in the same order): only then are scenes paired across models."""
+    first = results[0]
+    ids = [i.id for i in first.images]
+    if any(r.parameters.get("data") != first.parameters.get("data") or [i.id for i in r.images] != ids for r in results):
+        return None
+    values = {
+        "accuracy": [[100.0 * (i.predicted == i.label) for i in r.images] for r in results],
+        "mi": [np.mean([[i.mi for i in m.images] for m in r.methods.values()], axis=0) for r in results],
+        "auc": [np.mean([[i.auc for i in m.images] for m in r.methods.values()], axis=0) for r in results],
+    }
+    return {name: np.asarray(rows, dtype=float) for name, rows in values.items()}
 
 
 def compare_files(files: Sequence[Union[str, Path]]) -> MutualKnowledgeComparison:

@@ -8,6 +8,9 @@ Three searches, one mechanism ([`HeadIndex`][clip_lens_plugins.neighbors.HeadInd
 - **per head, text query** (``query_texts=[...]``): the normalised text embedding against each
   image's head term, i.e. the head's additive share of the image-text cosine similarity.
 
+``embedding=True`` searches by the whole unit image embedding instead of heads: the baseline that
+shows what choosing heads adds (on the shapes world: ``clip_lens_plugins.neighbors.property_search_truth``).
+
 Any of them can be restricted to a text subspace (``subspace="texts"``): representations and queries
 are projected onto the span of the property's text directions before scoring
 ([`HeadIndex`][clip_lens_plugins.neighbors.HeadIndex]). Image searches can compare images by their
@@ -45,6 +48,7 @@ class Neighbors:
     >>> search.run(store, query_images=images, property="colour", labels=labels, subspace="texts")  # doctest: +SKIP
     >>> search.run(store, query_images=images, property="colour", labels=labels, metric="concepts",
     ...            texts=["a red shape", "a blue shape", ...])                                   # doctest: +SKIP
+    >>> search.run(store, query_images=images, embedding=True, metric="concepts", texts=[...])  # doctest: +SKIP
 
     Args:
         model: the HookedCLIP the store was collected with (it embeds the queries).
@@ -63,6 +67,7 @@ class Neighbors:
         "labels": "HeadLabelsResult from the head_labels analysis",
         "head": "search by one head 'L{l}H{h}'",
         "heads": "search by the sum of these heads",
+        "embedding": "search by the whole unit image embedding (the baseline of a head search)",
         "k": "neighbours per query (default 10)",
         "metric": "'dot' (raw dot product, as CLIP-InterpreT; default), 'cosine', or 'concepts' (image queries: "
                   "compare the distributions over the property's texts)",
@@ -92,10 +97,12 @@ class Neighbors:
         subspace: Optional[str] = None,
         texts: Optional[Sequence[str]] = None,
         temperature: float = 0.3,
+        embedding: bool = False,
     ) -> NeighborsResult:
         """The ``k`` nearest finished store images of each query (see the class docstring).
 
-        Give one of ``query_images`` / ``query_texts`` and one of ``property`` / ``head`` / ``heads``.
+        Give one of ``query_images`` / ``query_texts`` and one of ``property`` / ``head`` / ``heads`` /
+        ``embedding=True``.
         ``subspace="texts"`` projects every representation onto the span of ``texts`` (default: the
         span texts of the property's heads that fit it) before scoring; see
         [`HeadIndex.from_store`][clip_lens_plugins.neighbors.HeadIndex.from_store].
@@ -114,7 +121,8 @@ class Neighbors:
                 raise InputError("give head='L{l}H{h}' or heads=[...], not both.")
             heads = [head]
         index = HeadIndex.from_store(store, heads=heads, property=property, labels=labels, metric=metric, device=self.device,
-                                     subspace=subspace, texts=texts, model=self.model, temperature=temperature)
+                                     subspace=subspace, texts=texts, model=self.model, temperature=temperature,
+                                     embedding=embedding)
         if query_texts is not None:
             queries = self.model.encode_text(self.model.to_tokens(list(query_texts)), normalize=True)
         else:
@@ -126,15 +134,29 @@ class Neighbors:
             texts=None if query_texts is None else list(query_texts), search_texts=index.search_texts,
         )
 
+    def represent(self, images: Float[Tensor, "q 3 H W"], heads: Optional[Sequence[str]]) -> Float[Tensor, "q d"]:
+        """Sum of ``heads``' direct contributions to each image's unit embedding, or the unit embedding
+        itself for ``heads=None`` (as in the store's ``heads`` and ``embedding`` arrays)."""
+        layers = sorted({parse_head(h)[0] for h in heads}) if heads is not None else []
+        terms, embedding = self.decompose(images, layers)
+        return embedding if heads is None else sum_heads(terms, layers, heads)
+
     @torch.no_grad()
-    def represent(self, images: Float[Tensor, "q 3 H W"], heads: Sequence[str]) -> Float[Tensor, "q d"]:
-        """Sum of ``heads``' direct contributions to each image's unit embedding (as in the store)."""
+    def decompose(
+        self, images: Float[Tensor, "q 3 H W"], layers: Sequence[int]
+    ) -> tuple[Float[Tensor, "q layer head d"], Float[Tensor, "q d"]]:
+        """Every head's direct contribution to each image's unit embedding at ``layers`` (sorted;
+        ``[q, 0, head, d]`` for none) and the unit embedding, in batches of ``batch_size``."""
         images = self.model.check_images(images)  # the model's own error for a wrong size or dtype
         if len(images) == 0:
             raise InputError("query_images is empty; give at least one image [Q, 3, H, W].")
-        layers = sorted({parse_head(h)[0] for h in heads})
-        parts = []
+        terms, embeddings = [], []
         for start in range(0, len(images), self.batch_size):
-            terms = self.model.decompose(images[start : start + self.batch_size], heads=layers).normalized().heads
-            parts.append(sum_heads(terms, layers, heads))
-        return torch.cat(parts)
+            parts = self.model.decompose(images[start : start + self.batch_size], heads=list(layers) or None).normalized()
+            embeddings.append(parts.embedding)
+            if layers:
+                terms.append(parts.heads)
+        embedding = torch.cat(embeddings)
+        if not layers:
+            return embedding.new_zeros((len(embedding), 0, self.model.cfg.n_heads, embedding.shape[1])), embedding
+        return torch.cat(terms), embedding

@@ -1,7 +1,9 @@
 """Exact nearest-neighbour search over a store's images, by the direct contribution of chosen heads.
 
 An image's representation is the sum of the chosen heads' normalised direct contributions (the
-store's ``heads`` array), optionally projected onto the span of a property's text directions.
+store's ``heads`` array), or, as the baseline a head search has to beat, the whole unit image
+embedding (the store's ``embedding`` array), optionally projected onto the span of a property's
+text directions.
 [`HeadIndex`][clip_lens_plugins.neighbors.HeadIndex] scores queries against every finished image one store chunk at a time and keeps a
 running top-k, so memory stays at one chunk whatever the store's size.
 """
@@ -138,9 +140,11 @@ class Concepts:
 
 @dataclass
 class HeadIndex:
-    """Top-k search over a store's finished images, represented by the sum of ``heads``' terms.
+    """Top-k search over a store's finished images, represented by the sum of ``heads``' terms (or by
+    the whole unit embedding, ``embedding=True``).
 
     >>> index = HeadIndex.from_store(store, property="colour", labels=labels)  # doctest: +SKIP
+    >>> baseline = HeadIndex.from_store(store, embedding=True, metric="concepts", texts=colours, model=model)  # doctest: +SKIP
     >>> scores, indices = index.search(queries, k=10)                           # doctest: +SKIP
     >>> HeadIndex.from_store(store, property="colour", labels=labels, subspace="texts", model=model)  # doctest: +SKIP
 
@@ -155,8 +159,8 @@ class HeadIndex:
     """
 
     store: Store
-    heads: list[str]
-    """``"L{l}H{h}"`` keys whose terms are summed."""
+    heads: Optional[list[str]]
+    """``"L{l}H{h}"`` keys whose terms are summed; None: the whole unit image embedding."""
     metric: str = "dot"
     """``"dot"``: raw dot product, as CLIP-InterpreT; ``"cosine"``: both sides normalised;
     ``"concepts"``: ``p · p'`` of the distributions over the property's texts (`Concepts`)."""
@@ -182,10 +186,14 @@ class HeadIndex:
         texts: Optional[Sequence[str]] = None,
         model: Optional["HookedCLIP"] = None,
         temperature: float = 0.3,
+        embedding: bool = False,
     ) -> "HeadIndex":
-        """An index of ``store`` over ``heads``, or over the heads ``labels`` gives ``property``.
+        """An index of ``store`` over ``heads``, over the heads ``labels`` gives ``property``, or over
+        the whole image embedding (``embedding=True``).
 
         Args:
+            embedding: represent every image by its whole unit embedding instead of a sum of heads:
+                the baseline that shows what choosing heads adds (with the same ``metric`` and ``texts``).
             subspace: None (the representations as they are) or ``"texts"``: project them onto the
                 span of ``texts``' unit embeddings (see the class docstring).
             texts: the texts spanning the subspace, or the concepts of ``metric="concepts"``; default:
@@ -196,20 +204,20 @@ class HeadIndex:
                 scores (`Concepts`).
 
         Raises:
-            InputError: neither or both of ``heads``/``property``; a property no head has; a head the
+            InputError: not exactly one of ``heads``/``property``/``embedding``; a property no head has; a head the
                 store lacks; an unknown metric; a store with no finished images or no per-head terms;
                 an unknown subspace, ``subspace="texts"`` or ``metric="concepts"`` without a model or
                 without texts (none given, none fitting the property), ``texts`` without either,
                 both together, a temperature that is not positive, a text that scores every image the same.
         """
         store = store if isinstance(store, Store) else Store.open(store)
-        if (heads is None) == (property is None):
-            raise InputError("give either heads=['L{l}H{h}', ...] or property='colour' (with labels=...), not both or neither.")
+        if (heads is not None) + (property is not None) + bool(embedding) != 1:
+            raise InputError("give one of heads=['L{l}H{h}', ...], property='colour' (with labels=...) or embedding=True.")
         if property is not None:
             if labels is None:
                 raise InputError(f"property='{property}' needs labels=HeadLabelsResult (from the head_labels analysis).")
             heads = heads_for_property(labels, property)
-        if not heads:
+        if heads is not None and not heads:
             raise InputError("heads is empty; give at least one head key 'L{l}H{h}'.")
         if metric not in METRICS:
             raise InputError(f"metric must be one of {', '.join(METRICS)}, got '{metric}'.")
@@ -224,23 +232,26 @@ class HeadIndex:
             raise InputError("texts=[...] spans the search subspace or names the concepts: pass it with subspace='texts' or metric='concepts'.")
         if not store.done_chunks():
             raise InputError(f"store {store.path} has no finished images to search; run collect on it first.")
-        if "heads" not in store.arrays:
-            raise InputError(f"store {store.path} has no per-head terms (collected with heads=None); collect it with heads='all'.")
-        n_heads, d = _heads_array(store).shape[2:]
-        for key in heads:
-            layer, head = parse_head(key)
-            if layer not in store.head_layers or not 0 <= head < n_heads:
-                raise InputError(
-                    f"head {key} is not in the store: it has layers {store.head_layers} with {n_heads} heads each."
-                )
+        if heads is not None:
+            if "heads" not in store.arrays:
+                raise InputError(f"store {store.path} has no per-head terms (collected with heads=None); collect it with heads='all'.")
+            n_heads = _array(store, "heads").shape[2]
+            for key in heads:
+                layer, head = parse_head(key)
+                if layer not in store.head_layers or not 0 <= head < n_heads:
+                    raise InputError(
+                        f"head {key} is not in the store: it has layers {store.head_layers} with {n_heads} heads each."
+                    )
+            heads = list(heads)
+        d = _array(store, "heads" if heads is not None else "embedding").shape[-1]
         if not with_texts:
-            return cls(store, list(heads), metric, torch.device(device))
+            return cls(store, heads, metric, torch.device(device))
         option = "metric='concepts'" if metric == "concepts" else "subspace='texts'"
         if model is None:
             raise InputError(f"{option} embeds texts with the model: pass model=HookedCLIP.")
         if texts is None:
             if property is None:
-                raise InputError(f"{option} with heads=[...] needs texts=[...]; only property= has span texts to default to.")
+                raise InputError(f"{option} with heads=[...] or embedding=True needs texts=[...]; only property= has span texts to default to.")
             texts = property_texts(labels, property)
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
@@ -252,7 +263,7 @@ class HeadIndex:
                 f"the text embeddings have {embeddings.shape[1]} dimensions but the store's terms have {d}: "
                 f"was the store collected with this model?"
             )
-        index = cls(store, list(heads), metric, torch.device(device), search_texts=texts)
+        index = cls(store, heads, metric, torch.device(device), search_texts=texts)
         if metric == "concepts":
             index.concepts = Concepts.fit((rows for _, rows in index.terms()), embeddings, texts, temperature)
         else:
@@ -265,11 +276,12 @@ class HeadIndex:
         return self.store.n_done
 
     def terms(self) -> Iterator[tuple[int, Float[Tensor, "chunk d"]]]:
-        """``(first row, summed head terms)`` of each finished chunk, read one checked chunk at a time
-        (the whole ``heads`` array never is)."""
-        for start, rows in self.store.iter_chunks("heads", partial=True):  # each chunk checked (checksums, missing files)
+        """``(first row, summed head terms or unit embeddings)`` of each finished chunk, read one checked
+        chunk at a time (the whole array never is)."""
+        array = "heads" if self.heads is not None else "embedding"
+        for start, rows in self.store.iter_chunks(array, partial=True):  # each chunk checked (checksums, missing files)
             terms = torch.from_numpy(rows).to(self.device, torch.float32)
-            yield start, sum_heads(terms, self.store.head_layers, self.heads)
+            yield start, terms if self.heads is None else sum_heads(terms, self.store.head_layers, self.heads)
 
     def chunks(self) -> Iterator[tuple[int, Float[Tensor, "chunk r"]]]:
         """``(first row, representations)`` of each finished chunk ([`terms`][clip_lens_plugins.neighbors.HeadIndex.terms]), prepared as the queries are."""
@@ -298,7 +310,7 @@ class HeadIndex:
         n_images = self.n_images
         if not 1 <= k <= n_images:
             raise InputError(f"k must lie in 1..{n_images} (the store's finished images), got {k}.")
-        d = _heads_array(self.store).shape[3]
+        d = _array(self.store, "heads" if self.heads is not None else "embedding").shape[-1]
         if queries.shape[1] != d:
             raise InputError(f"queries have {queries.shape[1]} dimensions but the store's terms have {d}.")
         queries = self.prepare(queries.to(self.device, torch.float32))
@@ -329,8 +341,8 @@ def _top_k_lowest_index_first(scores: Float[Tensor, "q n"], indices: Int[Tensor,
     return picked.gather(1, scores.gather(1, picked).argsort(dim=1, descending=True, stable=True))
 
 
-def _heads_array(store: Store):
-    """The store's ``heads`` Zarr array, opened lazily (reads nothing until sliced)."""
+def _array(store: Store, name: str):
+    """The store's Zarr array ``name``, opened lazily (reads nothing until sliced)."""
     import zarr
 
-    return zarr.open_array(str(store.path / "heads"), mode="r")
+    return zarr.open_array(str(store.path / name), mode="r")

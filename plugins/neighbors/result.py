@@ -25,8 +25,8 @@ class NeighborsResult(JSONResult):
     """The ``k`` nearest store images of each query, best first."""
 
     model: str
-    heads: list[str]
-    """The heads whose summed terms represent the images (``"L{l}H{h}"``)."""
+    heads: Optional[list[str]]
+    """The heads whose summed terms represent the images (``"L{l}H{h}"``); None: the whole unit embedding."""
     indices: Int[Tensor, "q k"]
     """Store rows of the neighbours (``store.ids()[row]`` names the image)."""
     scores: Float[Tensor, "q k"]
@@ -47,7 +47,7 @@ class NeighborsResult(JSONResult):
     def from_dict(cls, data: dict) -> "NeighborsResult":
         try:
             return cls(
-                model=data["model"], heads=list(data["heads"]), indices=torch.tensor(data["indices"], dtype=torch.long),
+                model=data["model"], heads=None if data["heads"] is None else list(data["heads"]), indices=torch.tensor(data["indices"], dtype=torch.long),
                 scores=torch.tensor(data["scores"], dtype=torch.float32), metric=data["metric"],
                 property=data.get("property"), texts=data.get("texts"), search_texts=data.get("search_texts"),
             )
@@ -91,7 +91,7 @@ class NeighborsResult(JSONResult):
                 axes[q, j + 1].set_title(f"#{self.indices[q, j]} {self.scores[q, j]:.2f}", fontsize=7)
         for ax in axes.flat:
             ax.set_axis_off()
-        by = self.property or "+".join(self.heads)
+        by = self.property or ("+".join(self.heads) if self.heads is not None else "the whole embedding")
         subspace = ""
         if self.search_texts is not None:
             subspace = f" over {len(self.search_texts)} texts" if self.metric == "concepts" else f", in the span of {len(self.search_texts)} texts"

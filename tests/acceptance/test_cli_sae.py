@@ -329,7 +329,7 @@ class TestInspect:
 class TestReport:
     def test_report_with_sae_has_a_features_section(self, runner, trained, tmp_path):
         sae_dir = trained[0] / "sae"
-        ok(runner, ["report", "--out", tmp_path / "r", "--n-images", 2, "--head-images", 0, "--sae", sae_dir])
+        ok(runner, ["report", "--model", "toy-shapes", "--out", tmp_path / "r", "--n-images", 2, "--head-images", 0, "--sae", sae_dir])
         summary = json.loads((tmp_path / "r" / "summary.json").read_text())
         features = summary["features"]
         assert features["sae_dir"] == str(sae_dir.resolve()) and features["hook_name"] == HOOK

@@ -25,7 +25,9 @@ from clip_lens_plugins.mutual_knowledge import (
     ConceptData, MutualKnowledge, MutualKnowledgeComparison, MutualKnowledgeResult, compare_files,
     compare_results, mi_dynamics, shapes_world_data, write_report,
 )
-from clip_lens_plugins.mutual_knowledge.compare import line_fit, pearson, ranks, spearman
+from clip_lens.stats import bootstrap_correlation
+from clip_lens_plugins.mutual_knowledge.analysis import ImageConcepts, MethodRun
+from clip_lens_plugins.mutual_knowledge.compare import line_fit
 
 N_SCENES = 100
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -284,21 +286,10 @@ class TestBadInput:
 
 # --- across models ---------------------------------------------------------------------------
 class TestCorrelation:
-    def test_pearson_and_line_fit_by_hand(self):
-        x, y = [1, 2, 3, 4], [2, 4, 5, 9]
-        # centred: x (-1.5, -0.5, 0.5, 1.5), y (-3, -1, 0, 4); Σxy = 11, Σx² = 5, Σy² = 26
-        assert pearson(x, y) == pytest.approx(11 / math.sqrt(130), abs=1e-12)
-        assert line_fit(x, y) == pytest.approx((2.2, -0.5), abs=1e-12)  # slope 11 / 5, 5 − 2.2 · 2.5
-        assert pearson(x, [-v for v in y]) == pytest.approx(-11 / math.sqrt(130), abs=1e-12)
-        assert math.isnan(pearson([1, 1, 1], [1, 2, 3])) and math.isnan(line_fit([2, 2], [1, 3])[0])
-
-    def test_spearman_gives_ties_their_average_rank(self):
-        assert ranks([3, 1, 3, 2]) == [3.5, 1.0, 3.5, 2.0]
-        assert ranks([5, 5, 5]) == [2.0, 2.0, 2.0]
-        # ranks (1, 2.5, 2.5, 4) vs (1, 3, 2, 4): Σ = 4.5, Σx² = 4.5, Σy² = 5
-        assert spearman([1, 2, 2, 3], [10, 30, 20, 40]) == pytest.approx(4.5 / math.sqrt(22.5), abs=1e-12)
-        assert spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0, abs=1e-12)  # monotone, not linear
-        assert pearson([1, 2, 3, 4], [1, 8, 27, 64]) < 0.99
+    def test_line_fit_by_hand(self):
+        # centred: x (-1.5, -0.5, 0.5, 1.5), y (-3, -1, 0, 4); Σxy = 11, Σx² = 5 (Pearson/Spearman: tests/unit/test_stats.py)
+        assert line_fit([1, 2, 3, 4], [2, 4, 5, 9]) == pytest.approx((2.2, -0.5), abs=1e-12)  # slope 11 / 5, 5 − 2.2 · 2.5
+        assert math.isnan(line_fit([2, 2], [1, 3])[0])
 
     def test_compare_results_of_three_models(self, result, worse_results, tmp_path):
         runs = {"toy-shapes": result, **worse_results}
@@ -323,6 +314,8 @@ class TestCorrelation:
         assert table.spearman_auc == pytest.approx(1 - 6 * float((d**2).sum()) / 24, abs=1e-12)
         markdown = table.to_markdown()
         assert "| noise 1.0 | 33.33 |" in markdown and "Pearson(AUC, accuracy) =" in markdown
+        # 100 scenes for the intact model, 60 for the noised ones: no scene is paired across all three
+        assert table.intervals is None and "no intervals: the models were measured on different images" in markdown
         page = table.to_html()
         assert page.startswith("<table>") and page.count("<tr>") == 4 and "Spearman" in page
         fig = table.plot()
@@ -353,3 +346,66 @@ class TestCorrelation:
         assert run.accuracy is None
         with pytest.raises(InputError, match="unlabelled has no zero-shot accuracy"):
             compare_results({"toy-shapes": result, "unlabelled": run})
+
+
+def synthetic_result(model: str, auc: np.ndarray, mi: np.ndarray, correct: np.ndarray, data: str = "scenes") -> MutualKnowledgeResult:
+    """A result with the given per-method, per-scene AUC and MI (``[method, scene]``) and per-scene correctness."""
+    def image(s: int, m: int) -> ImageConcepts:
+        return ImageConcepts(str(s), 0 if correct[s] else 1, 0, [[-1]], [], [], [], float(mi[m, s]), [float(mi[m, s]), 0.0],
+                             float(auc[m, s]), [0.0, 0.0], 0.0)
+
+    methods = {name: MethodRun.from_images([image(s, m) for s in range(auc.shape[1])]) for m, name in enumerate(("pca", "kmeans"))}
+    return MutualKnowledgeResult({"model": model, "mi": "paper", "data": data}, ["circle", "square"], [],
+                                 float(np.mean(correct)), methods)
+
+
+@pytest.fixture(scope="module")
+def checkpoints():
+    """Four checkpoints on the same 40 scenes, two part methods: results, AUC and MI [model, method, scene], correct [model, scene]."""
+    rng = np.random.default_rng(0)
+    level = np.array([0.0, 0.3, 0.5, 1.0])  # four checkpoints, 40 scenes, two part methods
+    auc = 2.5 + level[:, None, None] + 0.8 * rng.standard_normal((4, 2, 40))
+    mi = 4.0 + 0.5 * level[:, None, None] + 0.8 * rng.standard_normal((4, 2, 40))
+    correct = rng.random((4, 40)) < (0.3 + 0.6 * level)[:, None]
+    return {f"step{c}": synthetic_result(f"step{c}", auc[c], mi[c], correct[c]) for c in range(4)}, auc, mi, correct
+
+
+class TestCorrelationIntervals:
+    """Checkpoints measured on the same scenes: the correlations carry a bootstrap interval over scenes."""
+
+    def test_intervals_resample_the_scenes_every_checkpoint_saw(self, checkpoints):
+        results, auc, mi, correct = checkpoints
+        table = compare_results(results)
+        assert table.interval_scenes == 40
+        # the per-scene values assembled here: each scene's AUC and MI averaged over the two part methods
+        accuracy = 100.0 * correct
+        for name, values in (("auc", auc.mean(1)), ("mi", mi.mean(1))):
+            np.testing.assert_allclose([getattr(r, name) for r in table.rows.values()], values.mean(1), atol=1e-9)
+            for method in ("pearson", "spearman"):
+                assert table.intervals[f"{method}_{name}"] == pytest.approx(bootstrap_correlation(values, accuracy, method), abs=1e-12)
+        np.testing.assert_allclose([r.accuracy for r in table.rows.values()], accuracy.mean(1), atol=1e-9)
+        low, high = table.intervals["pearson_auc"]
+        assert -1 <= low < table.pearson_auc < high <= 1
+        assert f"Pearson(AUC, accuracy) = {table.pearson_auc:.3f} [{low:.2f}, {high:.2f}]" in table.summary()
+        assert "over the 40 scenes every model saw" in table.summary()
+
+    def test_values_that_do_not_vary_by_scene_give_a_point_interval(self):
+        # every scene gives each checkpoint the same AUC, MI and correctness: resampling scenes cannot move anything
+        level, right = np.array([2.0, 3.0, 2.5, 4.0]), np.array([True, False, True, True])
+        def run(c, correct):
+            return synthetic_result(f"m{c}", np.full((2, 30), level[c]), np.full((2, 30), level[c]), correct)
+        table = compare_results({f"m{c}": run(c, np.full(30, right[c])) for c in range(4)})
+        assert table.pearson_auc == pytest.approx(np.corrcoef(level, 100.0 * right)[0, 1], abs=1e-12)
+        assert table.intervals["pearson_auc"] == pytest.approx([table.pearson_auc] * 2, abs=1e-12)
+        # the same accuracies, but spread over scenes (the first 30·p scenes right): the interval widens
+        spread = compare_results({f"m{c}": run(c, np.arange(30) < 30 * (0.25 * c + 0.2)) for c in range(4)})
+        low, high = spread.intervals["pearson_auc"]
+        assert low < spread.pearson_auc < high
+
+    def test_results_on_different_images_get_no_interval(self, checkpoints):
+        results, auc, mi, correct = checkpoints
+        other = synthetic_result("other", auc[0], mi[0], correct[0], data="other scenes")
+        table = compare_results({**results, "other": other})
+        assert table.intervals is None and table.interval_scenes is None
+        assert "no intervals" in table.summary()
+

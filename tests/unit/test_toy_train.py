@@ -95,3 +95,50 @@ def test_training_batches_mix_random_scenes_and_minimal_sets_that_always_name_th
     same_set = torch.tensor([[a.index == b.index for b in grouped] for a in grouped])
     assert not (block & same_set & ~torch.eye(len(grouped), dtype=torch.bool)).any()
     assert set(CONTRAST_WEIGHTS) == {"colour", "shape", "size", "position", "background"}
+
+
+def test_version_2_batches_are_deterministic_and_mix_one_and_several_object_scenes():
+    from clip_lens.toy.train import training_batch_v2
+
+    config = TrainConfig(batch_size=64, world_version=2, multi=0.25)
+    world = ShapesWorld(seed=0, version=2)
+    scenes, captions, positives = training_batch_v2(world, config, step=5)
+    again = training_batch_v2(world, config, step=5)
+    assert captions == again[1] and torch.equal(positives, again[2])
+    counts = [len(s.objects) for s in scenes]
+    assert sum(c >= 2 for c in counts) == 16 and all(c == 1 for c in counts[:48])
+    assert positives.diagonal().all()
+    relations = [c for c in captions if any(r in c for r in (" above ", " below ", " of a "))]
+    assert relations and all(positives[i, captions.index(c)] for i, c in [(captions.index(c), c) for c in relations])
+
+
+def test_fine_tuning_starts_from_the_bundled_weights_with_new_words_added():
+    """`init_from`: version 1's words keep their embeddings, so v1 texts encode exactly as before."""
+    from clip_lens.loading import load_bundled
+    from clip_lens.toy import WordTokenizer, vocabulary
+    from clip_lens.toy.train import build_model, initial_weights, model_config
+
+    tokenizer = WordTokenizer(vocabulary(2), context_length=32)
+    model = build_model(model_config(tokenizer.vocab_size)).eval()
+    initial_weights(model, "toy-shapes", tokenizer)
+    bundled = load_bundled("toy-shapes")
+    texts = ["a small red star at the top left on a dotted background", "a shape"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(tokenizer(texts)), bundled.model.encode_text(bundled.tokenizer(texts)))
+        images = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(model.encode_image(images), bundled.model.encode_image(images))
+    assert tokenizer(["two shapes"])[0, 1] != 1  # "two" is a known word, not <unk>
+
+
+def test_kept_checkpoints_are_the_weights_at_their_step(tmp_path):
+    from safetensors.torch import load_file
+
+    config = TrainConfig(steps=4, batch_size=16, warmup=2, eval_every=1000, eval_images=8, checkpoint_every=2,
+                         world_version=2, keep_every=2, init_from="toy-shapes")
+    train(tmp_path / "run", config, log=lambda *_: None)
+    kept = sorted(p.name for p in (tmp_path / "run" / "steps").iterdir())
+    assert kept == ["model-2.safetensors", "model-4.safetensors"]
+    final, last = load_file(tmp_path / "run" / "model.safetensors"), load_file(tmp_path / "run" / "steps" / "model-4.safetensors")
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    early = load_file(tmp_path / "run" / "steps" / "model-2.safetensors")
+    assert any(not torch.equal(final[k], early[k]) for k in final)
