@@ -686,8 +686,11 @@ def _segmentation_images(hooked, images: Optional[Path], shapes: Optional[int], 
     if (images is None) == (shapes is None):
         _fail("give exactly one image source: --images FOLDER or --shapes N.")
     if shapes is not None:
+        from clip_lens.toy.evaluate import shapes_world_version
+
         make = _plugin_function("segmentation", "shapes_world_segmentation")
-        return make(shapes, seed=seed, image_size=hooked.cfg.image_size[0], attribute=attribute)
+        return make(shapes, seed=seed, image_size=hooked.cfg.image_size[0], attribute=attribute,
+                    version=shapes_world_version(hooked) or 1)
     return _plugin_function("segmentation", "folder_segmentation")(images, hooked.preprocess)
 
 
@@ -740,7 +743,7 @@ def segment_eval(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="save the table (JSON) here."),
     force: bool = typer.Option(False, "--force", help="replace an existing --out."),
 ) -> None:
-    """Zero-shot segmentation: decomposition heatmaps vs raw attention vs uniform (pixel acc, mIoU, mAP).
+    """Zero-shot segmentation: decomposition heatmaps against baselines that could beat them (all background, uniform, no-model chroma and colour-contrast maps, raw attention, random heads): pixel acc, object IoU, mIoU, mAP with bootstrap intervals.
 
     An image or mask of --images that cannot be decoded stops the run with one line naming it
     (skipping it would change the scores silently)."""

@@ -151,8 +151,9 @@ class Calibration:
     """The abstention of a `PrototypeLabeler`, chosen on the calibration half of `world_texts`."""
 
     threshold: float
-    """A text fits its nearest property only when its similarity to it exceeds its similarity to the
-    nearest ``none`` phrase by more than this. Chosen to maximise Youden's J on the calibration half:
+    """A text (that uses a world word, when the labeler has ``words``) fits its nearest property only
+    when its similarity to it exceeds its similarity to the nearest ``none`` phrase by more than this.
+    Chosen to maximise Youden's J on the calibration half:
     (share of texts naming attributes that fit one they name) − (share of unrelated texts that fit
     anything), each unrelated text scored without itself among the ``none`` phrases; ties: the larger."""
     none: list[str]
@@ -161,7 +162,25 @@ class Calibration:
     """The calibration texts it was chosen on."""
 
 
-def calibrate(encode: Encoder, prototypes: Mapping[str, Sequence[str]], truth: Mapping[str, frozenset]) -> Calibration:
+def world_words(version: int = 1) -> dict[str, frozenset[str]]:
+    """Attribute → the words of its values ("red", "circle", "top", "striped", "two" …): a text can
+    only say something about an attribute with one of them (`PrototypeLabeler` ``words``)."""
+    world = _world(version)
+    return {a: frozenset(w for value in values for w in value.split()) for a, values in world.values.items()}
+
+
+def _allowed(texts: Sequence[str], properties: Sequence[str], words: Optional[Mapping[str, frozenset[str]]]) -> torch.Tensor:
+    """``bool [n_texts, n_properties]``: the text uses a word of the property (all True without ``words``)."""
+    if words is None:
+        return torch.ones(len(texts), len(properties), dtype=torch.bool)
+    used = [set(re.findall(r"[a-z]+", t.lower())) for t in texts]
+    return torch.tensor([[bool(u & words.get(p, frozenset())) for p in properties] for u in used], dtype=torch.bool).reshape(len(texts), len(properties))
+
+
+def calibrate(
+    encode: Encoder, prototypes: Mapping[str, Sequence[str]], truth: Mapping[str, frozenset],
+    words: Optional[Mapping[str, frozenset[str]]] = None,
+) -> Calibration:
     """Choose the abstain class and threshold from the calibration half of ``truth`` (text → attributes
     it names; empty: about nothing in the world) only; the evaluation half is never read.
 
@@ -174,13 +193,15 @@ def calibrate(encode: Encoder, prototypes: Mapping[str, Sequence[str]], truth: M
         raise InputError("calibration needs texts that name an attribute and texts that name none in its calibration half.")
     none = [t for t in texts if not truth[t]]
     per_property, none_sim = PrototypeLabeler(encode, prototypes, none=none).scores(texts, leave_out=True)
-    best, index = per_property.max(1)
+    allowed = _allowed(texts, list(prototypes), words)
+    best, index = per_property.masked_fill(~allowed, float("-inf")).max(1)
     margin = best - none_sim  # [n_texts]
     names = list(prototypes)
     right = torch.tensor([names[i] in truth[t] for t, i in zip(texts, index.tolist())])
+    gate = allowed.any(1)
 
     def youden(tau: float) -> float:
-        fit = margin > tau
+        fit = (margin > tau) & gate
         return float((fit & right)[related].float().mean() - fit[~related].float().mean())
 
     candidates = sorted(set(margin.tolist()), reverse=True)  # max keeps the first: the larger of equals
@@ -194,7 +215,9 @@ class PrototypeLabeler:
     A text's property is the one whose prototype phrases come closest (cosine similarity, max over
     the property's phrases; ties go to the property listed first). With ``none`` phrases (texts about
     no property) a text fits its property only when ``sim(property) − sim(nearest none phrase) >
-    threshold``; otherwise it is *unrelated* and fits nothing.
+    threshold``; otherwise it is *unrelated* and fits nothing. With ``words`` (property → its words; the
+    shapes world's value words, `world_words`) a text can only fit a property whose words it uses: the
+    toy text tower never saw "an old book" in training, so where it puts it says nothing.
 
     A head's label is the property most of its texts fit (ties: the one reached first in TextSpan
     order), its confidence the share of texts that fit it. The labeler abstains (label None, shown as
@@ -207,13 +230,14 @@ class PrototypeLabeler:
         min_confidence: the smallest share of fitting texts that still gives a label (0..1).
         none: phrases about no property (the abstain class); empty: every text fits its nearest property.
         threshold: the margin over the ``none`` phrases a text needs to fit (see `calibrate`).
+        words: property → words; a text fits only a property whose words it uses (None: no such rule).
     """
 
     name = "prototype"
 
     def __init__(
         self, encode: Encoder, prototypes: Mapping[str, Sequence[str]], min_confidence: float = 0.4,
-        none: Sequence[str] = (), threshold: float = 0.0,
+        none: Sequence[str] = (), threshold: float = 0.0, words: Optional[Mapping[str, frozenset[str]]] = None,
     ):
         if not prototypes or any(not phrases or not all(isinstance(p, str) and p.strip() for p in phrases) for phrases in prototypes.values()):
             raise InputError("prototypes must map each property to a non-empty list of non-empty phrases.")
@@ -229,6 +253,7 @@ class PrototypeLabeler:
         self.min_confidence = min_confidence
         self.none = list(none)
         self.threshold = float(threshold)
+        self.words = words
         self._phrases = [p for phrases in self.prototypes.values() for p in phrases]
         self._owner = torch.tensor([i for i, phrases in enumerate(self.prototypes.values()) for _ in phrases])
         """``[n_phrases]``: the property index of each phrase."""
@@ -256,8 +281,9 @@ class PrototypeLabeler:
         phrases = resolve_prototypes(prototypes, model_name, version)
         if phrases != shapes_prototypes(version):
             return cls(encode, phrases, min_confidence)
-        calibration = calibrate(encode, phrases, world_texts(version))
-        return cls(encode, phrases, min_confidence, none=calibration.none, threshold=calibration.threshold)
+        words = world_words(version)
+        calibration = calibrate(encode, phrases, world_texts(version), words)
+        return cls(encode, phrases, min_confidence, none=calibration.none, threshold=calibration.threshold, words=words)
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
         """``[n, d]`` unit-norm embeddings."""
@@ -290,8 +316,9 @@ class PrototypeLabeler:
         if not distinct:
             return []
         per_property, none = self.scores(distinct)
-        best, index = per_property.max(1)
-        fits = (best - none) > self.threshold
+        allowed = _allowed(distinct, self.properties, self.words)
+        best, index = per_property.masked_fill(~allowed, float("-inf")).max(1)
+        fits = ((best - none) > self.threshold) & allowed.any(1)
         by_text = {t: self.properties[i] if ok else None for t, i, ok in zip(distinct, index.tolist(), fits.tolist())}
         return [by_text[t] for t in texts]
 

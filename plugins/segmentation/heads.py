@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -23,6 +24,11 @@ class HeadSelection:
     """A set of heads of an ``n_layers × n_heads`` tower."""
 
     mask: Bool[Tensor, "layer head"]
+
+    @property
+    def size(self) -> int:
+        """Number of selected heads."""
+        return int(self.mask.sum())
 
     @property
     def layers(self) -> list[int]:
@@ -80,3 +86,31 @@ def parse_heads(spec: HeadSpec, n_layers: int, n_heads: int) -> HeadSelection:
             )
         mask[layer, head] = True
     return HeadSelection(mask)
+
+
+def random_head_sets(n_layers: int, n_heads: int, size: int, n_draws: int, seed: int = 0) -> list[HeadSelection]:
+    """``n_draws`` distinct sets of ``size`` heads, each uniform over all ``n_layers × n_heads`` heads.
+
+    Fewer sets when fewer exist (``comb(n_layers * n_heads, size)``). The same arguments give the
+    same sets (a seeded CPU generator); a set may coincide with any particular selection.
+
+    Raises:
+        InputError: ``size`` outside 1..n_layers·n_heads or a negative ``n_draws``.
+    """
+    total = n_layers * n_heads
+    if not 1 <= size <= total:
+        raise InputError(f"a random head set needs 1..{total} heads, got {size}.")
+    if n_draws < 0:
+        raise InputError(f"n_draws must be at least 0, got {n_draws}.")
+    generator = torch.Generator().manual_seed(seed)
+    drawn: list[tuple[int, ...]] = []
+    while len(drawn) < min(n_draws, math.comb(total, size)):
+        pick = tuple(sorted(torch.randperm(total, generator=generator)[:size].tolist()))
+        if pick not in drawn:
+            drawn.append(pick)
+    selections = []
+    for pick in drawn:
+        mask = torch.zeros(total, dtype=torch.bool)
+        mask[list(pick)] = True
+        selections.append(HeadSelection(mask.view(n_layers, n_heads)))
+    return selections
