@@ -242,7 +242,7 @@ def report(
     ),
     head_images: Optional[int] = typer.Option(
         None, "--head-images", min=0,
-        help="shapes-world scenes for the head analyses (TextSpan, labels, metrics); default 1000 for the shapes-world models, 0 (off) otherwise.",
+        help="shapes-world scenes for the head analyses (TextSpan, labels, metrics); default 2000 for the shapes-world models, 0 (off) otherwise.",
     ),
     images: Optional[Path] = typer.Option(None, "--images", help="folder of real images for the head analyses."),
     bank: Optional[str] = typer.Option(None, "--bank", help="text bank: general, shapes or a text file (default: shapes for toy-shapes)."),
@@ -269,7 +269,7 @@ def report(
     images, _ = _readable_images(images)
     start = time.perf_counter()
     if head_images is None:
-        head_images = 1000 if _shapes_model(model) and images is None else 0
+        head_images = 2000 if _shapes_model(model) and images is None else 0
     with tqdm(total=(6 if head_images or images else 5) + (sae is not None), desc="clip-lens report", unit="step") as bar:
         bar.set_postfix_str("build model")
         hooked = _load(model, pretrained, overrides)

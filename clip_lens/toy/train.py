@@ -109,9 +109,9 @@ def caption_batch(scenes: list[Scene], seed: int, step: int, keep_prob: float, v
     return captions, true
 
 
-def training_batch(world: ShapesWorld, config: TrainConfig, step: int):
-    """Scenes, captions and positives of batch ``step`` (deterministic in ``(config.seed, step)``):
-    random scenes plus minimal sets of ``group_size`` scenes that differ in one attribute."""
+def minimal_sets(world: ShapesWorld, config: TrainConfig, step: int) -> tuple[list[Scene], list[str]]:
+    """Batch ``step``'s minimal sets (``contrast`` × batch scenes, groups of ``group_size`` that differ
+    in one attribute, drawn with `CONTRAST_WEIGHTS`) and the attribute each scene's group varies."""
     n_groups = int(config.contrast * config.batch_size) // config.group_size
     rng = np.random.default_rng([config.seed, 2, step])
     attributes = rng.choice(list(CONTRAST_WEIGHTS), size=n_groups, p=list(CONTRAST_WEIGHTS.values()))
@@ -120,6 +120,13 @@ def training_batch(world: ShapesWorld, config: TrainConfig, step: int):
         group = world.variants(CONTRAST_INDEX + step * n_groups + j, attribute, min(config.group_size, len(VALUES[attribute])))
         grouped += group
         varied += [attribute] * len(group)
+    return grouped, varied
+
+
+def training_batch(world: ShapesWorld, config: TrainConfig, step: int):
+    """Scenes, captions and positives of batch ``step`` (deterministic in ``(config.seed, step)``):
+    random scenes plus minimal sets of ``group_size`` scenes that differ in one attribute."""
+    grouped, varied = minimal_sets(world, config, step)
     start = step * config.batch_size
     scenes = [world.scene(i) for i in range(start, start + config.batch_size - len(grouped))] + grouped
     varied = [None] * (config.batch_size - len(grouped)) + varied
@@ -131,14 +138,7 @@ def training_batch_v2(world: ShapesWorld, config: TrainConfig, step: int):
     """Version 2's batch ``step``: minimal sets as in version 1, one-object scenes with partial
     captions (a tenth of them counted: "one shape") and ``multi`` × batch scenes of 2–4 objects,
     captioned by a relation between two of them (40 %), their count (20 %) or one object (40 %)."""
-    n_groups = int(config.contrast * config.batch_size) // config.group_size
-    rng = np.random.default_rng([config.seed, 2, step])
-    attributes = rng.choice(list(CONTRAST_WEIGHTS), size=n_groups, p=list(CONTRAST_WEIGHTS.values()))
-    grouped, varied = [], []
-    for j, attribute in enumerate(map(str, attributes)):
-        group = world.variants(CONTRAST_INDEX + step * n_groups + j, attribute, min(config.group_size, len(VALUES[attribute])))
-        grouped += group
-        varied += [attribute] * len(group)
+    grouped, varied = minimal_sets(world, config, step)
     n_multi = int(config.multi * config.batch_size)
     n_single = config.batch_size - len(grouped) - n_multi
     several = ShapesWorld(seed=config.seed, image_size=config.image_size, n_objects=(2, 4), version=2)

@@ -151,15 +151,19 @@ def property_search_truth(
         model: the model the store was collected with.
         store: a store of shapes-world scenes of seed ``world_seed`` (its ``ids`` are scene indices,
             as `clip_lens.collect.shapes_world_images` writes them), collected with per-head terms.
-        labels, property: search by the heads labelled ``property`` …
+        labels: with ``property``: search by the heads labelled ``property`` …
+        property: the label whose heads are searched by (with ``labels``).
         heads: … or by these heads; ``[]`` (a property no head is labelled with) measures only the
             whole-embedding baseline.
         attribute: the world attribute searched for (default: ``property`` when it is one); its
             prompts (`world_prompts`) are the default ``texts`` and ``gain`` is measured on it.
         n_queries: held-out query scenes, from ``query_seed`` (default ``world_seed + 1``), so that
             no query is in the store.
-        metric, subspace, texts, temperature: the scoring, the same for all three searches (see
+        metric: the scoring, the same for all three searches (see
             [`HeadIndex.from_store`][clip_lens_plugins.neighbors.HeadIndex.from_store]).
+        subspace: as for `HeadIndex.from_store`.
+        texts: as for `HeadIndex.from_store` (default: the attribute's world prompts).
+        temperature: as for `HeadIndex.from_store`.
         n_random: random head subsets of the same size as ``heads`` (distinct, none equal to
             ``heads``), drawn from all the store's heads with ``seed``; 0: no control.
         world_version: the shapes world the store and the queries come from (default: the model's, else 1).

@@ -132,8 +132,8 @@ def test_readme_main_job_reports_on_the_bundled_model(tmp_path):
     assert summary["sum_check"]["max_relative_error"] <= 1e-4
     assert "RANDOM" not in result.output
 
-    heads = summary["heads"]  # the head analyses on 1,000 shapes-world scenes
-    assert heads["n_images"] == 1000 and heads["bank"] == "shapes-attributes"
+    heads = summary["heads"]  # the head analyses on 2,000 shapes-world scenes
+    assert heads["n_images"] == 2000 and heads["bank"] == "shapes-attributes"
     assert len(heads["spans"]["heads"]) == 16 and all(len(h["texts"]) == 20 for h in heads["spans"]["heads"])
     for attribute, scores in heads["span_replacement"].items():  # spans of 20 texts keep what heads do
         assert scores["m=20"] >= scores["original"] - 0.02, attribute
