@@ -156,3 +156,19 @@ def get(name: str) -> type:
             f"(plugins register in the entry-point group '{GROUP}')."
         )
     return _load(found[name])
+
+
+def plugin_function(analysis: str, name: str):
+    """A helper function of the package that provides ``analysis`` (e.g. the segmentation plugin's
+    ``shapes_world_segmentation``), reached through the registry: the core never imports plugins by name.
+
+    Raises:
+        InputError: the installed package has no such function.
+    """
+    import importlib
+
+    package = importlib.import_module(get(analysis).__module__.rsplit(".", 1)[0])
+    function = getattr(package, name, None)
+    if function is None:
+        raise InputError(f"the installed {analysis} plugin ({package.__name__}) has no {name}; upgrade or reinstall it.")
+    return function

@@ -419,15 +419,9 @@ def _parse_layers(text: str, option: str) -> Any:
 def _plugin_function(analysis: str, name: str) -> Callable:
     """A helper function of the package that provides ``analysis`` (reached through the registry:
     the core never imports plugins by name)."""
-    import importlib
-
     from clip_lens import analyses
 
-    package = importlib.import_module(analyses.get(analysis).__module__.rsplit(".", 1)[0])
-    function = getattr(package, name, None)
-    if function is None:
-        _fail(f"the installed {analysis} plugin ({package.__name__}) has no {name}; upgrade or reinstall it.")
-    return function
+    return analyses.plugin_function(analysis, name)
 
 
 def _random_weights_note(hooked, model: str) -> None:

@@ -143,6 +143,11 @@ def analyse_heads(
         summary["ground_truth"] = ground_truth_agreement(labels, ablation, list(tasks))
         pngs["ablation.png"] = figure_png(ablation.plot())
         pngs["ablation_curves.png"] = figure_png(ablation.plot_curves())
+        scenes = analyses.plugin_function("segmentation_eval", "shapes_world_segmentation")(
+            n_images, REPORT_SEED, model.cfg.image_size[0], version=version or 1)
+        segmentation = analyses.get("segmentation_eval")(model).run(scenes)
+        summary["segmentation"] = {"markdown": segmentation.to_markdown(), **segmentation.to_dict()}
+        pngs["segmentation.png"] = figure_png(segmentation.plot())
     return summary, pngs
 
 
@@ -178,6 +183,17 @@ def _keep_last_table(ablation: dict[str, Any]) -> str:
     return f'<table class="keep-last">{caption}{head}{rows}{original}</table>'
 
 
+def _markdown_table(markdown: str) -> str:
+    """A result's markdown table (``| a | b |`` rows, then notes) as HTML."""
+    esc = html.escape
+    rows = [line.strip().strip("|").split("|") for line in markdown.splitlines() if line.startswith("|")]
+    notes = [line for line in markdown.splitlines() if line.strip() and not line.startswith("|")]
+    head, body = rows[0], [r for r in rows[1:] if not set("".join(r)) <= set("-: ")]
+    table = ("<table><tr>" + "".join(f"<th>{esc(c.strip())}</th>" for c in head) + "</tr>"
+             + "".join("<tr>" + "".join(f"<td>{esc(c.strip())}</td>" for c in r) + "</tr>" for r in body) + "</table>")
+    return table + "".join(f"<p><small>{esc(n)}</small></p>" for n in notes)
+
+
 def _with_interval(value: Optional[float], interval: Optional[list]) -> str:
     """``0.950 [0.931, 0.966]``; "–" for an undefined value (no labelled head, no carrier)."""
     if value is None:
@@ -203,12 +219,13 @@ def render_sections(summary: dict[str, Any], image_tags: dict[str, str]) -> str:
             f"<td><ol>{texts}</ol></td><td>{h['cumulative'][min(9, len(h['cumulative']) - 1)]:.1%}</td></tr>"
         )
     m = summary["metrics"]
+    intervals = m.get("intervals", {})
     metric_rows = "".join(
         f"<tr><td>{name}</td><td>{value}</td></tr>"
         for name, value in [
-            ("association (higher: more consistent heads)", f"{m['association']:.3f}"),
-            ("entanglement (lower: fewer heads share a property)", f"{m['entanglement']:.3f}"),
-            ("concentrated-concept ratio", f"{m['ccr']:.3f}"),
+            ("association (higher: more consistent heads)", _with_interval(m["association"], intervals.get("association"))),
+            ("entanglement (lower: fewer heads share a property)", _with_interval(m["entanglement"], intervals.get("entanglement"))),
+            ("concentrated-concept ratio", _with_interval(m["ccr"], intervals.get("ccr"))),
             *[(f"CCS@{k}", f"{v:.3f}") for k, v in m["ccs_at_k"].items()],
         ]
     )
@@ -218,7 +235,8 @@ def render_sections(summary: dict[str, Any], image_tags: dict[str, str]) -> str:
         "<table><tr><th>head</th><th>label</th><th>span texts (variance explained; ✓ fits the label)</th>"
         "<th>variance by 10 texts</th></tr>" + "".join(span_rows) + "</table>",
         image_tags.get("span_variance.png", ""),
-        "<h2>Interpretability metrics</h2><table><tr><th>metric</th><th>value</th></tr>" + metric_rows + "</table>",
+        "<h2>Interpretability metrics</h2><p>[bootstrap 95% intervals over heads; labels held fixed]</p>"
+        "<table><tr><th>metric</th><th>value</th></tr>" + metric_rows + "</table>",
         image_tags.get("metrics.png", ""),
     ]
     if "zero_shot" in summary:
@@ -252,5 +270,15 @@ def render_sections(summary: dict[str, Any], image_tags: dict[str, str]) -> str:
             "attention layers ablated (embedding term and MLPs included, for every <i>k</i>).</p>",
             _keep_last_table(summary["ablation"]),
             image_tags.get("ablation_curves.png", ""),
+        ]
+    if "segmentation" in summary:
+        parts += [
+            "<h2>Zero-shot segmentation against baselines (shapes world)</h2>",
+            "<p>Decomposition heatmaps of the predicted colour against maps that could beat them: no object "
+            "anywhere, a constant map, two maps computed from the pixels alone (chroma; distance from the border "
+            "colour), raw attention and random heads. Object IoU is the foreground class's IoU; with small objects "
+            "mIoU is carried by the background. [bootstrap 95% intervals over images]</p>",
+            _markdown_table(summary["segmentation"]["markdown"]),
+            image_tags.get("segmentation.png", ""),
         ]
     return "\n".join(parts)

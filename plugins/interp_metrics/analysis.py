@@ -46,6 +46,9 @@ class MetricsResult(JSONResult):
     """Layer → mean CCS of its heads."""
     warnings: list[str] = field(default_factory=list)
     """Metrics that are 0.0 by convention (empty denominator) rather than measured."""
+    intervals: dict[str, list[float]] = field(default_factory=dict)
+    """``association``, ``entanglement``, ``ccr``, ``mean_ccs`` → bootstrap 95% interval over heads
+    (the heads are these metrics' units; resampled with replacement, labels held fixed)."""
 
     @property
     def mean_ccs(self) -> float:
@@ -76,6 +79,7 @@ class MetricsResult(JSONResult):
                 property_counts={label: int(n) for label, n in data["property_counts"].items()},
                 layer_mean_ccs={int(layer): float(v) for layer, v in data["layer_mean_ccs"].items()},
                 warnings=list(data.get("warnings", [])),
+                intervals={name: [float(x) for x in pair] for name, pair in data.get("intervals", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"not an interp_metrics result ({exc!r}); expected the JSON written by MetricsResult.save.") from exc
@@ -83,12 +87,16 @@ class MetricsResult(JSONResult):
     def to_markdown(self) -> str:
         """A two-column table, one metric per line, then the warnings."""
         k = self.top_k
+        def value(name: str, v: float) -> str:
+            low_high = self.intervals.get(name)
+            return f"{v:.3f}" + (f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else "")
+
         rows = [
             ("labelled heads", f"{self.n_labelled} / {len(self.per_head)}"),
-            ("association (↑)", f"{self.association:.3f}"),
-            ("entanglement (↓)", f"{self.entanglement:.3f}"),
-            (f"CCR (CCS = {k})", f"{self.ccr:.3f}"),
-            ("mean CCS", f"{self.mean_ccs:.3f}"),
+            ("association (↑)", value("association", self.association)),
+            ("entanglement (↓)", value("entanglement", self.entanglement)),
+            (f"CCR (CCS = {k})", value("ccr", self.ccr)),
+            ("mean CCS", value("mean_ccs", self.mean_ccs)),
             *((f"CCS@{i}", f"{share:.3f}") for i, share in self.ccs_at_k.items()),
         ]
         lines = [f"**{self.model}** (labeler: {self.labeler}, K = {k})", "", "| metric | value |", "|---|---|"]
@@ -179,4 +187,5 @@ class InterpMetrics:
             property_counts=metrics.property_counts(labels),
             layer_mean_ccs=metrics.layer_mean_ccs(ccs),
             warnings=metrics.empty_metric_warnings(labels, top_k),
+            intervals=metrics.head_bootstrap(labels, top_k),
         )

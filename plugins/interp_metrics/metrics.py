@@ -23,7 +23,10 @@ Metrics whose denominator is empty are 0.0 rather than NaN; `empty_metric_warnin
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from dataclasses import replace
 from typing import Sequence, Union
+
+import numpy as np
 
 from clip_lens.errors import InputError
 from clip_lens_plugins.head_labels.result import HeadLabel, HeadLabelsResult, parse_head
@@ -144,3 +147,20 @@ def empty_metric_warnings(labels: Labels, top_k: int = DEFAULT_TOP_K) -> list[st
     if top_k not in concept_consistency(labels, top_k).values():
         found.append(f"no high-CCS heads (CCS == {top_k}): CCR is 0.0 by convention, not measured.")
     return found
+
+
+def head_bootstrap(labels: Labels, top_k: int = DEFAULT_TOP_K, n_boot: int = 1000, seed: int = 0) -> dict[str, list[float]]:
+    """Bootstrap 95% intervals over heads of ``association``, ``entanglement``, ``ccr`` and
+    ``mean_ccs``: the heads are resampled with replacement (a head drawn twice counts twice: it gets a
+    fresh key), the labels held fixed. With 16 heads these intervals are wide, and they should be."""
+    heads = head_list(labels)
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {"association": [], "entanglement": [], "ccr": [], "mean_ccs": []}
+    for _ in range(n_boot):
+        drawn = [replace(heads[i], head=f"L0H{j}") for j, i in enumerate(rng.integers(0, len(heads), len(heads)))]
+        samples["association"].append(association(drawn))
+        samples["entanglement"].append(entanglement(drawn))
+        samples["ccr"].append(concentrated_concept_ratio(drawn, top_k))
+        ccs = concept_consistency(drawn, top_k)
+        samples["mean_ccs"].append(sum(ccs.values()) / len(ccs))
+    return {name: [float(x) for x in np.percentile(values, [2.5, 97.5])] for name, values in samples.items()}

@@ -145,4 +145,5 @@ def test_readme_main_job_reports_on_the_bundled_model(tmp_path):
     for attribute in ("colour", "position", "background"):
         assert truth[attribute]["top_ablation_heads"][0] in truth[attribute]["labelled_heads"], attribute
     page = (tmp_path / "report.html").read_text()
-    assert "Head spans" in page and "Checks against ground truth" in page and page.count("data:image/png") == 7
+    assert "Head spans" in page and "Checks against ground truth" in page and page.count("data:image/png") == 8
+    assert "Zero-shot segmentation against baselines" in page and "chroma (no model)" in page

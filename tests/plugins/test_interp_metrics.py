@@ -187,9 +187,9 @@ class TestMetricsResult:
 
     def test_markdown_has_one_line_per_metric(self):
         markdown = InterpMetrics().run(table_a()).to_markdown()
-        for line in ["| labelled heads | 5 / 6 |", "| association (↑) | 0.667 |", "| entanglement (↓) | 0.400 |",
-                     "| CCR (CCS = 5) | 0.333 |", "| mean CCS | 2.833 |", "| CCS@0 | 0.333 |", "| CCS@5 | 0.500 |"]:
-            assert line in markdown.splitlines()
+        for line in ["| labelled heads | 5 / 6 |", "| association (↑) | 0.667 [", "| entanglement (↓) | 0.400 [",
+                     "| CCR (CCS = 5) | 0.333 [", "| mean CCS | 2.833 [", "| CCS@0 | 0.333 |", "| CCS@5 | 0.500 |"]:
+            assert any(row.startswith(line) for row in markdown.splitlines()), line  # value, then its interval over heads
         assert "warning" not in markdown
 
     def test_markdown_lists_warnings(self):
@@ -268,3 +268,19 @@ class TestCompare:
         second = InterpMetrics().run(table_a()).save(tmp_path / "a_metrics.json")
         with pytest.raises(InputError, match="both for model 'model-a'; rename the 'model' field"):
             compare_files([first, second])
+
+
+def test_head_bootstrap_intervals_contain_the_metrics_and_collapse_for_identical_heads():
+    from clip_lens_plugins.head_labels import HeadLabel
+    from clip_lens_plugins.interp_metrics.metrics import association, entanglement, head_bootstrap
+
+    same = [HeadLabel(f"L0H{i}", "colour", 0.6, ["a"] * 5, [True, True, True, False, False]) for i in range(8)]
+    intervals = head_bootstrap(same)
+    assert intervals["association"] == [pytest.approx(0.6), pytest.approx(0.6)]  # every resample is the same table
+    assert intervals["mean_ccs"] == [pytest.approx(3.0), pytest.approx(3.0)]
+    mixed = same[:4] + [HeadLabel(f"L1H{i}", ["shape", None][i % 2], 0.2, ["a"] * 5, [True, False, False, False, False])
+                        for i in range(4)]
+    intervals = head_bootstrap(mixed)
+    for name, value in (("association", association(mixed)), ("entanglement", entanglement(mixed))):
+        low, high = intervals[name]
+        assert low <= value <= high and high > low, name
