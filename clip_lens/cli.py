@@ -450,10 +450,13 @@ def collect_command(
     """Stream images through the model into a resumable store of direct contributions (for `spans`).
 
     Images of --images that cannot be decoded (corrupt, truncated, too large …) are skipped, with a
-    note naming them; the store holds the others."""
+    note naming them; the store holds the others. Under `torchrun --nproc_per_node N` (also with
+    --nnodes, the store on a shared file system) the N processes split the chunks and write one
+    store, the same as a single process writes."""
     import shutil
 
     from clip_lens.collect import Store, collect, resumable_folder, shapes_world_images
+    from clip_lens.distributed import process_group
     from clip_lens.errors import InputError
 
     if (images is None) == (shapes is None):
@@ -491,11 +494,16 @@ def collect_command(
     else:
         source = readable
     target = staging if replace else out
-    if replace and staging.exists():
-        shutil.rmtree(staging)  # left by an interrupted forced run
-    store = collect(
-        hooked, source, target, heads=head_layers, tokens=token_layers, chunk_size=chunk_size, batch_size=batch_size
-    )
+    with process_group(str(hooked.device)) as job:  # under torchrun: the ranks share the store, rank 0 reports
+        lead = job is None or job.rank == 0
+        if replace and staging.exists() and lead:
+            shutil.rmtree(staging)  # left by an interrupted forced run
+        store = collect(
+            hooked, source, target, heads=head_layers, tokens=token_layers, chunk_size=chunk_size, batch_size=batch_size,
+            progress=lead,
+        )
+    if not lead:
+        return
     if replace:  # swap: the old store is removed only once the new one is complete
         old = out.parent / f".{out.name}.replaced"
         if old.exists():

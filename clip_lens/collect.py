@@ -34,6 +34,10 @@ attributes carry a sha256 ``checksum`` of themselves and the sha256 of every arr
 ([`Store.verify`][clip_lens.collect.Store.verify]) and recomputes exactly the damaged ones. A store is created in a temporary
 sibling folder renamed into place, and one writer at a time holds its ``lock`` file. Stores of
 format 1 (no checksums) are read with a [`StoreWarning`][clip_lens.errors.StoreWarning], not resumed.
+
+Several processes (``torch.distributed``, e.g. ``torchrun``): the ranks split the chunks and write one
+store, the one a single process writes, file for file; rank 0 holds the lock and the others write
+under it (`_collect_ranks`; docs: Concepts → Scale).
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from clip_lens.decompose import LayerSpec, _layers
-from clip_lens.errors import InputError, StoreCorruptError, StoreLockedError, StoreWarning, StoreWriteError
+from clip_lens.distributed import Ranks
+from clip_lens.errors import ClipLensError, InputError, StoreCorruptError, StoreLockedError, StoreWarning, StoreWriteError
 from clip_lens.files import atomic_write
 
 if TYPE_CHECKING:
@@ -678,14 +683,21 @@ def collect(
             store once) and recompute the damaged ones; False checks only sizes and recorded
             checksums (missing, truncated or foreign chunk files), not their bytes.
 
+    In a ``torch.distributed`` job (the default process group initialised with more than one
+    process, e.g. under ``torchrun``), call it on every rank with the same arguments: the ranks
+    split the chunks, ``out`` must be one folder on a file system they share, and every rank
+    returns the finished store, identical to a single process's (docs: Concepts → Scale).
+
     Returns:
         The finished [`Store`][clip_lens.collect.Store].
 
     Raises:
         InputError: bad arguments; ``out`` holds something else, or a store made with other settings.
         StoreCorruptError: the store's metadata is damaged (its chunks cannot be trusted).
-        StoreLockedError: another ``collect`` is writing the store.
-        StoreWriteError: a write failed (full disk …); finished chunks are kept, run again.
+        StoreLockedError: another ``collect`` is writing the store; in a job, a rank that does not see
+            the store rank 0 opened (``out`` not on a shared file system).
+        StoreWriteError: a write failed (full disk …), or another rank of the job failed; finished
+            chunks are kept, run again.
     """
     source = image_source(images, getattr(model, "preprocess", None))
     if chunk_size < 1 or batch_size < 1:
@@ -704,33 +716,143 @@ def collect(
         "source": source.description,
     }
     out = Path(out)
+
+    def compute(c: int, store: Store, bar) -> dict[str, np.ndarray]:
+        start, stop = store.rows(c)
+        parts: dict[str, list] = {}
+        for b in range(start, stop, batch_size):  # the same batches in every run, so every chunk is bit-identical
+            pixels, labels = source.load(b, min(stop, b + batch_size))
+            terms = _terms(model, pixels.to(model.device, model.dtype), head_layers, token_layers, directions)
+            terms["labels"] = labels if labels is not None else torch.full((len(pixels),), -1)
+            for key, value in terms.items():
+                parts.setdefault(key, []).append(value.cpu().numpy())
+            bar.update(len(pixels))
+        return {key: np.concatenate(value) for key, value in parts.items()}
+
+    ranks = Ranks.current()
+    if ranks is not None:
+        return _collect_ranks(ranks, out, params, source.ids, compute, verify, progress)
     store, lock = _open_or_create(out, params, source.ids)
     try:
         with _writing(out):
             todo = _chunks_to_compute(store, verify, progress)
-        arrays = _open_arrays(store)
-        bar = tqdm(total=n, initial=n - sum(stop - start for start, stop in map(store.rows, todo)), desc="collect",
-                   unit="img", disable=not progress)
-        for c in todo:
-            start, stop = store.rows(c)
-            parts: dict[str, list] = {}
-            for b in range(start, stop, batch_size):
-                pixels, labels = source.load(b, min(stop, b + batch_size))
-                terms = _terms(model, pixels.to(model.device, model.dtype), head_layers, token_layers, directions)
-                terms["labels"] = labels if labels is not None else torch.full((len(pixels),), -1)
-                for key, value in terms.items():
-                    parts.setdefault(key, []).append(value.cpu().numpy())
-                bar.update(len(pixels))
-            chunk = {key: np.concatenate(value) for key, value in parts.items()}
-            with _writing(out):
-                if not arrays:
-                    arrays = _create_arrays(store, chunk)
-                _write_chunk(store, arrays, c, chunk)
-        bar.close()
+        rows = sum(stop - start for start, stop in map(store.rows, todo))
+        with tqdm(total=n, initial=n - rows, desc="collect", unit="img", disable=not progress) as bar:
+            _write_chunks(store, _open_arrays(store), todo, compute, bar)
     finally:
         lock.release()
     return Store.open(out)
 
+
+def _write_chunks(store: Store, arrays: dict[str, Any], todo: Sequence[int], compute: Callable, bar) -> dict[str, Any]:
+    """Compute and write the chunks ``todo`` in order (the store's arrays are created from the first
+    chunk when it has none yet); returns the arrays."""
+    for c in todo:
+        chunk = compute(c, store, bar)
+        with _writing(store.path):
+            if not arrays:
+                arrays = _create_arrays(store, chunk)
+            _write_chunk(store, arrays, c, chunk)
+    return arrays
+
+
+def _collect_ranks(ranks: Ranks, out: Path, params: dict, ids: Optional[list[str]], compute: Callable, verify: bool,
+                   progress: bool) -> Store:
+    """[`collect`][clip_lens.collect.collect] by the ``ranks.size`` processes of a ``torch.distributed`` job.
+
+    Rank 0 opens or creates the store exactly as a single process does (taking its ``lock``, which
+    records the job's size), finds the chunks to compute (verifying the finished ones) and, when the
+    store has no arrays yet, writes its first chunk, which creates them. It then sends the lock's
+    content and the chunk list to the others (a barrier). The other ranks never take the lock: they
+    check that the store's ``lock`` holds exactly that content (so all ranks write the same store,
+    on a file system they share, while rank 0 holds the lock) and that the store was made with their
+    own settings. Chunk list ``todo`` is split as ``todo[rank::size]`` (on a new store: chunk ``c``
+    by rank ``c % size``); each rank writes only its chunks' files and their ``done/`` markers, so
+    no two processes write the same file. When all have finished (a barrier that also gathers each
+    rank's error), rank 0 checks that every chunk has its marker and releases the lock. The result
+    is the store a single process writes, file for file.
+    """
+    lock = plan = None
+    if ranks.rank == 0:
+        try:
+            store, lock = _open_or_create(out, params, ids, {"ranks": ranks.size})
+            with _writing(out):
+                todo = _chunks_to_compute(store, verify, progress)
+            mine = todo[::ranks.size]
+            bar = tqdm(total=sum(b - a for a, b in map(store.rows, mine)), desc=f"collect (rank 0 of {ranks.size})",
+                       unit="img", disable=not progress)
+            arrays = _open_arrays(store)
+            if not arrays and mine:  # the arrays' shapes come from a chunk: create them before the others write
+                arrays = _write_chunks(store, arrays, mine[:1], compute, bar)
+                mine = mine[1:]
+        except Exception as exc:
+            if lock is not None:
+                lock.release()
+            ranks.broadcast({"error": (type(exc), str(exc))})
+            raise
+        ranks.broadcast({"lock": lock._content, "todo": todo, "params": params})
+    else:
+        plan = ranks.broadcast()
+        if "error" in plan:
+            kind, message = plan["error"]
+            raise (kind if issubclass(kind, ClipLensError) else StoreWriteError)(f"rank 0 of {ranks.size}: {message}")
+        bar = tqdm(disable=True)  # one progress bar per job: rank 0's
+    failure: Optional[Exception] = None
+    try:
+        try:
+            if plan is not None:
+                store, arrays, mine = _join(ranks, out, params, plan)
+            with bar:
+                _write_chunks(store, arrays, mine, compute, bar)
+        except Exception as exc:  # reported to every rank below, so that none waits for it
+            failure = exc
+        errors = ranks.gather(failure and f"{type(failure).__name__}: {failure}")
+        failed = [(r, error) for r, error in enumerate(errors) if error and r != ranks.rank]
+        problem = None
+        if ranks.rank == 0 and not failed and failure is None:
+            try:
+                missing = sorted(set(range(store.n_chunks)) - set(store.done_chunks()))
+                problem = f"chunks {missing} have no done/ marker" if missing else None
+            except StoreCorruptError as exc:
+                problem = str(exc)
+        problem = ranks.broadcast(problem)
+    finally:
+        if lock is not None:
+            lock.release()
+    if failure is not None:
+        raise failure
+    if failed:
+        raise StoreWriteError(
+            "; ".join(f"rank {r} of {ranks.size} failed: {error}" for r, error in failed)
+            + ". Finished chunks are kept: fix that and run the same collect command again (with any number of processes)."
+        )
+    if problem:
+        raise StoreWriteError(
+            f"store {out}: after every rank finished, {problem} (another process changed the store meanwhile?). "
+            "Run the same collect command again to finish it."
+        )
+    result = Store.open(out)
+    ranks.gather(None)  # every rank has opened the finished store before any returns (and, e.g., moves it)
+    return result
+
+
+def _join(ranks: Ranks, out: Path, params: dict, plan: dict) -> tuple[Store, dict[str, Any], list[int]]:
+    """A rank other than 0: the store rank 0 opened (checked by its lock's content), its arrays and this rank's chunks."""
+    try:
+        held = (out / "lock").read_text()
+    except FileNotFoundError:
+        held = None
+    if held != plan["lock"]:
+        raise StoreLockedError(
+            f"store {out} is not the store rank 0 of this job of {ranks.size} processes opened (its lock "
+            f"{'is missing' if held is None else 'is of another process'}): --out must name one folder on a file "
+            "system that every rank (every node) shares."
+        )
+    if params != plan["params"]:
+        detail = "; ".join(f"{k}: {plan['params'].get(k)!r} on rank 0, {v!r} here" for k, v in params.items() if plan["params"].get(k) != v)
+        raise InputError(f"rank {ranks.rank} was started with other settings than rank 0 ({detail}); give every rank the same command.")
+    store = Store.open(out)
+    return store, _open_arrays(store), plan["todo"][ranks.rank::ranks.size]
 
 def store_from_arrays(
     path: str | Path, arrays: dict[str, np.ndarray], chunk_size: int, *, done: Optional[Iterable[int]] = None, **meta: Any
@@ -829,7 +951,7 @@ def _leftovers_only(out: Path) -> bool:
     return True
 
 
-def _open_or_create(out: Path, params: dict, ids: Optional[list[str]]) -> tuple[Store, "_Lock"]:
+def _open_or_create(out: Path, params: dict, ids: Optional[list[str]], job: Optional[dict] = None) -> tuple[Store, "_Lock"]:
     """The store to write, locked: an unfinished one made with the same parameters, or a new one.
 
     Creation is atomic: the store is built in a temporary sibling folder (lock, ``done/``,
@@ -837,7 +959,8 @@ def _open_or_create(out: Path, params: dict, ids: Optional[list[str]]) -> tuple[
     leaves no half-made store behind (a killed one leaves the temporary folder, removed by the next
     run). When the parent folder is not writable but ``out`` is an existing folder, the store is
     built inside it with ``zarr.json`` (the commit point) written last; what an interrupted
-    creation leaves there is cleaned up by the next run (`resumable_folder`).
+    creation leaves there is cleaned up by the next run (`resumable_folder`). ``job``: recorded in
+    the lock (``{"ranks": N}`` for rank 0 of a distributed collect).
     """
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} is a file, not a store folder; choose an empty or new folder.")
@@ -845,7 +968,7 @@ def _open_or_create(out: Path, params: dict, ids: Optional[list[str]]) -> tuple[
         if not resumable_folder(out):
             raise InputError(f"{out} exists and is not a clip_lens store; choose an empty or new folder.")
         if not (out.exists() and any(out.iterdir())):
-            content = _Lock.content()
+            content = _Lock.content(job)
             with _writing(out):
                 created = _create(out, params, ids, content)
             if created:
@@ -858,7 +981,7 @@ def _open_or_create(out: Path, params: dict, ids: Optional[list[str]]) -> tuple[
             if created is False and not (out / "zarr.json").is_file():  # another process filled the folder first
                 raise InputError(f"{out} exists and is not a clip_lens store; choose an empty or new folder.")
     with _writing(out):
-        lock = _Lock.acquire(out)
+        lock = _Lock.acquire(out, job)
     try:
         if not (out / "zarr.json").is_file():  # build in place (leftovers of an interrupted creation, or no sibling)
             if not _leftovers_only(out):
@@ -1019,23 +1142,24 @@ def _write_chunk(store: Store, arrays: dict[str, Any], c: int, chunk: dict[str, 
 
 class _Lock:
     """The store's writer lock: a file ``lock`` holding the writer's pid, host, process start time
-    and start date, created atomically (a hard link of a complete temporary file). A lock whose
-    process is gone (same host, pid dead or reused) is stale and taken over."""
+    and start date (and, for rank 0 of a distributed collect, the job's number of ``ranks``), created
+    atomically (a hard link of a complete temporary file). A lock whose process is gone (same host,
+    pid dead or reused) is stale and taken over."""
 
     def __init__(self, path: Path, content: str):
         self.path, self._content = path, content
 
     @staticmethod
-    def content() -> str:
+    def content(job: Optional[dict] = None) -> str:
         pid = os.getpid()
         return json.dumps({
             "pid": pid, "host": socket.gethostname(), "process_start": _process_start(pid),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), **(job or {}),
         })
 
     @classmethod
-    def acquire(cls, folder: Path) -> "_Lock":
-        path, content = folder / "lock", cls.content()
+    def acquire(cls, folder: Path, job: Optional[dict] = None) -> "_Lock":
+        path, content = folder / "lock", cls.content(job)
         for _ in range(3):
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".lock.", suffix=".tmp")
             try:
@@ -1054,6 +1178,8 @@ class _Lock:
             try:
                 holder = json.loads(held)
                 holder_text = f"pid {int(holder['pid'])} on host {holder['host']}, since {holder.get('started', '?')}"
+                if "ranks" in holder:
+                    holder_text += f", rank 0 of a job of {int(holder['ranks'])} processes"
             except (ValueError, KeyError, TypeError):
                 raise StoreLockedError(
                     f"store {folder} has a damaged lock file {path}; if no collect is writing this store, delete that "

@@ -138,9 +138,13 @@ class AppServer:
 
         return build_app(self.api, self.limits, self.info, self.loopback_only)
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, on_ready: Optional[Callable[[], None]] = None) -> None:
         """Serve in this thread until `shutdown` (or Ctrl-C in the main thread). uvicorn closes the
-        socket when it stops, so a server serves once; make another to serve again."""
+        socket when it stops, so a server serves once; make another to serve again.
+
+        ``on_ready`` is called (from a helper thread) once uvicorn serves, which is after it has taken
+        over SIGINT/SIGTERM: a signal sent by whoever reads what ``on_ready`` prints stops the server.
+        A signal sent earlier could reach asyncio's own SIGINT handler, which only cancels the task."""
         import uvicorn
 
         from clip_lens.app.protocol import AppProtocol
@@ -158,12 +162,20 @@ class AppServer:
                 return
             self._server = server
             self._stopped.clear()
+        if on_ready is not None:
+            threading.Thread(target=self._when_started, args=(server, on_ready), daemon=True).start()
         try:
             asyncio.run(server.serve(sockets=[self.socket]))
         finally:
             with self._lock:
                 self._server, self._exit_requested = None, False
                 self._stopped.set()
+
+    def _when_started(self, server: Any, on_ready: Callable[[], None]) -> None:
+        while not server.started and not self._stopped.wait(0.01):
+            pass
+        if server.started:
+            on_ready()
 
     def shutdown(self) -> None:
         """Stop `serve_forever` (from another thread) and wait until it has returned."""
@@ -253,8 +265,7 @@ def serve(model: "HookedCLIP", store: Union[Store, str, Path], labels: Any = Non
                        "and see the store's images", server.server_address[0])
     try:
         with exit_on_signals():  # before the URL is printed: whoever reads it may signal at once
-            print(f"clip-lens app: {server.url}  (Ctrl-C to stop)", flush=True)
-            server.serve_forever()
+            server.serve_forever(on_ready=lambda: print(f"clip-lens app: {server.url}  (Ctrl-C to stop)", flush=True))
     except (KeyboardInterrupt, Terminated):
         print("clip-lens app: stopped", file=sys.stderr, flush=True)
     finally:
