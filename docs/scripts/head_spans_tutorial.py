@@ -58,7 +58,7 @@ def main() -> None:
         print("(d) head labels and metrics")
         labels = clip_lens.analyses.get("head_labels")(model).run(spans)
         for head in labels.heads:
-            print(f"  {head.head}: {head.label:<11} confidence {head.confidence:.1f}")
+            print(f"  {head.head}: {head.label or 'none':<11} confidence {head.confidence:.1f}")
         save(labels.plot(), args.out / "tutorial_head_spans_labels.png")
         metrics = clip_lens.analyses.get("interp_metrics")().run(labels)
         print(f"  mean CCS {metrics.mean_ccs:.2f}, association {metrics.association:.2f}, "

@@ -119,6 +119,7 @@ def test_decomposition_of_the_bundled_model_is_exact(model):
     assert parts.tokens.shape == (8, 4, 4, 65, 128)
 
 
+@pytest.mark.slow  # ~23 s (2,000 scenes of head analyses and segmentation); CI also runs the main job itself
 def test_readme_main_job_reports_on_the_bundled_model(tmp_path):
     from typer.testing import CliRunner
 
