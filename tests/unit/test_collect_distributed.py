@@ -100,8 +100,8 @@ def run_ranks(monkeypatch, toy, size: int, work) -> list:
     return results
 
 
-def test_ranks_split_the_chunks_and_write_the_single_process_store(toy, single, tmp_path, monkeypatch):
-    out = tmp_path / "store"
+def record_written_chunks(monkeypatch) -> dict[int, list]:
+    """rank → the chunks it writes from now on (in order)."""
     written: dict[int, list] = {0: [], 1: []}
     original = collect_module._write_chunk
 
@@ -110,6 +110,12 @@ def test_ranks_split_the_chunks_and_write_the_single_process_store(toy, single, 
         original(store, arrays, c, chunk)
 
     monkeypatch.setattr(collect_module, "_write_chunk", record)
+    return written
+
+
+def test_ranks_split_the_chunks_and_write_the_single_process_store(toy, single, tmp_path, monkeypatch):
+    out = tmp_path / "store"
+    written = record_written_chunks(monkeypatch)
     results = run_ranks(monkeypatch, toy, 2, lambda rank, model: collect(model, shapes_world_images(N), out, chunk_size=CHUNK, progress=False))
     assert all(isinstance(r, Store) and r.complete for r in results), results
     assert written == {0: [0, 2, 4], 1: [1, 3, 5]}  # chunk c by rank c % 2, each once
@@ -131,14 +137,7 @@ def test_a_failed_rank_fails_every_rank_and_a_rerun_computes_only_the_missing_ch
     assert isinstance(results[0], StoreWriteError) and "rank 1 of 2 failed: InputError: image unreadable" in str(results[0])
     # rank 0 wrote its chunks 0, 2 and 4; rank 1 wrote chunk 1, failed on 3 and stopped; the lock was released
     assert Store.open(out).done_chunks() == [0, 1, 2, 4] and not (out / "lock").exists()
-    written: dict[int, list] = {0: [], 1: []}
-    original = collect_module._write_chunk
-
-    def record(store, arrays, c, chunk):
-        written[collect_module.Ranks.current().rank].append(c)
-        original(store, arrays, c, chunk)
-
-    monkeypatch.setattr(collect_module, "_write_chunk", record)
+    written = record_written_chunks(monkeypatch)
     results = run_ranks(monkeypatch, toy, 2, lambda rank, model: collect(model, scenes, out, chunk_size=CHUNK, progress=False))
     assert all(isinstance(r, Store) for r in results), results
     assert written == {0: [3], 1: [5]}  # only the missing chunks, split between the ranks
