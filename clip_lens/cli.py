@@ -46,9 +46,10 @@ _METAVARS = {"int": "INTEGER", "float": "NUMBER", "str": "TEXT", "path": "PATH",
 
 def _shapes_model(name: Optional[str]) -> bool:
     """A bundled model trained on the shapes world (toy-shapes, its checkpoints, toy-shapes-v2)."""
-    from clip_lens.loading import bundled_models
+    from clip_lens.toy.evaluate import shapes_world_version
 
-    return bundled_models().get(name or "", {}).get("world_version") is not None
+    return shapes_world_version(name or "") is not None
+
 
 def _readable_metavars(command: Any) -> None:
     """Give every parameter of ``command`` (and of its sub-commands) without a metavar one that reads

@@ -70,23 +70,25 @@ def ground_truth_agreement(labels, ablation, attributes, n_boot: int = 1000) -> 
         labelled = [h.head for h in labels.heads if h.label == attribute]
         k = max(1, len(labelled))
 
-        def measures(columns: np.ndarray) -> tuple[float, float, float]:
+        def ranked(columns: np.ndarray) -> tuple[list[str], list[str]]:
+            """The top-k heads by mean margin lost on these images, and the heads that carry the attribute."""
             mean = drops[:, columns].mean(1)
-            top = {heads[i] for i in np.argsort(-mean, kind="stable")[:k]}
-            carriers = {heads[i] for i in np.flatnonzero(mean >= CARRIER_SHARE * abs(base))}
-            hits = len(set(labelled) & carriers)
+            return ([heads[i] for i in np.argsort(-mean, kind="stable")[:k]],
+                    [heads[i] for i in np.flatnonzero(mean >= CARRIER_SHARE * abs(base))])
+
+        def measures(columns: np.ndarray) -> tuple[float, float, float]:
+            top, carriers = ranked(columns)
+            hits = len(set(labelled) & set(carriers))
             precision = hits / len(labelled) if labelled else float("nan")
             recall = hits / len(carriers) if carriers else float("nan")
-            return len(set(labelled) & top) / k, precision, recall
+            return len(set(labelled) & set(top)) / k, precision, recall
 
-        point = measures(np.arange(drops.shape[1]))
+        every = np.arange(drops.shape[1])
+        point = measures(every)
         samples = np.array([measures(rng.integers(0, drops.shape[1], drops.shape[1])) for _ in range(n_boot)])
-        mean = drops.mean(1)
-        row = {
-            "property": attribute, "attribute": attribute, "labelled_heads": labelled,
-            "top_ablation_heads": [heads[i] for i in np.argsort(-mean, kind="stable")[:k]],
-            "carriers": [heads[i] for i in np.flatnonzero(mean >= CARRIER_SHARE * abs(base))],
-        }
+        top, carriers = ranked(every)
+        row = {"property": attribute, "attribute": attribute, "labelled_heads": labelled,
+               "top_ablation_heads": top, "carriers": carriers}
         for j, name in enumerate(("agreement", "precision", "recall")):
             column = samples[:, j][~np.isnan(samples[:, j])]
             row[name] = None if np.isnan(point[j]) else point[j]

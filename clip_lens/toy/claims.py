@@ -61,7 +61,7 @@ def scene_facts(scene: Scene) -> frozenset[str]:
 
 
 def object_claim(scene: Scene, rng: np.random.Generator, keep_prob: float, must: Optional[str] = None) -> Claim:
-    """A partial description of one of the scene's objects, with the background and count sometimes.
+    """A partial description of one of the scene's objects, sometimes with the background.
 
     ``must`` names an attribute the claim has to include (the one a minimal set varies).
     """
@@ -73,12 +73,9 @@ def object_claim(scene: Scene, rng: np.random.Generator, keep_prob: float, must:
     description = {a: obj[a] for a in OBJECT_ATTRIBUTES if keep[a]}
     background = scene.background if keep["background"] else None
     facts = {f"background={background}"} if background else set()
-    if description or not background:
+    if description:  # background only ("a shape on a striped background") claims no object attribute
         facts.add(_object_fact(description))
-        text = phrase([description], background)
-    else:  # background only: "a shape on a striped background" claims no object attribute
-        text = phrase([{}], background)
-    return Claim(text, frozenset(f for f in facts if f != "obj:"))
+    return Claim(phrase([description], background), frozenset(facts))
 
 
 def count_claim(scene: Scene, rng: np.random.Generator) -> Claim:

@@ -53,10 +53,11 @@ def zero_shot_accuracy(
     size = image_size or model.cfg.image_size[0]
     version = world_version or shapes_world_version(model) or 1
     parameter = next(model.parameters())
-    worlds = {1: ShapesWorld(seed=seed, image_size=size, version=version)}
-    if version == 2:
-        worlds[4] = ShapesWorld(seed=seed, image_size=size, n_objects=(1, 4), version=version)
-    world = worlds[1]
+    world = ShapesWorld(seed=seed, image_size=size, version=version)
+    # (scenes, the attributes measured on them): count needs scenes of several objects
+    sources = [(world, [a for a in world.attributes if a != "count"])]
+    if "count" in world.attributes:
+        sources.append((ShapesWorld(seed=seed, image_size=size, n_objects=(1, 4), version=version), ["count"]))
     prompts = {
         a: model.encode_text(tokenize([attribute_prompt(a, v) for v in world.values[a]]).to(parameter.device), normalize=True)
         for a in world.attributes
@@ -64,12 +65,10 @@ def zero_shot_accuracy(
     correct: dict[str, list[float]] = {a: [] for a in world.attributes}
     for start in range(0, n_images, batch_size):
         indices = range(start, min(n_images, start + batch_size))
-        for n_max, source in worlds.items():
+        for source, attributes in sources:
             scenes = [source.scene(i) for i in indices]
             images = model.encode_image(batch_images(scenes).to(parameter.device, parameter.dtype), normalize=True)
-            for a in world.attributes:
-                if (a == "count") != (n_max == 4):
-                    continue
+            for a in attributes:
                 truth = torch.tensor([world.values[a].index(s.value(a)) for s in scenes])
                 correct[a].extend(((images @ prompts[a].T).argmax(-1).cpu() == truth).float().tolist())
     return ZeroShotResult(
