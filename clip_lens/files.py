@@ -8,12 +8,14 @@ one clear error per bad file.
   with each other, sit where a file/folder of the other kind is, or land in a folder that cannot be
   written; existing outputs are refused unless ``force``.
 * `load_image` / `image_problem`: decode an image file completely (missing, corrupt,
-  truncated and header-only files, decompression bombs, odd modes such as 1-bit, 16-bit or CMYK).
+  truncated and header-only files, decompression bombs, odd modes such as 1-bit, 16-bit or CMYK);
+  `load_image_bytes`: the same for encoded bytes (a member of a tar shard), through the same code.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import tempfile
@@ -292,18 +294,24 @@ def _to_rgb(image: "PIL.Image.Image") -> "PIL.Image.Image":
         raise _ImageProblem(f"has the colour mode {image.mode}, which cannot be converted to RGB ({exc})") from exc
 
 
-def _decode(path: Path) -> "PIL.Image.Image":
-    """The fully decoded image (its own mode), or `_ImageProblem` with the reason."""
-    from PIL import Image, UnidentifiedImageError
-
+def _open_file(path: Path) -> BinaryIO:
+    """``path`` opened for reading, or `_ImageProblem` (missing, a folder, not readable)."""
     if not path.exists():
         raise _ImageProblem("does not exist")
     if path.is_dir():
         raise _ImageProblem("is a folder, not an image file")
     try:
-        handle = open(path, "rb")
+        return open(path, "rb")
     except OSError as exc:
         raise _ImageProblem(f"cannot be opened ({exc.strerror or exc})") from exc
+
+
+def _decode(opener: Callable[[], BinaryIO]) -> "PIL.Image.Image":
+    """The fully decoded image (its own mode) of the binary file ``opener()`` returns (closed here),
+    or `_ImageProblem` with the reason. The one decoding path of files and bytes."""
+    from PIL import Image, UnidentifiedImageError
+
+    handle = opener()
     limit = Image.MAX_IMAGE_PIXELS
     with handle, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, as an error
@@ -332,6 +340,17 @@ def _decode(path: Path) -> "PIL.Image.Image":
     return image
 
 
+def _load(opener: Callable[[], BinaryIO], name: str, what: str, mode: Optional[str]) -> "PIL.Image.Image":
+    """`_decode` then the conversion to ``mode``; an `_ImageProblem` becomes the InputError naming ``name``."""
+    from clip_lens.errors import InputError
+
+    try:
+        image = _decode(opener)
+        return _to_rgb(image) if mode == "RGB" else (image if mode is None else image.convert(mode))
+    except _ImageProblem as problem:
+        raise InputError(f"{what} {name} {problem}; replace or remove the file.") from problem
+
+
 def load_image(path: PathLike, what: str = "image", mode: Optional[str] = "RGB") -> "PIL.Image.Image":
     """Decode the image file ``path`` completely and return it as a PIL image.
 
@@ -346,21 +365,31 @@ def load_image(path: PathLike, what: str = "image", mode: Optional[str] = "RGB")
             an image (corrupt, unknown format, header only), truncated, larger than
             ``PIL.Image.MAX_IMAGE_PIXELS`` (a decompression bomb), or a mode with no RGB conversion.
     """
-    from clip_lens.errors import InputError
-
     path = Path(path)
-    try:
-        image = _decode(path)
-        return _to_rgb(image) if mode == "RGB" else (image if mode is None else image.convert(mode))
-    except _ImageProblem as problem:
-        raise InputError(f"{what} {path} {problem}; replace or remove the file.") from problem
+    return _load(lambda: _open_file(path), str(path), what, mode)
+
+
+def load_image_bytes(data: bytes, name: str, what: str = "image", mode: Optional[str] = "RGB") -> "PIL.Image.Image":
+    """Decode the encoded image ``data`` (the bytes of an image file) completely and return it as a
+    PIL image, with the same checks, conversions and messages as `load_image`.
+
+    Args:
+        data: the encoded image (PNG, JPEG … bytes), e.g. a member of a tar shard.
+        name: where the bytes come from, used in messages (``"shard-000.tar/n01440764_10026.jpg"``).
+        what, mode: as in `load_image`.
+
+    Raises:
+        InputError: one sentence naming ``name`` and what is wrong with the image (see `load_image`).
+    """
+    return _load(lambda: io.BytesIO(data), name, what, mode)
 
 
 def image_problem(path: PathLike) -> Optional[str]:
     """Why the image file ``path`` cannot be decoded to RGB (e.g. ``"is truncated or corrupt …"``),
     or None when it can (see `load_image`)."""
+    path = Path(path)
     try:
-        _to_rgb(_decode(Path(path)))
+        _to_rgb(_decode(lambda: _open_file(path)))
     except _ImageProblem as problem:
         return str(problem)
     return None

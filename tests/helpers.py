@@ -123,3 +123,39 @@ def call(server, path, body=None, data=None, headers=None):
             return response.status, json.load(response)
     except urllib.error.HTTPError as error:
         return error.code, json.load(error)
+
+
+def write_shards(folder, images, per_shard: int, labels=None, fmt: str = "png") -> list:
+    """WebDataset tar shards ``folder/shard-000000.tar`` … holding ``per_shard`` samples each.
+
+    Sample ``i`` has the key ``f"{i:06d}"``, its image as ``KEY.<fmt>`` (a PIL image is encoded in
+    ``fmt``; bytes are stored as they are) and, when ``labels`` is given, ``KEY.cls`` holding
+    ``str(labels[i])``. Returns the shard paths in order.
+    """
+    import io
+    import tarfile
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def add(tar, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime = len(data), 0
+        tar.addfile(info, io.BytesIO(data))
+
+    paths = []
+    for first in range(0, len(images), per_shard):
+        path = folder / f"shard-{first // per_shard:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(first, min(first + per_shard, len(images))):
+                image = images[i]
+                if not isinstance(image, bytes):
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="JPEG" if fmt.lower() in ("jpg", "jpeg") else fmt.upper())
+                    image = buffer.getvalue()
+                add(tar, f"{i:06d}.{fmt}", image)
+                if labels is not None:
+                    add(tar, f"{i:06d}.cls", str(labels[i]).encode())
+        paths.append(path)
+    return paths
