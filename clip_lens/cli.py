@@ -445,15 +445,20 @@ def collect_command(
     tokens: str = typer.Option("none", "--tokens", help="layers whose per-head, per-token terms are kept (large): none, all or e.g. 11."),
     chunk_size: int = typer.Option(256, "--chunk-size", min=1, help="images per store chunk (the unit of resumption)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="images per forward pass."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 / fp16: the forward pass and the "
+                                  "decomposition under autocast (faster on GPUs; errors against fp32 in docs: Concepts → Scale)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="processes decoding images ahead of the model "
+                                          "(default: CPUs - 1, at most 8, for image files and tar shards)."),
     force: bool = typer.Option(False, "--force", help="collect again into an --out that holds a finished store: the "
                                "new store replaces it once it is finished (an unfinished store is always resumed)."),
 ) -> None:
     """Stream images through the model into a resumable store of direct contributions (for `spans`).
 
-    Images of --images that cannot be decoded (corrupt, truncated, too large …) are skipped, with a
-    note naming them; the store holds the others. Under `torchrun --nproc_per_node N` (also with
-    --nnodes, the store on a shared file system) the N processes split the chunks and write one
-    store, the same as a single process writes."""
+    --images is a folder of images, one image, or WebDataset-style tar shards (a .tar file, a folder
+    of them, or a pattern such as 'train-{000000..000099}.tar'). Images that cannot be decoded
+    (corrupt, truncated, too large …) are skipped and counted, never fatal; the store names them.
+    Under `torchrun --nproc_per_node N` (also with --nnodes, the store on a shared file system) the
+    N processes split the chunks and write one store, the same as a single process writes."""
     import shutil
 
     from clip_lens.collect import Store, collect, resumable_folder, shapes_world_images
@@ -485,7 +490,8 @@ def collect_command(
     if replace and not force:
         raise InputError(f"--out {out} holds a finished store ({existing.n_images} images); pass --force to collect "
                          "again (the new store replaces it when finished), or choose another --out.")
-    readable, n_skipped = _readable_images(images)
+    if precision not in ("fp32", "bf16", "fp16"):
+        _fail(f"--precision must be fp32, bf16 or fp16, got {precision!r}.")
     hooked = _load(model, pretrained, None)
     _random_weights_note(hooked, model)
     if shapes is not None:
@@ -493,7 +499,7 @@ def collect_command(
             raise InputError(f"{model} has no fixed image size, so shapes-world scenes cannot be rendered for it; use --images.")
         source: Any = shapes_world_images(shapes, seed, hooked.cfg.image_size[0])
     else:
-        source = readable
+        source = images
     target = staging if replace else out
     with process_group(str(hooked.device)) as job:  # under torchrun: the ranks share the store, rank 0 reports
         lead = job is None or job.rank == 0
@@ -501,10 +507,16 @@ def collect_command(
             shutil.rmtree(staging)  # left by an interrupted forced run
         store = collect(
             hooked, source, target, heads=head_layers, tokens=token_layers, chunk_size=chunk_size, batch_size=batch_size,
-            progress=lead,
+            precision=precision, workers=workers, progress=lead,
         )
     if not lead:
         return
+    bad = store.skipped()
+    listed = "; ".join(f"{name or f'row {row}'}: {reason}" for row, (name, reason) in list(bad.items())[:5])
+    if bad and store.n_done == 0:
+        if not finished:  # a store of no image, made by this command: not left behind
+            shutil.rmtree(target)
+        raise InputError(f"none of the {store.n_images} images of --images {images} can be read: {listed}.")
     if replace:  # swap: the old store is removed only once the new one is complete
         old = out.parent / f".{out.name}.replaced"
         if old.exists():
@@ -522,8 +534,11 @@ def collect_command(
     kept = f"per-head layers {store.head_layers}" if store.head_layers else "no per-head terms"
     if store.token_layers:
         kept += f", per-token layers {store.token_layers}"
-    skipped = f"; skipped {n_skipped} unreadable image{'s' if n_skipped > 1 else ''} (named above)" if n_skipped else ""
-    typer.echo(f"Store {out.resolve()}: {store.n_images} images in {store.n_chunks} chunks ({kept}){skipped}.")
+    if bad:
+        more = f"; and {len(bad) - 5} more (Store.skipped() lists them)" if len(bad) > 5 else ""
+        typer.echo(f"Note: skipped {len(bad)} unreadable image{'s' if len(bad) > 1 else ''} of {store.n_images}: {listed}{more}", err=True)
+    skipped = f"; skipped {len(bad)} unreadable image{'s' if len(bad) > 1 else ''} (named above)" if bad else ""
+    typer.echo(f"Store {out.resolve()}: {store.n_done} images in {store.n_chunks} chunks ({kept}){skipped}.")
 
 
 @app.command()

@@ -54,7 +54,7 @@ import socket
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -66,9 +66,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from clip_lens.decompose import LayerSpec, _layers
+from clip_lens import checks
 from clip_lens.distributed import Ranks
 from clip_lens.errors import ClipLensError, InputError, StoreCorruptError, StoreLockedError, StoreWarning, StoreWriteError
 from clip_lens.files import atomic_write
+from clip_lens.precision import autocast
+from clip_lens.shards import TarShards, is_shard
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -83,10 +86,17 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 class ImageSource:
-    """Random access to preprocessed images: ``len()``, ``load(start, stop)`` and string ``ids``."""
+    """Random access to preprocessed images: ``len()``, ``load(start, stop)`` and string ``ids``.
 
-    def __init__(self, n: int, loader, ids: Optional[list[str]] = None, description: str = ""):
-        self.n, self._loader, self.ids, self.description = n, loader, ids, description
+    Sources that decode one image at a time (image files, tar shards) also give ``item(i)`` →
+    ``(pixels [3, H, W], label)``, raising [`InputError`][clip_lens.InputError] for an image that cannot be decoded;
+    [`load_batch`][clip_lens.collect.ImageSource.load_batch] then leaves such images out instead of failing.
+    """
+
+    def __init__(self, n: int, loader, ids: Optional[list[str]] = None, description: str = "", item=None,
+                 meta: Optional[dict] = None):
+        self.n, self._loader, self.ids, self.description, self.item = n, loader, ids, description, item
+        self.meta = meta or {}  # recorded in a store collected from it (e.g. the shard files, to show its images)
 
     def __len__(self) -> int:
         return self.n
@@ -95,6 +105,72 @@ class ImageSource:
         """Images ``start:stop`` as a float batch, and their int labels (or None)."""
         return self._loader(start, stop)
 
+    def load_batch(self, start: int, stop: int) -> "Batch":
+        """Images ``start:stop`` for collection: the ones that cannot be decoded are left out of the
+        pixels and named, with the reason, in ``skipped`` (sources with ``item``; others load whole)."""
+        if self.item is None:
+            pixels, labels = self.load(start, stop)
+            labels = torch.full((len(pixels),), -1) if labels is None else labels
+            return Batch(start, stop, pixels, labels, list(range(stop - start)), {})
+        images, labels, kept, skipped = [], [], [], {}
+        for row in range(start, stop):
+            try:
+                image, label = self.item(row)
+            except InputError as exc:
+                skipped[row] = str(exc)
+                continue
+            images.append(image)
+            labels.append(label)
+            kept.append(row - start)
+        pixels = torch.stack(images) if images else torch.empty(0)
+        return Batch(start, stop, pixels, torch.tensor(labels, dtype=torch.int64), kept, skipped)
+
+
+@dataclass
+class Batch:
+    """Rows ``start:stop`` of an [`ImageSource`][clip_lens.collect.ImageSource]: the ``pixels`` and ``labels`` of the
+    images that decoded, their offsets ``kept`` in the range, and ``skipped``: row → why it did not."""
+
+    start: int
+    stop: int
+    pixels: Tensor
+    labels: Tensor
+    kept: list[int]
+    skipped: dict[int, str]
+
+    def pin_memory(self) -> "Batch":
+        """The same batch with its pixels in page-locked memory (DataLoader's ``pin_memory`` calls it)."""
+        return replace(self, pixels=self.pixels.pin_memory()) if len(self.kept) else self
+
+
+class _Ranges(torch.utils.data.Dataset):
+    """Batch ranges of a source as a map-style dataset: DataLoader workers decode whole batches."""
+
+    def __init__(self, source: ImageSource, ranges: Sequence[tuple[int, int]]):
+        self.source, self.ranges = source, ranges
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def __getitem__(self, k: int) -> Batch:
+        return self.source.load_batch(*self.ranges[k])
+
+
+def batches(source: ImageSource, ranges: Sequence[tuple[int, int]], workers: int = 0, pin_memory: bool = False) -> Iterator[Batch]:
+    """The batches ``source.load_batch(start, stop)`` of ``ranges``, in order. With ``workers`` > 0 they are
+    decoded ahead by that many DataLoader processes (two batches each) while the caller computes;
+    ``pin_memory`` puts their pixels in page-locked memory for asynchronous copies to a GPU."""
+    if workers == 0:
+        for start, stop in ranges:
+            batch = source.load_batch(start, stop)
+            yield batch.pin_memory() if pin_memory else batch
+        return
+    loader = torch.utils.data.DataLoader(
+        _Ranges(source, ranges), batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
+        prefetch_factor=2,
+    )
+    yield from loader
+
 
 def _from_paths(paths: list[Path], preprocess) -> ImageSource:
     from clip_lens.files import load_image
@@ -102,16 +178,34 @@ def _from_paths(paths: list[Path], preprocess) -> ImageSource:
     if preprocess is None:
         raise InputError("this model has no preprocess transform; pass preprocessed tensors instead of image files.")
 
+    def item(i: int) -> tuple[Tensor, int]:
+        return preprocess(load_image(paths[i])), -1  # load_image: bombs refused, 16-bit scaled (not clipped), odd modes converted
+
     def load(start: int, stop: int):
         images = []
-        for path in paths[start:stop]:  # load_image: bombs refused, 16-bit scaled (not clipped), odd modes converted
+        for i in range(start, stop):
             try:
-                images.append(preprocess(load_image(path)))
+                images.append(item(i)[0])
             except InputError as exc:
                 raise InputError(f"{exc} (finished chunks are kept; run again after fixing it)") from exc
         return torch.stack(images), None
 
-    return ImageSource(len(paths), load, [str(p) for p in paths], f"{len(paths)} image files")
+    return ImageSource(len(paths), load, [str(p) for p in paths], f"{len(paths)} image files", item)
+
+
+def _from_shards(shards: TarShards, preprocess) -> ImageSource:
+    if preprocess is None:
+        raise InputError("this model has no preprocess transform, so the images of tar shards cannot be prepared for it.")
+
+    def item(i: int) -> tuple[Tensor, int]:
+        return preprocess(shards.image(i)), shards.label(i)
+
+    def load(start: int, stop: int):
+        items = [item(i) for i in range(start, stop)]
+        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+    return ImageSource(len(shards), load, shards.ids, shards.description, item,
+                       {"shards": [str(path.resolve()) for path in shards.paths]})
 
 
 def _from_dataset(dataset, preprocess) -> ImageSource:
@@ -144,7 +238,9 @@ def _from_dataset(dataset, preprocess) -> ImageSource:
 
 
 def image_source(images: Any, preprocess=None) -> ImageSource:
-    """An `ImageSource` from a tensor ``[N, 3, H, W]``, a folder, a list of paths, or a
+    """An `ImageSource` from a tensor ``[N, 3, H, W]``, a folder of images, a list of paths,
+    WebDataset-style tar shards (a ``.tar`` file, a folder of them, a brace pattern such as
+    ``"train-{000000..000099}.tar"``, a list of ``.tar`` paths or a [`TarShards`][clip_lens.shards.TarShards]), or a
     map-style dataset (items: tensor, PIL image, ``(image, label)`` or ``{"image", "label"}``)."""
     if isinstance(images, ImageSource):
         return images
@@ -152,15 +248,25 @@ def image_source(images: Any, preprocess=None) -> ImageSource:
         if images.ndim != 4:
             raise InputError(f"an image tensor must be [N, 3, H, W], got shape {tuple(images.shape)}.")
         return ImageSource(len(images), lambda a, b: (images[a:b], None), None, f"tensor of {len(images)} images")
+    if isinstance(images, TarShards):
+        return _from_shards(images, preprocess)
     if isinstance(images, (str, Path)):
         folder = Path(images)
+        if "{" in str(images) and not folder.exists():  # a brace pattern of shards: train-{000000..000099}.tar
+            return _from_shards(TarShards(str(images)), preprocess)
         if not folder.exists():
             raise InputError(f"no such image folder or file: {folder}.")
+        if is_shard(folder):
+            return _from_shards(TarShards(folder), preprocess)
         paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else [folder]
+        if not paths and folder.is_dir() and any(folder.rglob("*.tar")):  # a folder of tar shards
+            return _from_shards(TarShards(folder), preprocess)
         if not paths:
-            raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {folder}.")
+            raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or .tar shards found under {folder}.")
         return _from_paths(paths, preprocess)
     if isinstance(images, Sequence) and images and all(isinstance(p, (str, Path)) for p in images):
+        if all(str(p).endswith(".tar") for p in images):
+            return _from_shards(TarShards(list(images)), preprocess)
         return _from_paths([Path(p) for p in images], preprocess)
     if hasattr(images, "__getitem__") and hasattr(images, "__len__"):
         if len(images) == 0:
@@ -275,20 +381,37 @@ class Store:
         return sorted(self._done())
 
     def done_rows(self) -> list[tuple[int, int]]:
-        """``(start, stop)`` image rows of each finished chunk, in order."""
+        """``(start, stop)`` source rows of each finished chunk, in order."""
         return [self.rows(c) for c in self.done_chunks()]
 
     @property
     def n_done(self) -> int:
-        """Images in finished chunks (what a partial read or a search sees)."""
-        return sum(stop - start for start, stop in self.done_rows())
+        """Images in finished chunks, skipped ones excepted (what a partial read or a search sees)."""
+        return sum(stop - start for start, stop in self.done_rows()) - len(self.skipped())
+
+    def skipped(self) -> dict[int, tuple[Optional[str], str]]:
+        """Images of the finished chunks that could not be decoded when they were collected: source
+        row → ``(id or None, reason)``. They are left out of every read, of [`ids`][clip_lens.collect.Store.ids] and of
+        ``n_done``, so the rows that reads return are numbered without them."""
+        rows = {int(row): reason for marker in self._done().values() for row, reason in marker.get("skipped", {}).items()}
+        if not rows:
+            return {}
+        ids = self._all_ids()
+        return {row: (None if ids is None else ids[row], rows[row]) for row in sorted(rows)}
 
     @property
     def complete(self) -> bool:
         return len(self.done_chunks()) == self.n_chunks
 
     def ids(self) -> Optional[list[str]]:
-        """The image ids (file paths, scene indices) of the rows, or None when the source had none."""
+        """The image ids (file paths, scene indices) of the rows, or None when the source had none
+        (without the [`skipped`][clip_lens.collect.Store.skipped] images, as reads are)."""
+        ids = self._all_ids()
+        skipped = self.skipped() if ids is not None else {}
+        return ids if not skipped else [i for row, i in enumerate(ids) if row not in skipped]
+
+    def _all_ids(self) -> Optional[list[str]]:
+        """The ids of every source row, skipped ones included."""
         file = self.path / "ids.json"
         recorded = self.meta.get("ids")
         if self.checked and recorded is None:
@@ -325,7 +448,8 @@ class Store:
 
     def iter_chunks(self, name: str, partial: bool = False, index: tuple = ()) -> Iterator[tuple[int, np.ndarray]]:
         """``(first row, rows)`` of array ``name`` for each finished chunk, one chunk in memory at a
-        time, each checked as [`read`][clip_lens.collect.Store.read] checks it (same arguments and errors)."""
+        time, each checked as [`read`][clip_lens.collect.Store.read] checks it (same arguments and errors). Rows are
+        numbered as [`ids`][clip_lens.collect.Store.ids] numbers them: without the skipped images."""
         if name not in self.arrays:
             raise InputError(f"store {self.path} has no array '{name}'; it has {', '.join(self.arrays)}.")
         markers = self._done()
@@ -338,8 +462,10 @@ class Store:
 
     def _chunks(self, name: str, markers: dict[int, dict], index: tuple) -> Iterator[tuple[int, np.ndarray]]:
         array = self._zarr(name)
+        dropped = 0  # skipped images in the chunks before: rows are numbered without them
         for c in sorted(markers):
             start, stop = self.rows(c)
+            skipped = sorted(int(row) - start for row in markers[c].get("skipped", {}))
             if self.checked:
                 problem = self._check_file(name, c, markers[c]["arrays"][name], full=False)
                 if problem:
@@ -356,7 +482,8 @@ class Store:
                         name, c, (start, stop),
                     ) from exc
                 raise self._chunk_error(name, c, f"is damaged: {exc}") from exc
-            yield start, part
+            yield start - dropped, np.delete(part, skipped, axis=0) if skipped else part
+            dropped += len(skipped)
 
     def head_outputs(self, layer: int, head: int) -> Float[Tensor, "n d"]:
         """One head's direct contributions ``[N, D]`` (for TextSpan)."""
@@ -539,6 +666,10 @@ class Store:
             if not (isinstance(info, dict) and _whole(info.get("bytes")) and info["bytes"] > 4
                     and _whole(info.get("crc32c")) and 0 <= info["crc32c"] < 2**32):
                 return None, f"has no valid size and crc32c for array '{name}'"
+        skipped = marker.get("skipped", {})
+        if not (isinstance(skipped, dict) and all(
+                key.isdigit() and start <= int(key) < stop and isinstance(reason, str) for key, reason in skipped.items())):
+            return None, f"has a 'skipped' entry that is not a map of rows {start}-{stop - 1} to reasons"
         return marker, None
 
 
@@ -621,6 +752,10 @@ def store_images(store: Store, image_size: int = 64) -> Callable[[Sequence[int]]
 
         world = ShapesWorld(seed=int(match.group(1)), image_size=image_size)
         return lambda rows: [Image.fromarray(world.scene(int(ids[r]) if ids else int(r)).image) for r in rows]
+    if "shards" in store.meta and ids is not None:
+        shards = TarShards(store.meta["shards"])
+        index = {name: i for i, name in enumerate(shards.ids)}
+        return lambda rows: [shards.image(index[ids[r]]) for r in rows]
     if ids is None:
         raise InputError(
             f"store {store.path} does not record its images (collected from a tensor or a dataset); "
@@ -664,6 +799,8 @@ def collect(
     directions: Optional[Float[Tensor, "k d_embed"]] = None,
     chunk_size: int = 256,
     batch_size: int = 64,
+    precision: str = "fp32",
+    workers: Optional[int] = None,
     progress: bool = True,
     verify: bool = True,
 ) -> Store:
@@ -679,6 +816,13 @@ def collect(
             ``directions`` to keep only their projections.
         directions: ``[K, d_embed]``; when given, token terms are stored projected on them.
         chunk_size: images per store chunk (the unit of resumption); batch_size: images per forward.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward pass and the decomposition
+            under ``torch.autocast`` ([`clip_lens.precision`][clip_lens.precision]); the store keeps fp32 arrays
+            and records the precision (a resume must use the same).
+        workers: DataLoader processes that decode the next batches while the model runs (None:
+            ``min(8, cpus - 1)`` for image files and tar shards, 0 for tensors and generated scenes).
+            Images that cannot be decoded are skipped, not fatal: they are named in the chunk's marker,
+            left out of every read, and listed by [`Store.skipped`][clip_lens.collect.Store.skipped].
         verify: on resume, check every finished chunk completely ([`Store.verify`][clip_lens.collect.Store.verify]: reads the
             store once) and recompute the damaged ones; False checks only sizes and recorded
             checksums (missing, truncated or foreign chunk files), not their bytes.
@@ -702,6 +846,11 @@ def collect(
     source = image_source(images, getattr(model, "preprocess", None))
     if chunk_size < 1 or batch_size < 1:
         raise InputError(f"chunk_size and batch_size must be positive, got {chunk_size} and {batch_size}.")
+    autocast(model.device, precision)  # checks the name before any work
+    if workers is None:
+        workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if source.item is not None else 0
+    if workers < 0:
+        raise InputError(f"workers must be 0 or more, got {workers}.")
     cfg = model.cfg
     head_layers = _layers(heads, cfg.n_layers, "heads")
     token_layers = _layers(tokens, cfg.n_layers, "tokens")
@@ -713,21 +862,39 @@ def collect(
         "format": FORMAT, "model": model.model_name, "pretrained": str(model.pretrained), "weights": weights_fingerprint(model),
         "n_images": n, "chunk_size": chunk_size, "head_layers": head_layers, "token_layers": token_layers,
         "directions": None if directions is None else hashlib.sha256(directions.float().cpu().numpy().tobytes()).hexdigest()[:16],
-        "source": source.description,
+        "source": source.description, **source.meta,
     }
+    if precision != "fp32":  # fp32 stores keep the parameters they always had, so older ones still resume
+        params["precision"] = precision
     out = Path(out)
+    if directions is not None:
+        directions = directions.to(model.device, torch.float32)
 
-    def compute(c: int, store: Store, bar) -> dict[str, np.ndarray]:
-        start, stop = store.rows(c)
-        parts: dict[str, list] = {}
-        for b in range(start, stop, batch_size):  # the same batches in every run, so every chunk is bit-identical
-            pixels, labels = source.load(b, min(stop, b + batch_size))
-            terms = _terms(model, pixels.to(model.device, model.dtype), head_layers, token_layers, directions)
-            terms["labels"] = labels if labels is not None else torch.full((len(pixels),), -1)
-            for key, value in terms.items():
-                parts.setdefault(key, []).append(value.cpu().numpy())
-            bar.update(len(pixels))
-        return {key: np.concatenate(value) for key, value in parts.items()}
+    def terms(pixels: Tensor) -> dict[str, Tensor]:
+        with autocast(model.device, precision):
+            return _terms(model, pixels, head_layers, token_layers, directions)
+
+    def compute(todo: Sequence[int], store: Store, bar) -> Iterator[tuple[int, dict[str, np.ndarray], dict[int, str]]]:
+        # the same batches in every run (chunk by chunk), so every chunk is bit-identical
+        ranges = [(b, min(stop, b + batch_size)) for start, stop in map(store.rows, todo) for b in range(start, stop, batch_size)]
+        stream = batches(source, ranges, workers, pin_memory=model.device.type == "cuda")
+        skipped_total = 0
+        for c in todo:
+            start, stop = store.rows(c)
+            chunk, skipped = _ChunkBuffer(stop - start, model.device), {}
+            with checks.deferred():  # the NaN checks of the whole chunk wait for its one synchronisation
+                for b in range(start, stop, batch_size):
+                    batch = next(stream)
+                    skipped.update(batch.skipped)
+                    if batch.kept:
+                        pixels = batch.pixels.to(model.device, model.dtype, non_blocking=True)
+                        chunk.add([b - start + k for k in batch.kept], {**terms(pixels), "labels": batch.labels})
+                    bar.update(batch.stop - batch.start)
+                rows = chunk.finish(lambda: _template(model, terms))
+            if skipped:
+                skipped_total += len(skipped)
+                bar.set_postfix(skipped=skipped_total)
+            yield c, rows, skipped
 
     ranks = Ranks.current()
     if ranks is not None:
@@ -747,13 +914,54 @@ def collect(
 def _write_chunks(store: Store, arrays: dict[str, Any], todo: Sequence[int], compute: Callable, bar) -> dict[str, Any]:
     """Compute and write the chunks ``todo`` in order (the store's arrays are created from the first
     chunk when it has none yet); returns the arrays."""
-    for c in todo:
-        chunk = compute(c, store, bar)
+    for c, chunk, skipped in compute(todo, store, bar):
         with _writing(store.path):
             if not arrays:
                 arrays = _create_arrays(store, chunk)
-            _write_chunk(store, arrays, c, chunk)
+            _write_chunk(store, arrays, c, chunk, skipped)
     return arrays
+
+
+class _ChunkBuffer:
+    """One chunk's terms, gathered in host memory as its batches finish. Each batch is copied without
+    waiting for the device (into page-locked memory on CUDA); [`finish`][clip_lens.collect._ChunkBuffer.finish]
+    waits once. Rows of skipped images are NaN (labels -1), as an unwritten chunk reads."""
+
+    def __init__(self, rows: int, device: torch.device):
+        self.rows, self.device = rows, device
+        self.host: dict[str, Tensor] = {}
+        self.offsets: list[int] = []
+
+    def add(self, offsets: list[int], terms: dict[str, Tensor]) -> None:
+        """Terms ``[len(offsets), ...]`` of the images at these row offsets of the chunk."""
+        fill = len(self.offsets)
+        for key, value in terms.items():
+            if key not in self.host:
+                self.host[key] = torch.empty((self.rows, *value.shape[1:]), dtype=value.dtype,
+                                             pin_memory=self.device.type == "cuda")
+            self.host[key][fill:fill + len(offsets)].copy_(value, non_blocking=True)
+        self.offsets.extend(offsets)
+
+    def finish(self, template: Callable[[], dict[str, Tensor]]) -> dict[str, np.ndarray]:
+        """The chunk's arrays (``template()`` gives the terms' shapes when no image of it decoded)."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the chunk's one wait for the device
+        if len(self.offsets) == self.rows:
+            return {key: value.numpy() for key, value in self.host.items()}
+        shapes = self.host or {key: value.cpu() for key, value in template().items()}
+        out = {}
+        for key, value in shapes.items():
+            full = np.full((self.rows, *value.shape[1:]), np.nan if value.is_floating_point() else -1, value.numpy().dtype)
+            if self.offsets:
+                full[self.offsets] = value[:len(self.offsets)].numpy()
+            out[key] = full
+        return out
+
+
+def _template(model: "HookedCLIP", terms: Callable[[Tensor], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """One black image's terms (and a label): the shapes of a chunk none of whose images decoded."""
+    size = model.cfg.image_size or (224, 224)
+    return {**terms(torch.zeros(1, 3, *size, device=model.device, dtype=model.dtype)), "labels": torch.full((1,), -1)}
 
 
 def _collect_ranks(ranks: Ranks, out: Path, params: dict, ids: Optional[list[str]], compute: Callable, verify: bool,
@@ -1123,9 +1331,10 @@ def _create_arrays(store: Store, chunk: dict[str, np.ndarray]) -> dict[str, Any]
     return _open_arrays(store)
 
 
-def _write_chunk(store: Store, arrays: dict[str, Any], c: int, chunk: dict[str, np.ndarray]) -> None:
+def _write_chunk(store: Store, arrays: dict[str, Any], c: int, chunk: dict[str, np.ndarray],
+                 skipped: Optional[dict[int, str]] = None) -> None:
     """Write chunk ``c`` of every array, then its marker ``done/<c>`` (the commit point) recording
-    each chunk file's size and crc32c."""
+    each chunk file's size and crc32c, and the rows of images that could not be decoded (``skipped``)."""
     start, stop = store.rows(c)
     if sorted(chunk) != sorted(arrays):
         raise InputError(f"chunk {c} has terms {sorted(chunk)}, but the store's arrays are {sorted(arrays)}.")
@@ -1137,7 +1346,10 @@ def _write_chunk(store: Store, arrays: dict[str, Any], c: int, chunk: dict[str, 
             size = handle.seek(0, os.SEEK_END)
             handle.seek(-4, os.SEEK_END)
             recorded[key] = {"bytes": size, "crc32c": int.from_bytes(handle.read(4), "little")}
-    atomic_write(store.path / "done" / f"{c:06d}", json.dumps({"chunk": c, "rows": [start, stop], "arrays": recorded}))
+    marker = {"chunk": c, "rows": [start, stop], "arrays": recorded}
+    if skipped:  # only then: a store without skipped images is the one earlier versions wrote
+        marker["skipped"] = {str(row): reason for row, reason in sorted(skipped.items())}
+    atomic_write(store.path / "done" / f"{c:06d}", json.dumps(marker))
 
 
 class _Lock:

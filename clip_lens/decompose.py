@@ -38,6 +38,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from clip_lens.checks import require_finite
 from clip_lens.components.readout import ReadoutPlan
 from clip_lens.config import _kind, as_int
 from clip_lens.errors import IndexOutOfRangeError, InputError, UnsupportedArchitectureError
@@ -282,8 +283,7 @@ def _check_directions(model: "HookedCLIP", plan: ReadoutPlan, directions: Option
     if directions.shape[0] == 0:
         raise InputError("directions is empty: pass at least one direction.")
     directions = model.to_model_device(directions, "directions")
-    if not torch.isfinite(directions).all():
-        raise InputError("directions contain NaN or inf values.")
+    require_finite(directions, "directions contain NaN or inf values.")
     return directions.to(dtype=model.dtype)
 
 
@@ -484,8 +484,7 @@ def _decompose(model, images, heads, tokens, directions, convention) -> tuple[De
 
     with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
         embedding = model.visual(images)
-    if not torch.isfinite(embedding).all():
-        raise InputError("the forward pass produced NaN/inf activations; check the weights and inputs.")
+    require_finite(embedding, "the forward pass produced NaN/inf activations; check the weights and inputs.")
 
     with torch.no_grad():
         if directions is not None:  # the read-out is linear in its output axis: project before building it

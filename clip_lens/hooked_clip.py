@@ -13,6 +13,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from clip_lens.cache import CLIPActivationCache
+from clip_lens.checks import require_finite
 from clip_lens.config import TowerConfig
 from clip_lens.errors import HookNameError, InputError, UnsupportedArchitectureError, close_matches
 from clip_lens.sae.splice import SAESplicing
@@ -309,8 +310,7 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
                 f"takes {h}x{w}; resize with model.preprocess."
             )
         images = self.to_model_device(images, "images")
-        if not torch.isfinite(images).all():
-            raise InputError("images contain NaN or inf values.")
+        require_finite(images, "images contain NaN or inf values.")
         return images.to(dtype=self.dtype)
 
     def check_tokens(self, tokens: Any) -> Int[Tensor, "batch ctx"]:
@@ -573,6 +573,19 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
         from clip_lens.decompose_text import decompose_text
 
         return decompose_text(self, tokens, **kwargs)
+
+    def autocast(self, precision: str = "bf16"):
+        """A context in which the forward pass, `run_with_cache` and `decompose` run in mixed
+        ``precision`` (``"bf16"``, ``"fp16"``; ``"fp32"``: none) on the model's device, with the weights
+        unchanged; see [`clip_lens.precision`][clip_lens.precision].
+
+        Example:
+            >>> with model.autocast("bf16"):  # doctest: +SKIP
+            ...     parts = model.decompose(images)
+        """
+        from clip_lens.precision import autocast
+
+        return autocast(self.device, precision)
 
     def decompose(self, images: Tensor, **kwargs: Any):
         """Exact direct-contribution decomposition of the image embedding; see [`clip_lens.decompose`][clip_lens.decompose]."""

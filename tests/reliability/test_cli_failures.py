@@ -386,11 +386,35 @@ def test_collect_skips_unreadable_images_and_counts_them(runner, ws, bad_images,
     assert "skipped 4 unreadable images of 6" in result.stderr
     assert all(name in result.stderr for name in ("bomb.png", "corrupt.png", "header.png", "truncated.jpg"))
     assert "2 images in 1 chunks" in result.stdout and "skipped 4 unreadable images" in result.stdout
-    assert Store.open(tmp_path / "s").n_images == 2
+    store = Store.open(tmp_path / "s")
+    assert store.n_images == 6 and store.n_done == 2 and len(store.read("embedding")) == 2
+    assert [Path(name).name for name, _ in store.skipped().values()] == ["bomb.png", "corrupt.png", "header.png", "truncated.jpg"]
+    assert [Path(i).name for i in store.ids()] == ["good0.png", "good1.png"]
     assert snapshot(folder) == before
     for name in ("good0.png", "good1.png"):
         (folder / name).unlink()
     fails(runner, ws, ["collect", *TOY, "--images", folder, "--out", tmp_path / "t"], "none of the 4 images", "corrupt.png")
+
+
+def test_collect_reads_tar_shards_skips_a_bad_member_and_runs_in_bf16(runner, ws, bad_images, tmp_path):
+    from clip_lens.collect import Store
+    from tests.helpers import write_shards
+
+    world = ShapesWorld(seed=1000, n_objects=1)
+    images = [Image.fromarray(world.scene(i).image) for i in range(5)]
+    images[2] = bad_images["truncated"].read_bytes()
+    write_shards(tmp_path / "shards", images, per_shard=2, labels=[7, 8, 9, 10, 11])
+    pattern = tmp_path / "shards" / "shard-{000000..000002}.tar"
+    result = ok(runner, ["collect", *TOY, "--images", pattern, "--heads", "3", "--precision", "bf16", "--workers", 1,
+                         "--chunk-size", 2, "--out", tmp_path / "s"])
+    assert "skipped 1 unreadable image of 5: shard-000001.tar/000002" in result.stderr
+    assert "4 images in 3 chunks" in result.stdout
+    store = Store.open(tmp_path / "s")
+    assert store.meta["precision"] == "bf16" and store.read("labels").tolist() == [7, 8, 10, 11]
+    fails(runner, ws, ["collect", *TOY, "--images", tmp_path / "shards", "--precision", "fp8", "--out", tmp_path / "t"],
+          "--precision must be fp32, bf16 or fp16")
+    fails(runner, ws, ["collect", *TOY, "--images", tmp_path / "shards" / "shard-{000000..000009}.tar", "--out", tmp_path / "t"],
+          "shard-000003.tar")
 
 
 @pytest.mark.parametrize("kind", ["corrupt", "truncated"])

@@ -105,9 +105,9 @@ def record_written_chunks(monkeypatch) -> dict[int, list]:
     written: dict[int, list] = {0: [], 1: []}
     original = collect_module._write_chunk
 
-    def record(store, arrays, c, chunk):
+    def record(store, arrays, c, chunk, skipped):
         written[collect_module.Ranks.current().rank].append(c)
-        original(store, arrays, c, chunk)
+        original(store, arrays, c, chunk, skipped)
 
     monkeypatch.setattr(collect_module, "_write_chunk", record)
     return written
@@ -159,8 +159,8 @@ def test_rank_0_holds_the_lock_against_a_plain_writer_while_the_job_runs(toy, tm
     refusals = []
     original = collect_module._write_chunk
 
-    def write_and_try_a_second_writer(store, arrays, c, chunk):
-        original(store, arrays, c, chunk)
+    def write_and_try_a_second_writer(store, arrays, c, chunk, skipped):
+        original(store, arrays, c, chunk, skipped)
         if c == 1:  # rank 1, while rank 0 holds the lock
             with pytest.raises(StoreLockedError, match="rank 0 of a job of 2 processes") as refused:
                 collect_module._Lock.acquire(out)
@@ -202,8 +202,8 @@ DIE_AFTER_FIRST_CHUNK = textwrap.dedent(
 
     original = c._write_chunk
 
-    def write_then_die(store, arrays, chunk, values):
-        original(store, arrays, chunk, values)
+    def write_then_die(store, arrays, chunk, values, skipped):
+        original(store, arrays, chunk, values, skipped)
         if os.environ["RANK"] == "1":
             os._exit(3)  # a crash: no cleanup, no error sent to rank 0
 
