@@ -924,7 +924,7 @@ def _write_chunks(store: Store, arrays: dict[str, Any], todo: Sequence[int], com
 
 class _ChunkBuffer:
     """One chunk's terms, gathered in host memory as its batches finish. Each batch is copied without
-    waiting for the device (into page-locked memory on CUDA); [`finish`][clip_lens.collect._ChunkBuffer.finish]
+    waiting for the device (into page-locked memory on CUDA); `finish`
     waits once. Rows of skipped images are NaN (labels -1), as an unwritten chunk reads."""
 
     def __init__(self, rows: int, device: torch.device):

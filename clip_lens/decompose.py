@@ -200,7 +200,8 @@ def _plan(model: "HookedCLIP") -> ReadoutPlan:
         raise UnsupportedArchitectureError(
             f"pool_type='{model.cfg.pool_type}' returns one embedding per token; decompose() needs a pooled image embedding."
         )
-    return model.visual.readout_plan()
+    with torch.autocast(model.device.type, enabled=False):  # the frozen read-out is built in the weights' precision
+        return model.visual.readout_plan()
 
 
 def _centre(matrix: Tensor, dim: int) -> Tensor:
@@ -486,7 +487,12 @@ def _decompose(model, images, heads, tokens, directions, convention) -> tuple[De
         embedding = model.visual(images)
     require_finite(embedding, "the forward pass produced NaN/inf activations; check the weights and inputs.")
 
-    with torch.no_grad():
+    # The read-out runs in fp32 even under autocast: the forward's activations are what they are, but
+    # fp16 would flush small per-token terms to subnormals (12 % error on EVA02-B-16), and in fp32 the
+    # terms sum to the (mixed-precision) embedding to fp32 rounding.
+    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+        store = {key: value.float() if value.is_floating_point() else value for key, value in store.items()}
+        embedding = embedding.float()
         if directions is not None:  # the read-out is linear in its output axis: project before building it
             bias = None if plan.bias is None else plan.bias @ directions.T
             plan = replace(plan, weight=plan.weight @ directions.T, bias=bias)
