@@ -77,3 +77,18 @@ __all__ = [
     "decompose_text",
     "list_models",
 ]
+
+
+def _callable_module(name: str, function: Any) -> None:
+    """Make module ``name`` callable as ``function``. ``clip_lens.decompose`` is both a public function
+    (``from clip_lens import decompose``, imported lazily) and the module that defines it: once the
+    module has been imported (``clip_lens.collect`` does), Python binds the *module* to the package's
+    attribute, so ``from clip_lens import decompose`` would return a module that cannot be called."""
+    import sys
+    import types
+
+    class CallableModule(types.ModuleType):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return function(*args, **kwargs)
+
+    sys.modules[name].__class__ = CallableModule

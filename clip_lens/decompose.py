@@ -38,6 +38,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from clip_lens import _callable_module
 from clip_lens.checks import require_finite
 from clip_lens.components.readout import ReadoutPlan
 from clip_lens.config import _kind, as_int
@@ -609,3 +610,6 @@ def _contributions(model, readout: Readout, store: dict, head_layers, token_laye
         token_layers=list(token_layers),
         projected=projected,
     )
+
+
+_callable_module(__name__, decompose)  # `from clip_lens import decompose` is the function even after this module was imported

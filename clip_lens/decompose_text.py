@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from clip_lens import _callable_module
 from clip_lens.components.readout import ReadoutPlan
 from clip_lens.decompose import Decomposition, LayerSpec, _check_directions, _layers, _readout
 from clip_lens.errors import InputError, UnsupportedArchitectureError
@@ -225,3 +226,6 @@ def _contributions(tower: TextTower, readout, store: dict, head_layers: list[int
         token_layers=list(token_layers),
         projected=projected,
     )
+
+
+_callable_module(__name__, decompose_text)  # as clip_lens.decompose
