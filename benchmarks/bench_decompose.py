@@ -72,7 +72,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -92,7 +91,10 @@ from typing import Any, Callable, Optional
 import torch
 from peak_memory import malloc_trim, proc_status_kb, reset_peak_rss
 
-CONFIGS = ["raw", "hooked", "heads", "tokens+D", "cache", "collect", "reference"]
+from clip_lens.precision import PRECISIONS, autocast
+
+CONFIGS = ["raw", "hooked", "heads", "tokens+D", "cache", "collect", "reference", "raw+compile", "heads+compile"]
+COMPILED = {"raw+compile": "raw", "heads+compile": "heads"}  # run with --compile; checked like the eager config
 LABELS = {
     "raw": "(a) open_clip encode_image",
     "hooked": "(b) HookedCLIP.encode_image",
@@ -101,6 +103,8 @@ LABELS = {
     "cache": "(e) run_with_cache, all hooks",
     "collect": "(f) collect to disk, heads=all",
     "reference": "(g) reference method (re-impl. from notes)",
+    "raw+compile": "(a') torch.compile(open_clip encode_image)",
+    "heads+compile": "(c') torch.compile(decompose heads=all)",
 }
 TARGETS = {"hooked": 0.9, "heads": 0.9, "tokens+D": 0.7, "collect": 0.7}  # stated for GPU in the issue
 N_DIRECTIONS = 1000
@@ -110,7 +114,6 @@ CPU_DEFAULT_MODELS = "ViT-B-32,ViT-B-16-SigLIP"
 GPU_DEFAULT_MODELS = "ViT-B-16,ViT-L-14"
 GPU_DEFAULT_BATCH = {"ViT-B-16": 256, "ViT-L-14": 128}
 SMALL_TEXT_TOWER = {"layers": 1, "vocab_size": 64}  # the image benchmark never runs the text tower
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --- machine --------------------------------------------------------------------------------
@@ -327,8 +330,7 @@ class Config:
 
 def make_configs(model, hooked, directions, batch: int, args) -> dict[str, Config]:
     from clip_lens.collect import collect
-    from clip_lens.decompose import decompose  # not `from clip_lens import decompose`: that name is the
-                                               # submodule when clip_lens.decompose was first imported as a module (by clip_lens.collect)
+    from clip_lens import decompose
 
     token_layers = list(range(hooked.cfg.n_layers - N_TOKEN_LAYERS, hooked.cfg.n_layers))
     configs = {
@@ -343,12 +345,12 @@ def make_configs(model, hooked, directions, batch: int, args) -> dict[str, Confi
                                                                progress=False), batch, scratch=True),
         "reference": Config("reference", lambda x: reference_method(hooked, x), min(batch, args.reference_batch)),
     }
+    if args.compile:  # compiled on the first (warm-up) call; the timing excludes it
+        compiled_raw = torch.compile(model.encode_image)
+        compiled_heads = torch.compile(lambda x: decompose(hooked, x, heads="all"))
+        configs["raw+compile"] = Config("raw+compile", lambda x: compiled_raw(x), batch)
+        configs["heads+compile"] = Config("heads+compile", lambda x: compiled_heads(x), batch)
     return {key: configs[key] for key in args.config_list}
-
-
-def autocast(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def sync(device: torch.device) -> None:
@@ -477,6 +479,7 @@ def inspect(key: str, out, folder: Optional[str], raw: Optional[torch.Tensor], d
             n = len(arrays["embedding"])
             checks["vs_raw"] = rel_err(arrays["embedding"], torch.nn.functional.normalize(raw[:n].float(), dim=-1))
         return checks, summary, folder_bytes(folder)
+    key = COMPILED.get(key, key)
     if key in ("raw", "hooked"):
         summary = {"embedding": out}
     elif key in ("heads", "tokens+D"):
@@ -820,6 +823,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-reference", action="store_true", help="skip (g), the reference method (slow, memory hungry)")
     p.add_argument("--reference-batch", type=int, default=2,
                    help="images per call of (g), at most --batch (default 2, the authors' batch)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd open_clip encode_image (a') and decompose heads=all (c')")
     p.add_argument("--tmpdir", default=None, help="where (f) writes its stores (default: the system temp folder)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads(N) (default: leave torch's default, %d here)" % torch.get_num_threads())
@@ -839,7 +844,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown --configs {unknown}; choose from {', '.join(CONFIGS)}")
     if args.no_reference:
         chosen = [c for c in chosen if c != "reference"]
-    args.config_list = [c for c in CONFIGS if c in chosen or c == "raw"]
+    if args.compile:
+        chosen += list(COMPILED)
+    args.config_list = [c for c in CONFIGS if c in chosen and (c not in COMPILED or args.compile) or c == "raw"]
     return args
 
 
