@@ -351,6 +351,7 @@ def test_closed_clients_leave_no_traceback(server, no_tracebacks):
 
 
 # --- load --------------------------------------------------------------------------------------
+@pytest.mark.slow  # ~7 s
 def test_fifty_simultaneous_connections_are_all_answered(server, no_tracebacks):
     """50 connections opened at once, twice, then 60 requests over 4 keep-alive clients: no reset, no 5xx
     (the standard-library server reset 49 of 200 such connections: its listen backlog was 5)."""

@@ -114,6 +114,7 @@ def _lines(stream, into: "queue.Queue[str]") -> None:
     into.put("")
 
 
+@pytest.mark.slow  # a real server process per signal: ~11 s each
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_app_stops_cleanly_on_a_signal_and_removes_its_temp_folder(tmp_path, signum):
     cli = Path(sys.executable).parent / "clip-lens"
