@@ -448,7 +448,8 @@ def collect_command(
     precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 / fp16: the forward pass and the "
                                   "decomposition under autocast (faster on GPUs; errors against fp32 in docs: Concepts → Scale)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="processes decoding images ahead of the model "
-                                          "(default: CPUs - 1, at most 8, for image files and tar shards)."),
+                                          "(default: the CPUs the model leaves free, at most 8: all but one with a GPU, "
+                                          "those beyond torch's threads on CPU)."),
     force: bool = typer.Option(False, "--force", help="collect again into an --out that holds a finished store: the "
                                "new store replaces it once it is finished (an unfinished store is always resumed)."),
 ) -> None:

@@ -819,8 +819,9 @@ def collect(
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward pass and the decomposition
             under ``torch.autocast`` ([`clip_lens.precision`][clip_lens.precision]); the store keeps fp32 arrays
             and records the precision (a resume must use the same).
-        workers: DataLoader processes that decode the next batches while the model runs (None:
-            ``min(8, cpus - 1)`` for image files and tar shards, 0 for tensors and generated scenes).
+        workers: DataLoader processes that decode the next batches while the model runs (None: the
+            cores the model leaves free, at most 8 — on CUDA all CPUs but one, on CPU those beyond
+            ``torch.get_num_threads()`` — for image files and tar shards; 0 for tensors and generated scenes).
             Images that cannot be decoded are skipped, not fatal: they are named in the chunk's marker,
             left out of every read, and listed by [`Store.skipped`][clip_lens.collect.Store.skipped].
         verify: on resume, check every finished chunk completely ([`Store.verify`][clip_lens.collect.Store.verify]: reads the
@@ -847,8 +848,9 @@ def collect(
     if chunk_size < 1 or batch_size < 1:
         raise InputError(f"chunk_size and batch_size must be positive, got {chunk_size} and {batch_size}.")
     autocast(model.device, precision)  # checks the name before any work
-    if workers is None:
-        workers = min(8, max(0, (os.cpu_count() or 1) - 1)) if source.item is not None else 0
+    if workers is None:  # the cores the model leaves free: all but one on a GPU, those beyond torch's threads on a CPU
+        busy = 1 if model.device.type == "cuda" else torch.get_num_threads()
+        workers = min(8, max(0, (os.cpu_count() or 1) - busy)) if source.item is not None else 0
     if workers < 0:
         raise InputError(f"workers must be 0 or more, got {workers}.")
     cfg = model.cfg
