@@ -387,17 +387,19 @@ class Store:
     @property
     def n_done(self) -> int:
         """Images in finished chunks, skipped ones excepted (what a partial read or a search sees)."""
-        return sum(stop - start for start, stop in self.done_rows()) - len(self.skipped())
+        return sum(stop - start for start, stop in self.done_rows()) - len(self._skipped_rows())
 
     def skipped(self) -> dict[int, tuple[Optional[str], str]]:
         """Images of the finished chunks that could not be decoded when they were collected: source
         row → ``(id or None, reason)``. They are left out of every read, of [`ids`][clip_lens.collect.Store.ids] and of
         ``n_done``, so the rows that reads return are numbered without them."""
-        rows = {int(row): reason for marker in self._done().values() for row, reason in marker.get("skipped", {}).items()}
-        if not rows:
-            return {}
-        ids = self._all_ids()
-        return {row: (None if ids is None else ids[row], rows[row]) for row in sorted(rows)}
+        rows = self._skipped_rows()
+        ids = self._all_ids() if rows else None
+        return {row: (None if ids is None else ids[row], reason) for row, reason in rows.items()}
+
+    def _skipped_rows(self) -> dict[int, str]:
+        """Source row → reason, from the finished chunks' markers, in row order."""
+        return dict(sorted((int(row), reason) for marker in self._done().values() for row, reason in marker.get("skipped", {}).items()))
 
     @property
     def complete(self) -> bool:
@@ -407,7 +409,7 @@ class Store:
         """The image ids (file paths, scene indices) of the rows, or None when the source had none
         (without the [`skipped`][clip_lens.collect.Store.skipped] images, as reads are)."""
         ids = self._all_ids()
-        skipped = self.skipped() if ids is not None else {}
+        skipped = self._skipped_rows() if ids is not None else {}
         return ids if not skipped else [i for row, i in enumerate(ids) if row not in skipped]
 
     def _all_ids(self) -> Optional[list[str]]:

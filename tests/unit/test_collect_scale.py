@@ -217,3 +217,24 @@ def test_tar_shards_collect_like_the_same_images_in_a_folder_with_labels_and_ski
 
     shown = store_images(shards)([6])[0]
     assert np.array_equal(np.asarray(shown), np.asarray(images[7]))
+
+
+def test_a_recomputed_chunk_records_its_skipped_images_again(toy, tmp_path):
+    scene_folder(tmp_path / "images", 8, bad={5})
+    store = collect(toy, tmp_path / "images", tmp_path / "s", chunk_size=4, batch_size=2, workers=0, progress=False)
+    before = store_files(store.path)
+    (store.path / "done" / "000001").unlink()  # as if the run had died before finishing chunk 1
+    resumed = collect(toy, tmp_path / "images", tmp_path / "s", chunk_size=4, batch_size=2, workers=0, progress=False)
+    assert store_files(resumed.path) == before and list(resumed.skipped()) == [5]
+
+
+def test_ranks_skip_the_same_images_and_write_the_single_process_store(toy, tmp_path, monkeypatch):
+    from tests.unit.test_collect_distributed import assert_same_store, run_ranks
+
+    scene_folder(tmp_path / "images", 10, bad={2, 7})
+    single = collect(toy, tmp_path / "images", tmp_path / "one", chunk_size=4, batch_size=2, workers=0, progress=False)
+    results = run_ranks(monkeypatch, toy, 2, lambda rank, model: collect(
+        model, tmp_path / "images", tmp_path / "two", chunk_size=4, batch_size=2, workers=0, progress=False))
+    assert all(isinstance(r, Store) for r in results), results
+    assert_same_store(tmp_path / "two", single.path)
+    assert sorted(Store.open(tmp_path / "two").skipped()) == [2, 7]
