@@ -437,7 +437,9 @@ def collect_command(
     pretrained: Optional[str] = typer.Option(
         None, "--pretrained", "-p", help="pretrained tag or local checkpoint; omitted: RANDOM weights (bundled models excepted)."
     ),
-    images: Optional[Path] = typer.Option(None, "--images", help="folder of images (searched recursively)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="folder of images (searched recursively), one image, or "
+                                          "WebDataset tar shards: a .tar, a folder of them, or a pattern such as "
+                                          "'train-{000000..000099}.tar'."),
     shapes: Optional[int] = typer.Option(None, "--shapes", min=1, help="use this many shapes-world scenes instead of --images."),
     seed: int = typer.Option(0, "--seed", help="seed of the shapes-world scenes."),
     out: Path = typer.Option(..., "--out", "-o", help="store folder; an unfinished store made by the same command is resumed."),
