@@ -467,6 +467,7 @@ def collect_command(
     from clip_lens.collect import Store, collect, resumable_folder, shapes_world_images
     from clip_lens.distributed import process_group
     from clip_lens.errors import InputError
+    from clip_lens.precision import PRECISIONS
 
     if (images is None) == (shapes is None):
         _fail("give exactly one image source: --images FOLDER or --shapes N.")
@@ -493,8 +494,9 @@ def collect_command(
     if replace and not force:
         raise InputError(f"--out {out} holds a finished store ({existing.n_images} images); pass --force to collect "
                          "again (the new store replaces it when finished), or choose another --out.")
-    if precision not in ("fp32", "bf16", "fp16"):
-        _fail(f"--precision must be fp32, bf16 or fp16, got {precision!r}.")
+    if precision not in PRECISIONS:  # before the (slow) model load
+        *names, last = PRECISIONS
+        _fail(f"--precision must be {', '.join(names)} or {last}, got {precision!r}.")
     hooked = _load(model, pretrained, None)
     _random_weights_note(hooked, model)
     if shapes is not None:

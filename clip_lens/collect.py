@@ -182,13 +182,7 @@ def _from_paths(paths: list[Path], preprocess) -> ImageSource:
         return preprocess(load_image(paths[i])), -1  # load_image: bombs refused, 16-bit scaled (not clipped), odd modes converted
 
     def load(start: int, stop: int):
-        images = []
-        for i in range(start, stop):
-            try:
-                images.append(item(i)[0])
-            except InputError as exc:
-                raise InputError(f"{exc} (finished chunks are kept; run again after fixing it)") from exc
-        return torch.stack(images), None
+        return torch.stack([item(i)[0] for i in range(start, stop)]), None
 
     return ImageSource(len(paths), load, [str(p) for p in paths], f"{len(paths)} image files", item)
 
@@ -387,7 +381,8 @@ class Store:
     @property
     def n_done(self) -> int:
         """Images in finished chunks, skipped ones excepted (what a partial read or a search sees)."""
-        return sum(stop - start for start, stop in self.done_rows()) - len(self._skipped_rows())
+        markers = self._done()  # one scan of done/ for the rows and their skipped images
+        return sum(stop - start for start, stop in map(self.rows, markers)) - sum(len(m.get("skipped", {})) for m in markers.values())
 
     def skipped(self) -> dict[int, tuple[Optional[str], str]]:
         """Images of the finished chunks that could not be decoded when they were collected: source
