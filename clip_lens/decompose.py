@@ -62,18 +62,19 @@ class Decomposition:
     """The image embedding of the same forward pass (un-normalised; projected with directions)."""
     embedding_norm: Float[Tensor, "batch"]
     """‖embedding‖ before any projection: divide by it for shares of the cosine similarity."""
-    embed: Float[Tensor, "batch out"]
-    """The embedding term: patch + class + position embeddings (after ``ln_pre`` if present)."""
-    attn: Float[Tensor, "batch layer out"]
-    """Each layer's attention output, out_proj bias included."""
-    attn_bias: Float[Tensor, "batch layer out"]
+    embed: Optional[Float[Tensor, "batch out"]]
+    """The embedding term: patch + class + position embeddings (after ``ln_pre`` if present); a
+    ConvNeXt's stem output. None where no such term exists (ResNet, FastViT)."""
+    attn: Optional[Float[Tensor, "batch layer out"]]
+    """Each layer's attention output, out_proj bias included (a ResNet: its attention pool, one layer)."""
+    attn_bias: Optional[Float[Tensor, "batch layer out"]]
     """The out_proj bias share of ``attn`` (not attributable to a head). 0 in the reference
     convention, where ``b_O / (n_tokens · n_heads)`` rides in every token-head term."""
-    mlp: Float[Tensor, "batch layer out"]
-    """Each layer's MLP output."""
-    bias: Float[Tensor, "batch out"]
+    mlp: Optional[Float[Tensor, "batch layer out"]]
+    """Each layer's MLP output (None for convolutional towers)."""
+    bias: Optional[Float[Tensor, "batch out"]]
     """Constant terms: ``ln_post`` bias through ``proj`` (and the attentional pooler's biases).
-    0 in the reference convention (spread over the other terms)."""
+    0 in the reference convention (spread over the other terms). None where there is none."""
     heads: Optional[Float[Tensor, "batch head_layer head out"]]
     """Per-head terms for ``head_layers`` (None when ``heads=None``)."""
     tokens: Optional[Float[Tensor, "batch token_layer head token out"]]
@@ -87,11 +88,38 @@ class Decomposition:
     """How LayerNorm centring and biases are split: ``"default"`` or ``"reference"`` (see
     [`decompose`][clip_lens.decompose.decompose]); ``"difference"`` for [`reference_difference`][clip_lens.decompose.reference_difference] (reference − default:
     ``embedding`` is 0 there, ``embedding_norm`` the forward pass's norm)."""
+    family: str = "vit"
+    """The image tower's family: ``"vit"``, ``"resnet"``, ``"convnext"`` or ``"fastvit"``. Which
+    fields exist depends on it (see ``docs/concepts/decomposition.md``); absent terms are None, never zeros."""
+    blocks: Optional[Float[Tensor, "batch block out"]] = None
+    """ConvNeXt: each block's direct contribution (stage-major order, ``block_labels``), carried
+    through the later downsamples with their LayerNorm scales frozen."""
+    block_labels: list[str] = field(default_factory=list)
+    """``"S{stage}B{block}"`` labels of ``blocks``' axis."""
+    block_positions: Optional[Float[Tensor, "batch block position out"]] = None
+    """ConvNeXt (``tokens=`` requested): ``blocks`` split over the final feature map's positions
+    (row-major ``grid_size``): each of a block's own positions lies inside exactly one final cell."""
+    feature_map: Optional[Float[Tensor, "batch out"]] = None
+    """FastViT: the final feature map (after ``final_conv``'s non-linearity) through pooling and the
+    head: every non-constant part of the embedding; split per position in ``positions``."""
+    positions: Optional[Float[Tensor, "batch position out"]] = None
+    """A breakdown of every non-constant term over the final feature map's positions (row-major
+    ``grid_size``): sums to ``total() − bias`` (minus ``attn_bias`` for a ResNet). Not a term of ``total()``."""
+    pos_embed: Optional[Float[Tensor, "batch head out"]] = None
+    """ResNet: the attention pool's positional-embedding share of each head (part of ``heads``)."""
 
     def total(self) -> Float[Tensor, "batch out"]:
-        """Sum of all terms: reproduces ``embedding``."""
-        total = self.embed + self.attn.sum(1) + self.mlp.sum(1) + self.bias
-        return total if self.pooler_mlp is None else total + self.pooler_mlp
+        """Sum of all top-level terms (those present): reproduces ``embedding``."""
+        total = torch.zeros_like(self.embedding)
+        for name in ("embed", "bias", "pooler_mlp", "feature_map"):
+            term = getattr(self, name)
+            if term is not None:
+                total = total + term
+        for name in ("attn", "mlp", "blocks"):
+            term = getattr(self, name)
+            if term is not None:
+                total = total + term.sum(1)
+        return total
 
     def relative_error(self) -> Float[Tensor, "batch"]:
         """‖total() − embedding‖ / ‖embedding‖ per image."""
@@ -116,13 +144,7 @@ class Decomposition:
         def divide(t: Optional[Tensor]) -> Optional[Tensor]:
             return None if t is None else t / scale.view(-1, *([1] * (t.ndim - 1)))
 
-        return Decomposition(
-            embedding=divide(self.embedding), embedding_norm=torch.ones_like(scale), embed=divide(self.embed),
-            attn=divide(self.attn), attn_bias=divide(self.attn_bias), mlp=divide(self.mlp), bias=divide(self.bias),
-            heads=divide(self.heads), tokens=divide(self.tokens), head_layers=self.head_layers,
-            token_layers=self.token_layers, projected=self.projected, pooler_mlp=divide(self.pooler_mlp),
-            convention=self.convention,
-        )
+        return _map_terms(self, divide, embedding=divide(self.embedding), embedding_norm=torch.ones_like(scale))
 
 
 @dataclass
@@ -275,10 +297,10 @@ def _readout(model: "HookedCLIP", plan: ReadoutPlan, store: dict) -> Readout:
     return Readout(plan.positions, weights, maps, const, pooler_mlp, None if factors is None else tuple(factors))
 
 
-def _check_directions(model: "HookedCLIP", plan: ReadoutPlan, directions: Optional[Tensor]) -> Optional[Tensor]:
+def _check_directions(model: "HookedCLIP", d_embed: int, directions: Optional[Tensor]) -> Optional[Tensor]:
+    """``directions`` validated ``[n_directions, d_embed]``, finite, on the model's device and dtype."""
     if directions is None:
         return None
-    d_embed = plan.weight.shape[1]
     if not isinstance(directions, Tensor) or directions.ndim != 2 or directions.shape[1] != d_embed:
         shape = tuple(directions.shape) if isinstance(directions, Tensor) else type(directions).__name__
         raise InputError(f"directions must be a tensor [n_directions, {d_embed}], got {shape}.")
@@ -291,7 +313,8 @@ def _check_directions(model: "HookedCLIP", plan: ReadoutPlan, directions: Option
 
 CONVENTIONS = ("default", "reference")
 
-_TERMS = ("embed", "attn", "attn_bias", "mlp", "bias", "heads", "tokens", "pooler_mlp")
+_TERMS = ("embed", "attn", "attn_bias", "mlp", "bias", "heads", "tokens", "pooler_mlp", "blocks", "block_positions",
+          "feature_map", "positions", "pos_embed")
 """The additive fields of a [`Decomposition`][clip_lens.Decomposition]."""
 
 
@@ -413,6 +436,8 @@ def decompose(
     Returns:
         A [`Decomposition`][clip_lens.Decomposition] whose ``total()`` equals the un-normalised image embedding.
     """
+    if _is_convolutional(model):
+        return _decompose_convolutional(model, images, heads, tokens, directions, convention)
     parts, shift = _decompose(model, images, heads, tokens, directions, convention)
     if shift is None:
         return parts
@@ -435,7 +460,35 @@ def reference_difference(
     and ``bias`` are minus the default ones. ``total()`` of the result is 0 (to rounding), ``embedding``
     is 0 and ``convention`` is ``"difference"``.
     """
+    if _is_convolutional(model):
+        _check_conv_convention(model, "reference")
     return _decompose(model, images, heads, tokens, directions, "reference")[1]
+
+
+def _is_convolutional(model: "HookedCLIP") -> bool:
+    """A convolutional image tower (ResNet, ConvNeXt, FastViT) decomposes itself (``tower.decompose``)."""
+    return getattr(model.visual, "family", "vit") != "vit"
+
+
+def _check_conv_convention(model: "HookedCLIP", convention: str) -> None:
+    if not isinstance(convention, str) or convention not in CONVENTIONS:
+        raise InputError(f"convention must be 'default' or 'reference', got {convention!r}.")
+    if convention != "default":
+        raise UnsupportedArchitectureError(
+            f"convention='reference' is defined for CLS-pooled ViTs (Gandelsman et al.); this is a "
+            f"{model.visual.family} image tower. Use convention='default'."
+        )
+
+
+def _decompose_convolutional(model, images, heads, tokens, directions, convention) -> Decomposition:
+    """The tower's own exact decomposition (see its ``decompose``), after the shared input checks."""
+    _check_conv_convention(model, convention)
+    images = model.check_images(images)
+    directions = _check_directions(model, model.cfg.d_embed, directions)
+    with torch.no_grad():
+        parts = model.visual.decompose(model, images, heads=heads, tokens=tokens, directions=directions)
+    require_finite(parts.embedding, "the forward pass produced NaN/inf activations; check the weights and inputs.")
+    return parts
 
 
 def _decompose(model, images, heads, tokens, directions, convention) -> tuple[Decomposition, Optional[Decomposition]]:
@@ -447,7 +500,7 @@ def _decompose(model, images, heads, tokens, directions, convention) -> tuple[De
     positions = plan.positions
     token_layers = _layers(tokens, cfg.n_layers, "tokens")
     head_layers = sorted(set(_layers(heads, cfg.n_layers, "heads")) | set(token_layers))
-    directions = _check_directions(model, plan, directions)
+    directions = _check_directions(model, plan.weight.shape[1], directions)
     images = model.check_images(images)
 
     store: dict = {}

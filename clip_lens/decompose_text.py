@@ -130,7 +130,7 @@ def decompose_text(
     plan = _plan(tower)
     token_layers = _layers(token_layers, cfg.n_layers, "token_layers")
     head_layers = sorted(set(_layers(heads, cfg.n_layers, "heads")) | set(token_layers))
-    directions = _check_directions(model, plan, directions)
+    directions = _check_directions(model, plan.weight.shape[1], directions)
     tokens = model.check_tokens(tokens)
     positions = tower.pooled_positions(tokens)  # [batch] residual index; raises for pool_type 'none'
 

@@ -38,8 +38,23 @@ def _eval_transform(model: nn.Module) -> Optional[Callable]:
 
 
 def _image_tower(visual: nn.Module, model_name: Optional[str]) -> nn.Module:
-    """The hooked image tower of a family: open_clip's ViT, or a timm trunk (SigLIP, EVA, PE-Core, …)."""
-    if type(visual).__name__ == "TimmModel":
+    """The hooked image tower of a family: open_clip's ViT or ResNet, or a timm trunk (SigLIP, EVA,
+    PE-Core, … ViTs; ConvNeXt; FastViT)."""
+    kind = type(visual).__name__
+    if kind == "ModifiedResNet":
+        from clip_lens.towers.resnet import ResNetTower
+
+        return ResNetTower(visual, model_name)
+    if kind == "TimmModel":
+        trunk = type(visual.trunk).__name__
+        if trunk == "ConvNeXt":
+            from clip_lens.towers.convnext import ConvNeXtTower
+
+            return ConvNeXtTower(visual, model_name)
+        if trunk == "FastVit":
+            from clip_lens.towers.fastvit import FastViTTower
+
+            return FastViTTower(visual, model_name)
         from clip_lens.towers.timm_vit import TimmVisionTower
 
         return TimmVisionTower(visual, model_name)
@@ -157,12 +172,26 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
 
     @property
     def blocks(self) -> nn.ModuleList:
-        return self.visual.blocks
+        """The image tower's transformer blocks (a convolutional tower has stages instead: ``model.visual.stages``)."""
+        blocks = getattr(self.visual, "blocks", None)
+        if blocks is None:
+            raise UnsupportedArchitectureError(
+                f"a {self.visual.family} image tower has no transformer blocks; its stages are model.visual.stages "
+                "(hooks stages.{s}.blocks.{b}.*, see `clip-lens hooks`)."
+            )
+        return blocks
 
     @property
     def ln_final(self) -> nn.Module:
         """Alias of ``ln_post`` for TransformerLens helpers that look for ``ln_final``."""
         return self.visual.ln_post
+
+    @property
+    def spatial_hook(self) -> str:
+        """The hook whose last ``grid_h · grid_w`` positions are the image's spatial tokens
+        ``[batch, ..., C]``: a ViT's last ``hook_resid_post`` (prefix tokens first), a convolutional
+        tower's ``hook_spatial_tokens`` (the last feature map, row-major)."""
+        return self.visual.spatial_hook
 
     @property
     def device(self) -> torch.device:

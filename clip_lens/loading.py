@@ -94,13 +94,12 @@ TIMM_TOWERS: tuple[tuple[str, Optional[str]], ...] = (
     (r"^vit_.*_clip_", None),  # CLIP-style timm ViTs (MobileCLIP2-L-14)
     (r"^vit_base_mci_", None),  # MobileCLIP-B: ViT after a conv stem (the stem is the embedding term)
     (r"^vitamin_", None),  # ViTamin: conv stages (the embedding term), then a ViT with GeGLU MLPs
-    (r"^convnext", "ConvNeXt image tower (a convolutional network: no attention heads to hook)"),
-    (r"^fastvit", "MobileCLIP FastViT image tower (re-parameterised convolutions and attention)"),
+    (r"^convnext", None),  # ConvNeXt: stages of depthwise-conv blocks (clip_lens/towers/convnext.py)
+    (r"^fastvit", None),  # MobileCLIP FastViT: RepMixer and attention stages (clip_lens/towers/fastvit.py)
     (r"^swin", "Swin image tower (windowed attention with relative position bias)"),
     (r"^vit_relpos", "ViT with relative position bias"),
 )
 NATIVE_REFUSALS = {
-    "resnet": "ResNet image tower (a convolutional network: no attention heads to hook)",
     "attentional_pool": "attentional_pool='{value}' (open_clip marks it untested WIP)",
     "custom_block": "custom attention block in the {tower} tower ({features})",
     "timm_proj": "timm_proj='mlp' (a non-linear projection head)",
@@ -188,13 +187,14 @@ def unsupported_feature(config: Mapping[str, Any]) -> Optional[str]:
         problem = timm_tower_problem(timm_name)
         if problem is not None:
             return f"timm image tower {timm_name}: {problem}"
-        if vision.get("timm_proj") == "mlp":
+        if vision.get("timm_proj") == "mlp" and not re.search(r"^convnext", timm_name):
             return NATIVE_REFUSALS["timm_proj"]
         if vision.get("timm_pool") in ("abs_attn", "rot_attn"):
             return NATIVE_REFUSALS["timm_pool"].format(value=vision["timm_pool"])
         return None
-    if isinstance(vision.get("layers"), (list, tuple)):
-        return NATIVE_REFUSALS["resnet"]
+    if isinstance(vision.get("layers"), (list, tuple)):  # open_clip's ModifiedResNet
+        return None if not any(text.get(k) for k in CUSTOM_BLOCK_FEATURES) else NATIVE_REFUSALS["custom_block"].format(
+            tower="text", features=", ".join(k for k in CUSTOM_BLOCK_FEATURES if text.get(k)))
     if isinstance(vision.get("attentional_pool"), str):
         return NATIVE_REFUSALS["attentional_pool"].format(value=vision["attentional_pool"])
     towers = [(vision, "image")] + ([] if text.get("hf_model_name") else [(text, "text")])

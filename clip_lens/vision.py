@@ -42,6 +42,13 @@ class VisionTower(TowerWeights, nn.Module):
     ========================================  =====================================
     """
 
+    family = "vit"
+
+    @property
+    def spatial_hook(self) -> str:
+        """The last block's ``hook_resid_post``: its last ``grid_h · grid_w`` positions are the patch tokens."""
+        return f"blocks.{self.cfg.n_layers - 1}.hook_resid_post"
+
     def __init__(self, visual: nn.Module, model_name: str | None = None):
         super().__init__()
         if not isinstance(visual, VisionTransformer):

@@ -76,8 +76,16 @@ def check_trunk(trunk: nn.Module, visual: Optional[nn.Module] = None) -> Optiona
 
     Reads only the module tree and flags, so it works on a model built on the meta device.
     """
+    if _name(trunk) == "ConvNeXt":
+        from clip_lens.towers.convnext import check_convnext
+
+        return check_convnext(trunk, visual)
+    if _name(trunk) == "FastVit":
+        from clip_lens.towers.fastvit import check_fastvit
+
+        return check_fastvit(trunk, visual)
     if _name(trunk) not in TRUNKS:
-        return f"timm {_name(trunk)} (hooked timm towers: VisionTransformer, Eva)"
+        return f"timm {_name(trunk)} (hooked timm towers: VisionTransformer, Eva, ConvNeXt, FastVit)"
     if getattr(trunk, "dynamic_img_size", False):
         return "dynamic_img_size"
     if getattr(trunk, "rope_mixed", False):
@@ -381,6 +389,13 @@ class TimmVisionTower(TowerWeights, nn.Module):
     ``hook_image_embed``                      ``[batch, E]`` un-normalised image embedding
     ========================================  ===============================================
     """
+
+    family = "vit"
+
+    @property
+    def spatial_hook(self) -> str:
+        """The last block's ``hook_resid_post``: its last ``grid_h · grid_w`` positions are the patch tokens."""
+        return f"blocks.{self.cfg.n_layers - 1}.hook_resid_post"
 
     def __init__(self, visual: nn.Module, model_name: Optional[str] = None):
         super().__init__()
