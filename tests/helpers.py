@@ -51,6 +51,16 @@ def randomize_vectors(model: torch.nn.Module, seed: int = 1) -> None:
                 p.add_(noise)
 
 
+def randomize_batch_norms(model: torch.nn.Module, seed: int = 2) -> None:
+    """Give every BatchNorm's running statistics random values (means ~N(0, 0.1²), variances in
+    [0.5, 1.5]): fresh ones are (0, 1), which would hide a dropped or misplaced normalisation."""
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=g))
+            module.running_var.copy_(0.5 + torch.rand(module.running_var.shape, generator=g))
+
+
 def hooked_pair(name: str, overrides: Optional[dict[str, Any]] = None, seed: int = 0, randomize: bool = False,
                 timm: Optional[dict[str, Any]] = None):
     """``(open_clip_model, HookedCLIP)`` sharing parameters (``randomize``: see :func:`randomize_vectors`)."""
