@@ -233,8 +233,9 @@ class MutualKnowledge:
         started = time.perf_counter()
         model = self.model
         methods = _check_choices(methods, METHODS, "methods")
-        if features not in FEATURES:
-            raise InputError(f"features must be one of {', '.join(FEATURES)}, got '{features}'.")
+        if features not in regions.feature_sources(model):
+            tower = "" if features not in FEATURES else f" for a {model.visual.family} image tower"
+            raise InputError(f"features must be one of {', '.join(regions.feature_sources(model))}{tower}, got '{features}'.")
         if mi not in information.MI_VARIANTS:
             raise InputError(f"mi must be one of {', '.join(information.MI_VARIANTS)}, got '{mi}'.")
         if not isinstance(data, ConceptData):
@@ -388,7 +389,7 @@ def _corloc(model, data: ConceptData, seed: int, batch_size: int) -> dict[str, f
         images = model.check_images(data.load(range(start, min(len(data), start + batch_size))))
         size = images.shape[-2:]
         grid = regions.grid_size(model)
-        for features in FEATURES:
+        for features in regions.feature_sources(model):
             feats = regions.patch_features(model, images, features)
             for name, vector in (("GDC", 1), ("GDC auto", "auto"), ("PCA", None)):
                 found = regions.pca_foreground(feats, grid) if vector is None else regions.prominent_region(feats, grid, vector=vector)

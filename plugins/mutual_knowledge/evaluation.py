@@ -504,15 +504,16 @@ class FeatureMaps:
 def feature_map_channels(
     model: "HookedCLIP", images: Float[Tensor, "batch 3 H W"], n_regions: int = 5, batch_size: int = MAX_BATCH
 ) -> FeatureMaps:
-    """Per image, the ``n_regions`` channels of ``blocks.{L-1}.hook_resid_post`` (patch tokens, before
-    ``ln_post``, prefix tokens dropped) with the largest spatial L2 norm, as maps on the patch grid."""
+    """Per image, the ``n_regions`` channels of the spatial tokens (``model.spatial_hook``: a ViT's
+    ``blocks.{L-1}.hook_resid_post`` before ``ln_post``, prefix tokens dropped; a convolutional tower's
+    last feature map) with the largest spatial L2 norm, as maps on the patch grid."""
     images = _checked_images(model, images)
     batch_size = _checked_batch_size(batch_size)
     cfg = model.cfg
     width = cfg.d_model
     if isinstance(n_regions, bool) or not isinstance(n_regions, int) or not 1 <= n_regions <= width:
         raise InputError(f"n_regions must be an integer in [1, {width}] (the channels of the residual stream), got {n_regions!r}.")
-    hook, (grid_h, grid_w) = f"blocks.{cfg.n_layers - 1}.hook_resid_post", cfg.grid_size
+    hook, (grid_h, grid_w) = model.spatial_hook, cfg.grid_size
     channels, norms, maps = [], [], []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):

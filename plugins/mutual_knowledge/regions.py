@@ -66,12 +66,19 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L") and OpenCV's
 
 # --- features ----------------------------------------------------------------------------------
 def grid_size(model: "HookedCLIP") -> tuple[int, int]:
-    """``(grid_h, grid_w)``: the image tower's patch grid (from its config, else conv1's stride)."""
+    """``(grid_h, grid_w)``: the image tower's patch grid, or a convolutional tower's last feature map
+    (from its config, else a ViT's conv1 stride)."""
     grid = getattr(model.cfg, "grid_size", None)
     if grid:
         return int(grid[0]), int(grid[1])
     (h, w), (ph, pw) = model.cfg.image_size, model.visual.conv1.stride
     return h // ph, w // pw
+
+
+def feature_sources(model: "HookedCLIP") -> tuple[str, ...]:
+    """The ``source`` values `patch_features` takes for this model: ``"keys"`` needs a ViT's last
+    attention layer; every tower has ``"tokens"`` (a convolutional tower's last feature map)."""
+    return SOURCES if getattr(model.visual, "family", "vit") == "vit" else ("tokens",)
 
 
 def patch_features(
@@ -82,18 +89,22 @@ def patch_features(
     Args:
         model: the hooked model.
         images: preprocessed images at the model's size.
-        source: ``"tokens"``: the last block's ``hook_resid_post`` (before ``ln_post``), ``C = d_model``;
-            ``"keys"``: the last attention layer's keys without the bias (``ln_1(x) W_K``), heads
-            concatenated, ``C = n_heads * d_head``.
+        source: ``"tokens"``: the spatial tokens ``model.spatial_hook`` names — a ViT's last
+            ``hook_resid_post`` (before ``ln_post``), a ResNet's, ConvNeXt's or FastViT's last feature
+            map — ``C = d_model``; ``"keys"`` (ViTs): the last attention layer's keys without the
+            bias (``ln_1(x) W_K``), heads concatenated, ``C = n_heads * d_head``.
 
     Raises:
-        InputError: an unknown ``source``, or images of the wrong type, shape or size.
+        InputError: an unknown ``source`` (or ``"keys"`` on a convolutional tower), or images of the
+            wrong type, shape or size.
     """
-    if source not in SOURCES:
-        raise InputError(f"source must be one of {', '.join(SOURCES)}, got {source!r}.")
+    sources = feature_sources(model)
+    if source not in sources:
+        tower = "" if source not in SOURCES else f" for a {model.visual.family} image tower"
+        raise InputError(f"source must be one of {', '.join(sources)}{tower}, got {source!r}.")
     images = model.check_images(images)
     layer = model.cfg.n_layers - 1
-    name = f"blocks.{layer}.hook_resid_post" if source == "tokens" else f"blocks.{layer}.attn.hook_k"
+    name = model.spatial_hook if source == "tokens" else f"blocks.{layer}.attn.hook_k"
     with torch.no_grad():
         _, cache = model.run_with_cache(images, names_filter=[name])
     acts = cache[name]

@@ -108,11 +108,12 @@ class TestErrors:
 
 
 class TestModelsAndHooks:
-    def test_models_lists_vit_and_not_resnet(self, runner):
+    def test_models_lists_vits_and_convolutional_towers_not_swin(self, runner):
         result = runner.invoke(app, ["models"])
         assert result.exit_code == 0
         names = result.stdout.split()
-        assert "ViT-B-32" in names and "RN50" not in names
+        assert "ViT-B-32" in names and "RN50" in names and "convnext_base" in names
+        assert "swin_base_patch4_window7_224" not in names
 
     def test_hooks_lists_every_vision_hook_of_the_full_model_per_layer(self, runner):
         result = runner.invoke(app, ["hooks", "--model", "ViT-B-32"])

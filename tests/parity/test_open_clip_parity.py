@@ -224,7 +224,9 @@ def test_list_models_supported_and_unsupported():
     names = clip_lens.list_models()
     for name in NAMES:
         assert name in names
-    for name in ("RN50", "RN101", "convnext_base", "MobileCLIP-S2"):
+    for name in ("RN50", "RN101", "convnext_base", "MobileCLIP-S2"):  # convolutional towers (clip_lens/towers/)
+        assert name in names
+    for name in ("swin_base_patch4_window7_224", "vit_relpos_medium_patch16_cls_224"):
         assert name not in names
     assert set(names) <= set(open_clip.list_models()) | set(clip_lens.loading.bundled_models())  # plus the bundled models
     assert names[0] == "toy-shapes"
@@ -232,7 +234,7 @@ def test_list_models_supported_and_unsupported():
 
 @pytest.mark.parametrize(
     "name, feature",
-    [("RN50", "ResNet"), ("convnext_base", "timm"), ("MobileCLIP2-S4", "FastViT")],
+    [("swin_base_patch4_window7_224", "Swin"), ("vit_relpos_medium_patch16_cls_224", "relative position")],
 )
 def test_from_pretrained_rejects_unsupported_before_building(monkeypatch, name, feature):
     def no_build(*args, **kwargs):
@@ -247,12 +249,13 @@ def test_from_pretrained_rejects_unsupported_before_building(monkeypatch, name, 
     assert name in str(info.value)
 
 
-def test_from_open_clip_rejects_resnet():
+def test_from_open_clip_rejects_an_image_tower_it_does_not_know():
     torch.manual_seed(0)
     model = open_clip.create_model(
         "RN50", pretrained=None, vision_cfg={"layers": [1, 1, 1, 1], "width": 16, "image_size": 64},
         text_cfg={"layers": 1, "width": 64, "heads": 4}, embed_dim=32,
     )
-    with pytest.raises(UnsupportedArchitectureError, match="ResNet") as info:
+    model.visual = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 64), torch.nn.Flatten())
+    with pytest.raises(UnsupportedArchitectureError, match="Sequential") as info:
         HookedCLIP.from_open_clip(model)
     assert isinstance(info.value, NotImplementedError)

@@ -454,6 +454,6 @@ def test_mi_names_a_bad_image_before_the_work(runner, ws, bad_images, tmp_path):
 
 
 # --- models ---------------------------------------------------------------------------------------
-def test_hooks_of_a_resnet_say_the_architecture_is_unsupported(runner, ws):
-    line = fails(runner, ws, ["hooks", "-m", "RN50"], "ResNet", "does not reproduce")
+def test_hooks_of_a_swin_say_the_architecture_is_unsupported(runner, ws):
+    line = fails(runner, ws, ["hooks", "-m", "swin_base_patch4_window7_224"], "Swin", "does not reproduce")
     assert "config_overrides" not in line

@@ -383,7 +383,7 @@ def test_failed_download_of_known_tag_says_to_pass_a_local_path(monkeypatch):
         HookedCLIP.from_pretrained(NAME, "laion2b_s34b_b79k", config_overrides=TINY)
 
 
-@pytest.mark.parametrize("name, feature", [("RN50", "ResNet"), ("convnext_base", "ConvNeXt"), ("MobileCLIP-S1", "FastViT")])
+@pytest.mark.parametrize("name, feature", [("swin_base_patch4_window7_224", "Swin"), ("vit_relpos_medium_patch16_cls_224", "relative position")])
 def test_unsupported_architecture_raises_before_building(no_build, no_download, name, feature):
     with pytest.raises(UnsupportedArchitectureError) as info:
         HookedCLIP.from_pretrained(name)
@@ -394,7 +394,8 @@ def test_unsupported_architecture_raises_before_building(no_build, no_download, 
 def test_list_models_holds_only_supported_architectures():
     names = clip_lens.list_models()
     assert NAME in names and "ViT-B-16" in names
-    assert "RN50" not in names and "convnext_base" not in names and "MobileCLIP2-S2" not in names
+    assert "RN50" in names and "convnext_base" in names and "MobileCLIP2-S2" in names  # convolutional towers
+    assert "swin_base_patch4_window7_224" not in names
     for name in ("ViT-B-16-SigLIP", "ViT-SO400M-14-SigLIP-384", "EVA02-L-14", "PE-Core-B-16", "roberta-ViT-B-32"):
         assert name in names
 
