@@ -312,13 +312,14 @@ def models(
 
 def _hook_groups(names: list[str]) -> list[tuple[str, list[str]]]:
     """``names`` (forward order) grouped per layer: the hooks before the blocks, ``blocks.0`` …
-    ``blocks.N`` (``text.blocks.…`` for the text tower), then the hooks after the blocks."""
+    ``blocks.N`` (``text.blocks.…`` for the text tower; a convolutional tower's ``stages.S`` and
+    ``stages.S.blocks.B``), then the hooks after the blocks."""
     import re
 
     groups: dict[str, list[str]] = {}
     seen_block = False
     for name in names:
-        match = re.match(r"((?:text\.)?blocks\.\d+)\.", name)
+        match = re.match(r"((?:text\.)?(?:stages\.\d+\.)?blocks\.\d+)\.", name) or re.match(r"(stages\.\d+)\.", name)
         if match:
             seen_block = True
             key = match.group(1)
@@ -373,7 +374,7 @@ def hooks(
     shapes = {name: str(list(cache[name].shape)) for name in names}
     shapes.update({name: "(not run by a plain forward)" for name in not_run})
     groups = _hook_groups(names + not_run)
-    n_blocks = sum(key.split(".")[-1].isdigit() for key, _ in groups)
+    n_blocks = sum(key.split(".")[-2] == "blocks" for key, _ in groups if "." in key)
     note = ""
     if tower == "text" and getattr(hooked.text, "unhooked_note", None):  # HF text tower: 2 hooks
         note = " (a Hugging Face model: only these hooks, its internals are not hooked)"

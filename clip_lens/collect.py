@@ -11,12 +11,17 @@ Arrays of a store (``N`` images, ``D`` = d_embed, ``K`` = number of directions w
 ========================  ===========================================  ==========================
 ``embedding``             ``[N, D]`` unit image embedding               always
 ``embedding_norm``        ``[N]`` ‖embedding‖ before normalising        always
-``embed``                 ``[N, D]`` the embedding (ln_pre) term        always
-``attn``, ``mlp``         ``[N, L, D]`` per layer (attn: biases incl.)  always
-``attn_bias``, ``bias``   ``[N, L, D]``, ``[N, D]`` constant terms       always
+``embed``                 ``[N, D]`` the embedding (ln_pre) term        ViT; ConvNeXt (stem)
+``attn``, ``mlp``         ``[N, L, D]`` per layer (attn: biases incl.)  ViT (ResNet: ``attn`` only)
+``attn_bias``, ``bias``   ``[N, L, D]``, ``[N, D]`` constant terms       where the tower has them
 ``pooler_mlp``            ``[N, D]`` the MAP pooler's MLP term           SigLIP, PE-Core
 ``heads``                 ``[N, n_head_layers, H, D]``                  ``heads`` not None
+``pos_embed``             ``[N, H, D]`` attention pool's positions      ResNet, with heads
+``blocks``                ``[N, n_blocks, D]`` per block                ConvNeXt
+``feature_map``           ``[N, D]`` the final feature map's term       FastViT
 ``tokens``                ``[N, n_token_layers, H, P, K or D]``         ``tokens`` not None
+``block_positions``       ``[N, n_token_layers, P, K or D]``            ConvNeXt, ``tokens``
+``positions``             ``[N, P, K or D]`` per final position         conv towers, ``tokens``
 ``labels``                ``[N]`` int64 (-1: none)                      always
 ========================  ===========================================  ==========================
 
@@ -65,7 +70,7 @@ from jaxtyping import Float, UInt8
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from clip_lens.decompose import LayerSpec, _layers
+from clip_lens.decompose import LayerSpec, decomposition_layers
 from clip_lens import checks
 from clip_lens.distributed import Ranks
 from clip_lens.errors import ClipLensError, InputError, StoreCorruptError, StoreLockedError, StoreWarning, StoreWriteError
@@ -851,9 +856,7 @@ def collect(
     if workers < 0:
         raise InputError(f"workers must be 0 or more, got {workers}.")
     cfg = model.cfg
-    head_layers = _layers(heads, cfg.n_layers, "heads")
-    token_layers = _layers(tokens, cfg.n_layers, "tokens")
-    head_layers = sorted(set(head_layers) | set(token_layers))
+    head_layers, token_layers = decomposition_layers(model, heads, tokens)
     if directions is not None and directions.shape[-1] != cfg.d_embed:
         raise InputError(f"directions must be [K, {cfg.d_embed}], got {tuple(directions.shape)}.")
     n = len(source)
@@ -1098,21 +1101,25 @@ def store_from_arrays(
     return Store.open(path)
 
 
+STORED_TERMS = ("embed", "attn", "attn_bias", "mlp", "bias", "pooler_mlp", "heads", "pos_embed", "blocks", "feature_map")
+"""The [`Decomposition`][clip_lens.Decomposition] fields a store keeps, each where the tower has it."""
+SPATIAL_TERMS = ("tokens", "block_positions", "positions")
+"""Per-position fields: stored projected on ``directions`` when they are given."""
+
+
 def _terms(model, pixels, head_layers, token_layers, directions) -> dict[str, Tensor]:
-    """One batch's normalised terms, keyed by store array name."""
+    """One batch's normalised terms, keyed by store array name (only the terms the tower has)."""
     parts = model.decompose(pixels, heads=head_layers or None, tokens=token_layers or None)
     norm = parts.embedding_norm
     unit = parts.normalized()
-    terms = {
-        "embedding": unit.embedding, "embedding_norm": norm, "embed": unit.embed, "attn": unit.attn,
-        "attn_bias": unit.attn_bias, "mlp": unit.mlp, "bias": unit.bias,
-    }
-    if unit.pooler_mlp is not None:
-        terms["pooler_mlp"] = unit.pooler_mlp
-    if head_layers:
-        terms["heads"] = unit.heads
-    if token_layers:
-        terms["tokens"] = unit.tokens if directions is None else unit.tokens @ directions.to(unit.tokens).T
+    terms = {"embedding": unit.embedding, "embedding_norm": norm}
+    for name in STORED_TERMS:
+        if getattr(unit, name) is not None and (name != "heads" or head_layers):
+            terms[name] = getattr(unit, name)
+    for name in SPATIAL_TERMS:
+        value = getattr(unit, name)
+        if value is not None and token_layers:
+            terms[name] = value if directions is None else value @ directions.to(value).T
     return {key: value.float() for key, value in terms.items()}
 
 

@@ -218,6 +218,24 @@ def _layers(spec: LayerSpec, n_layers: int, what: str) -> list[int]:
     return sorted(set(layers))
 
 
+def decomposition_layers(model: "HookedCLIP", heads: LayerSpec, tokens: LayerSpec) -> tuple[list[int], list[int]]:
+    """``(head_layers, token_layers)``: the layers whose per-head and per-token terms
+    ``decompose(model, images, heads=heads, tokens=tokens)`` returns.
+
+    A ViT's layers are its blocks (token layers always get heads too). A convolutional tower says
+    how many of each it has (``visual.decomposition_layer_counts``): a ResNet one of each (its
+    attention pool), a ConvNeXt no heads and one token layer per block, a FastViT no heads and one
+    token layer (its final feature map).
+    """
+    counts = getattr(model.visual, "decomposition_layer_counts", None)
+    n_head_layers, n_token_layers = (model.cfg.n_layers,) * 2 if counts is None else counts
+    token_layers = _layers(tokens, n_token_layers, "tokens")
+    head_layers = _layers(heads, n_head_layers, "heads")
+    if n_head_layers == n_token_layers:  # per-token terms refine per-head ones
+        head_layers = sorted(set(head_layers) | set(token_layers))
+    return head_layers, token_layers
+
+
 def _plan(model: "HookedCLIP") -> ReadoutPlan:
     if model.cfg.pool_type not in ("tok", "avg", "attn"):
         raise UnsupportedArchitectureError(
