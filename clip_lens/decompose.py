@@ -104,7 +104,8 @@ class Decomposition:
     head: every non-constant part of the embedding; split per position in ``positions``."""
     positions: Optional[Float[Tensor, "batch position out"]] = None
     """A breakdown of every non-constant term over the final feature map's positions (row-major
-    ``grid_size``): sums to ``total() − bias`` (minus ``attn_bias`` for a ResNet). Not a term of ``total()``."""
+    ``grid_size``): sums to ``total() − bias`` (ResNet: the features' share, ``Σ_h tokens``, which leaves
+    out ``attn_bias``, ``pos_embed`` and the value bias). Not a term of ``total()``."""
     pos_embed: Optional[Float[Tensor, "batch head out"]] = None
     """ResNet: the attention pool's positional-embedding share of each head (part of ``heads``)."""
 

@@ -19,10 +19,8 @@ from clip_lens.weights import TowerWeights
 
 
 def _unsupported_visual(visual: nn.Module) -> str:
-    name = type(visual).__name__
-    if name == "ModifiedResNet":
-        return "ResNet image towers (RN50, RN101, …) are not supported: HookedCLIP wraps vision transformers."
-    return f"image tower {name} is not supported: HookedCLIP wraps open_clip's VisionTransformer and timm ViTs."
+    return (f"image tower {type(visual).__name__} is not supported: HookedCLIP wraps open_clip's VisionTransformer "
+            "and ModifiedResNet, and timm ViTs, ConvNeXts and FastViTs.")
 
 
 class VisionTower(TowerWeights, nn.Module):

@@ -150,3 +150,93 @@ def binding_accuracy(model, n_scenes: int = 2000, seed: int = HELD_OUT_SEED, bat
         n_scenes=n_scenes,
         seed=seed,
     )
+
+
+@dataclass
+class LocalisationResult:
+    """Does a text direction's per-position decomposition point at the object? (held-out scenes)
+
+    For each scene (one object) and ``attribute``, the map is the decomposition's ``positions``
+    terms projected on the true value's prompt embedding minus the mean of all values' prompts (so
+    it scores "this value rather than the others"). A hit: the map's largest cell is the cell that
+    holds most of the object's pixels. Baselines that could beat it use no text: the spatial
+    tokens' norm (the object is salient on a plain background), and the attention pool's pattern
+    (ResNet) where the tower has one; ``chance`` is ``1 / cells``.
+    """
+
+    hit_rate: dict[str, float]
+    """Per map (``"decomposition"``, ``"wrong value"``, ``"feature norm"``, ``"pool attention"``): share of hits."""
+    interval: dict[str, tuple[float, float]]
+    """Per map: bootstrap 95% interval over the scenes."""
+    object_share: dict[str, float]
+    """Per map: mean share of the map's positive mass that lies on the object's cell."""
+    chance: float
+    n_images: int
+    seed: int
+    attribute: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def localisation(
+    model, attribute: str = "colour", n_images: int = 500, seed: int = HELD_OUT_SEED, batch_size: int = 100,
+) -> LocalisationResult:
+    """Measure how often ``model.decompose(..., tokens="all")``'s per-position terms of an attribute's
+    text direction peak on the object's cell (see [`LocalisationResult`][clip_lens.toy.evaluate.LocalisationResult]).
+
+    Needs a tower whose decomposition has ``positions`` (ResNet, ConvNeXt, FastViT) and a
+    shapes-world tokenizer; scenes come from ``ShapesWorld(seed)`` at the model's image size.
+    """
+    from clip_lens.errors import UnsupportedArchitectureError
+
+    size = model.cfg.image_size[0]
+    grid_h, grid_w = model.cfg.grid_size
+    world = ShapesWorld(seed=seed, image_size=size, version=shapes_world_version(model) or 1)
+    values = world.values[attribute]
+    prompts = model.encode_text(model.to_tokens([attribute_prompt(attribute, v) for v in values]), normalize=True)
+    directions = prompts - prompts.mean(0, keepdim=True)  # value vs the attribute's other values
+    hits: dict[str, list[float]] = {}
+    shares: dict[str, list[float]] = {}
+    pool_pattern = "attn_pool.attn.hook_pattern" if "attn_pool.attn.hook_pattern" in model.hook_dict else None
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, n_images, batch_size):
+        scenes = [world.scene(i) for i in range(start, min(n_images, start + batch_size))]
+        images = batch_images(scenes).to(model.device, model.dtype)
+        names = [model.spatial_hook] + ([pool_pattern] if pool_pattern else [])
+        _, cache = model.run_with_cache(images, names_filter=names, return_type=None)
+        parts = model.decompose(images, tokens="all", directions=directions)
+        if parts.positions is None:
+            raise UnsupportedArchitectureError("localisation needs per-position terms (a ResNet, ConvNeXt or FastViT tower).")
+        truth = torch.tensor([values.index(s.value(attribute)) for s in scenes], device=images.device)
+        wrong = (truth + torch.randint(1, len(values), truth.shape, generator=generator).to(truth.device)) % len(values)
+        index = torch.arange(len(scenes), device=images.device)
+        maps = {
+            "decomposition": parts.positions[index, :, truth],
+            "wrong value": parts.positions[index, :, wrong],
+            "feature norm": cache[model.spatial_hook][:, -grid_h * grid_w:].norm(dim=-1),
+        }
+        if pool_pattern:
+            maps["pool attention"] = cache[pool_pattern][:, :, 0, -grid_h * grid_w:].mean(1)
+        cells = torch.stack([_object_cell(s.object_masks[0], grid_h, grid_w) for s in scenes]).to(images.device)
+        maps["random cell"] = torch.rand(len(scenes), grid_h * grid_w, generator=generator).to(images.device)
+        for name, scores in maps.items():
+            hits.setdefault(name, []).extend((scores.argmax(-1) == cells).float().tolist())
+            positive = scores.clamp_min(0)
+            share = positive[index, cells] / positive.sum(-1).clamp_min(1e-12)
+            shares.setdefault(name, []).extend(share.tolist())
+    return LocalisationResult(
+        hit_rate={k: sum(v) / len(v) for k, v in hits.items()},
+        interval={k: bootstrap_ci(v) for k, v in hits.items()},
+        object_share={k: sum(v) / len(v) for k, v in shares.items()},
+        chance=1 / (grid_h * grid_w), n_images=n_images, seed=seed, attribute=attribute,
+    )
+
+
+def _object_cell(mask, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Row-major index of the grid cell holding most of ``mask``'s pixels (``[H, W]`` bool)."""
+    pixels = torch.from_numpy(mask).float()
+    h, w = pixels.shape
+    per_cell = pixels.reshape(grid_h, h // grid_h, grid_w, w // grid_w).sum((1, 3))
+    return per_cell.flatten().argmax()
