@@ -42,6 +42,10 @@ def _stacked(part: str, name: str, doc: str) -> property:
 def _patch_conv(tower: nn.Module) -> nn.Conv2d:
     """The patchify convolution of an image tower (a plain linear map of each patch), or raise."""
     conv = getattr(tower, "conv1", None)
+    if getattr(tower, "family", "vit") != "vit":
+        raise UnsupportedArchitectureError(
+            f"a {tower.family} image tower has no patch embedding (its stem is a stack of convolutions), so it has no W_E."
+        )
     if conv is None:  # timm
         patch_embed = tower.trunk.patch_embed
         conv = getattr(patch_embed, "proj", None)

@@ -1,6 +1,7 @@
 """Package a finished training run as the bundled ``toy-shapes`` model.
 
-``python -m clip_lens.toy.bundle RUN_DIR`` copies the run's weights into ``clip_lens/toy/weights``,
+``python -m clip_lens.toy.bundle RUN_DIR`` copies the run's weights (of `clip_lens.toy.train` or
+`clip_lens.toy.distill`) into ``clip_lens/toy/weights``,
 measures zero-shot accuracy on 2,000 held-out scenes through [`HookedCLIP`][clip_lens.HookedCLIP], and
 writes the config with the tokenizer, preprocessing, provenance and the measured metrics.
 """
@@ -52,7 +53,7 @@ def bundle(run_dir: str | Path, name: str = "toy-shapes", n_eval: int = 2000) ->
         "preprocess_cfg": preprocess,
         "provenance": {
             # the step the run ended at, not its time budget, so that the command reproduces the weights
-            "command": _command(meta),
+            "command": meta.get("command") or _command(meta),  # a distilled run records its own
             "train": meta["train"],
             "steps_done": meta["steps_done"],
             "minutes": round(meta["minutes"], 1),

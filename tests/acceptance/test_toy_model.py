@@ -49,7 +49,7 @@ def test_bundled_model_is_listed_small_and_matches_open_clip(name):
     assert weights.stat().st_size <= 25 * 2**20
     reference = CLIP(**_meta(name)["model_cfg"]).eval()
     reference.load_state_dict(_bundled_state_dict(name), strict=True)
-    images = batch_images([ShapesWorld(seed=7).scene(i) for i in range(4)])
+    images = batch_images([ShapesWorld(seed=7, image_size=model.cfg.image_size[0]).scene(i) for i in range(4)])
     tokens = model.to_tokens(["a red circle", "a shape on a striped background"])
     with torch.no_grad():
         assert (reference.encode_image(images, normalize=True) - model.encode_image(images, normalize=True)).abs().max() <= 1e-5
