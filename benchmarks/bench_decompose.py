@@ -201,8 +201,11 @@ def build(name: str, device: torch.device, batch: int, seed: int = 0, full_text_
     # the first k images of a batch do not depend on the batch size (one stream of numbers)
     images = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed + 1)).to(device)
     # the width of the embedding decompose() works in: every tower's (timm head +) projection
-    d_embed = hooked.visual.output_affine()[0].shape[1]
-    assert hooked.cfg.d_embed in (None, d_embed), (hooked.cfg.d_embed, d_embed)
+    if hooked.visual.family == "vit":
+        d_embed = hooked.visual.output_affine()[0].shape[1]
+        assert hooked.cfg.d_embed in (None, d_embed), (hooked.cfg.d_embed, d_embed)
+    else:  # convolutional towers: the width of their (attention pool / head) output
+        d_embed = hooked.cfg.d_embed
     directions = torch.randn(N_DIRECTIONS, d_embed, generator=torch.Generator().manual_seed(seed + 2))
     directions = (directions / directions.norm(dim=-1, keepdim=True)).to(device)
     return model, hooked, images, directions
@@ -212,6 +215,8 @@ def build(name: str, device: torch.device, batch: int, seed: int = 0, full_text_
 def reference_unsupported(hooked) -> Optional[str]:
     """Why `reference_method` cannot run on this model (None when it can)."""
     cfg, visual = hooked.cfg, hooked.visual
+    if visual.family != "vit":
+        return f"a {visual.family} tower: the reference decomposes CLS-pooled ViTs only"
     if "timm_model" in (cfg.extra or {}):
         return f"timm tower ({cfg.extra['timm_model']}): the reference re-implements open_clip's own ViT"
     if getattr(visual, "attn_pool", None) is not None or cfg.pool_type != "tok":
@@ -332,7 +337,10 @@ def make_configs(model, hooked, directions, batch: int, args) -> dict[str, Confi
     from clip_lens.collect import collect
     from clip_lens import decompose
 
-    token_layers = list(range(hooked.cfg.n_layers - N_TOKEN_LAYERS, hooked.cfg.n_layers))
+    # a ViT's last 4 layers; a convolutional tower's per-position terms ("all": its attention pool, every
+    # ConvNeXt block, a FastViT's final map)
+    token_layers = (list(range(hooked.cfg.n_layers - N_TOKEN_LAYERS, hooked.cfg.n_layers))
+                    if hooked.visual.family == "vit" else "all")
     configs = {
         "raw": Config("raw", lambda x: model.encode_image(x), batch),
         "hooked": Config("hooked", lambda x: hooked.encode_image(x), batch),
@@ -470,11 +478,10 @@ def inspect(key: str, out, folder: Optional[str], raw: Optional[torch.Tensor], d
     summary: dict = {}
     if key == "collect":
         arrays = store_arrays(folder)
-        total = arrays["embed"] + arrays["attn"].sum(1) + arrays["mlp"].sum(1) + arrays["bias"]
-        if "pooler_mlp" in arrays:
-            total = total + arrays["pooler_mlp"]
+        total = sum(arrays[name] for name in ("embed", "bias", "pooler_mlp", "feature_map") if name in arrays)
+        total = total + sum(arrays[name].sum(1) for name in ("attn", "mlp", "blocks") if name in arrays)
         checks["sum_check"] = rel_err(total, arrays["embedding"])
-        summary = {"embedding": arrays["embedding"], "heads": arrays["heads"]}
+        summary = {"embedding": arrays["embedding"], "heads": arrays.get("heads")}
         if raw is not None:
             n = len(arrays["embedding"])
             checks["vs_raw"] = rel_err(arrays["embedding"], torch.nn.functional.normalize(raw[:n].float(), dim=-1))
@@ -485,7 +492,9 @@ def inspect(key: str, out, folder: Optional[str], raw: Optional[torch.Tensor], d
     elif key in ("heads", "tokens+D"):
         checks["sum_check"] = out.relative_error().float().max().item()
         summary = {"embedding": out.embedding, "heads": out.heads}
-        if key == "tokens+D":
+        if key == "tokens+D" and out.tokens is None:  # a convolutional tower: per-position terms
+            checks["positions_shape"] = list(out.positions.shape)
+        elif key == "tokens+D":
             tl = out.token_layers
             heads_d = out.heads[:, [out.head_layers.index(l) for l in tl]].float()
             checks["tokens_vs_heads"] = ((out.tokens.float().sum(3) - heads_d).norm() / heads_d.norm()).item()
