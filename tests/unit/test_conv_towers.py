@@ -18,8 +18,8 @@ RESNET = ("RN50", {"vision_cfg": {"layers": [1, 1, 1, 1], "width": 8, "image_siz
                    "text_cfg": SMALL_TEXT}, {})
 CONVNEXT = ("convnext_base", {"vision_cfg": {"image_size": 64}, "text_cfg": SMALL_TEXT},
             {"depths": (1, 2, 1, 1), "dims": (16, 24, 32, 40)})
-FASTVIT = ("MobileCLIP-S2", {"vision_cfg": {"image_size": 64}, "text_cfg": SMALL_TEXT},
-           {"layers": (1, 1, 1, 1), "embed_dims": (16, 24, 32, 64)})
+FASTVIT = ("MobileCLIP-S2", {"vision_cfg": {"image_size": 80}, "text_cfg": SMALL_TEXT},
+           {"layers": (1, 1, 2, 2), "embed_dims": (8, 16, 32, 64)})
 FAMILIES = {"resnet": RESNET, "convnext": CONVNEXT, "fastvit": FASTVIT}
 
 
