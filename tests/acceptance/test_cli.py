@@ -90,9 +90,9 @@ class TestErrors:
         assert not (tmp_path / "r").exists()
 
     def test_unsupported_architecture_exits_2(self, runner, tmp_path):
-        result = runner.invoke(app, ["report", "--model", "RN50", "--out", str(tmp_path / "r")])
+        result = runner.invoke(app, ["report", "--model", "swin_base_patch4_window7_224", "--out", str(tmp_path / "r")])
         assert result.exit_code == 2
-        assert "ResNet" in result.stderr
+        assert "Swin" in result.stderr
 
     def test_invalid_config_override_json_exits_2(self, runner, tmp_path):
         result = runner.invoke(app, ["report", "-m", "ViT-B-32", "--out", str(tmp_path), "--config-override", "{bad"])
