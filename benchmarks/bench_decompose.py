@@ -7,7 +7,7 @@ One run measures, per model and batch size, on the same weights and the same inp
   (a) raw        open_clip ``model.encode_image(x)``
   (b) hooked     ``HookedCLIP.from_open_clip(model, name).encode_image(x)``
   (c) heads      ``decompose(hooked, x, heads="all")``
-  (d) tokens+D   ``decompose(hooked, x, heads="all", tokens=<last 4 layers>, directions=D)``,
+  (d) tokens+D   ``decompose(hooked, x, heads="all", tokens=<last 4 layers; a convolutional tower: "all">, directions=D)``,
                  D = 1000 random unit directions ``[1000, d_embed]``
   (e) cache      ``hooked.run_with_cache(x)``: every hook point of the image tower cached, the lazy
                  ones included (attention scores/patterns, per-head results, LayerNorm scales: they
@@ -492,7 +492,7 @@ def inspect(key: str, out, folder: Optional[str], raw: Optional[torch.Tensor], d
     elif key in ("heads", "tokens+D"):
         checks["sum_check"] = out.relative_error().float().max().item()
         summary = {"embedding": out.embedding, "heads": out.heads}
-        if key == "tokens+D" and out.tokens is None:  # a convolutional tower: per-position terms
+        if key == "tokens+D" and out.family != "vit":  # a convolutional tower: per-position terms
             checks["positions_shape"] = list(out.positions.shape)
         elif key == "tokens+D":
             tl = out.token_layers
@@ -688,7 +688,9 @@ def bench_model(name: str, batch: int, precisions: list[str], device: torch.devi
     built = build(name, device, batch, full_text_tower=args.full_text_tower)
     model, hooked, images, directions = built
     tcfg = hooked.cfg
-    tower = f"timm {tcfg.extra.get('timm_model')}" if "timm_model" in (tcfg.extra or {}) else "open_clip ViT"
+    family = hooked.visual.family
+    tower = (f"{family} tower" if family != "vit" else
+             f"timm {tcfg.extra.get('timm_model')}" if "timm_model" in (tcfg.extra or {}) else "open_clip ViT")
     d_embed = directions.shape[1]
     row: dict = {"model": name, "batch": batch, "device": str(device), "tower": tower,
                  "n_layers": tcfg.n_layers, "n_heads": tcfg.n_heads, "n_ctx": tcfg.n_ctx,
@@ -700,7 +702,7 @@ def bench_model(name: str, batch: int, precisions: list[str], device: torch.devi
         rows.append(row)
     print(f"\n== {name}  batch {batch}  on {device} ({tower}: {tcfg.n_layers} layers x {tcfg.n_heads} heads, "
           f"{tcfg.n_ctx} tokens of which {tcfg.n_prefix_tokens} prefix, pool {tcfg.pool_type}, d_embed {d_embed}; "
-          f"tokens= last {N_TOKEN_LAYERS} layers, D = [{N_DIRECTIONS}, {d_embed}])", flush=True)
+          f"tokens= {'last %d layers' % N_TOKEN_LAYERS if family == 'vit' else 'all'}, D = [{N_DIRECTIONS}, {d_embed}])", flush=True)
     if "collect" in args.config_list:
         try:  # the per-call set-up of collect that a real run pays once per job, not per batch
             from clip_lens.collect import weights_fingerprint

@@ -61,6 +61,7 @@ from clip_lens.config import TowerConfig
 from clip_lens.decompose import Decomposition, _layers
 from clip_lens.errors import InputError, UnsupportedArchitectureError
 from clip_lens.towers.conv import ConvTower, as_map, as_tokens
+from clip_lens.towers.timm_vit import TimmQKV, _qkv
 
 STEM_BLOCKS = ("MobileOneBlock",)
 BLOCKS = ("RepMixerBlock", "AttentionBlock")
@@ -197,7 +198,7 @@ def _grid(trunk: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]:
 
 
 # --- hooked modules ----------------------------------------------------------------------------
-class FastViTAttention(HeadAttention):
+class FastViTAttention(TimmQKV, HeadAttention):
     """The multi-head self-attention of a FastViT ``AttentionBlock``, split into heads.
 
     Runs on the block's normalised map as tokens ``[batch, n = H·W, C]`` (row-major). Weights in
@@ -216,27 +217,6 @@ class FastViTAttention(HeadAttention):
         """The LayerScale ``γ₁`` ``[C]`` (stored ``[C, 1, 1]`` by timm), or None."""
         return None if self.layer_scale is None else self.layer_scale.gamma.reshape(-1)
 
-    def _qkv(self, which: int) -> tuple[Tensor, Optional[Tensor]]:
-        qkv = self.source.qkv
-        bias = None if qkv.bias is None else qkv.bias.chunk(3)[which]
-        return qkv.weight.chunk(3)[which], bias
-
-    def _weight(self, which: int) -> Float[Tensor, "h m d"]:
-        return einops.rearrange(self._qkv(which)[0], "(h d) m -> h m d", h=self.n_heads)
-
-    def _bias(self, which: int) -> Float[Tensor, "h d"]:
-        b = self._qkv(which)[1]
-        if b is None:
-            return self.source.qkv.weight.new_zeros(self.n_heads, self.d_head)
-        return einops.rearrange(b, "(h d) -> h d", h=self.n_heads)
-
-    W_Q = property(lambda self: self._weight(0))
-    W_K = property(lambda self: self._weight(1))
-    W_V = property(lambda self: self._weight(2))
-    b_Q = property(lambda self: self._bias(0))
-    b_K = property(lambda self: self._bias(1))
-    b_V = property(lambda self: self._bias(2))
-
     @property
     def W_O(self) -> Float[Tensor, "h d m"]:
         w = einops.rearrange(self.source.proj.weight, "m (h d) -> h d m", h=self.n_heads)
@@ -249,7 +229,7 @@ class FastViTAttention(HeadAttention):
         return b if self.gamma is None else b * self.gamma
 
     def project(self, x: Float[Tensor, "batch n m"], which: int) -> Float[Tensor, "batch n h d"]:
-        return einops.rearrange(F.linear(x, *self._qkv(which)), "b n (h d) -> b n h d", h=self.n_heads)
+        return einops.rearrange(F.linear(x, *_qkv(self.source)[which]), "b n (h d) -> b n h d", h=self.n_heads)
 
     def fused_output(self, z: Float[Tensor, "batch n hd"]) -> Float[Tensor, "batch n m"]:
         out = self.source.proj(z)

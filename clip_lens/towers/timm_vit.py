@@ -151,7 +151,29 @@ def _qkv(attn: nn.Module) -> list[tuple[Tensor, Optional[Tensor]]]:
     return list(zip(weights, biases))
 
 
-class TimmAttention(HeadAttention):
+class TimmQKV:
+    """``W_Q/W_K/W_V`` ``[h, m, d]`` and ``b_Q/b_K/b_V`` ``[h, d]`` (TransformerLens layout) of the timm
+    attention module ``self.source`` (fused ``qkv`` or separate projections; mixin of the hooked
+    attentions of timm towers)."""
+
+    def _weight(self, which: int) -> Float[Tensor, "h m d"]:
+        return einops.rearrange(_qkv(self.source)[which][0], "(h d) m -> h m d", h=self.n_heads)
+
+    def _bias(self, which: int) -> Float[Tensor, "h d"]:
+        b = _qkv(self.source)[which][1]
+        if b is None:
+            return self.source.proj.weight.new_zeros(self.n_heads, self.d_head)
+        return einops.rearrange(b, "(h d) -> h d", h=self.n_heads)
+
+    W_Q = property(lambda self: self._weight(0))
+    W_K = property(lambda self: self._weight(1))
+    W_V = property(lambda self: self._weight(2))
+    b_Q = property(lambda self: self._bias(0))
+    b_K = property(lambda self: self._bias(1))
+    b_V = property(lambda self: self._bias(2))
+
+
+class TimmAttention(TimmQKV, HeadAttention):
     """Self-attention of a timm block split into heads (see `HeadAttention` for the hooks).
 
     Extra hooks: ``hook_rot_q``/``hook_rot_k`` ``[batch, n, h, d]`` (after rotary embeddings, the
@@ -173,23 +195,6 @@ class TimmAttention(HeadAttention):
         if rotary:  # only towers with rotary embeddings have these hooks (every hook fires)
             self.hook_rot_q = HookPoint()
             self.hook_rot_k = HookPoint()
-
-    # --- weights in TransformerLens layout -------------------------------------------------
-    def _weight(self, which: int) -> Float[Tensor, "h m d"]:
-        return einops.rearrange(_qkv(self.source)[which][0], "(h d) m -> h m d", h=self.n_heads)
-
-    def _bias(self, which: int) -> Float[Tensor, "h d"]:
-        b = _qkv(self.source)[which][1]
-        if b is None:
-            return self.source.proj.weight.new_zeros(self.n_heads, self.d_head)
-        return einops.rearrange(b, "(h d) -> h d", h=self.n_heads)
-
-    W_Q = property(lambda self: self._weight(0))
-    W_K = property(lambda self: self._weight(1))
-    W_V = property(lambda self: self._weight(2))
-    b_Q = property(lambda self: self._bias(0))
-    b_K = property(lambda self: self._bias(1))
-    b_V = property(lambda self: self._bias(2))
 
     @property
     def W_O(self) -> Float[Tensor, "h d m"]:
