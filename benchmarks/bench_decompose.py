@@ -777,7 +777,9 @@ def print_table(row: dict) -> None:
         for key, e in res["configs"].items():
             if e.get("oom_at"):
                 notes.append(f"* {key} {precision}: CUDA out of memory at batch {', '.join(map(str, e['oom_at']))}")
-            if key == "tokens+D" and "checks" in e:
+            if key == "tokens+D" and "positions_shape" in e.get("checks", {}):
+                notes.append(f"(d) {precision}: per-position terms {tuple(e['checks']['positions_shape'])}")
+            elif key == "tokens+D" and "checks" in e:
                 notes.append(f"(d) {precision}: tokens {tuple(e['checks']['tokens_shape'])}, tokens.sum(token) vs heads "
                              f"{e['checks']['tokens_vs_heads']:.1e}")
             if key == "cache" and "checks" in e and precision == next(iter(row["precisions"])):
