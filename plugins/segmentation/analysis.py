@@ -16,7 +16,7 @@ from torch import Tensor
 
 from clip_lens.errors import InputError
 from clip_lens_plugins.segmentation.heads import HeadSpec, parse_heads
-from clip_lens_plugins.segmentation.maps import head_token_maps, split_tokens
+from clip_lens_plugins.segmentation.maps import has_head_terms, head_token_maps, position_maps, split_tokens
 from clip_lens_plugins.segmentation.results import ContrastiveResult, HeatmapResult
 
 if TYPE_CHECKING:
@@ -40,6 +40,16 @@ def checked_images(model: "HookedCLIP", images) -> Float[Tensor, "batch 3 H W"]:
     if len(images) == 0:
         raise InputError("images is empty: give at least one preprocessed image [batch, 3, H, W].")
     return images
+
+
+def _final_map(model: "HookedCLIP", heads: HeadSpec) -> list[str]:
+    """The label of a ConvNeXt's or FastViT's per-position map; refuses a head selection (it has no heads)."""
+    if heads != "all":
+        raise InputError(
+            f"a {model.visual.family} image tower has no attention heads with direct terms: its map is the "
+            f"final feature map's per-position terms; pass heads='all' (got {heads!r})."
+        )
+    return ["final map"]
 
 
 def _required(model: "HookedCLIP", name: str) -> "HookedCLIP":
@@ -67,11 +77,16 @@ class Segmentation:
     def run(self, images: Float[Tensor, "batch 3 H W"], text: str, head: HeadSpec = "all", batch_size: int = 32) -> HeatmapResult:
         cfg = self.model.cfg
         images = checked_images(self.model, images)
-        selection = parse_heads(head, cfg.n_layers, cfg.n_heads)
         direction = encode_texts(self.model, [text])
-        token_maps = head_token_maps(self.model, images, direction, selection, batch_size).sum(1)[:, 0]
+        if not has_head_terms(self.model):
+            labels = _final_map(self.model, head)
+            token_maps = position_maps(self.model, images, direction, batch_size)[:, 0]
+        else:
+            selection = parse_heads(head, cfg.n_layers, cfg.n_heads)
+            labels = selection.labels
+            token_maps = head_token_maps(self.model, images, direction, selection, batch_size).sum(1)[:, 0]
         prefix, grid = split_tokens(token_maps, cfg.grid_size)
-        return HeatmapResult(text, selection.labels, grid.cpu(), prefix.cpu(), cfg.image_size)
+        return HeatmapResult(text, labels, grid.cpu(), prefix.cpu(), cfg.image_size)
 
 
 class ContrastiveSegmentation:
@@ -96,8 +111,13 @@ class ContrastiveSegmentation:
     ) -> ContrastiveResult:
         cfg = self.model.cfg
         images = checked_images(self.model, images)
-        selection = parse_heads(heads, cfg.n_layers, cfg.n_heads)
         directions = encode_texts(self.model, [text_a, text_b])
-        per_text = head_token_maps(self.model, images, directions, selection, batch_size).sum(1)  # [batch, 2, token]
+        if not has_head_terms(self.model):
+            labels = _final_map(self.model, heads)
+            per_text = position_maps(self.model, images, directions, batch_size)  # [batch, 2, token]
+        else:
+            selection = parse_heads(heads, cfg.n_layers, cfg.n_heads)
+            labels = selection.labels
+            per_text = head_token_maps(self.model, images, directions, selection, batch_size).sum(1)  # [batch, 2, token]
         _, grid = split_tokens(per_text.cpu(), cfg.grid_size)
-        return ContrastiveResult(text_a, text_b, selection.labels, grid[:, 0] - grid[:, 1], grid[:, 1] - grid[:, 0], cfg.image_size)
+        return ContrastiveResult(text_a, text_b, labels, grid[:, 0] - grid[:, 1], grid[:, 1] - grid[:, 0], cfg.image_size)

@@ -44,6 +44,26 @@ def head_token_maps(
     return torch.cat(chunks)
 
 
+def has_head_terms(model: "HookedCLIP") -> bool:
+    """Whether the tower's decomposition has per-head, per-token terms (ViTs; a ResNet's attention
+    pool). A ConvNeXt or FastViT has per-position terms of the final map instead (`position_maps`)."""
+    return model.visual.family in ("vit", "resnet")
+
+
+def position_maps(
+    model: "HookedCLIP", images: Float[Tensor, "batch 3 H W"], directions: Float[Tensor, "direction d_embed"],
+    batch_size: int = 32,
+) -> Float[Tensor, "batch direction token"]:
+    """Each final-map position's share of the cosine with each direction (``Decomposition.positions``
+    of a convolutional tower, divided by ‖image embedding‖): a ConvNeXt's stem and every block per
+    final cell, a FastViT's final map."""
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        parts = model.decompose(images[start : start + batch_size], tokens="all", directions=directions)
+        chunks.append(einops.rearrange(parts.normalized().positions, "b t k -> b k t"))
+    return torch.cat(chunks)
+
+
 def split_tokens(
     token_maps: Float[Tensor, "*batch token"], grid_size: tuple[int, int]
 ) -> tuple[Float[Tensor, "*batch"], Float[Tensor, "*batch grid_h grid_w"]]:

@@ -99,3 +99,24 @@ def test_textspan_runs_on_the_resnet_attention_pool_heads(tmp_path):
     assert [h.head for h in spans.heads] == [f"L0H{h}" for h in range(model.cfg.n_heads)]
     for head in spans.heads:
         assert len(head.texts) == 3
+
+
+def test_topic_and_contrastive_segmentation_run_on_every_family(conv):
+    """ResNet: the attention pool's heads per position; ConvNeXt, FastViT: the final map's per-position
+    terms. The map sums to the text's share of the cosine carried by those terms (exactly)."""
+    images = _images(conv, 2)
+    gh, gw = conv.cfg.grid_size
+    texts = conv.encode_text(conv.to_tokens(["a red circle", "a blue square"]), normalize=True)
+    topic = clip_lens.analyses.get("segmentation")(conv).run(images, "a red circle")
+    assert tuple(topic.grid.shape) == (2, gh, gw)
+    parts = conv.decompose(images, tokens="all", directions=texts).normalized()
+    feature_share = parts.positions.sum(1) if conv.visual.family != "resnet" else parts.tokens.sum((1, 2, 3))
+    torch.testing.assert_close(topic.grid.sum((1, 2)) + topic.prefix, feature_share[:, 0], atol=1e-5, rtol=1e-4)
+    contrast = clip_lens.analyses.get("contrastive_segmentation")(conv).run(images, "a red circle", "a blue square")
+    torch.testing.assert_close(contrast.a_minus_b.sum((1, 2)), feature_share[:, 0] - feature_share[:, 1], atol=1e-5, rtol=1e-4)
+    if conv.visual.family != "resnet":
+        assert topic.heads == ["final map"]
+        with pytest.raises(InputError, match="no attention heads"):
+            clip_lens.analyses.get("segmentation")(conv).run(images, "a red circle", head="L0H0")
+    else:
+        assert topic.heads == [f"L0H{h}" for h in range(conv.cfg.n_heads)]
