@@ -120,3 +120,23 @@ def test_topic_and_contrastive_segmentation_run_on_every_family(conv):
             clip_lens.analyses.get("segmentation")(conv).run(images, "a red circle", head="L0H0")
     else:
         assert topic.heads == [f"L0H{h}" for h in range(conv.cfg.n_heads)]
+
+
+def test_neighbours_by_a_resnet_pool_head_and_by_the_embedding_of_every_family(conv, tmp_path):
+    """Per-head neighbours need per-head terms (a ResNet's pool heads); the embedding search runs on every
+    family; both rank the store as a brute-force search over its arrays does."""
+    images = _images(conv, 8)
+    store = collect(conv, images, tmp_path / "store", chunk_size=4, batch_size=4, progress=False)
+    search = clip_lens.analyses.get("neighbors")(conv)
+    own = search.run(store, query_texts=["a red circle"], embedding=True, k=3)
+    text = conv.encode_text(conv.to_tokens(["a red circle"]), normalize=True)[0]
+    expected = (torch.as_tensor(store.read("embedding")) @ text).argsort(descending=True)[:3]
+    assert own.indices[0].tolist() == expected.tolist()
+    if conv.visual.family == "resnet":
+        by_head = search.run(store, query_texts=["a red circle"], head="L0H1", k=3)
+        scores = torch.as_tensor(store.read("heads")[:, 0, 1]) @ conv.encode_text(
+            conv.to_tokens(["a red circle"]), normalize=True)[0]
+        assert by_head.indices[0].tolist() == scores.argsort(descending=True)[:3].tolist()
+    else:
+        with pytest.raises(InputError, match="per-head"):
+            search.run(store, query_texts=["a red circle"], head="L0H0", k=3)
