@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional, Protocol, runtime_checkable
 
 from clip_lens.errors import ClipLensError, InputError, close_matches
-from clip_lens.files import atomic_write
+from clip_lens.files import atomic_write, read_json
 
 GROUP = "clip_lens.analyses"
 
@@ -87,10 +87,7 @@ class JSONResult:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"no {cls.__name__} file at {path}.")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path} is not valid JSON ({exc}).") from exc
+        data = read_json(path, f"{cls.__name__} file", "what its save() wrote")  # FIFOs, deep nesting refused
         return cls.from_dict(data)
 
 

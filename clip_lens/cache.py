@@ -129,6 +129,8 @@ class CLIPActivationCache(ActivationCache):
         *,
         images: Optional[torch.Tensor] = None,
         incorrect_images: Optional[torch.Tensor] = None,
+        tokens: Any = None,
+        incorrect_tokens: Any = None,
         pos_slice: Any = None,
         batch_slice: Any = None,
         has_batch_dim: bool = True,
@@ -140,7 +142,13 @@ class CLIPActivationCache(ActivationCache):
         one text for the whole batch, or one per batch row. With ``incorrect_texts`` the
         direction is the difference, so the attributions explain a logit difference. Divide by
         ``‖embedding‖`` and multiply by ``logit_scale`` for shares of the zero-shot logit.
+
+        TransformerLens' names work too: ``tokens=``/``incorrect_tokens=`` (token ids or strings of
+        the answer texts) are ``texts``/``incorrect_texts`` on the image cache, as in
+        ``cache.logit_attrs(stack, tokens=model.to_tokens(["a dog"]))``. On ``cache.text`` the
+        answers are images, so ``tokens=`` is refused there.
         """
+        texts, incorrect_texts = self._tl_tokens(texts, incorrect_texts, tokens, incorrect_tokens)
         clip = self._clip_model()
         if self.model.cfg.tower == "text":
             if images is None or texts is not None:
@@ -171,6 +179,19 @@ class CLIPActivationCache(ActivationCache):
                 )
             directions = directions.view(directions.shape[0], *([1] * (scaled.ndim - 3)), directions.shape[1])
         return (scaled * directions).sum(-1)
+
+    def _tl_tokens(self, texts: Any, incorrect_texts: Any, tokens: Any, incorrect_tokens: Any) -> tuple[Any, Any]:
+        """``texts``/``incorrect_texts`` from TransformerLens' ``tokens``/``incorrect_tokens`` (one name each)."""
+        if tokens is None and incorrect_tokens is None:
+            return texts, incorrect_texts
+        if self.model.cfg.tower == "text":
+            raise InputError(
+                "cache.text.logit_attrs reads the text tower with image directions: pass images=... (and "
+                "incorrect_images=...), not tokens=."
+            )
+        if (tokens is not None and texts is not None) or (incorrect_tokens is not None and incorrect_texts is not None):
+            raise InputError("pass the answer texts once: texts= (clip_lens) or tokens= (TransformerLens), not both.")
+        return (texts if tokens is None else tokens), (incorrect_texts if incorrect_tokens is None else incorrect_tokens)
 
     def _clip_model(self):
         model = getattr(self, "clip_model", None) or self.model

@@ -5,8 +5,10 @@ Commands: ``report``, ``models``, ``hooks``, ``train-toy``, and the head-analysi
 installed analysis plugins; ``sae train`` / ``sae inspect`` train sparse autoencoders and show their
 features (`clip_lens.feature_report`). Plugins are reached through `clip_lens.analyses` only.
 
-Errors raised by clip_lens (`ClipLensError`) and filesystem errors
-(``OSError``) are printed as one ``error:`` line and exit with status 2; the work itself lives in
+Errors raised by clip_lens (`ClipLensError`), filesystem errors (``OSError``) and usage errors
+(a missing option, a bad number, an unknown option or command: ``_Group``) are printed as one
+``error:`` line and exit with status 2; file arguments that are FIFOs or devices are refused before
+any work (``_refuse_special_files``). The work itself lives in
 the library (`clip_lens.report`, `clip_lens.collect`, the plugins). Library messages
 that recommend a Python call (``clip_lens.list_models()``) are printed with the CLI command that
 does the same (``clip-lens models``; ``_CLI_HINTS``).
@@ -26,15 +28,16 @@ decoded with `clip_lens.files.load_image` (one line naming a bad file); ``collec
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperGroup
 
 from clip_lens.errors import ClipLensError
 
@@ -69,12 +72,46 @@ def _readable_metavars(command: Any) -> None:
         _readable_metavars(sub)
 
 
+# click's UsageError (missing option, bad value, unknown option, unknown command), found through typer's
+# public BadParameter: typer >= 0.24 vendors its own copy of click, older ones use click itself.
+_USAGE_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
+# the UsageError a group raises to print its help when called without a command: help, not a failure
+_HELP_REQUEST = getattr(importlib.import_module(_USAGE_ERROR.__module__), "NoArgsIsHelpError", ())
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors(command_path: str) -> Iterator[None]:
+    """Print a usage error (missing option, bad number or choice, unknown option or command) as one
+    ``error:`` line naming the ``--help`` to read, exit status 2, instead of click's three-line block.
+    ``command_path`` names the command when the error does not (``clip-lens hooks``)."""
+    try:
+        yield
+    except _HELP_REQUEST:
+        raise
+    except _USAGE_ERROR as exc:
+        message = exc.format_message().strip()
+        path = exc.ctx.command_path if exc.ctx is not None else command_path
+        _fail(f"{message}{'' if message.endswith('.') else '.'} Run `{path} --help` for the usage.")
+
+
 class _Group(TyperGroup):
-    """The ``clip-lens`` group (and ``clip-lens sae``): readable option metavars in every ``--help``."""
+    """The ``clip-lens`` group (and ``clip-lens sae``): readable option metavars in every ``--help``,
+    and usage errors of the group and of every command below it as one ``error:`` line (exit 2)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _readable_metavars(self)
+
+    def make_context(self, info_name: Optional[str], args: list[str], parent: Any = None, **extra: Any) -> Any:
+        path = " ".join(part for part in (parent.command_path if parent else "", info_name or self.name or "") if part)
+        with _one_line_usage_errors(path):  # the group's own options: `clip-lens --bogus`
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        given = [*getattr(ctx, "_protected_args", []), *ctx.args][:1]  # read before click consumes them
+        path = " ".join([ctx.command_path, *[name for name in given if name in self.commands]])
+        with _one_line_usage_errors(path):  # the command's name, then its options and their values
+            return super().invoke(ctx)
 
 
 app = typer.Typer(
@@ -90,6 +127,10 @@ app = typer.Typer(
 )
 
 EXIT_USER_ERROR = 2
+# --seed / --train-seed: the range every seeded library accepts (numpy's legacy seeds are below 2**32)
+_SEED_MAX = 2**32 - 1
+# scene counts (--shapes, --n-images …): clip_lens.toy.world.MAX_SCENES, not imported (it imports torch)
+_MAX_SCENES = 1_000_000
 
 
 def _fail(message: str) -> None:
@@ -129,13 +170,39 @@ def _cli_hints(message: str) -> str:
     return message
 
 
+# string options that may name a file (a local checkpoint, a text bank, a descriptor file); Path options are files
+_FILE_TEXT_OPTIONS = ("pretrained", "bank", "descriptors")
+
+
+def _option_names() -> dict[str, str]:
+    """Parameter name → how the running command's help calls it (``"image"`` → ``"--image"``)."""
+    click_globals = importlib.import_module(_USAGE_ERROR.__module__.rpartition(".")[0] + ".globals")
+    context = click_globals.get_current_context(silent=True)
+    params = getattr(getattr(context, "command", None), "params", [])
+    return {param.name: (param.opts[0] if param.param_type_name == "option" else param.name.upper()) for param in params}
+
+
+def _refuse_special_files(kwargs: dict) -> None:
+    """Refuse a command's file arguments that are FIFOs, devices or sockets before any work
+    (`clip_lens.files.require_regular`): reading one would block forever or never end."""
+    from clip_lens.files import require_regular, special_file
+
+    for key, value in kwargs.items():
+        for item in value if isinstance(value, list) else [value]:
+            is_file_argument = isinstance(item, Path) or (key in _FILE_TEXT_OPTIONS and isinstance(item, str))
+            if is_file_argument and special_file(item) is not None:
+                require_regular(item, _option_names().get(key, key))
+
+
 def _user_errors(command: Callable) -> Callable:
     """Turn a ClipLensError or a filesystem error (OSError: read-only folder, full disk …) into one
-    line on stderr and exit status 2 (no traceback)."""
+    line on stderr and exit status 2 (no traceback). File arguments that are FIFOs or devices are
+    refused first (`_refuse_special_files`)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            _refuse_special_files(kwargs)
             return command(*args, **kwargs)
         except ClipLensError as exc:
             _fail(_cli_hints(str(exc)))
@@ -189,8 +256,10 @@ def _readable_images(images: Optional[Path], option: str = "--images") -> tuple[
         load_image(images, f"{option} file")  # one image: nothing to skip to
         return images, 0
     from clip_lens.collect import IMAGE_SUFFIXES
+    from clip_lens.shards import refuse_mixed_folder
 
     paths = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    refuse_mixed_folder(images, paths)  # loose images next to tar shards: neither is dropped silently
     good, bad = readable_images(paths)
     if not bad:
         return images, 0
@@ -235,14 +304,14 @@ def report(
     pretrained: Optional[str] = typer.Option(
         None, "--pretrained", "-p", help="pretrained tag or local checkpoint; omitted: RANDOM weights (bundled models excepted)."
     ),
-    n_images: int = typer.Option(8, "--n-images", min=1, help="number of synthetic images."),
-    seed: int = typer.Option(0, "--seed", help="seed of the synthetic images."),
+    n_images: int = typer.Option(8, "--n-images", min=1, max=_MAX_SCENES, help="number of synthetic images."),
+    seed: int = typer.Option(0, "--seed", min=0, max=_SEED_MAX, help="seed of the synthetic images."),
     out: Path = typer.Option(Path("clip_lens_report"), "--out", "-o", help="output folder."),
     config_override: Optional[str] = typer.Option(
         None, "--config-override", help='JSON merged into the open_clip config, e.g. \'{"vision_cfg": {"layers": 2}}\'.'
     ),
     head_images: Optional[int] = typer.Option(
-        None, "--head-images", min=0,
+        None, "--head-images", min=0, max=_MAX_SCENES,
         help="shapes-world scenes for the head analyses (TextSpan, labels, metrics); default 2000 for the shapes-world models, 0 (off) otherwise.",
     ),
     images: Optional[Path] = typer.Option(None, "--images", help="folder of real images for the head analyses."),
@@ -392,7 +461,7 @@ def train_toy(
     out: Path = typer.Option(Path("toy_shapes_run"), "--out", "-o", help="run folder (resumes if it holds a checkpoint)."),
     steps: int = typer.Option(2800, "--steps", min=1, help="training steps (the bundled model was trained for 2800)."),
     batch_size: int = typer.Option(256, "--batch-size", min=2, help="scenes per training step (each with its captions)."),
-    seed: int = typer.Option(0, "--seed", help="seed of the initialisation and of the training scenes."),
+    seed: int = typer.Option(0, "--seed", min=0, max=_SEED_MAX, help="seed of the initialisation and of the training scenes."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="stop (and checkpoint) after this long."),
     force: bool = typer.Option(False, "--force", help="start a run in an --out folder that holds other files (a "
                                "folder with a checkpoint is always resumed; delete checkpoint.pt to start over)."),
@@ -441,8 +510,8 @@ def collect_command(
     images: Optional[Path] = typer.Option(None, "--images", help="folder of images (searched recursively), one image, or "
                                           "WebDataset tar shards: a .tar, a folder of them, or a pattern such as "
                                           "'train-{000000..000099}.tar'."),
-    shapes: Optional[int] = typer.Option(None, "--shapes", min=1, help="use this many shapes-world scenes instead of --images."),
-    seed: int = typer.Option(0, "--seed", help="seed of the shapes-world scenes."),
+    shapes: Optional[int] = typer.Option(None, "--shapes", min=1, max=_MAX_SCENES, help="use this many shapes-world scenes instead of --images."),
+    seed: int = typer.Option(0, "--seed", min=0, max=_SEED_MAX, help="seed of the shapes-world scenes."),
     out: Path = typer.Option(..., "--out", "-o", help="store folder; an unfinished store made by the same command is resumed."),
     heads: str = typer.Option("all", "--heads", help="layers whose per-head terms are kept: all, none or e.g. 0,1,2."),
     tokens: str = typer.Option("none", "--tokens", help="layers whose per-head, per-token terms are kept (large): none, all or e.g. 11."),
@@ -465,25 +534,26 @@ def collect_command(
     N processes split the chunks and write one store, the same as a single process writes."""
     import shutil
 
-    from clip_lens.collect import Store, collect, resumable_folder, shapes_world_images
-    from clip_lens.distributed import process_group
+    from clip_lens.collect import Store, collect, replacing_folder, resumable_folder, shapes_world_images
+    from clip_lens.distributed import launched, process_group
     from clip_lens.errors import InputError
     from clip_lens.precision import PRECISIONS
 
     if (images is None) == (shapes is None):
         _fail("give exactly one image source: --images FOLDER or --shapes N.")
+    launched()  # a bad launch environment (MASTER_PORT=abc …) is refused before any work
     head_layers, token_layers = _parse_layers(heads, "--heads"), _parse_layers(tokens, "--tokens")
     finished, replace, damaged = 0, False, {}
     if (out / "zarr.json").is_file():
         try:
-            existing = Store.open(out)
+            existing = Store.open(out, partial=True)
             finished, replace = len(existing.done_chunks()), existing.complete
             if replace and existing.checked:
                 damaged = existing.verify()  # a finished store with damaged chunks is repaired, not replaced
                 replace, finished = not damaged, finished - len(damaged)
         except InputError:
             pass  # collect explains what is wrong with the folder
-    staging = out.parent / f".{out.name}.replacing"  # a forced run collects here, then takes --out's place
+    staging = replacing_folder(out)  # a forced run collects here (under --out's lock), then takes --out's place
     outputs = [_out(out, folder=True, resume=True)]  # a store in --out is resumed (or, finished, handled below)
     if replace and force:
         outputs.append(_out(staging, f"the folder {staging} (where --force collects before replacing --out)", folder=True,
@@ -506,14 +576,11 @@ def collect_command(
         source: Any = shapes_world_images(shapes, seed, hooked.cfg.image_size[0])
     else:
         source = images
-    target = staging if replace else out
     with process_group(str(hooked.device)) as job:  # under torchrun: the ranks share the store, rank 0 reports
         lead = job is None or job.rank == 0
-        if replace and staging.exists() and lead:
-            shutil.rmtree(staging)  # left by an interrupted forced run
         store = collect(
-            hooked, source, target, heads=head_layers, tokens=token_layers, chunk_size=chunk_size, batch_size=batch_size,
-            precision=precision, workers=workers, progress=lead,
+            hooked, source, out, heads=head_layers, tokens=token_layers, chunk_size=chunk_size, batch_size=batch_size,
+            precision=precision, workers=workers, progress=lead, replace=replace,
         )
     if not lead:
         return
@@ -521,22 +588,19 @@ def collect_command(
     listed = "; ".join(f"{name or f'row {row}'}: {reason}" for row, (name, reason) in list(bad.items())[:5])
     if bad and store.n_done == 0:
         if not finished:  # a store of no image, made by this command: not left behind
-            shutil.rmtree(target)
+            shutil.rmtree(out)
         raise InputError(f"none of the {store.n_images} images of --images {images} can be read: {listed}.")
-    if replace:  # swap: the old store is removed only once the new one is complete
-        old = out.parent / f".{out.name}.replaced"
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old)
-        store = Store.open(out)
+    if replace:  # collect swapped the new store in under --out's lock
         typer.echo(f"Replaced the finished store in {out} (--force).")
     elif damaged:
         typer.echo(f"Repaired: recomputed {len(damaged)} damaged chunk(s) ({', '.join(map(str, sorted(damaged)))}); "
                    f"{finished} of {store.n_chunks} chunks were intact.")
     elif finished:
         typer.echo(f"Resumed: {finished} of {store.n_chunks} chunks were already done.")
+    changed = store.recomputed.get("changed", [])
+    if changed:
+        typer.echo(f"Note: the images of {len(changed)} finished chunk(s) changed since they were collected "
+                   f"({', '.join(map(str, changed))}); they were recomputed.", err=True)
     kept = f"per-head layers {store.head_layers}" if store.head_layers else "no per-head terms"
     if store.token_layers:
         kept += f", per-token layers {store.token_layers}"
@@ -625,8 +689,8 @@ def compare(
     files: Optional[list[Path]] = typer.Argument(None, help="saved results: head label tables / interp_metrics results, or mutual_knowledge results (JSON or folders)."),
     analysis: str = typer.Option("interp_metrics", "--analysis", "-a", help="interp_metrics or mutual_knowledge."),
     models: Optional[str] = typer.Option(None, "--models", help="mutual_knowledge: comma-separated model names to run and compare."),
-    shapes: int = typer.Option(200, "--shapes", min=1, help="mutual_knowledge with --models: shapes-world scenes per model."),
-    seed: int = typer.Option(1000, "--seed", help="seed of the shapes-world scenes."),
+    shapes: int = typer.Option(200, "--shapes", min=1, max=_MAX_SCENES, help="mutual_knowledge with --models: shapes-world scenes per model."),
+    seed: int = typer.Option(1000, "--seed", min=0, max=_SEED_MAX, help="seed of the shapes-world scenes."),
     variant: str = typer.Option("paper", "--mi", help="mutual_knowledge with --models: paper or bank MI."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the table as HTML here."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="interp_metrics: K for CCS (default: the plugin's, 5)."),
@@ -727,8 +791,8 @@ def segment(
     model: str = typer.Option("toy-shapes", "--model", "-m", help="model name (see `clip-lens models`)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="pretrained tag or local checkpoint."),
     images: Optional[Path] = typer.Option(None, "--images", help="folder with images/ (and masks/, unused here)."),
-    shapes: Optional[int] = typer.Option(None, "--shapes", min=1, help="use this many shapes-world scenes."),
-    seed: int = typer.Option(1000, "--seed", help="seed of the shapes-world scenes."),
+    shapes: Optional[int] = typer.Option(None, "--shapes", min=1, max=_MAX_SCENES, help="use this many shapes-world scenes."),
+    seed: int = typer.Option(1000, "--seed", min=0, max=_SEED_MAX, help="seed of the shapes-world scenes."),
     out: Path = typer.Option(Path("segment.png"), "--out", "-o", help="overlay figure NAME.png; the maps go next to it "
                              "as NAME.json (--out may name either)."),
     force: bool = typer.Option(False, "--force", help="replace existing NAME.png / NAME.json."),
@@ -761,9 +825,9 @@ def segment_eval(
     pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="pretrained tag or local checkpoint."),
     images: Optional[Path] = typer.Option(None, "--images", help="folder with images/NAME.png|jpg and masks/NAME.png."),
     classes: Optional[Path] = typer.Option(None, "--classes", help="text file of class prompts, one per line (default for shapes: colour prompts)."),
-    shapes: Optional[int] = typer.Option(None, "--shapes", min=1, help="evaluate on this many shapes-world scenes."),
+    shapes: Optional[int] = typer.Option(None, "--shapes", min=1, max=_MAX_SCENES, help="evaluate on this many shapes-world scenes."),
     attribute: str = typer.Option("colour", "--attribute", help="shapes world: the attribute whose prompts are the classes."),
-    seed: int = typer.Option(1000, "--seed", help="seed of the shapes-world scenes."),
+    seed: int = typer.Option(1000, "--seed", min=0, max=_SEED_MAX, help="seed of the shapes-world scenes."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="save the table (JSON) here."),
     force: bool = typer.Option(False, "--force", help="replace an existing --out."),
 ) -> None:
@@ -807,8 +871,8 @@ def mutual_information(
     pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="pretrained tag or local checkpoint."),
     images: Optional[Path] = typer.Option(None, "--images", help="folder with images/, labels.json and boxes.json (optional)."),
     classes: Optional[Path] = typer.Option(None, "--classes", help="text file of class names, one per line (default: labels.json's)."),
-    shapes: Optional[int] = typer.Option(None, "--shapes", min=1, help="use this many shapes-world scenes (default 200)."),
-    seed: int = typer.Option(1000, "--seed", help="seed of the shapes-world scenes."),
+    shapes: Optional[int] = typer.Option(None, "--shapes", min=1, max=_MAX_SCENES, help="use this many shapes-world scenes (default 200)."),
+    seed: int = typer.Option(1000, "--seed", min=0, max=_SEED_MAX, help="seed of the shapes-world scenes."),
     descriptors: str = typer.Option("shapes", "--descriptors", "-d", help="'shapes' or a JSON file {class: [descriptors]}."),
     methods: str = typer.Option("pca,kmeans", "--methods", help="part methods: pca, kmeans or both."),
     features: str = typer.Option("tokens", "--features", help="tokens or keys (GDC and parts)."),
@@ -857,6 +921,8 @@ def neighbors(
     out: Path = typer.Option(Path("neighbors.json"), "--out", "-o", help="result NAME.json; the thumbnails go next to it "
                              "as NAME.png (--out may name either)."),
     force: bool = typer.Option(False, "--force", help="replace existing NAME.json / NAME.png."),
+    partial: bool = typer.Option(False, "--partial", help="read a store whose collect has not finished (only its finished "
+                                 "chunks); without it such a store is refused, naming the missing chunks."),
 ) -> None:
     """Nearest store images of query images or texts, by one head or by the heads of a property."""
     import numpy as np
@@ -872,7 +938,7 @@ def neighbors(
     _check_outputs(outputs, {"--store": store, "--image": image, "--labels": labels, "--texts": texts,
                              "--pretrained": pretrained}, force)
     query_images = [load_image(p, "--image file") for p in image or []]  # decoded once, before the model
-    opened = Store.open(store)
+    opened = Store.open(store, partial=partial)
     hooked = _load(model, pretrained, None)
     table = None
     if labels is not None:
@@ -918,6 +984,8 @@ def app_command(
         None, "--sae", help="SAE folder (SAELens format, e.g. from `clip-lens sae train`) on an image-tower hook, for the "
         "Features tab; repeat for several. Omitted with the demo store of toy-shapes: a small demo SAE is trained (~3 s)."
     ),
+    partial: bool = typer.Option(False, "--partial", help="read a store whose collect has not finished (only its finished "
+                                 "chunks); without it such a store is refused, naming the missing chunks."),
 ) -> None:
     """Serve the web app of CLIP-InterpreT's five analyses (property and per-head neighbours, topic and contrastive maps)
     and of SAE features."""
@@ -931,7 +999,7 @@ def app_command(
     if not is_loopback(host):  # said before the slow part; serve() logs it again next to the URL
         typer.echo(f"Warning: --host {host} can be reached from other machines. The app has no authentication: anyone who "
                    "can connect can run the model and see the store's images.", err=True)
-    opened = Store.open(store) if store is not None else None  # fail fast, before the model
+    opened = Store.open(store, partial=partial) if store is not None else None  # fail fast, before the model
     table = _plugin_function("head_labels", "HeadLabelsResult").load(labels) if labels is not None else None
     saes = {}
     for folder in sae or []:  # named by folder (folder~2 for a repeated name)
@@ -959,22 +1027,6 @@ def app_command(
 
 
 # --- clip-lens sae ---------------------------------------------------------------------------------
-class _OneLineUsageErrors(TyperCommand):
-    """A command whose usage errors (missing option, bad number, unknown option) are one ``error:``
-    line with exit status 2, like every other failure, instead of click's boxed usage message."""
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except _USAGE_ERROR as exc:
-            _fail(f"{exc.format_message()} See `clip-lens sae {self.name} --help`.")
-
-
-# click's UsageError (missing option, bad value, unknown option), found through typer's public
-# BadParameter: typer >= 0.24 vendors its own copy of click, older ones use click itself.
-_USAGE_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "UsageError")
-
-
 sae_app = typer.Typer(
     name="sae",
     help="Sparse autoencoders: train one on a hook point (`sae train`), name and show its features (`sae inspect`).",
@@ -1058,7 +1110,7 @@ def _activation_source(hooked, images: Any, hook: str, positions: str, batch_siz
     return ActivationSource(hooked, images, hook, buffer_size=buffer_size, token_batch=token_batch, keep=True, **common)
 
 
-@sae_app.command("train", cls=_OneLineUsageErrors)
+@sae_app.command("train")
 @_user_errors
 def sae_train(
     hook: str = typer.Option(..., "--hook", help="image-tower hook point, e.g. blocks.3.hook_resid_post (see `clip-lens hooks`)."),
@@ -1071,8 +1123,8 @@ def sae_train(
     ),
     positions: str = typer.Option("all", "--positions", help="rows per image: all, patches, cls or pooled (one row for pooled hooks: all)."),
     images: Optional[Path] = typer.Option(None, "--images", help="folder of training images (searched recursively)."),
-    shapes: Optional[int] = typer.Option(None, "--shapes", help="train on this many shapes-world scenes instead of --images."),
-    seed: int = typer.Option(0, "--seed", help="seed of the shapes-world scenes."),
+    shapes: Optional[int] = typer.Option(None, "--shapes", max=_MAX_SCENES, help="train on this many shapes-world scenes instead of --images."),
+    seed: int = typer.Option(0, "--seed", min=0, max=_SEED_MAX, help="seed of the shapes-world scenes."),
     architecture: str = typer.Option("topk", "--architecture", help="topk, batchtopk (saved as jumprelu) or relu (L1)."),
     k: Optional[int] = typer.Option(None, "--k", help="topk/batchtopk: active features per row (default min(32, d_sae/4))."),
     l1: Optional[float] = typer.Option(None, "--l1", help="relu: the L1 penalty, e.g. 1.0 (required for relu; larger is sparser)."),
@@ -1087,10 +1139,10 @@ def sae_train(
     buffer_size: Optional[int] = typer.Option(
         None, "--buffer-size", help="rows in the shuffle buffer (default: the data set's rows, at most 65536)."
     ),
-    train_seed: int = typer.Option(0, "--train-seed", help="seed of the SAE's initialisation and of the shuffling."),
+    train_seed: int = typer.Option(0, "--train-seed", min=0, max=_SEED_MAX, help="seed of the SAE's initialisation and of the shuffling."),
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="steps between checkpoints."),
     eval_images: int = typer.Option(
-        512, "--eval-images", help="held-out shapes-world scenes (seed 1000) to evaluate on after --shapes training, "
+        512, "--eval-images", max=_MAX_SCENES, help="held-out shapes-world scenes (seed 1000) to evaluate on after --shapes training, "
         "and for toy-shapes' zero-shot accuracy."
     ),
     force: bool = typer.Option(
@@ -1250,7 +1302,7 @@ def _parse_features(text: str) -> list[int]:
     return features
 
 
-@sae_app.command("inspect", cls=_OneLineUsageErrors)
+@sae_app.command("inspect")
 @_user_errors
 def sae_inspect(
     sae_dir: Path = typer.Argument(..., help="SAE folder (SAELens format), e.g. the --out of `clip-lens sae train`."),
@@ -1258,8 +1310,8 @@ def sae_inspect(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="the model the SAE was trained on (default: the one it records)."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="the --pretrained it was trained with."),
     images: Optional[Path] = typer.Option(None, "--images", help="folder of images (searched recursively)."),
-    shapes: Optional[int] = typer.Option(None, "--shapes", help="use this many shapes-world scenes."),
-    seed: int = typer.Option(1000, "--seed", help="seed of the shapes-world scenes (default: the held-out world)."),
+    shapes: Optional[int] = typer.Option(None, "--shapes", max=_MAX_SCENES, help="use this many shapes-world scenes."),
+    seed: int = typer.Option(1000, "--seed", min=0, max=_SEED_MAX, help="seed of the shapes-world scenes (default: the held-out world)."),
     store: Optional[Path] = typer.Option(None, "--store", "-s", help="the images of a store written by `clip-lens collect`."),
     bank: Optional[str] = typer.Option(
         None, "--bank", help="texts to name features with: shapes-attributes, shapes, general, a text file, or none "
@@ -1274,6 +1326,8 @@ def sae_inspect(
     names: int = typer.Option(5, "--names", help="bank texts kept per feature."),
     batch_size: int = typer.Option(32, "--batch-size", help="images per forward pass."),
     force: bool = typer.Option(False, "--force", help="write into an --out folder that holds files (dashboards of the same names are replaced)."),
+    partial: bool = typer.Option(False, "--partial", help="read a store whose collect has not finished (only its finished "
+                                 "chunks); without it such a store is refused, naming the missing chunks."),
 ) -> None:
     """Name an SAE's features (bank texts through the frozen read-out) and show the images they fire on most."""
     from clip_lens.errors import InputError
@@ -1306,7 +1360,7 @@ def sae_inspect(
     text_bank = None
     if bank is None or bank.lower() != "none":
         text_bank = load_bank(bank or ("shapes-attributes" if _shapes_model(model or recorded) else "general"))  # fail fast
-    opened = Store.open(store) if store is not None else None
+    opened = Store.open(store, partial=partial) if store is not None else None
     if model is None:
         from clip_lens.errors import ModelNotFoundError
 

@@ -40,6 +40,14 @@ attributes carry a sha256 ``checksum`` of themselves and the sha256 of every arr
 sibling folder renamed into place, and one writer at a time holds its ``lock`` file. Stores of
 format 1 (no checksums) are read with a [`StoreWarning`][clip_lens.errors.StoreWarning], not resumed.
 
+Identity: every store gets a random ``identity`` when it is created (in its checksummed
+attributes), and every marker records it, a fingerprint of the chunk's images (``source``: see
+[`ImageSource.fingerprint`][clip_lens.collect.ImageSource.fingerprint]) and a sha256 ``checksum`` of itself. So a
+marker or chunk copied from another store, a ``zarr.json`` copied from one, or an edited marker is
+damage, and a resumed run recomputes the chunks whose images changed. Readers refuse a store whose
+markers do not cover every chunk unless it is opened with ``partial=True``. Format-2 stores written
+before identities read with a StoreWarning and get one when ``collect`` resumes them.
+
 Several processes (``torch.distributed``, e.g. ``torchrun``): the ranks split the chunks and write one
 store, the one a single process writes, file for file; rank 0 holds the lock and the others write
 under it (`_collect_ranks`; docs: Concepts → Scale).
@@ -48,6 +56,7 @@ under it (`_collect_ranks`; docs: Concepts → Scale).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import glob
 import hashlib
@@ -58,6 +67,7 @@ import shutil
 import socket
 import tempfile
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -74,9 +84,9 @@ from clip_lens.decompose import LayerSpec, decomposition_layers
 from clip_lens import checks
 from clip_lens.distributed import Ranks
 from clip_lens.errors import ClipLensError, InputError, StoreCorruptError, StoreLockedError, StoreWarning, StoreWriteError
-from clip_lens.files import atomic_write
+from clip_lens.files import atomic_write, read_bytes
 from clip_lens.precision import autocast
-from clip_lens.shards import TarShards, is_shard
+from clip_lens.shards import TarShards, is_shard, refuse_mixed_folder
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -96,15 +106,25 @@ class ImageSource:
     Sources that decode one image at a time (image files, tar shards) also give ``item(i)`` →
     ``(pixels [3, H, W], label)``, raising [`InputError`][clip_lens.InputError] for an image that cannot be decoded;
     [`load_batch`][clip_lens.collect.ImageSource.load_batch] then leaves such images out instead of failing.
+    ``fingerprint(start, stop)`` → a short string that changes when those images change (None: not known).
     """
 
     def __init__(self, n: int, loader, ids: Optional[list[str]] = None, description: str = "", item=None,
-                 meta: Optional[dict] = None):
+                 meta: Optional[dict] = None, fingerprint: Optional[Callable[[int, int], str]] = None):
         self.n, self._loader, self.ids, self.description, self.item = n, loader, ids, description, item
         self.meta = meta or {}  # recorded in a store collected from it (e.g. the shard files, to show its images)
+        self._fingerprint = fingerprint
 
     def __len__(self) -> int:
         return self.n
+
+    def fingerprint(self, start: int, stop: int) -> Optional[str]:
+        """What identifies images ``start:stop`` without decoding them, hashed: each file's path, size
+        and modification time; each tar sample's shard (size, modification time), member offsets and
+        sizes; a tensor's bytes; the shapes world's seed and settings. ``collect`` records it in each
+        chunk's marker and recomputes a finished chunk whose fingerprint changed. None for sources
+        that have none (datasets, custom sources): their chunks are not checked."""
+        return None if self._fingerprint is None else self._fingerprint(start, stop)
 
     def load(self, start: int, stop: int) -> tuple[Float[Tensor, "batch 3 H W"], Optional[Tensor]]:
         """Images ``start:stop`` as a float batch, and their int labels (or None)."""
@@ -189,7 +209,58 @@ def _from_paths(paths: list[Path], preprocess) -> ImageSource:
     def load(start: int, stop: int):
         return torch.stack([item(i)[0] for i in range(start, stop)]), None
 
-    return ImageSource(len(paths), load, [str(p) for p in paths], f"{len(paths)} image files", item)
+    return ImageSource(len(paths), load, [str(p) for p in paths], f"{len(paths)} image files", item,
+                       fingerprint=_file_prints(paths))
+
+
+def _hashed(parts: Iterable[bytes]) -> str:
+    """The first 32 hex digits of the sha256 of ``parts`` (each length-prefixed, so no two lists collide)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.hexdigest()[:32]
+
+
+def _file_prints(paths: list[Path]) -> Callable[[int, int], str]:
+    """Fingerprints of image files: path, size and modification time of each (one ``stat``, no read)."""
+    def fingerprint(start: int, stop: int) -> str:
+        def entry(path: Path) -> bytes:
+            try:
+                stat = os.stat(path)
+            except OSError as exc:  # gone or unreadable: a change, recorded as such
+                return os.fsencode(path) + f"|{type(exc).__name__}".encode()
+            return os.fsencode(path) + f"|{stat.st_size}|{stat.st_mtime_ns}".encode()
+
+        return _hashed(entry(paths[i]) for i in range(start, stop))
+
+    return fingerprint
+
+
+def _shard_prints(shards: TarShards) -> Callable[[int, int], str]:
+    """Fingerprints of tar samples: their ids, the offsets and sizes of their image and label members
+    (TarShards' index, read from the tar headers), and the size and modification time of their shards."""
+    def fingerprint(start: int, stop: int) -> str:
+        touched = sorted(set(shards._shard[start:stop].tolist()))
+        files = []
+        for index in touched:
+            stat = os.stat(shards.paths[index])
+            files.append(os.fsencode(shards.paths[index]) + f"|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        members = [shards._image[:, start:stop].tobytes(), shards._label[:, start:stop].tobytes()]
+        return _hashed([*files, *members, *(name.encode("utf-8", "surrogatepass") for name in shards.ids[start:stop])])
+
+    return fingerprint
+
+
+def _tensor_prints(images: Tensor) -> Callable[[int, int], str]:
+    """Fingerprints of in-memory images: a hash of the rows' bytes, shape and dtype (one copy to the
+    host per chunk for a tensor on a GPU)."""
+    def fingerprint(start: int, stop: int) -> str:
+        rows = images[start:stop].detach().cpu().contiguous()
+        data = rows.view(torch.uint8).numpy().reshape(-1).data if rows.numel() else b""  # raw bytes, any dtype
+        return _hashed([str((tuple(rows.shape), rows.dtype)).encode(), data])
+
+    return fingerprint
 
 
 def _from_shards(shards: TarShards, preprocess) -> ImageSource:
@@ -204,7 +275,7 @@ def _from_shards(shards: TarShards, preprocess) -> ImageSource:
         return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
     return ImageSource(len(shards), load, shards.ids, shards.description, item,
-                       {"shards": [str(path.resolve()) for path in shards.paths]})
+                       {"shards": [str(path.resolve()) for path in shards.paths]}, _shard_prints(shards))
 
 
 def _from_dataset(dataset, preprocess) -> ImageSource:
@@ -246,7 +317,8 @@ def image_source(images: Any, preprocess=None) -> ImageSource:
     if isinstance(images, Tensor):
         if images.ndim != 4:
             raise InputError(f"an image tensor must be [N, 3, H, W], got shape {tuple(images.shape)}.")
-        return ImageSource(len(images), lambda a, b: (images[a:b], None), None, f"tensor of {len(images)} images")
+        return ImageSource(len(images), lambda a, b: (images[a:b], None), None, f"tensor of {len(images)} images",
+                           fingerprint=_tensor_prints(images))
     if isinstance(images, TarShards):
         return _from_shards(images, preprocess)
     if isinstance(images, (str, Path)):
@@ -258,6 +330,8 @@ def image_source(images: Any, preprocess=None) -> ImageSource:
         if is_shard(folder):
             return _from_shards(TarShards(folder), preprocess)
         paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else [folder]
+        if folder.is_dir():
+            refuse_mixed_folder(folder, paths)  # loose images next to tar shards: neither is dropped silently
         if not paths and folder.is_dir() and any(folder.rglob("*.tar")):  # a folder of tar shards
             return _from_shards(TarShards(folder), preprocess)
         if not paths:
@@ -276,12 +350,14 @@ def image_source(images: Any, preprocess=None) -> ImageSource:
 
 def shapes_world_images(n: int, seed: int = 0, image_size: int = 64, version: int = 1) -> ImageSource:
     """``n`` one-object scenes of shapes world ``version`` as an image source (labels: -1; ``ids``: scene indices)."""
-    from clip_lens.toy.world import ShapesWorld, batch_images
+    from clip_lens.toy.world import ShapesWorld, batch_images, check_scene_count
 
+    n = check_scene_count(n)  # before the ids list: 10**12 scenes must not grow memory first
     world = ShapesWorld(seed=seed, image_size=image_size, version=version)
     return ImageSource(
         n, lambda a, b: (batch_images([world.scene(i) for i in range(a, b)]), None),
         [str(i) for i in range(n)], f"{n} shapes-world{'' if version == 1 else f' v{version}'} scenes (seed {seed})",
+        fingerprint=lambda a, b: _hashed([f"shapes-world|{version}|{seed}|{image_size}|{a}|{b}".encode()]),
     )
 
 
@@ -290,26 +366,41 @@ class Store:
     """A collected store, opened for reading. Arrays are read lazily; nothing unfinished is returned.
 
     Every read of a finished chunk is checked (docs: Concepts → Reliability → Stores): a chunk file that is
-    missing, truncated, damaged or not the one its ``done/`` marker recorded raises
-    [`StoreCorruptError`][clip_lens.errors.StoreCorruptError] naming the array, the chunk and its rows; it is never
-    read as zeros or as another chunk's rows. [`verify`][clip_lens.collect.Store.verify] checks every finished chunk at once.
+    missing, truncated, damaged or not the one its ``done/`` marker recorded, or a marker that is not
+    this store's, raises [`StoreCorruptError`][clip_lens.errors.StoreCorruptError] naming the array, the chunk and its
+    rows; it is never read as zeros or as another chunk's rows. [`verify`][clip_lens.collect.Store.verify] checks every
+    finished chunk at once. A store opened without ``partial=True`` answers only while every chunk is
+    finished.
+
+    ``recomputed``: on the store [`collect`][clip_lens.collect.collect] returns, the chunks it recomputed when resuming,
+    ``{"damaged": [...], "changed": [...]}`` (changed: their images changed since they were collected).
     """
 
     path: Path
     meta: dict
+    partial: bool = False
+    recomputed: dict = field(default_factory=lambda: {"damaged": [], "changed": []}, compare=False)
     _array_ndim: dict = field(default_factory=dict, repr=False, compare=False)
     _marker_cache: dict = field(default_factory=dict, repr=False, compare=False)
     _file_cache: dict = field(default_factory=dict, repr=False, compare=False)
     _stray: set = field(default_factory=set, repr=False, compare=False)
 
     @classmethod
-    def open(cls, path: str | Path) -> "Store":
+    def open(cls, path: str | Path, partial: bool = False) -> "Store":
         """Open the store at ``path``, checking its metadata (the group's ``zarr.json`` against its
-        checksum, each array's ``zarr.json`` against the hash recorded there).
+        checksum, each array's ``zarr.json`` against the hash recorded there) and, unless ``partial``,
+        that every chunk is finished (its ``done/`` marker exists and is this store's).
+
+        Args:
+            partial: open an unfinished store too; its reads, [`ids`][clip_lens.collect.Store.ids] and searches
+                then cover the finished chunks only. Without it, every read refuses the store as soon as
+                a chunk's marker is missing (e.g. deleted after it was opened).
 
         Raises:
-            InputError: ``path`` is not a clip_lens store.
-            StoreCorruptError: its metadata is damaged or was edited.
+            InputError: ``path`` is not a clip_lens store; without ``partial``, a chunk is not finished
+                (the message names the chunks and says to rerun the same collect).
+            StoreCorruptError: its metadata is damaged or was edited; without ``partial``, a bad marker
+                where a chunk is missing (e.g. one copied from another store).
         """
         path = Path(path)
         if not (path / "zarr.json").is_file():
@@ -326,7 +417,7 @@ class Store:
                 raise InputError(f"{path} is a clip_lens store of format {found!r}, newer than this clip_lens reads; upgrade clip_lens.")
             raise InputError(f"{path} is a Zarr group but not a clip_lens store (format {found!r}).")
         _check_keys(path, meta)
-        store = cls(path, meta)
+        store = cls(path, meta, partial)
         store._check_arrays()
         if not store.checked:
             warnings.warn(
@@ -334,7 +425,26 @@ class Store:
                 "or damaged chunk cannot be detected when it is read. Collect it again into a new folder for a checked store.",
                 StoreWarning, stacklevel=2,
             )
+        elif store.identity is None:
+            warnings.warn(
+                f"store {path} predates store identities (written by an earlier clip_lens): a chunk or marker copied "
+                "from another store, or images changed since, cannot be detected. Running the same collect on it "
+                "again gives it an identity (after verifying its chunks).",
+                StoreWarning, stacklevel=2,
+            )
+        if not partial:
+            markers, problems = store._scan()
+            if len(markers) != store.n_chunks:
+                if problems:
+                    store._done()  # raises: a bad marker where a chunk is missing is the error to report
+                raise store._incomplete(markers)
         return store
+
+    @property
+    def identity(self) -> Optional[str]:
+        """The store's identity (a random hex string given at creation, recorded in every marker);
+        None for stores written before identities."""
+        return self.meta.get("identity")
 
     @property
     def checked(self) -> bool:
@@ -405,9 +515,11 @@ class Store:
     def complete(self) -> bool:
         return len(self.done_chunks()) == self.n_chunks
 
-    def ids(self) -> Optional[list[str]]:
+    def ids(self, partial: Optional[bool] = None) -> Optional[list[str]]:
         """The image ids (file paths, scene indices) of the rows, or None when the source had none
-        (without the [`skipped`][clip_lens.collect.Store.skipped] images, as reads are)."""
+        (without the [`skipped`][clip_lens.collect.Store.skipped] images, as reads are). ``partial``: as in
+        [`read`][clip_lens.collect.Store.read]."""
+        self._finished(partial)
         ids = self._all_ids()
         skipped = self._skipped_rows() if ids is not None else {}
         return ids if not skipped else [i for row, i in enumerate(ids) if row not in skipped]
@@ -419,7 +531,7 @@ class Store:
         if self.checked and recorded is None:
             return None
         try:
-            data = file.read_bytes()
+            data = read_bytes(file, f"store {self.path}: its image ids", _METADATA_FIX)  # a FIFO: refused, not waited on
         except FileNotFoundError:
             if self.checked:
                 raise StoreCorruptError(f"store {self.path}: its image ids {file} are missing. {_METADATA_FIX}") from None
@@ -434,12 +546,14 @@ class Store:
             raise StoreCorruptError(f"store {self.path}: {file} is not a list of {self.n_images} image ids. {_METADATA_FIX}")
         return ids
 
-    def read(self, name: str, partial: bool = False, index: tuple = ()) -> Tensor:
+    def read(self, name: str, partial: Optional[bool] = None, index: tuple = ()) -> Tensor:
         """Array ``name`` as a tensor over the finished images (all of them unless ``partial``).
         ``index`` selects within the trailing axes, read from disk (e.g. ``(layer_row, head)``).
+        ``partial`` defaults to what the store was opened with; it cannot widen it: a store opened
+        without ``partial=True`` is refused as soon as a chunk is missing, whatever the call says.
 
         Raises:
-            InputError: an unknown array; an incomplete store without ``partial``.
+            InputError: an unknown array; an incomplete store without ``partial`` (naming the missing chunks).
             StoreCorruptError: a finished chunk that is missing, damaged or not its own (the message
                 names the array, chunk and rows; rerunning the same ``collect`` repairs it).
         """
@@ -448,19 +562,49 @@ class Store:
             return torch.from_numpy(np.asarray(self._zarr(name)[(slice(0, 0), *index)]))
         return torch.from_numpy(np.concatenate(parts))
 
-    def iter_chunks(self, name: str, partial: bool = False, index: tuple = ()) -> Iterator[tuple[int, np.ndarray]]:
+    def iter_chunks(self, name: str, partial: Optional[bool] = None, index: tuple = ()) -> Iterator[tuple[int, np.ndarray]]:
         """``(first row, rows)`` of array ``name`` for each finished chunk, one chunk in memory at a
         time, each checked as [`read`][clip_lens.collect.Store.read] checks it (same arguments and errors). Rows are
         numbered as [`ids`][clip_lens.collect.Store.ids] numbers them: without the skipped images."""
         if name not in self.arrays:
             raise InputError(f"store {self.path} has no array '{name}'; it has {', '.join(self.arrays)}.")
+        return self._chunks(name, self._finished(partial), index)
+
+    def _finished(self, partial: Optional[bool]) -> dict[int, dict]:
+        """The finished chunks' markers, refusing an incomplete store unless it was opened with
+        ``partial=True`` and ``partial`` is not False."""
         markers = self._done()
-        if len(markers) != self.n_chunks and not partial:
-            raise InputError(
-                f"store {self.path} is incomplete ({len(markers)} of {self.n_chunks} chunks); run collect again with "
-                "the same arguments to finish it, or read(..., partial=True) for the finished images."
-            )
-        return self._chunks(name, markers, index)
+        if len(markers) != self.n_chunks and not (self.partial and partial is not False):
+            raise self._incomplete(markers)
+        return markers
+
+    def _incomplete(self, markers: dict[int, dict]) -> InputError:
+        """The error for a store whose chunks are not all finished: which are missing, and the repair."""
+        missing = [c for c in range(self.n_chunks) if c not in markers]
+        if len(missing) == 1:
+            start, stop = self.rows(missing[0])
+            which = f"chunk {missing[0]} (rows {start}-{stop - 1}) has"
+        else:
+            which = f"chunks {_ranges(missing)} have"
+        return InputError(
+            f"store {self.path} is incomplete ({len(markers)} of {self.n_chunks} chunks): {which} no done/ marker "
+            f"(not collected yet, or the marker was deleted){self._lock_note()}; run collect again with the same "
+            "arguments to finish it, or read(..., partial=True) for the finished images."
+        )
+
+    def _lock_note(self) -> str:
+        """What the store's ``lock`` file says about a writer ('' without one)."""
+        lock = self.path / "lock"
+        try:
+            holder = json.loads(lock.read_bytes())
+            who = f"pid {int(holder['pid'])} on host {holder['host']}"
+        except FileNotFoundError:
+            return ""
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"; it has a damaged lock file {lock}"
+        if _stale(holder):
+            return f"; its lock file names a collect that is gone ({who})"
+        return f"; a collect ({who}) holds its lock and may still be writing it"
 
     def _chunks(self, name: str, markers: dict[int, dict], index: tuple) -> Iterator[tuple[int, np.ndarray]]:
         array = self._zarr(name)
@@ -531,7 +675,7 @@ class Store:
         for name in self.arrays:
             file = self.path / name / "zarr.json"
             try:
-                data = file.read_bytes()
+                data = read_bytes(file, f"store {self.path}: the metadata of array '{name}'", _METADATA_FIX)
             except FileNotFoundError:
                 raise StoreCorruptError(f"store {self.path}: the metadata {file} of array '{name}' is missing. {_METADATA_FIX}") from None
             if self.checked and hashlib.sha256(data).hexdigest() != recorded.get(name):
@@ -652,6 +796,8 @@ class Store:
         return result
 
     def _parse_marker(self, path: Path, chunk: int) -> tuple[Optional[dict], Optional[str]]:
+        """The marker of ``chunk`` at ``path`` if it is valid and this store's, else ``(None, what is wrong)``.
+        The layout is checked first (its rows, arrays, sizes), then its store identity and checksum."""
         if not self.checked:
             return {}, None  # format 1: empty marker files
         try:
@@ -672,6 +818,16 @@ class Store:
         if not (isinstance(skipped, dict) and all(
                 key.isdigit() and start <= int(key) < stop and isinstance(reason, str) for key, reason in skipped.items())):
             return None, f"has a 'skipped' entry that is not a map of rows {start}-{stop - 1} to reasons"
+        if not isinstance(marker.get("source"), (str, type(None))):
+            return None, "has a 'source' entry that is not a fingerprint of its images"
+        identity = self.identity
+        if identity is not None and marker.get("store") != identity:
+            if "store" not in marker:
+                return None, "records no store identity, so it was not written for this store (copied from an older store, or by hand)"
+            return None, (f"belongs to another store: it records store {marker['store']!r}, this store is {identity!r} "
+                          "(the marker, or the whole chunk, was copied from another store; or zarr.json was)")
+        if (identity is not None or "checksum" in marker) and marker.get("checksum") != _checksum(marker):
+            return None, "does not match its checksum (edited or damaged: its rows, files or skipped images may differ)"
         return marker, None
 
 
@@ -683,6 +839,19 @@ _METADATA_FIX = (
     "The store's data cannot be trusted without it: restore the file from a backup, or move the folder aside and "
     "collect again into a new one."
 )
+
+
+def _ranges(numbers: list[int], most: int = 8) -> str:
+    """``[1, 3, 4, 5, 9]`` → ``"1, 3-5, 9"`` (at most ``most`` ranges, then how many more numbers)."""
+    spans: list[list[int]] = []
+    for number in numbers:
+        if spans and number == spans[-1][1] + 1:
+            spans[-1][1] = number
+        else:
+            spans.append([number, number])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans[:most])
+    rest = sum(b - a + 1 for a, b in spans[most:])
+    return text + (f" and {rest} more" if rest else "")
 
 
 def _whole(value: Any) -> bool:
@@ -805,6 +974,7 @@ def collect(
     workers: Optional[int] = None,
     progress: bool = True,
     verify: bool = True,
+    replace: bool = False,
 ) -> Store:
     """Stream ``images`` through the model and store their normalised decomposition in ``out``.
 
@@ -829,6 +999,16 @@ def collect(
         verify: on resume, check every finished chunk completely ([`Store.verify`][clip_lens.collect.Store.verify]: reads the
             store once) and recompute the damaged ones; False checks only sizes and recorded
             checksums (missing, truncated or foreign chunk files), not their bytes.
+        replace: when ``out`` holds a finished store, collect again into
+            [`replacing_folder(out)`][clip_lens.collect.replacing_folder] and swap the new store in once it is finished
+            (``clip-lens collect --force``); ``out``'s lock is held throughout, so a second such run is
+            refused, and the old store survives a failed run. An unfinished store is resumed as always.
+
+    Resuming checks that the images are the ones the store was collected from: other image ids
+    (or another number of images) are refused; a finished chunk whose images changed since
+    ([`ImageSource.fingerprint`][clip_lens.collect.ImageSource.fingerprint]: files replaced, a shard rewritten) is
+    recomputed with a [`StoreWarning`][clip_lens.errors.StoreWarning] (``Store.recomputed`` lists them); a chunk whose
+    images change while it is being collected is not committed (an InputError: run again).
 
     In a ``torch.distributed`` job (the default process group initialised with more than one
     process, e.g. under ``torchrun``), call it on every rank with the same arguments: the ranks
@@ -841,8 +1021,8 @@ def collect(
     Raises:
         InputError: bad arguments; ``out`` holds something else, or a store made with other settings.
         StoreCorruptError: the store's metadata is damaged (its chunks cannot be trusted).
-        StoreLockedError: another ``collect`` is writing the store; in a job, a rank that does not see
-            the store rank 0 opened (``out`` not on a shared file system).
+        StoreLockedError: another ``collect`` is writing (or replacing) the store; in a job, a rank that
+            does not see the store rank 0 opened (``out`` not on a shared file system).
         StoreWriteError: a write failed (full disk …), or another rank of the job failed; finished
             chunks are kept, run again.
     """
@@ -876,7 +1056,9 @@ def collect(
         with autocast(model.device, precision):
             return _terms(model, pixels, head_layers, token_layers, directions)
 
-    def compute(todo: Sequence[int], store: Store, bar) -> Iterator[tuple[int, dict[str, np.ndarray], dict[int, str]]]:
+    def compute(todo: Sequence[int], store: Store, bar) -> Iterator[tuple[int, dict[str, np.ndarray], dict]]:
+        # fingerprints before any image is read (workers read ahead), compared with after each chunk
+        before = {c: source.fingerprint(*store.rows(c)) for c in todo}
         # the same batches in every run (chunk by chunk), so every chunk is bit-identical
         ranges = [(b, min(stop, b + batch_size)) for start, stop in map(store.rows, todo) for b in range(start, stop, batch_size)]
         stream = batches(source, ranges, workers, pin_memory=model.device.type == "cuda")
@@ -896,31 +1078,44 @@ def collect(
             if skipped:
                 skipped_total += len(skipped)
                 bar.set_postfix(skipped=skipped_total)
-            yield c, rows, skipped
+            if source.fingerprint(start, stop) != before[c]:
+                raise InputError(
+                    f"the images of chunk {c} (rows {start}-{stop - 1}) changed while collect was reading them, so "
+                    "it was not committed; run the same collect again once they stay unchanged: it recomputes that chunk."
+                )
+            yield c, rows, {"skipped": skipped, "source": before[c]}
 
     ranks = Ranks.current()
-    if ranks is not None:
-        return _collect_ranks(ranks, out, params, source.ids, compute, verify, progress)
-    store, lock = _open_or_create(out, params, source.ids)
-    try:
-        with _writing(out):
-            todo = _chunks_to_compute(store, verify, progress)
-        rows = sum(stop - start for start, stop in map(store.rows, todo))
-        with tqdm(total=n, initial=n - rows, desc="collect", unit="img", disable=not progress) as bar:
-            _write_chunks(store, _open_arrays(store), todo, compute, bar)
-    finally:
-        lock.release()
-    return Store.open(out)
+
+    def into(target: Path) -> Store:
+        if ranks is not None:
+            return _collect_ranks(ranks, target, params, source.ids, compute, verify, progress, source.fingerprint)
+        store, lock = _open_or_create(target, params, source.ids)
+        try:
+            with _writing(target):
+                todo, recomputed = _chunks_to_compute(store, verify, progress, source.fingerprint)
+            rows = sum(stop - start for start, stop in map(store.rows, todo))
+            with tqdm(total=n, initial=n - rows, desc="collect", unit="img", disable=not progress) as bar:
+                _write_chunks(store, _open_arrays(store), todo, compute, bar)
+        finally:
+            lock.release()
+        store = Store.open(target)
+        store.recomputed = recomputed
+        return store
+
+    if replace and (out / "zarr.json").is_file():
+        return _replace(ranks, out, into)
+    return into(out)
 
 
 def _write_chunks(store: Store, arrays: dict[str, Any], todo: Sequence[int], compute: Callable, bar) -> dict[str, Any]:
     """Compute and write the chunks ``todo`` in order (the store's arrays are created from the first
     chunk when it has none yet); returns the arrays."""
-    for c, chunk, skipped in compute(todo, store, bar):
+    for c, chunk, extra in compute(todo, store, bar):
         with _writing(store.path):
             if not arrays:
                 arrays = _create_arrays(store, chunk)
-            _write_chunk(store, arrays, c, chunk, skipped)
+            _write_chunk(store, arrays, c, chunk, extra)
     return arrays
 
 
@@ -967,7 +1162,7 @@ def _template(model: "HookedCLIP", terms: Callable[[Tensor], dict[str, Tensor]])
 
 
 def _collect_ranks(ranks: Ranks, out: Path, params: dict, ids: Optional[list[str]], compute: Callable, verify: bool,
-                   progress: bool) -> Store:
+                   progress: bool, fingerprint: Callable[[int, int], Optional[str]]) -> Store:
     """[`collect`][clip_lens.collect.collect] by the ``ranks.size`` processes of a ``torch.distributed`` job.
 
     Rank 0 opens or creates the store exactly as a single process does (taking its ``lock``, which
@@ -987,7 +1182,7 @@ def _collect_ranks(ranks: Ranks, out: Path, params: dict, ids: Optional[list[str
         try:
             store, lock = _open_or_create(out, params, ids, {"ranks": ranks.size})
             with _writing(out):
-                todo = _chunks_to_compute(store, verify, progress)
+                todo, recomputed = _chunks_to_compute(store, verify, progress, fingerprint)
             mine = todo[::ranks.size]
             bar = tqdm(total=sum(b - a for a, b in map(store.rows, mine)), desc=f"collect (rank 0 of {ranks.size})",
                        unit="img", disable=not progress)
@@ -1000,7 +1195,7 @@ def _collect_ranks(ranks: Ranks, out: Path, params: dict, ids: Optional[list[str
                 lock.release()
             ranks.broadcast({"error": (type(exc), str(exc))})
             raise
-        ranks.broadcast({"lock": lock._content, "todo": todo, "params": params})
+        ranks.broadcast({"lock": lock._content, "todo": todo, "params": params, "recomputed": recomputed})
     else:
         plan = ranks.broadcast()
         if "error" in plan:
@@ -1042,6 +1237,7 @@ def _collect_ranks(ranks: Ranks, out: Path, params: dict, ids: Optional[list[str
             "Run the same collect command again to finish it."
         )
     result = Store.open(out)
+    result.recomputed = recomputed if plan is None else plan["recomputed"]
     ranks.gather(None)  # every rank has opened the finished store before any returns (and, e.g., moves it)
     return result
 
@@ -1061,8 +1257,127 @@ def _join(ranks: Ranks, out: Path, params: dict, plan: dict) -> tuple[Store, dic
     if params != plan["params"]:
         detail = "; ".join(f"{k}: {plan['params'].get(k)!r} on rank 0, {v!r} here" for k, v in params.items() if plan["params"].get(k) != v)
         raise InputError(f"rank {ranks.rank} was started with other settings than rank 0 ({detail}); give every rank the same command.")
-    store = Store.open(out)
+    store = Store.open(out, partial=True)
     return store, _open_arrays(store), plan["todo"][ranks.rank::ranks.size]
+
+
+def replacing_folder(out: str | Path) -> Path:
+    """Where ``collect(..., replace=True)`` (``clip-lens collect --force``) builds the store that
+    replaces the finished one in ``out``: the sibling folder ``.NAME.replacing``."""
+    out = Path(out)
+    return out.parent / f".{out.name}.replacing"
+
+
+def _replace(ranks: Optional[Ranks], out: Path, into: Callable[[Path], Store]) -> Store:
+    """``collect(..., replace=True)`` on ``out``, which holds a store: collect afresh into
+    `replacing_folder` (``into``) and swap the result in, all while holding ``out``'s own lock, so a
+    concurrent replacement (or any collect on ``out``) is refused with StoreLockedError instead of
+    deleting this one's folder or mixing two collections. An unfinished store in ``out`` is resumed
+    instead. In a job, rank 0 takes the lock, clears the folder and swaps; every rank collects."""
+    staging, lead = replacing_folder(out), ranks is None or ranks.rank == 0
+    lock: Optional[_Lock] = None
+    if lead:
+        try:
+            with _writing(out):
+                lock = _Lock.acquire(out, {"replacing": staging.name, **({"ranks": ranks.size} if ranks else {})})
+                fresh = _finished(out)
+                if fresh:
+                    _clear(staging)
+                else:  # resumed: the collect takes the lock itself
+                    lock.release()
+                    lock = None
+        except Exception as exc:
+            if lock is not None:
+                lock.release()
+            if ranks is not None:
+                ranks.broadcast({"error": (type(exc), str(exc))})
+            raise
+        if ranks is not None:
+            ranks.broadcast({"fresh": fresh})
+    else:
+        plan = ranks.broadcast()
+        if "error" in plan:
+            kind, message = plan["error"]
+            raise (kind if issubclass(kind, ClipLensError) else StoreWriteError)(f"rank 0 of {ranks.size}: {message}")
+        fresh = plan["fresh"]
+    if not fresh:
+        return into(out)
+    failure: Optional[tuple[type, str]] = None
+    try:
+        new = into(staging)  # raises on every rank alike
+        if lead and new.n_images and not new.n_done:  # a store of no image never replaces one
+            reason = next(iter(new.skipped().values()))[1]
+            shutil.rmtree(staging, ignore_errors=True)
+            failure = (InputError, f"none of the {new.n_images} images could be read (e.g. {reason}); the store in {out} "
+                                   "was kept.")
+        elif lead:
+            try:
+                _swap_in(staging, out)
+            except OSError as exc:
+                failure = (StoreWriteError, f"collecting the replacement of {out} finished in {staging}, but swapping "
+                                            f"it in failed: {exc}. Move {staging} to {out} by hand, or run the same command again.")
+    finally:
+        if lock is not None:
+            lock.release()  # a no-op once swapped: the lock left with the old store
+    if ranks is not None:
+        failure = ranks.broadcast(failure) if lead else ranks.broadcast()
+    if failure:
+        kind, message = failure
+        raise kind(message)
+    return Store.open(out)
+
+
+def _finished(out: Path) -> bool:
+    """Whether ``out`` holds a finished store (StoreCorruptError when its metadata is damaged)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StoreWarning)
+        store = Store.open(out, partial=True)
+    return len(store._scan()[0]) == store.n_chunks
+
+
+def _clear(staging: Path) -> None:
+    """Remove what an interrupted replacement left in ``staging``; a collect still writing there
+    (a live ``lock``) is refused with StoreLockedError, never deleted."""
+    if staging.is_symlink() or staging.is_file():
+        staging.unlink()
+    elif staging.is_dir():
+        _Lock.acquire(staging)  # refuses a live writer, takes a stale lock over
+        shutil.rmtree(staging)
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the finished store in ``staging`` in ``out``'s place and delete the old one. Atomic where
+    the system can exchange two folders (Linux), so readers see the old store or the new, never none."""
+    if _exchange(staging, out):
+        old = staging
+    else:
+        old = out.parent / f".{out.name}.replaced"
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(out, old)
+        os.rename(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():
+        warnings.warn(f"store {out} was replaced, but the old store could not be removed from {old}; delete it.",
+                      StoreWarning, stacklevel=4)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Exchange paths ``a`` and ``b`` in one step (Linux ``renameat2`` with ``RENAME_EXCHANGE``);
+    False where the C library, kernel or file system does not offer it."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
 
 def store_from_arrays(
     path: str | Path, arrays: dict[str, np.ndarray], chunk_size: int, *, done: Optional[Iterable[int]] = None, **meta: Any
@@ -1098,7 +1413,7 @@ def store_from_arrays(
                 _write_chunk(store, written, c, {key: np.asarray(value[start:stop]) for key, value in arrays.items()})
     finally:
         lock.release()
-    return Store.open(path)
+    return Store.open(path, partial=done is not None)
 
 
 STORED_TERMS = ("embed", "attn", "attn_bias", "mlp", "bias", "pooler_mlp", "heads", "pos_embed", "blocks", "feature_map")
@@ -1188,7 +1503,7 @@ def _open_or_create(out: Path, params: dict, ids: Optional[list[str]], job: Opti
             if created:
                 lock = _Lock(out / "lock", content)
                 try:
-                    return Store.open(out), lock
+                    return Store.open(out, partial=True), lock
                 except BaseException:
                     lock.release()
                     raise
@@ -1203,8 +1518,8 @@ def _open_or_create(out: Path, params: dict, ids: Optional[list[str]], job: Opti
             with _writing(out):
                 _build(out, params, ids)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", StoreWarning)  # a store without checksums is refused below
-            store = Store.open(out)
+            warnings.simplefilter("ignore", StoreWarning)  # refused below (no checksums) or given an identity (resume)
+            store = Store.open(out, partial=True)
         if not store.checked:
             raise InputError(
                 f"{out} was written without checksums (store format {store.meta.get('format')!r}, by an older clip_lens "
@@ -1218,10 +1533,30 @@ def _open_or_create(out: Path, params: dict, ids: Optional[list[str]], job: Opti
                 f"{out} holds a store made with different settings ({detail}). Use a new folder, or delete this "
                 "one to start over."
             )
+        _check_same_images(store, ids)
         return store, lock
     except BaseException:
         lock.release()
         raise
+
+
+def _check_same_images(store: Store, ids: Optional[list[str]]) -> None:
+    """Refuse to resume ``store`` from images with other ids than it was collected from: its rows
+    would mix two sets of images, and its ``ids.json`` would name the wrong ones."""
+    now = None if ids is None else hashlib.sha256(json.dumps(ids).encode()).hexdigest()  # as _build records them
+    if store.meta.get("ids") == now:
+        return
+    old = store._all_ids()
+    if old is None or ids is None:
+        detail = "the store records no image ids" if old is None else "these images have no ids"
+    else:
+        differ = [row for row, (a, b) in enumerate(zip(old, ids)) if a != b]
+        detail = f"{len(differ)} of its {len(old)} image ids differ; row {differ[0]} was {old[differ[0]]!r}, now {ids[differ[0]]!r}"
+    raise InputError(
+        f"{store.path} was collected from other images ({detail}): resuming would mix two sets of images. Resume it "
+        "with the images it was collected from (the same paths), or collect into a new folder (or delete this one to "
+        "start over)."
+    )
 
 
 def _create(out: Path, params: dict, ids: Optional[list[str]], lock: str) -> Optional[bool]:
@@ -1261,7 +1596,7 @@ def _create(out: Path, params: dict, ids: Optional[list[str]], lock: str) -> Opt
 def _build(folder: Path, params: dict, ids: Optional[list[str]]) -> None:
     """A new store's ``done/``, ``ids.json`` and, last, its ``zarr.json`` in ``folder``."""
     (folder / "done").mkdir(exist_ok=True)
-    attributes = {**params, "arrays": [], "array_meta": {}, "ids": None}
+    attributes = {**params, "arrays": [], "array_meta": {}, "ids": None, "identity": uuid.uuid4().hex}
     if ids is not None:
         data = json.dumps(ids).encode()
         atomic_write(folder / "ids.json", data)
@@ -1275,15 +1610,20 @@ def _write_group(folder: Path, attributes: dict) -> None:
     atomic_write(folder / "zarr.json", json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes}, indent=1))
 
 
-def _chunks_to_compute(store: Store, verify: bool, progress: bool) -> list[int]:
-    """Chunks to (re)compute: unfinished ones, those with a bad marker and those whose files are
-    damaged (bad markers and the markers of damaged chunks are removed, with a StoreWarning)."""
+def _chunks_to_compute(store: Store, verify: bool, progress: bool,
+                       fingerprint: Callable[[int, int], Optional[str]]) -> tuple[list[int], dict[str, list[int]]]:
+    """Chunks to (re)compute: unfinished ones, those with a bad marker, those whose files are
+    damaged and those whose images changed since (their ``fingerprint`` differs from the one their
+    marker records); the markers of all but the unfinished are removed, with a StoreWarning. A store
+    written before identities gets one (`_adopt`). Also returns ``{"damaged": [...], "changed": [...]}``."""
     (store.path / "done").mkdir(exist_ok=True)
     markers, problems = store._scan()
+    bad = []
     for path, chunk, problem in problems:
         again = f"; chunk {chunk} will be recomputed" if chunk is not None else ""
         warnings.warn(f"store {store.path}: removed {path.relative_to(store.path)}, which {problem}{again}.", StoreWarning, stacklevel=4)
         path.unlink(missing_ok=True)
+        bad += [] if chunk is None else [chunk]
     if verify:
         damaged = store.verify(sorted(markers), progress=progress)
     else:
@@ -1301,7 +1641,55 @@ def _chunks_to_compute(store: Store, verify: bool, progress: bool) -> list[int]:
         )
         (store.path / "done" / f"{c:06d}").unlink(missing_ok=True)
         del markers[c]
-    return [c for c in range(store.n_chunks) if c not in markers]
+    changed = _changed_chunks(store, markers, fingerprint)
+    for c in changed:
+        (store.path / "done" / f"{c:06d}").unlink(missing_ok=True)
+        del markers[c]
+    if store.identity is None:
+        _adopt(store, markers)
+    todo = [c for c in range(store.n_chunks) if c not in markers]
+    return todo, {"damaged": sorted({*bad, *damaged}), "changed": changed}
+
+
+def _changed_chunks(store: Store, markers: dict[int, dict], fingerprint: Callable[[int, int], Optional[str]]) -> list[int]:
+    """The finished chunks whose images changed since they were collected (one StoreWarning names
+    them). Chunks without a recorded fingerprint, or from a source that has none, are not compared."""
+    changed = []
+    for c in sorted(markers):
+        recorded = markers[c].get("source")
+        if recorded is not None:
+            now = fingerprint(*store.rows(c))
+            if now is not None and now != recorded:
+                changed.append(c)
+    if changed:
+        start, stop = store.rows(changed[0])
+        warnings.warn(
+            f"store {store.path}: the images of {len(changed)} finished chunk{'s' if len(changed) > 1 else ''} "
+            f"({_ranges(changed)}; chunk {changed[0]} is rows {start}-{stop - 1}) changed since they were collected "
+            "(files replaced or modified, a shard rewritten); recomputing them from the images as they are now.",
+            StoreWarning, stacklevel=5,
+        )
+    return changed
+
+
+def _adopt(store: Store, markers: dict[int, dict]) -> None:
+    """Give a store written before identities one: its finished markers (verified just before) are
+    rewritten with it and their checksum, then the identity is recorded in its metadata (a run
+    killed in between leaves a store without identity whose markers are adopted again). Their
+    images were not fingerprinted then, so a change of them cannot be detected (``source``: None)."""
+    identity = uuid.uuid4().hex
+    for c, marker in sorted(markers.items()):
+        body = _marker(c, marker["rows"], marker["arrays"], identity, None, marker.get("skipped"))
+        atomic_write(store.path / "done" / f"{c:06d}", json.dumps(body))
+    _write_group(store.path, {**store.meta, "identity": identity})
+    store.meta = _read_group(store.path)
+    if markers:
+        warnings.warn(
+            f"store {store.path} predated store identities; it now has one, and its {len(markers)} finished chunks "
+            "(verified against their checksums) were kept, but whether their images changed since they were "
+            "collected cannot be checked: they were not fingerprinted then.",
+            StoreWarning, stacklevel=5,
+        )
 
 
 def _open_arrays(store: Store) -> dict[str, Any]:
@@ -1338,9 +1726,10 @@ def _create_arrays(store: Store, chunk: dict[str, np.ndarray]) -> dict[str, Any]
 
 
 def _write_chunk(store: Store, arrays: dict[str, Any], c: int, chunk: dict[str, np.ndarray],
-                 skipped: Optional[dict[int, str]] = None) -> None:
+                 extra: Optional[dict] = None) -> None:
     """Write chunk ``c`` of every array, then its marker ``done/<c>`` (the commit point) recording
-    each chunk file's size and crc32c, and the rows of images that could not be decoded (``skipped``)."""
+    each chunk file's size and crc32c, the store's identity, and from ``extra`` the fingerprint of
+    the chunk's images (``source``) and the rows of images that could not be decoded (``skipped``)."""
     start, stop = store.rows(c)
     if sorted(chunk) != sorted(arrays):
         raise InputError(f"chunk {c} has terms {sorted(chunk)}, but the store's arrays are {sorted(arrays)}.")
@@ -1352,17 +1741,26 @@ def _write_chunk(store: Store, arrays: dict[str, Any], c: int, chunk: dict[str, 
             size = handle.seek(0, os.SEEK_END)
             handle.seek(-4, os.SEEK_END)
             recorded[key] = {"bytes": size, "crc32c": int.from_bytes(handle.read(4), "little")}
-    marker = {"chunk": c, "rows": [start, stop], "arrays": recorded}
-    if skipped:  # only then: a store without skipped images is the one earlier versions wrote
-        marker["skipped"] = {str(row): reason for row, reason in sorted(skipped.items())}
+    extra = extra or {}
+    skipped = {str(row): reason for row, reason in sorted((extra.get("skipped") or {}).items())}
+    marker = _marker(c, [start, stop], recorded, store.meta["identity"], extra.get("source"), skipped)
     atomic_write(store.path / "done" / f"{c:06d}", json.dumps(marker))
+
+
+def _marker(c: int, rows: list[int], arrays: dict, identity: str, source: Optional[str], skipped: Optional[dict]) -> dict:
+    """A chunk marker's content, ending in the sha256 ``checksum`` of the rest (`_checksum`)."""
+    marker = {"chunk": c, "rows": rows, "arrays": arrays, "store": identity, "source": source}
+    if skipped:  # only then: the key is absent when every image decoded
+        marker["skipped"] = skipped
+    return {**marker, "checksum": _checksum(marker)}
 
 
 class _Lock:
     """The store's writer lock: a file ``lock`` holding the writer's pid, host, process start time
-    and start date (and, for rank 0 of a distributed collect, the job's number of ``ranks``), created
-    atomically (a hard link of a complete temporary file). A lock whose process is gone (same host,
-    pid dead or reused) is stale and taken over."""
+    and start date (and, for rank 0 of a distributed collect, the job's number of ``ranks``; for a
+    replacement, the folder it collects in: ``replacing``), created atomically (a hard link of a
+    complete temporary file). A lock whose process is gone (same host, pid dead or reused) is stale
+    and taken over."""
 
     def __init__(self, path: Path, content: str):
         self.path, self._content = path, content
@@ -1398,6 +1796,8 @@ class _Lock:
                 holder_text = f"pid {int(holder['pid'])} on host {holder['host']}, since {holder.get('started', '?')}"
                 if "ranks" in holder:
                     holder_text += f", rank 0 of a job of {int(holder['ranks'])} processes"
+                if "replacing" in holder:
+                    holder_text += f", collecting a replacement for it in {holder['replacing']}"
             except (ValueError, KeyError, TypeError):
                 raise StoreLockedError(
                     f"store {folder} has a damaged lock file {path}; if no collect is writing this store, delete that "

@@ -10,6 +10,11 @@ one clear error per bad file.
 * `load_image` / `image_problem`: decode an image file completely (missing, corrupt,
   truncated and header-only files, decompression bombs, odd modes such as 1-bit, 16-bit or CMYK);
   `load_image_bytes`: the same for encoded bytes (a member of a tar shard), through the same code.
+* `require_regular` / `open_regular` / `read_bytes`: the one check that a file read is a regular
+  file: a FIFO, a device or a socket is refused without being opened (opening a FIFO waits for a
+  writer forever; ``/dev/zero`` never ends), and again on the opened file.
+* `read_text` / `read_json`: UTF-8 text and JSON with one-line errors; JSON nested deeper than
+  `MAX_JSON_DEPTH` is refused before it is parsed (`json_nesting`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import errno
 import io
 import json
 import os
+import re
+import stat
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -105,12 +112,106 @@ def atomic_write(path: Union[str, Path], data: Payload) -> Path:
     return path
 
 
-def read_text(path: Union[str, Path], what: str) -> str:
-    """A UTF-8 text file (a BOM is dropped); undecodable bytes raise an InputError naming the byte
-    and its line. ``what`` names the file in the message ("text bank file")."""
+# --- reading: regular files only -------------------------------------------------------------------
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+class _NotRegular(Exception):
+    """A path that is not a regular file; the message is what it is (``"a FIFO (named pipe)"``)."""
+
+
+def _special_kind(mode: int) -> Optional[str]:
+    """What a file of stat mode ``mode`` is when it is neither a regular file nor a folder, else None."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return next((kind for test, kind in _SPECIAL_KINDS if test(mode)), "a special file")
+
+
+def special_file(path: PathLike) -> Optional[str]:
+    """What ``path`` is when it exists but is neither a regular file nor a folder (``"a FIFO (named
+    pipe)"``, ``"a character device"``, ``"a block device"``, ``"a socket"``), else None (also for a
+    missing path). Found with ``stat``, without opening the file: opening a FIFO waits for a writer."""
+    try:
+        return _special_kind(os.stat(path).st_mode)
+    except (OSError, ValueError):  # missing, unreadable, a NUL in the name: the caller's open explains
+        return None
+
+
+_REGULAR_FIX = "Give a regular file or folder."
+
+
+def _not_regular_message(what: str, path: PathLike, kind: str, fix: str) -> str:
+    return f"{what} {path} is {kind}, not a regular file or folder: reading it could wait forever or never end. {fix}"
+
+
+def require_regular(path: PathLike, what: str = "file", fix: str = _REGULAR_FIX) -> Path:
+    """``path``, refused when it is a FIFO, a device or a socket (`special_file`).
+
+    Missing paths and folders pass: the caller says what it expects there. ``what`` names the file in
+    the message (``"--image file"``, ``"checkpoint"``), ``fix`` says what to do (a sentence).
+
+    Raises:
+        InputError: ``"{what} {path} is a FIFO (named pipe), not a regular file: …"``.
+    """
     from clip_lens.errors import InputError
 
-    raw = Path(path).read_bytes()
+    kind = special_file(path)
+    if kind is not None:
+        raise InputError(_not_regular_message(what, path, kind, fix))
+    return Path(path)
+
+
+def _open_regular(path: PathLike) -> BinaryIO:
+    """``path`` opened for binary reading; `_NotRegular` when it is not a regular file. Checked with
+    ``stat`` before opening (a device is never opened) and with ``fstat`` on the opened file (opened
+    non-blocking, so a FIFO swapped in after the first check cannot block either)."""
+    kind = special_file(path)
+    if kind is not None:
+        raise _NotRegular(kind)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+        if not stat.S_ISREG(mode):
+            raise _NotRegular(_special_kind(mode))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_regular(path: PathLike, what: str = "file", fix: str = _REGULAR_FIX) -> BinaryIO:
+    """``path`` opened for binary reading, refused when it is a FIFO, a device or a socket, before
+    and after opening, without ever blocking on it.
+
+    Raises:
+        InputError: a FIFO, device or socket (the message names ``what`` and ``path``, then ``fix``).
+        OSError: the file cannot be opened (missing, a folder, no permission …).
+    """
+    from clip_lens.errors import InputError
+
+    try:
+        return _open_regular(path)
+    except _NotRegular as kind:
+        raise InputError(_not_regular_message(what, path, str(kind), fix)) from None
+
+
+def read_bytes(path: PathLike, what: str = "file", fix: str = _REGULAR_FIX) -> bytes:
+    """The bytes of the regular file ``path`` (`open_regular`: a FIFO or device is refused, never read)."""
+    with open_regular(path, what, fix) as handle:
+        return handle.read()
+
+
+def read_text(path: Union[str, Path], what: str) -> str:
+    """A UTF-8 text file (a BOM is dropped); undecodable bytes raise an InputError naming the byte
+    and its line. ``what`` names the file in the message ("text bank file"). A FIFO or device is
+    refused (`read_bytes`)."""
+    from clip_lens.errors import InputError
+
+    raw = read_bytes(path, what)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -121,12 +222,41 @@ def read_text(path: Union[str, Path], what: str) -> str:
         ) from error
 
 
-def read_json(path: Union[str, Path], what: str, expected: str, object_pairs_hook=None) -> Any:
-    """A UTF-8 JSON file (`read_text`); invalid JSON raises an InputError with the line and
-    column and ``expected``, what the file should hold (e.g. ``'{"NAME.png": [[x0, y0, x1, y1]]}'``)."""
+MAX_JSON_DEPTH = 64
+"""The deepest nesting of arrays and objects `read_json` accepts. The files clip_lens reads nest at
+most 4 deep (an SAE ``cfg.json``: 3); Python's parser overflows its stack past about 1,000 levels
+(a ``RecursionError``), so deeper files are refused, before parsing, with a message."""
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, escapes included
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_nesting(text: str) -> int:
+    """How deep the arrays and objects of the JSON ``text`` nest (``'[1, {"a": [2]}]'``: 3), counted
+    from its brackets outside strings, in linear time and without recursion (valid or not)."""
+    import numpy as np
+
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    if not brackets:
+        return 0
+    codes = np.frombuffer(brackets.encode("ascii"), dtype=np.uint8)
+    opens = (codes == ord("[")) | (codes == ord("{"))
+    return int(np.cumsum(np.where(opens, 1, -1)).max())
+
+
+def read_json(path: Union[str, Path], what: str, expected: str, object_pairs_hook=None,
+              max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """A UTF-8 JSON file (`read_text`: a FIFO or device is refused); invalid JSON raises an
+    InputError with the line and column and ``expected``, what the file should hold (e.g.
+    ``'{"NAME.png": [[x0, y0, x1, y1]]}'``). JSON nested deeper than ``max_depth`` is refused before
+    it is parsed (`json_nesting`), so no file can exhaust the parser's stack."""
     from clip_lens.errors import InputError
 
     text = read_text(path, what)
+    depth = json_nesting(text)
+    if depth > max_depth:
+        raise InputError(f"{what} {str(path)!r} nests arrays and objects {depth} levels deep, more than the limit of "
+                         f"{max_depth}; fix the file (it should hold {expected}).")
     try:
         return json.loads(text, object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError as error:
@@ -295,13 +425,16 @@ def _to_rgb(image: "PIL.Image.Image") -> "PIL.Image.Image":
 
 
 def _open_file(path: Path) -> BinaryIO:
-    """``path`` opened for reading, or `_ImageProblem` (missing, a folder, not readable)."""
+    """``path`` opened for reading, or `_ImageProblem` (missing, a folder, a FIFO or device, not
+    readable)."""
     if not path.exists():
         raise _ImageProblem("does not exist")
     if path.is_dir():
         raise _ImageProblem("is a folder, not an image file")
     try:
-        return open(path, "rb")
+        return _open_regular(path)
+    except _NotRegular as kind:
+        raise _ImageProblem(f"is {kind}, not a regular file (reading it could wait forever or never end)") from None
     except OSError as exc:
         raise _ImageProblem(f"cannot be opened ({exc.strerror or exc})") from exc
 

@@ -112,11 +112,15 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
         pretrained: Union[str, Path, None] = None,
         *,
         device: Union[str, torch.device] = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: Optional[torch.dtype] = None,
+        precision: Optional[str] = None,
         config_overrides: Optional[dict[str, Any]] = None,
         cache_dir: Optional[str] = None,
+        tag: Optional[str] = None,
+        allow_nonfinite: bool = False,
         fold_ln: bool = False,
         center_writing_weights: bool = False,
+        **open_clip_kwargs: Any,
     ) -> "HookedCLIP":
         """Build a hooked model by name.
 
@@ -128,24 +132,47 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
                 ``torch.load(weights_only=True)``; recognised by content, whatever its suffix), or
                 ``None`` for random weights.
             device: where the model lives.
-            dtype: its parameter precision (``torch.float32`` by default).
+            dtype: its parameter precision (``torch.float32`` unless ``precision`` says otherwise).
+            precision: open_clip's name for it: ``"fp32"``, ``"amp"``/``"amp_bf16"`` (fp32 weights;
+                run under ``model.autocast(...)``), ``"pure_fp16"``/``"pure_bf16"`` (every weight in
+                half precision). open_clip's mixed ``"fp16"``/``"bf16"`` (LayerNorms kept in fp32) are
+                refused: a hooked model has one dtype.
             config_overrides: nested dict merged into the open_clip config before building,
                 e.g. ``{"vision_cfg": {"layers": 2}}`` for a shallow copy of an architecture.
             cache_dir: download cache for pretrained tags.
+            tag: the pretrained tag whose preprocessing (mean, std, interpolation, resize mode) a
+                local checkpoint gets, e.g. ``from_pretrained("ViT-B-16-SigLIP", "ckpt.safetensors",
+                tag="webli")``. Without it a local checkpoint gets the preprocessing all the model's
+                tags share, or, when they disagree, open_clip's default with a warning naming them.
+            allow_nonfinite: load weights holding NaN/inf (with a warning) instead of refusing them
+                with [`CorruptCheckpointError`][clip_lens.CorruptCheckpointError]: for research on broken checkpoints.
             fold_ln: fold each LayerNorm's weight and bias into the weights that read it
                 (TransformerLens' ``fold_ln``); outputs are unchanged (parity ≤1e-5).
             center_writing_weights: remove the mean from every weight writing into the residual
                 stream (every reader is a LayerNorm, so outputs are unchanged).
+            **open_clip_kwargs: open_clip's ``create_model``/``create_model_and_transforms`` arguments
+                with its meaning: ``force_quick_gelu``, ``force_custom_text``, ``force_image_size``,
+                ``force_context_length``, ``force_preprocess_cfg``, ``image_mean``, ``image_std``,
+                ``image_interpolation``, ``image_resize_mode``; ``output_dict``/``force_patch_dropout``
+                only at their no-op values. Those that cannot apply to a hooked model (``jit``,
+                ``aug_cfg``, ``pretrained_image``, …) raise [`InputError`][clip_lens.InputError] saying why
+                (`clip_lens.loading.create_options`).
         """
-        from clip_lens.loading import load_open_clip
+        from clip_lens.loading import check_finite_weights, create_options, load_open_clip, precision_dtype
 
-        loaded = load_open_clip(model_name, pretrained, config_overrides=config_overrides, cache_dir=cache_dir)
+        dtype = precision_dtype(precision, dtype)
+        options = create_options(**open_clip_kwargs)
+        loaded = load_open_clip(model_name, pretrained, config_overrides=config_overrides, cache_dir=cache_dir,
+                                tag=tag, allow_nonfinite=allow_nonfinite, options=options)
         hooked = cls(loaded.model, model_name=loaded.name, pretrained=loaded.pretrained, tokenizer=loaded.tokenizer)
         if fold_ln or center_writing_weights:
             from clip_lens.weights import process_weights
 
             process_weights(hooked, fold_ln=fold_ln, center_writing_weights=center_writing_weights)
-        return hooked.to(device=device, dtype=dtype)
+        hooked = hooked.to(device=device, dtype=dtype)
+        if dtype in (torch.float16, torch.bfloat16) and loaded.pretrained is not None:
+            check_finite_weights(hooked, f"{dtype} conversion of {loaded.pretrained}", allow_nonfinite)  # overflow
+        return hooked
 
     @classmethod
     def from_open_clip(cls, model: nn.Module, model_name: Optional[str] = None) -> "HookedCLIP":

@@ -17,6 +17,8 @@ import inspect
 import os
 import pickle
 import re
+import socket
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
@@ -56,9 +58,17 @@ def bundled_models() -> dict[str, dict[str, Any]]:
     return json.loads(resources.files("clip_lens").joinpath(BUNDLED_REGISTRY).read_text())
 
 
-def load_bundled(name: str, weights_file: Union[str, Path, None] = None) -> LoadedModel:
+def load_bundled(
+    name: str,
+    weights_file: Union[str, Path, None] = None,
+    *,
+    allow_nonfinite: bool = False,
+    preprocess: Optional[Mapping[str, Any]] = None,
+) -> LoadedModel:
     """Build a bundled model (e.g. ``"toy-shapes"``) from the weights inside the package, or with
-    its architecture and tokenizer from ``weights_file`` (a checkpoint of its training run)."""
+    its architecture and tokenizer from ``weights_file`` (a checkpoint of its training run).
+    ``preprocess`` overrides fields of its preprocessing (open_clip's ``image_mean`` … meaning);
+    non-finite weights are refused unless ``allow_nonfinite`` (see `check_finite_weights`)."""
     from open_clip.factory import set_model_preprocess_cfg
     from open_clip.model import CLIP
 
@@ -80,7 +90,8 @@ def load_bundled(name: str, weights_file: Union[str, Path, None] = None) -> Load
             state_dict, source = read_state_dict(path), f"bundled:{entry['weights']}"
     model = CLIP(**meta["model_cfg"])
     load_state_dict_strict(model, state_dict, source=f"checkpoint {source} of {name}")
-    set_model_preprocess_cfg(model, meta["preprocess_cfg"])
+    check_finite_weights(model, f"checkpoint {source} of {name}", allow_nonfinite)
+    set_model_preprocess_cfg(model, {**meta["preprocess_cfg"], **(preprocess or {})})
     return LoadedModel(model.eval(), name, source, WordTokenizer.from_dict(meta["tokenizer"]))
 
 
@@ -404,7 +415,9 @@ CHECKPOINT_FORMATS = (
 def checkpoint_format(path: Union[str, Path]) -> str:
     """The format of a checkpoint file from its first bytes: ``"safetensors"``, ``"torch-zip"`` or
     ``"torch-legacy"``; [`CorruptCheckpointError`][clip_lens.CorruptCheckpointError] for an empty, truncated or unknown file."""
-    path = Path(path)
+    from clip_lens.files import require_regular
+
+    path = require_regular(path, "checkpoint")  # a FIFO would read as empty (or block)
     size = path.stat().st_size
     if size == 0:
         raise CorruptCheckpointError(f"Cannot read checkpoint {path}: the file is empty (0 bytes). Is the file complete?")
@@ -667,28 +680,416 @@ def _dtype_kind(tensor: Tensor) -> str:
     return "bool" if tensor.dtype == torch.bool else "int"
 
 
+# --- non-finite weights -------------------------------------------------------------------------
+
+
+def nonfinite_tensors(module: nn.Module) -> list[str]:
+    """``"name (n of N values NaN/inf)"`` for every floating-point parameter or buffer of ``module``
+    that holds a NaN or an infinity (empty when all are finite)."""
+    found = []
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                found.append(f"{name} ({bad} of {tensor.numel()} values NaN/inf)")
+    return found
+
+
+def check_finite_weights(module: nn.Module, source: str, allow_nonfinite: bool = False) -> None:
+    """Refuse weights holding NaN/inf (a damaged or diverged checkpoint gives NaN embeddings).
+
+    Raises [`CorruptCheckpointError`][clip_lens.CorruptCheckpointError] naming each tensor and how many of
+    its values are not finite; with ``allow_nonfinite`` (research on broken checkpoints) a
+    ``UserWarning`` names them instead, so the model still loads but never silently.
+    """
+    bad = nonfinite_tensors(module)
+    if not bad:
+        return
+    listing = f"{len(bad)} tensor{'s' if len(bad) > 1 else ''}: {_listing(bad, 5)}"
+    if allow_nonfinite:
+        warnings.warn(f"The {source} holds NaN/inf weights in {listing}; loaded anyway (allow_nonfinite=True).",
+                      UserWarning, stacklevel=3)
+        return
+    raise CorruptCheckpointError(
+        f"The {source} holds NaN/inf weights in {listing}; the model would compute NaN embeddings. Restore or "
+        "re-download the checkpoint, or pass allow_nonfinite=True to load it anyway (research on broken checkpoints)."
+    )
+
+
+# --- open_clip's create_model keyword arguments ---------------------------------------------------
+
+# precision (open_clip's names) -> the one dtype HookedCLIP's weights get; autocast runs at call time
+PRECISION_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "amp": torch.float32, "amp_bf16": torch.float32, "amp_bfloat16": torch.float32,
+    "pure_fp16": torch.float16, "pure_bf16": torch.bfloat16,
+}
+MIXED_PRECISIONS = ("fp16", "bf16")  # open_clip keeps LayerNorms (and more) in fp32 for these
+REFUSED_CREATE_KWARGS = {
+    "jit": "a TorchScript model has no hook points",
+    "aug_cfg": "it configures training augmentation; HookedCLIP's preprocess is open_clip's evaluation transform",
+    "load_weights": "pass pretrained=None for random weights instead",
+    "require_pretrained": "HookedCLIP always loads the weights pretrained= names, or fails",
+    "pretrained_image": "it downloads base timm weights into the image tower only (a partial model)",
+    "pretrained_text": "it downloads base Hugging Face weights into the text tower only (a partial model)",
+    "pretrained_image_path": "it loads one tower non-strictly; load a full checkpoint with pretrained=PATH",
+    "pretrained_text_path": "it loads one tower non-strictly; load a full checkpoint with pretrained=PATH",
+    "weights_only": "clip_lens always reads pickles with weights_only=True and never runs code from a file",
+}
+INTERPOLATIONS = ("bicubic", "bilinear")  # open_clip's evaluation transform ('random' is for training)
+RESIZE_MODES = ("shortest", "longest", "squash")
+PREPROCESS_FIELDS = ("size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
+
+
+@dataclass(frozen=True)
+class CreateOptions:
+    """The open_clip ``create_model``/``create_model_and_transforms`` keyword arguments that
+    `HookedCLIP.from_pretrained` accepts, checked, with open_clip's meaning.
+
+    ``preprocess`` gathers ``force_preprocess_cfg`` and ``image_mean``/``image_std``/
+    ``image_interpolation``/``image_resize_mode`` (the latter win), applied last, as open_clip does.
+    """
+
+    force_quick_gelu: bool = False
+    force_custom_text: bool = False
+    force_image_size: Union[int, tuple[int, int], None] = None
+    force_context_length: Optional[int] = None
+    preprocess: dict = dataclasses.field(default_factory=dict)
+
+    def force_into(self, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` (parts of a model config passed to open_clip as keyword arguments, which win
+        over its ``force_*`` arguments) with the forced values written into the parts it holds."""
+        config = copy.deepcopy(config)
+        if self.force_quick_gelu and "quick_gelu" in config:
+            config["quick_gelu"] = True
+        if self.force_image_size is not None and "vision_cfg" in config:
+            config["vision_cfg"]["image_size"] = self.force_image_size
+        if self.force_context_length is not None and "text_cfg" in config:
+            config["text_cfg"]["context_length"] = self.force_context_length
+        return config
+
+    def create_kwargs(self) -> dict[str, Any]:
+        """The arguments to pass on to ``open_clip.create_model`` (only those set)."""
+        out: dict[str, Any] = {}
+        if self.force_quick_gelu:
+            out["force_quick_gelu"] = True
+        if self.force_custom_text:
+            out["force_custom_text"] = True
+        if self.force_image_size is not None:
+            out["force_image_size"] = self.force_image_size
+        if self.force_context_length is not None:
+            out["force_context_length"] = self.force_context_length
+        return out
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        from clip_lens.config import _kind
+
+        raise InputError(f"{name} must be True or False, got {_kind(value)}.")
+    return value
+
+
+def _triple(value: Any, name: str, positive: bool) -> tuple[float, float, float]:
+    """Three finite numbers (one per RGB channel), as open_clip's ``image_mean``/``image_std``."""
+    import math
+
+    try:
+        numbers = tuple(float(v) for v in value) if not isinstance(value, (str, bytes)) else None
+    except (TypeError, ValueError):
+        numbers = None
+    if numbers is None or len(numbers) != 3 or not all(math.isfinite(v) for v in numbers):
+        raise InputError(f"{name} must be three finite numbers, one per RGB channel, got {value!r}.")
+    if positive and min(numbers) <= 0:
+        raise InputError(f"{name} must be positive (the transform divides by it), got {value!r}.")
+    return numbers  # type: ignore[return-value]
+
+
+def _check_preprocess(overrides: Mapping[str, Any], origin: Mapping[str, str]) -> dict[str, Any]:
+    """Preprocessing fields checked against what open_clip's evaluation transform accepts."""
+    from clip_lens.config import as_int
+
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        name = origin.get(key, f"force_preprocess_cfg[{key!r}]")
+        if key not in PREPROCESS_FIELDS:
+            raise InputError(f"{name}: unknown preprocessing field.{close_matches(str(key), PREPROCESS_FIELDS)} "
+                             f"Fields: {', '.join(PREPROCESS_FIELDS)}.")
+        if value is None:
+            continue
+        if key in ("mean", "std"):
+            out[key] = _triple(value, name, positive=key == "std")
+        elif key == "interpolation":
+            if value not in INTERPOLATIONS:
+                why = " ('random' is a training augmentation)" if value == "random" else ""
+                raise InputError(f"{name}={value!r} is not one of {', '.join(INTERPOLATIONS)}{why}.")
+            out[key] = value
+        elif key == "resize_mode":
+            if value not in RESIZE_MODES:
+                raise InputError(f"{name}={value!r} is not one of {', '.join(RESIZE_MODES)}.")
+            out[key] = value
+        elif key == "mode":
+            if value != "RGB":
+                raise InputError(f"{name}={value!r}: open_clip's transform only makes 'RGB' images.")
+            out[key] = value
+        elif key == "size":
+            out[key] = _image_size(value, name)
+        else:  # fill_color
+            out[key] = as_int(value, name)
+    return out
+
+
+def _image_size(value: Any, name: str) -> Union[int, tuple[int, int]]:
+    from clip_lens.config import as_int
+
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise InputError(f"{name} takes one positive integer or two (height, width), got {value!r}.")
+        sizes = tuple(as_int(v, f"{name}[{i}]") for i, v in enumerate(value))
+    else:
+        sizes = (as_int(value, name),)
+    if min(sizes) < 1:
+        raise InputError(f"{name} must be positive, got {value!r}.")
+    return sizes if len(sizes) == 2 else sizes[0]  # type: ignore[return-value]
+
+
+def create_options(
+    *,
+    force_quick_gelu: bool = False,
+    force_custom_text: bool = False,
+    force_patch_dropout: Optional[float] = None,
+    force_image_size: Any = None,
+    force_context_length: Any = None,
+    force_preprocess_cfg: Optional[Mapping[str, Any]] = None,
+    image_mean: Any = None,
+    image_std: Any = None,
+    image_interpolation: Optional[str] = None,
+    image_resize_mode: Optional[str] = None,
+    output_dict: Optional[bool] = None,
+    **others: Any,
+) -> CreateOptions:
+    """Check open_clip's ``create_model`` keyword arguments as `HookedCLIP.from_pretrained` takes them.
+
+    Those that cannot apply to a hooked model raise [`InputError`][clip_lens.InputError] saying why
+    (``jit``, ``output_dict=True``, a training-only patch dropout, …); unknown names are refused with
+    the close valid ones.
+    """
+    for name, value in others.items():
+        if name in REFUSED_CREATE_KWARGS:
+            if name == "weights_only" and value is True:
+                continue  # what clip_lens does anyway
+            raise InputError(f"open_clip's {name}= does not apply to HookedCLIP: {REFUSED_CREATE_KWARGS[name]}.")
+        known = [*(p for p in inspect.signature(create_options).parameters if p != "others"), *REFUSED_CREATE_KWARGS, "precision", "tag",
+                 "allow_nonfinite", "config_overrides", "cache_dir", "device", "dtype", "fold_ln",
+                 "center_writing_weights"]
+        raise InputError(f"from_pretrained got an unknown keyword argument {name!r}.{close_matches(name, known)}")
+    if output_dict not in (None, False):
+        raise InputError(
+            "output_dict=True does not apply to HookedCLIP: its forward chooses the output with return_type= "
+            "('tuple', 'image_features', 'text_features', 'logits', 'loss')."
+        )
+    if force_patch_dropout not in (None, 0, 0.0):
+        raise InputError(
+            f"force_patch_dropout={force_patch_dropout!r} does not apply to HookedCLIP: patch dropout only acts in "
+            "training, and a hooked model runs in eval mode (exact decompositions need every patch)."
+        )
+    if force_preprocess_cfg is not None and not isinstance(force_preprocess_cfg, Mapping):
+        raise InputError(f"force_preprocess_cfg must be a dict such as {{'mean': (0.5, 0.5, 0.5)}}, "
+                         f"got {type(force_preprocess_cfg).__name__}.")
+    preprocess = _check_preprocess(dict(force_preprocess_cfg or {}), {})
+    named = {"mean": image_mean, "std": image_std, "interpolation": image_interpolation, "resize_mode": image_resize_mode}
+    origin = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation",
+              "resize_mode": "image_resize_mode"}
+    preprocess.update(_check_preprocess({k: v for k, v in named.items() if v is not None}, origin))
+    return CreateOptions(
+        force_quick_gelu=_flag(force_quick_gelu, "force_quick_gelu"),
+        force_custom_text=_flag(force_custom_text, "force_custom_text"),
+        force_image_size=None if force_image_size is None else _image_size(force_image_size, "force_image_size"),
+        force_context_length=None if force_context_length is None else _positive(force_context_length, "force_context_length"),
+        preprocess=preprocess,
+    )
+
+
+def _positive(value: Any, name: str) -> int:
+    from clip_lens.config import as_int
+
+    number = as_int(value, name)
+    if number < 1:
+        raise InputError(f"{name} must be a positive integer, got {number}.")
+    return number
+
+
+def precision_dtype(precision: Optional[str], dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The parameter dtype of open_clip's ``precision`` name (or of ``dtype``; float32 by default).
+
+    ``amp``/``amp_bf16`` keep fp32 weights (run under ``model.autocast(...)``); ``pure_fp16``/
+    ``pure_bf16`` convert every weight. open_clip's ``fp16``/``bf16`` keep LayerNorms in fp32, which
+    HookedCLIP (one dtype for all weights) cannot reproduce: refused, naming the alternatives.
+    """
+    if precision is None:
+        return torch.float32 if dtype is None else dtype
+    if precision in MIXED_PRECISIONS:
+        raise InputError(
+            f"precision={precision!r} keeps open_clip's LayerNorms in fp32 while other weights are "
+            f"{precision}; HookedCLIP gives all weights one dtype. Use precision='pure_{precision}' (every weight "
+            f"{precision}) or precision='amp{'' if precision == 'fp16' else '_bf16'}' (fp32 weights, run under "
+            f"model.autocast('{precision}'))."
+        )
+    if precision not in PRECISION_DTYPES:
+        raise InputError(f"unknown precision {precision!r}.{close_matches(str(precision), PRECISION_DTYPES)} "
+                         f"Choose one of {', '.join(PRECISION_DTYPES)}.")
+    chosen = PRECISION_DTYPES[precision]
+    if dtype is not None and dtype != chosen:
+        raise InputError(f"precision={precision!r} means {chosen} weights but dtype={dtype}; pass one of them.")
+    return chosen
+
+
+# --- preprocessing of pretrained tags -----------------------------------------------------------
+TAG_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+
+
+def tag_preprocess(model_name: str, tag: str) -> dict[str, Any]:
+    """The preprocessing open_clip uses for ``model_name`` with pretrained ``tag`` (mean, std,
+    interpolation, resize_mode; open_clip's defaults where the tag says nothing)."""
+    from open_clip.pretrained import get_pretrained_cfg
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    merged = merge_preprocess_dict(PreprocessCfg(), get_pretrained_cfg(model_name, tag))
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in merged.items() if k in TAG_PREPROCESS_KEYS}
+
+
+def _describe_preprocess(cfg: Mapping[str, Any]) -> str:
+    mean = ", ".join(f"{v:g}" for v in cfg["mean"])
+    std = ", ".join(f"{v:g}" for v in cfg["std"])
+    return f"mean ({mean}), std ({std}), {cfg['interpolation']}, {cfg['resize_mode']}"
+
+
+def checkpoint_preprocess(model_name: str, source: str) -> dict[str, Any]:
+    """Preprocessing for a local checkpoint of ``model_name`` given without ``tag=``.
+
+    When every pretrained tag of the model preprocesses alike, theirs (a SigLIP checkpoint gets
+    mean 0.5 and ``squash``, not open_clip's default for a file). When the tags disagree, open_clip's
+    default, with a ``UserWarning`` naming the tags of each preprocessing and how to choose one.
+    """
+    from open_clip.transform import PreprocessCfg
+
+    groups: dict[tuple, list[str]] = {}
+    for tag in open_clip.list_pretrained_tags_by_model(model_name):
+        cfg = tag_preprocess(model_name, tag)
+        groups.setdefault(tuple(cfg[k] for k in TAG_PREPROCESS_KEYS), []).append(tag)
+    if len(groups) == 1:
+        return dict(zip(TAG_PREPROCESS_KEYS, next(iter(groups))))
+    default = {k: tuple(v) if isinstance(v, (list, tuple)) else v
+               for k, v in dataclasses.asdict(PreprocessCfg()).items() if k in TAG_PREPROCESS_KEYS}
+    if groups:
+        kinds = "; ".join(f"{', '.join(tags)}: {_describe_preprocess(dict(zip(TAG_PREPROCESS_KEYS, key)))}"
+                          for key, tags in groups.items())
+        warnings.warn(
+            f"{model_name}'s pretrained tags preprocess images differently ({kinds}). The {source} is "
+            f"preprocessed with open_clip's default ({_describe_preprocess(default)}); pass tag='…' naming the tag "
+            "it was trained with to use that tag's preprocessing.", UserWarning, stacklevel=4,
+        )
+    return default
+
+
+def _check_tag(model_name: str, tag: Any) -> str:
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if not isinstance(tag, str) or tag not in tags:
+        raise ModelNotFoundError(
+            f"tag={tag!r} is not a pretrained tag of {model_name}.{close_matches(str(tag), tags)} "
+            f"Tags: {', '.join(tags) or 'none'}."
+        )
+    return tag
+
+
+# --- pretrained tags offline ----------------------------------------------------------------------
+
+
+def _tag_cached(cfg: Mapping[str, Any], cache_dir: Optional[str]) -> bool:
+    """Whether open_clip would find the tag's weights without the network."""
+    if cfg.get("file"):
+        return os.path.isfile(cfg["file"])
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+        from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+
+        repo, filename = os.path.split(cfg["hf_hub"])
+        filename = filename or HF_WEIGHTS_NAME
+        return any(
+            isinstance(try_to_load_from_cache(repo, name, cache_dir=cache_dir), str)
+            for name in [*_get_safe_alternatives(filename), filename]
+        )
+    url = cfg.get("url", "")
+    return bool(url) and os.path.isfile(os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url)))
+
+
+def _hub_offline() -> bool:
+    import huggingface_hub.constants as constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "")
+    return bool(constants.HF_HUB_OFFLINE) or flag.upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_tag_reachable(model_name: str, tag: str, cache_dir: Optional[str] = None, timeout: float = 5.0) -> None:
+    """Fail fast when the weights of ``tag`` are neither cached nor downloadable.
+
+    Offline, open_clip's download retries for most of a minute before failing; this looks in the
+    local cache, then (unless ``HF_HUB_OFFLINE`` is set) opens one connection to the host with a
+    ``timeout``, and raises a [`ClipLensError`][clip_lens.ClipLensError] at once when neither works.
+    """
+    from urllib.parse import urlparse
+
+    from open_clip.pretrained import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model_name, tag)
+    if _tag_cached(cfg, cache_dir):
+        return
+    local = (f"download the checkpoint elsewhere and pass its local path: from_pretrained({model_name!r}, 'PATH', "
+             f"tag={tag!r}) keeps the tag's preprocessing.")
+    if _hub_offline():
+        raise ClipLensError(f"The '{tag}' weights of {model_name} are not in the local cache and HF_HUB_OFFLINE is set: "
+                            f"{local}")
+    hint = f"Set HF_HUB_OFFLINE=1 to use weights already in the Hugging Face cache, or {local}"
+    if cfg.get("hf_hub"):
+        import huggingface_hub.constants as constants
+
+        host = urlparse(constants.ENDPOINT).hostname
+    else:
+        host = urlparse(cfg.get("url", "")).hostname
+    if not host:
+        return
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as exc:
+        raise ClipLensError(
+            f"Could not fetch the '{tag}' weights of {model_name}: {host} is unreachable ({exc}) and they are not in "
+            f"the local cache. {hint}"
+        ) from exc
+
+
 def load_open_clip(
     model_name: str,
     pretrained: Union[str, Path, None] = None,
     *,
     config_overrides: Optional[Mapping[str, Any]] = None,
     cache_dir: Optional[str] = None,
+    tag: Optional[str] = None,
+    allow_nonfinite: bool = False,
+    options: Optional[CreateOptions] = None,
 ) -> LoadedModel:
-    """Build the open_clip model behind `HookedCLIP.from_pretrained`."""
+    """Build the open_clip model behind `HookedCLIP.from_pretrained`.
+
+    ``tag`` names the pretrained tag whose preprocessing a local checkpoint (or random weights)
+    gets; ``options`` are open_clip's ``create_model`` keyword arguments (`create_options`);
+    loaded weights holding NaN/inf are refused unless ``allow_nonfinite`` (`check_finite_weights`).
+    """
+    options = options or CreateOptions()
     if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
         raise InputError(
             "pretrained must be None, an open_clip pretrained tag or a checkpoint path, "
             f"got {type(pretrained).__name__}."
         )
     if isinstance(model_name, str) and model_name in bundled_models():
-        if config_overrides:
-            raise InputError(f"'{model_name}' is a bundled model: it takes no config_overrides=.")
-        if pretrained is not None and not Path(pretrained).is_file():
-            raise InputError(
-                f"'{model_name}' is a bundled model: pretrained= can only be a local checkpoint of the same "
-                f"architecture (e.g. a training run's steps/model-500.safetensors); {str(pretrained)!r} is not a file."
-            )
-        return load_bundled(model_name, pretrained)
+        return _load_bundled_checked(model_name, pretrained, config_overrides, tag, allow_nonfinite, options)
     config = model_config(model_name, config_overrides)
     feature = unsupported_feature(config)
     if feature is not None:
@@ -696,55 +1097,110 @@ def load_open_clip(
             f"'{model_name}' uses a {feature}, which HookedCLIP does not reproduce exactly. "
             "`clip-lens models --all` lists every open_clip model with the reason."
         )
-    kwargs: dict[str, Any] = {}
-    if config_overrides:
-        kwargs = {k: v for k, v in config.items() if k in config_overrides}
+    is_path = pretrained is not None and _looks_like_path(pretrained)
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained is not None and not is_path and pretrained not in tags:
+        raise ModelNotFoundError(
+            f"'{pretrained}' is neither a pretrained tag of {model_name} nor an existing checkpoint file."
+            f"{close_matches(str(pretrained), tags)} Tags: {', '.join(tags) or 'none'}."
+        )
+    if tag is not None:
+        tag = _check_tag(model_name, tag)
+        if pretrained is not None and not is_path and pretrained != tag:
+            raise InputError(f"pretrained={pretrained!r} and tag={tag!r} name two different tags; pass one of them.")
+    kwargs: dict[str, Any] = dict(options.create_kwargs())
+    if config_overrides:  # open_clip lets these replace whole sub-configs, so the forced values go in too
+        kwargs.update(options.force_into({k: v for k, v in config.items() if k in config_overrides}))
     tokenizer, hf_repo = None, config.get("text_cfg", {}).get("hf_model_name")
     if hf_repo:  # Hugging Face text tower: its config from local files, never a silent download
         from clip_lens.towers.hf_text import prepare_hf_text_cfg
 
-        is_tag = pretrained is not None and not _looks_like_path(pretrained)
+        is_tag = pretrained is not None and not is_path
         kwargs["text_cfg"], tokenizer = prepare_hf_text_cfg(model_name, config["text_cfg"], allow_download=is_tag)
 
     # open_clip ignores vision_cfg.layers for a timm tower; clip_lens passes it to timm as depth
     timm_depth = config["vision_cfg"].get("layers") if "layers" in (config_overrides or {}).get("vision_cfg", {}) else None
     timm_options = {"depth": timm_depth} if config["vision_cfg"].get("timm_model_name") and timm_depth else {}
 
-    def build(tag: Optional[str] = None) -> nn.Module:
+    def build(weights_tag: Optional[str] = None) -> nn.Module:
         try:
             with timm_create_kwargs(**timm_options):
-                return open_clip.create_model(model_name, pretrained=tag, cache_dir=cache_dir, **kwargs)
+                return open_clip.create_model(model_name, pretrained=weights_tag, cache_dir=cache_dir, **kwargs)
         except (TypeError, ValueError, AssertionError, IndexError, ZeroDivisionError) as exc:
-            if not config_overrides:
+            if not config_overrides and not options.create_kwargs():
                 raise
             # open_clip's constructors reject override values of the wrong type or range
             raise InputError(
-                f"Invalid config_overrides for {model_name}: building the model failed with "
+                f"Invalid config_overrides or open_clip options for {model_name}: building the model failed with "
                 f"{type(exc).__name__}: {exc or '(no message)'}. Check the overridden values."
             ) from exc
 
     if pretrained is None:
         model = build()
-    elif _looks_like_path(pretrained):
+        preprocess = tag_preprocess(model_name, tag) if tag is not None else {}
+    elif is_path:
         state_dict = read_state_dict(pretrained)  # read (and fail) before building anything
         model = build()
-        load_state_dict_strict(model, state_dict, source=f"checkpoint {pretrained}")
+        source = f"checkpoint {pretrained}"
+        if options.force_image_size is not None or options.force_context_length is not None:
+            _resize_position_embeddings(state_dict, model)
+        load_state_dict_strict(model, state_dict, source=source)
+        check_finite_weights(model, source, allow_nonfinite)
+        preprocess = tag_preprocess(model_name, tag) if tag is not None else checkpoint_preprocess(model_name, source)
         pretrained = str(pretrained)
-    elif pretrained in open_clip.list_pretrained_tags_by_model(model_name):
+    else:
+        check_tag_reachable(model_name, pretrained, cache_dir)
         try:
             model = build(pretrained)
         except RuntimeError as exc:
             raise ClipLensError(
                 f"Could not fetch the '{pretrained}' weights of {model_name} ({exc}). Without network "
-                "access, download the checkpoint elsewhere and pass its local path as pretrained=."
+                "access, download the checkpoint elsewhere and pass its local path as pretrained= "
+                f"(with tag={pretrained!r} for its preprocessing)."
             ) from exc
-    else:
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise ModelNotFoundError(
-            f"'{pretrained}' is neither a pretrained tag of {model_name} nor an existing checkpoint file."
-            f"{close_matches(str(pretrained), tags)} Tags: {', '.join(tags) or 'none'}."
-        )
+        check_finite_weights(model, f"'{pretrained}' weights of {model_name}", allow_nonfinite)
+        preprocess = {}  # open_clip applied the tag's
+    if preprocess or options.preprocess:
+        from open_clip.factory import set_model_preprocess_cfg
+
+        set_model_preprocess_cfg(model, {**model.visual.preprocess_cfg, **preprocess, **options.preprocess})
     model.eval()
     if hf_repo:  # name the HF model by its repo id, not the cache snapshot its config was read from
         model.text.config.name_or_path = hf_repo
     return LoadedModel(model, model_name, None if pretrained is None else str(pretrained), tokenizer)
+
+
+def _resize_position_embeddings(state_dict: dict[str, Tensor], model: nn.Module) -> None:
+    """open_clip's resizing of a checkpoint's position embeddings to ``force_image_size`` /
+    ``force_context_length`` (what its own ``load_checkpoint`` does)."""
+    from open_clip.model import resize_pos_embed, resize_text_pos_embed
+
+    resize_pos_embed(state_dict, model)
+    resize_text_pos_embed(state_dict, model)
+
+
+def _load_bundled_checked(
+    model_name: str,
+    pretrained: Union[str, Path, None],
+    config_overrides: Optional[Mapping[str, Any]],
+    tag: Optional[str],
+    allow_nonfinite: bool,
+    options: CreateOptions,
+) -> LoadedModel:
+    """A bundled model: no config overrides, tags or architecture options; a local checkpoint of
+    the same architecture and preprocessing overrides are fine."""
+    if config_overrides:
+        raise InputError(f"'{model_name}' is a bundled model: it takes no config_overrides=.")
+    if tag is not None:
+        raise InputError(f"'{model_name}' is a bundled model: it has no pretrained tags, so tag= does not apply.")
+    if options.create_kwargs():
+        raise InputError(
+            f"'{model_name}' is a bundled model of a fixed architecture: {', '.join(options.create_kwargs())}= "
+            "does not apply (its weights fix the image size, context length and activation)."
+        )
+    if pretrained is not None and not Path(pretrained).is_file():
+        raise InputError(
+            f"'{model_name}' is a bundled model: pretrained= can only be a local checkpoint of the same "
+            f"architecture (e.g. a training run's steps/model-500.safetensors); {str(pretrained)!r} is not a file."
+        )
+    return load_bundled(model_name, pretrained, allow_nonfinite=allow_nonfinite, preprocess=options.preprocess)

@@ -41,6 +41,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from clip_lens.analyses import JSONResult
+from clip_lens.config import as_int
 from clip_lens.errors import IndexOutOfRangeError, InputError
 
 if TYPE_CHECKING:
@@ -263,7 +264,7 @@ def _prepare(model: "HookedCLIP", clean: Any, corrupted: Any, activation: str, b
     cfg = tower.cfg
     if layers is None:
         layers = list(range(cfg.n_layers))
-    layers = [int(layer) for layer in layers]
+    layers = _indices(layers, "layers")
     for layer in layers:
         if not 0 <= layer < cfg.n_layers:
             raise IndexOutOfRangeError(f"layer {layer} is outside the {cfg.tower} tower's 0..{cfg.n_layers - 1}.")
@@ -327,10 +328,28 @@ def _patch_masks(setup: _Setup, index: Tensor, act_shape: torch.Size) -> Tensor:
     return mask
 
 
+def _indices(values: Any, what: str) -> list[int]:
+    """A list of integer indices (Python/numpy integers, 0-d integer tensors; a 1-d integer tensor
+    or array); a float such as ``1.5`` or a bool raises [`InputError`][clip_lens.InputError] instead of
+    being truncated to another index."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise InputError(f"{what} must be a list of integers, got {type(values).__name__}.")
+    if isinstance(values, Tensor) and values.ndim != 1:
+        raise InputError(f"{what} must be a list or a 1-d tensor of integers, got shape {tuple(values.shape)}.")
+    return [as_int(value, f"{what}[{i}]") for i, value in enumerate(values)]
+
+
+def _positive_int(value: Any, what: str) -> int:
+    number = as_int(value, what)
+    if number < 1:
+        raise InputError(f"{what} must be a positive integer (inputs per forward), got {number}.")
+    return number
+
+
 def _grid_indices(setup: _Setup, positions: Optional[Sequence[int]], heads: Optional[Sequence[int]]) -> Tensor:
     """Every (pos), (head) or (head, pos) combination to patch within a layer, ``[cells, k]``."""
-    pos = list(range(setup.n_positions)) if positions is None else [int(p) for p in positions]
-    hds = list(range(setup.n_heads)) if heads is None else [int(h) for h in heads]
+    pos = list(range(setup.n_positions)) if positions is None else _indices(positions, "positions")
+    hds = list(range(setup.n_heads)) if heads is None else _indices(heads, "heads")
     for p in pos:
         if not 0 <= p < setup.n_positions:
             raise IndexOutOfRangeError(f"position {p} is outside 0..{setup.n_positions - 1}.")
@@ -394,6 +413,7 @@ def activation_patch(
     Returns:
         [`PatchingResult`][clip_lens.PatchingResult] with the metric of every patched run.
     """
+    batch_size = _positive_int(batch_size, "batch_size")
     setup = _prepare(model, clean, corrupted, activation, by, layers)
     batch = setup.clean.shape[0]
     names = [setup.hook.format(l=layer) for layer in setup.layers]

@@ -2,12 +2,16 @@
 
 * `shard_paths`: the ``.tar`` files of a spec: one shard, a folder of shards (recursive, sorted),
   a list, or a brace pattern ``data/train-{000000..000099}.tar`` (expanded here, zero-padded
-  like webdataset's ``braceexpand``).
+  like webdataset's ``braceexpand``; counted first, so a pattern of more than `MAX_PATTERN_NAMES`
+  names is refused before it is expanded). Shards must be regular files (a FIFO is refused).
+* `refuse_mixed_folder`: a folder of images that also holds ``.tar`` shards is refused, never
+  read as its loose images alone.
 * `TarShards`: a random-access index over the samples of the shards, built from the tar headers
   alone (no image bytes are read while indexing). WebDataset convention: the members whose names
   share a key (the member path up to the first dot of its basename: ``dir/abc.jpg`` and
   ``dir/abc.cls`` → ``dir/abc``) form one sample; its image is its first member with an image
-  extension, its label the integer in its ``cls`` / ``cls.txt`` / ``label`` / ``class`` member.
+  extension, its label the integer in its ``cls`` / ``cls.txt`` / ``label`` / ``class`` member (a label
+  member that does not hold one 64-bit integer is refused, naming the shard and the member).
   Reads use one file handle per shard and process (reopened after ``fork``, never pickled), so a
   `TarShards` can be handed to DataLoader workers.
 """
@@ -20,11 +24,12 @@ import tarfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from clip_lens.errors import InputError
+from clip_lens.files import open_regular, require_regular
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -36,6 +41,11 @@ LABEL_EXTENSIONS = ("cls", "cls.txt", "label", "class")  # the first one a sampl
 _LABEL_MAX_BYTES = 64  # a longer "label" member is not an integer: label -1, not read
 _MAX_OPEN = 16  # shard files kept open per process (least recently used closed first)
 _EXAMPLE = "data/train-{000000..000099}.tar"
+MAX_PATTERN_NAMES = 1_000_000
+"""The most names a brace pattern may expand to (counted before expanding): far above the shard counts
+of public data sets (LAION-400M: 41,408; DataComp-1B: ~140,000), far below what costs memory."""
+_MAX_BRACE_DEPTH = 32  # braces nested deeper than this are refused (parsing recurses once per level)
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 # --- shard paths ----------------------------------------------------------------------------------
@@ -71,57 +81,130 @@ def _split_top(text: str) -> list[str]:
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
 
 
-def _range(first: str, last: str, step: Optional[str]) -> list[str]:
-    """``{first..last[..step]}`` as strings, zero-padded to the longer end when either has a leading 0."""
+def _range(first: str, last: str, step: Optional[str]) -> tuple[range, int]:
+    """``{first..last[..step]}`` as ``(numbers, width)``: zero-padded to ``width``, the longer end,
+    when either end has a leading 0 (else width 0). Nothing is materialised: it is counted first."""
     a, b = int(first), int(last)
     increment = abs(int(step)) if step else 1
     if increment == 0:
         raise ValueError("a step of 0")
     numbers = range(a, b + 1, increment) if a <= b else range(a, b - 1, -increment)
     padded = any(len(end.lstrip("-")) > 1 and end.lstrip("-").startswith("0") for end in (first, last))
-    width = max(len(first), len(last)) if padded else 0
-    return [f"{n:0{width}d}" for n in numbers]
+    return numbers, (max(len(first), len(last)) if padded else 0)
 
 
-def expand_braces(pattern: str) -> list[str]:
+# A parsed pattern is a sequence of parts: literal text (str), alternatives (a list of sequences) or a
+# range ((numbers, width)); it is counted (`_count`) before it is expanded (`_expand`).
+def _parse(text: str, bad: Callable[[str], InputError]) -> list:
+    """``text`` as a sequence of parts (see above), checking its braces."""
+    parts: list = []
+    while True:
+        start = text.find("{")
+        if "}" in (text if start < 0 else text[:start]):
+            raise bad("a '}' without its '{'")
+        if start < 0:
+            return parts + [text]
+        end = _closing_brace(text, start)
+        if end < 0:
+            raise bad("a '{' without its '}'")
+        inside = text[start + 1:end]
+        pieces = _split_top(inside)
+        if len(pieces) > 1:
+            option: Any = [_parse(piece, bad) for piece in pieces]
+        else:
+            match = _RANGE.match(inside)
+            if not match:
+                raise bad(f"{{{inside}}} is neither a list (a,b) nor a numeric range (first..last)")
+            try:
+                option = _range(*match.groups())
+            except ValueError as error:
+                raise bad(f"{{{inside}}} has {error}") from None
+        parts += [text[:start], option]
+        text = text[end + 1:]
+
+
+def _count(sequence: list) -> int:
+    """How many strings ``sequence`` expands to (exact, without expanding it)."""
+    total = 1
+    for part in sequence:
+        if isinstance(part, list):
+            total *= sum(_count(alternative) for alternative in part)
+        elif isinstance(part, tuple):
+            numbers = part[0]  # len() overflows past 2**63 names: counted here instead
+            total *= max(0, (abs(numbers.stop - numbers.start) + abs(numbers.step) - 1) // abs(numbers.step))
+    return total
+
+
+def _expand(sequence: list) -> list[str]:
+    """Every string of ``sequence``, the leftmost part varying slowest."""
+    results = [""]
+    for part in sequence:
+        if isinstance(part, str):
+            options = [part]
+        elif isinstance(part, list):
+            options = [text for alternative in part for text in _expand(alternative)]
+        else:
+            numbers, width = part
+            options = [f"{n:0{width}d}" for n in numbers]
+        results = [head + option for head in results for option in options]
+    return results
+
+
+def _brace_depth(pattern: str) -> int:
+    depth = deepest = 0
+    for char in pattern:
+        depth += (char == "{") - (char == "}")
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def expand_braces(pattern: str, limit: int = MAX_PATTERN_NAMES) -> list[str]:
     """Every string of the brace pattern ``pattern``, in order: ``{a,b}`` alternatives and
     ``{000..099}`` / ``{0..10..2}`` ranges (zero-padded to the longer end when either end has a
     leading zero), nested and several per pattern; a pattern without braces is itself.
 
+    The names are counted before any is made: a pattern of more than ``limit`` names
+    (`MAX_PATTERN_NAMES`) is refused, whatever memory its expansion would take.
+
     Raises:
-        InputError: unbalanced braces, an empty ``{}``, or braces holding neither a list nor a range.
+        InputError: unbalanced braces, an empty ``{}``, braces holding neither a list nor a range,
+            braces nested more than 32 deep, or more than ``limit`` names.
     """
 
     def bad(reason: str) -> InputError:
         return InputError(f"the shard pattern {pattern!r} is not a valid brace pattern: {reason}; write ranges as "
                           f"{{000000..000099}} and lists as {{a,b}}, e.g. {_EXAMPLE!r}.")
 
-    def expand(text: str) -> list[str]:
-        start = text.find("{")
-        if start < 0:
-            if "}" in text:
-                raise bad("a '}' without its '{'")
-            return [text]
-        if "}" in text[:start]:
-            raise bad("a '}' without its '{'")
-        end = _closing_brace(text, start)
-        if end < 0:
-            raise bad("a '{' without its '}'")
-        inside, head, tails = text[start + 1:end], text[:start], expand(text[end + 1:])
-        parts = _split_top(inside)
-        if len(parts) > 1:
-            options = [option for part in parts for option in expand(part)]
-        else:
-            match = _RANGE.match(inside)
-            if not match:
-                raise bad(f"{{{inside}}} is neither a list (a,b) nor a numeric range (first..last)")
-            try:
-                options = _range(*match.groups())
-            except ValueError as error:
-                raise bad(f"{{{inside}}} has {error}") from None
-        return [head + option + tail for option in options for tail in tails]
+    if _brace_depth(pattern) > _MAX_BRACE_DEPTH:
+        raise bad(f"braces nested more than {_MAX_BRACE_DEPTH} deep")
+    parsed = _parse(pattern, bad)
+    count = _count(parsed)
+    if count > limit:
+        raise InputError(f"the shard pattern {pattern!r} expands to {count:,} names, more than the limit of {limit:,}; "
+                         "check its ranges, or split the shards into several patterns or folders.")
+    return _expand(parsed)
 
-    return expand(pattern)
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False for a name the system cannot look up (too long, a NUL): a pattern then."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def refuse_mixed_folder(folder: Union[str, "os.PathLike[str]"], images: Sequence[Union[str, "os.PathLike[str]"]]) -> None:
+    """Refuse the folder ``folder`` when it holds ``.tar`` shards besides the image files ``images``
+    found in it: reading only the loose images would leave the shards out without a word, and which
+    of the two the user meant cannot be told (nothing is refused when ``images`` is empty: a folder of
+    shards)."""
+    tars = sorted(p for p in Path(folder).rglob("*") if p.name.lower().endswith(".tar") and not p.is_dir())
+    if images and tars:
+        raise InputError(
+            f"the folder {folder} holds both image files ({len(images):,}, e.g. {images[0]}) and tar shards "
+            f"({len(tars):,}, e.g. {tars[0]}); clip_lens reads one or the other: move the loose images or the "
+            "shards into a folder of their own and give that."
+        )
 
 
 def _missing(paths: list[Path], spec: Any) -> InputError:
@@ -145,7 +228,8 @@ def shard_paths(spec: Spec) -> list[Path]:
 
     Raises:
         InputError: a missing shard (the first one is named), a file that is not a ``.tar``, a
-            folder without shards, a bad brace pattern, an empty list, or a shard given twice.
+            FIFO, device or socket, a folder without shards, a bad brace pattern (or one of more
+            than `MAX_PATTERN_NAMES` names), an empty list, or a shard given twice.
     """
     if isinstance(spec, (list, tuple)):
         if not spec:
@@ -155,12 +239,13 @@ def shard_paths(spec: Spec) -> list[Path]:
     elif isinstance(spec, (str, os.PathLike)):
         text = os.fspath(spec)
         path = Path(text)
-        if ("{" in text or "}" in text) and not path.exists():
+        if ("{" in text or "}" in text) and not _exists(path):
             paths = [Path(p) for p in expand_braces(text)]
             if any(not p.exists() for p in paths):
                 raise _missing(paths, text)
-        elif path.is_dir():
-            paths = sorted((p for p in path.rglob("*") if is_shard(p)), key=lambda p: p.relative_to(path).as_posix())
+        elif path.is_dir():  # special files named .tar are listed too, and refused below: never skipped silently
+            paths = sorted((p for p in path.rglob("*") if p.name.lower().endswith(".tar") and not p.is_dir()),
+                           key=lambda p: p.relative_to(path).as_posix())
             if not paths:
                 raise InputError(f"the folder {path} holds no .tar shards; give the folder of the shards, the shard "
                                  f"files or a pattern like {_EXAMPLE!r}.")
@@ -176,6 +261,7 @@ def shard_paths(spec: Spec) -> list[Path]:
         if path.is_dir() or not path.name.lower().endswith(".tar"):
             raise InputError(f"{path} is not a tar shard (a file ending in .tar); give .tar files, a folder of them "
                              f"or a pattern like {_EXAMPLE!r}.")
+        require_regular(path, "tar shard", "Give the shards as regular .tar files.")
         key = path.resolve()
         if key in seen:
             raise InputError(f"the tar shard {path} is given twice (also as {seen[key]}); list each shard once.")
@@ -214,9 +300,10 @@ def _damaged(path: Path, count: int, reason: str) -> InputError:
                       f"{reason}; re-create or remove the shard.")
 
 
-def _index_shard(path: Path) -> tuple[list[tuple[str, str, int, int, int, int]], int, int]:
+def _index_shard(path: Path) -> tuple[list[tuple[str, str, int, int, int, int, int]], int, int]:
     """``(samples, n_ignored, n_members)`` of one shard from its headers; a sample is ``(key, image
-    extension, image offset, image size, label offset, label size)`` (label offset -1: none)."""
+    extension, image offset, image size, label offset, label size, label extension's index in
+    LABEL_EXTENSIONS)`` (label offset and index -1: none)."""
     groups: dict[str, dict[str, Any]] = {}  # key → best image, label, in first-seen order
     count = 0
     try:
@@ -240,7 +327,7 @@ def _index_shard(path: Path) -> tuple[list[tuple[str, str, int, int, int, int]],
                     if rank > group["rank"]:
                         group.update(image=(extension, member.offset_data, member.size), rank=rank)
                     elif group["label"] is None and extension in LABEL_EXTENSIONS:
-                        group["label"] = (member.offset_data, member.size)
+                        group["label"] = (member.offset_data, member.size, LABEL_EXTENSIONS.index(extension))
                 stop = getattr(tar, "offset", None)
         except tarfile.TarError as exc:
             raise _damaged(path, count, f"a header is unreadable ({exc})") from exc
@@ -256,7 +343,7 @@ def _index_shard(path: Path) -> tuple[list[tuple[str, str, int, int, int, int]],
         if group["image"] is None:
             ignored += 1
             continue
-        label = group["label"] or (-1, 0)
+        label = group["label"] or (-1, 0, -1)
         samples.append((key, *group["image"], *label))
     return samples, ignored, count
 
@@ -286,7 +373,7 @@ class TarShards:
         names = _shard_names(self.paths)
         self.ids: list[str] = []
         self._extensions: list[str] = []
-        shard, image_at, image_size, label_at, label_size = [], [], [], [], []
+        shard, image_at, image_size, label_at, label_size, label_kind = [], [], [], [], [], []
         self.n_ignored = 0
         for index, path in enumerate(self.paths):
             samples, ignored, members = _index_shard(path)
@@ -295,7 +382,7 @@ class TarShards:
                                  f"image member: {', '.join(sorted(IMAGE_EXTENSIONS))}); re-create it with the "
                                  "images or remove it from the shards.")
             self.n_ignored += ignored
-            for key, extension, offset, size, l_offset, l_size in samples:
+            for key, extension, offset, size, l_offset, l_size, l_kind in samples:
                 self.ids.append(f"{names[index]}/{key}")
                 self._extensions.append(extension)
                 shard.append(index)
@@ -303,9 +390,11 @@ class TarShards:
                 image_size.append(size)
                 label_at.append(l_offset)
                 label_size.append(l_size)
+                label_kind.append(l_kind)
         self._shard = np.asarray(shard, dtype=np.int32)
         self._image = np.asarray([image_at, image_size], dtype=np.int64).reshape(2, -1)
         self._label = np.asarray([label_at, label_size], dtype=np.int64).reshape(2, -1)
+        self._label_kind = np.asarray(label_kind, dtype=np.int8)  # index into LABEL_EXTENSIONS (-1: none)
         self._labels: Optional[list[int]] = None
         self._reset()
 
@@ -350,7 +439,7 @@ class TarShards:
             handle = self._files.get(shard)
             if handle is None:
                 try:
-                    handle = open(path, "rb", buffering=0)
+                    handle = open_regular(path, "tar shard", "Re-create the shard and index the shards again.")
                 except OSError as exc:
                     raise InputError(f"tar shard {path} cannot be opened to read {what} of {self.ids[i]} "
                                      f"({exc.strerror or exc}); check that the shard is still there.") from exc
@@ -396,13 +485,26 @@ class TarShards:
 
     def label(self, i: int) -> int:
         """Sample ``i``'s label: the integer in its ``cls`` / ``cls.txt`` / ``label`` / ``class``
-        member, or -1 when it has none or it does not hold one integer."""
+        member (surrounding whitespace allowed), or -1 when it has none.
+
+        Raises:
+            InputError: the label member does not hold one integer that fits in 64 bits (text, a
+                fraction, several numbers, empty, ``2**63`` or more); the message names the shard and
+                the member. (Collecting skips such a sample and names it, as an undecodable image.)
+        """
         i = self._check(i)
         offset, size = int(self._label[0, i]), int(self._label[1, i])
-        if offset < 0 or size > _LABEL_MAX_BYTES:
+        if offset < 0:
             return -1
-        text = self._read(i, offset, size, "the label").strip()
-        return int(text) if re.fullmatch(rb"[+-]?[0-9]+", text) else -1
+        text = self._read(i, offset, size, "the label").strip() if size <= _LABEL_MAX_BYTES else None
+        value = int(text) if text is not None and re.fullmatch(rb"[+-]?[0-9]+", text) else None
+        if value is None or not _INT64[0] <= value <= _INT64[1]:
+            shown = f"{size} bytes" if text is None else repr(text[:32].decode("utf-8", "replace"))
+            member = f"{self.ids[i]}.{LABEL_EXTENSIONS[int(self._label_kind[i])]}"
+            raise InputError(f"tar shard {self.paths[int(self._shard[i])]}: the label member {member} holds "
+                             f"{shown}, not one integer between -2**63 and 2**63-1; write integer class labels in the "
+                             "shard's .cls members (text labels belong in .txt or .json members).")
+        return value
 
     @property
     def labels(self) -> list[int]:

@@ -20,7 +20,7 @@ from transformer_lens.FactoredMatrix import FactoredMatrix
 
 from clip_lens.components import AttentionalPooler, GatedMLP, LayerNorm, TransformerBlock
 from clip_lens.components.attention import Attention
-from clip_lens.errors import IndexOutOfRangeError, UnsupportedArchitectureError
+from clip_lens.errors import IndexOutOfRangeError, InputError, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
     from clip_lens.hooked_clip import HookedCLIP
@@ -203,6 +203,63 @@ class TowerWeights:
         """Bias of the read-out ``[E]`` (zeros without one)."""
         weight, bias = self._readout_affine()
         return weight.new_zeros(weight.shape[1]) if bias is None else bias
+
+    # --- TransformerLens' analyses of the weights ----------------------------------------------
+    def _transformer_blocks(self, what: str) -> nn.ModuleList:
+        """The tower's transformer blocks, or an error saying why ``what`` needs them."""
+        tower = self._weights_tower()
+        blocks = getattr(tower, "blocks", None)
+        if blocks is None:
+            family = getattr(tower, "family", None)
+            kind = f"a {family} image tower (convolutional stages)" if family else "this tower"
+            raise UnsupportedArchitectureError(f"{what} needs transformer blocks with attention heads; {kind} has none.")
+        return blocks
+
+    def tl_parameters(self) -> dict[str, Tensor]:
+        """The tower's weights under TransformerLens' names, what ``transformer_lens.SVDInterpreter``
+        reads: ``blocks.{l}.attn.W_Q`` … ``b_O`` (``[h, m, d]``, ``[h, d, m]``), ``blocks.{l}.mlp.W_in``
+        … ``b_out``, ``blocks.{l}.ln1.w``/``ln2.w`` (pre-norm blocks) and ``unembed.W_U`` = `W_proj`
+        ``[m, E]``, CLIP's unembedding: the read-out into the joint embedding space.
+
+        So ``SVDInterpreter(model).get_singular_vectors("OV", layer, num_vectors=k, head_index=h)``
+        gives ``[E, 1, k]``: the top right-singular vectors of the head's OV circuit written into
+        the joint embedding space, comparable with text embeddings. It reads ``cfg.d_vocab`` as the
+        width of ``W_U``, so this sets the tower config's ``d_vocab`` to ``E``.
+        """
+        blocks = self._transformer_blocks("tl_parameters (what SVDInterpreter reads)")
+        params: dict[str, Tensor] = {}
+        for layer, block in enumerate(blocks):
+            for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
+                params[f"blocks.{layer}.attn.{name}"] = getattr(block.attn, name)
+            for name in ("W_in", "b_in", "W_out", "b_out"):
+                params[f"blocks.{layer}.mlp.{name}"] = getattr(block.mlp, name)
+            for ln in ("ln1", "ln2"):
+                norm = getattr(block, ln, None)
+                if isinstance(norm, LayerNorm):
+                    params[f"blocks.{layer}.{ln}.w"], params[f"blocks.{layer}.{ln}.b"] = norm.w, norm.b
+        params["unembed.W_U"] = self.W_proj
+        self._weights_tower().cfg.d_vocab = params["unembed.W_U"].shape[1]  # SVDInterpreter's width of W_U
+        return params
+
+    def all_composition_scores(self, mode: str) -> Float[Tensor, "n_layers n_heads n_layers n_heads"]:
+        """TransformerLens' ``all_composition_scores``: how much each head's output is read by each
+        later head, ``scores[l1, h1, l2, h2] = ‖OV[l1, h1] · X[l2, h2]‖_F / (‖OV[l1, h1]‖_F ‖X[l2, h2]‖_F)``
+        with ``X`` = ``QK`` (``mode="Q"``), ``QK.T`` (``"K"``) or ``OV`` (``"V"``); zero where
+        ``l2 <= l1`` (a head cannot read what it or a later layer writes). From the weights as they
+        are (fold the LayerNorms first for TransformerLens' usual numbers); rotary embeddings and
+        QK-norm are not part of ``QK``.
+        """
+        from transformer_lens.utilities import composition_scores
+
+        if mode not in ("Q", "K", "V"):
+            raise InputError(f"mode must be 'Q', 'K' or 'V' (which input of the later head), got {mode!r}.")
+        self._transformer_blocks("all_composition_scores")
+        left = self.OV
+        right = {"Q": lambda: self.QK, "K": lambda: self.QK.T, "V": lambda: left}[mode]()
+        scores = composition_scores(left, right, broadcast_dims=True)
+        layers = torch.arange(scores.shape[0], device=scores.device)
+        later = layers[:, None, None, None] < layers[None, None, :, None]
+        return torch.where(later, scores, torch.zeros_like(scores))
 
 
 class CLIPWeights(TowerWeights):

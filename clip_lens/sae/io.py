@@ -4,14 +4,17 @@
 ``cfg.json``                   `SAEConfig.to_dict` (SAELens v6 layout: ``hook_name``,
                                ``model_name`` and ``sae_lens_version`` under ``metadata``)
 ``sae_weights.safetensors``    ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
-                               ``b_dec [d_in]``, and ``threshold [d_sae]`` for ``jumprelu``
+                               ``b_dec [d_in]``, and ``threshold [d_sae]`` for ``jumprelu``;
+                               ``gated``: ``b_gate``, ``b_mag``, ``r_mag [d_sae]`` instead of ``b_enc``
 ``sparsity.safetensors``       optional: ``sparsity [d_sae]``, log10 of each feature's firing rate
 =============================  =================================================================
 
-Writing is atomic per file (temporary file + ``os.replace``): the weights first, then
-``cfg.json``, which carries the sha256 of the weights (``metadata.clip_lens_weights_sha256``) and
-so commits them; a reader verifies that checksum when it is present, so a damaged or
-half-replaced weights file is reported, never read. Reading never unpickles anything
+Writing is atomic per file (temporary file + ``os.replace``): the weights and the sparsity file
+first, then ``cfg.json``, which carries the sha256 of each (``metadata.clip_lens_weights_sha256``,
+``metadata.clip_lens_sparsity_sha256``) and so commits them; a reader (`load_sae` and
+`load_sparsity`) verifies both checksums when they are present, so a damaged or half-replaced file
+is reported, never read. A sparsity file next to a ``cfg.json`` that commits the weights but not
+it was not written with them and is refused too. Reading never unpickles anything
 (safetensors and JSON only) and reports a missing, foreign or damaged file as one clip_lens error
 naming the file and the fix. Folders written by SAELens (v6, and the older flat ``cfg.json``) load
 as they are; legacy tensors are converted as SAELens does (``log_threshold`` → ``threshold``, an
@@ -29,8 +32,8 @@ import torch
 from torch import Tensor
 
 from clip_lens.errors import CheckpointNotFoundError, CorruptCheckpointError, InputError
-from clip_lens.files import atomic_write, read_json
-from clip_lens.sae.model import SAE, SAEConfig, dtype_from_str
+from clip_lens.files import atomic_write, read_json, require_regular
+from clip_lens.sae.model import ARCHITECTURES, SAE, SAEConfig, dtype_from_str, extra_parameters
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -114,13 +117,13 @@ def _folder(path: Union[str, Path]) -> Path:
 def load_config(folder: Union[str, Path]) -> SAEConfig:
     """The `SAEConfig` of an SAE folder (``cfg.json`` only)."""
     folder = _folder(folder)
-    path = folder / CFG_FILENAME
+    path = require_regular(folder / CFG_FILENAME, "SAE config")  # a FIFO is not "missing"
     if not path.is_file():
         raise CheckpointNotFoundError(
             f"{path} is missing: an SAE folder holds {CFG_FILENAME} and {WEIGHTS_FILENAME} (SAELens' format). "
             "Check the folder, or save the SAE again with sae.save(folder)."
         )
-    raw = read_json(path, "SAE config", _EXPECTED_CFG)
+    raw = read_json(path, "SAE config", _EXPECTED_CFG)  # nesting bounded there (files.read_json)
     if not isinstance(raw, dict):
         raise InputError(f"SAE config {path} must hold a JSON object like {_EXPECTED_CFG}, got {type(raw).__name__}.")
     try:
@@ -132,6 +135,7 @@ def load_config(folder: Union[str, Path]) -> SAEConfig:
 def _read_safetensors(path: Path, what: str, expected_sha: Optional[str]) -> dict[str, Tensor]:
     from safetensors.torch import load
 
+    require_regular(path, f"SAE {what}")
     if not path.is_file():
         raise CheckpointNotFoundError(
             f"{path} is missing: the {what} of the SAE in {path.parent}. Copy the whole SAE folder, or save it again."
@@ -165,12 +169,10 @@ def _check_tensors(tensors: dict[str, Tensor], cfg: SAEConfig, path: Path) -> di
                     f"{path} holds a finetuning '{name}' that is not all ones, which clip_lens does not support; "
                     "fold it into W_dec (W_dec *= factor[:, None]) and re-save."
                 )
-    expected = {
-        "W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,),
-        "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,),
-    }
-    if cfg.architecture == "jumprelu":
-        expected["threshold"] = (cfg.d_sae,)
+    expected = {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
+    if cfg.architecture == "gated":
+        del expected["b_enc"]
+    expected.update({name: (cfg.d_sae,) for name in extra_parameters(cfg.architecture)})
     missing = [name for name in expected if name not in tensors]
     if missing:
         found = ", ".join(sorted(tensors)[:8]) + (" …" if len(tensors) > 8 else "") or "no tensors"
@@ -183,7 +185,7 @@ def _check_tensors(tensors: dict[str, Tensor], cfg: SAEConfig, path: Path) -> di
     if unexpected:
         raise CorruptCheckpointError(
             f"{path} holds tensors a {cfg.architecture} SAE does not have: {', '.join(unexpected[:8])}. "
-            "Check cfg.json's architecture (clip_lens runs standard, topk and jumprelu SAEs)."
+            f"Check cfg.json's architecture (clip_lens runs {', '.join(ARCHITECTURES)} SAEs)."
         )
     for name, shape in expected.items():
         tensor = tensors[name]
@@ -213,6 +215,7 @@ def load_sae(folder: Union[str, Path], device: Union[str, torch.device] = "cpu",
     cfg = load_config(folder)
     path = folder / WEIGHTS_FILENAME
     tensors = _check_tensors(_read_safetensors(path, "weights", cfg.metadata.get(WEIGHTS_SHA256_KEY)), cfg, path)
+    _read_sparsity(folder, cfg)  # a damaged folder is reported when it is loaded, not later
     cfg.device = str(torch.device(device))
     sae = sae_class(cfg)
     dtype = dtype_from_str(cfg.dtype)
@@ -225,15 +228,33 @@ def load_sae(folder: Union[str, Path], device: Union[str, torch.device] = "cpu",
 def load_sparsity(folder: Union[str, Path]) -> Optional[Tensor]:
     """The ``[d_sae]`` log10 feature firing rates of an SAE folder, or ``None`` without a sparsity file."""
     folder = _folder(folder)
-    cfg = load_config(folder)
+    return _read_sparsity(folder, load_config(folder))
+
+
+def _read_sparsity(folder: Path, cfg: SAEConfig) -> Optional[Tensor]:
+    """The sparsity file of ``folder`` checked like the weights: against its recorded sha256; and,
+    when ``cfg.json`` commits the weights (clip_lens wrote it) but records no sparsity checksum, the
+    file was not written with them and is refused. Its shape and values are checked too."""
     path = folder / SPARSITY_FILENAME
     if not path.exists():
         return None
-    tensors = _read_safetensors(path, "sparsity", cfg.metadata.get(SPARSITY_SHA256_KEY))
-    sparsity = tensors.get("sparsity")
-    if sparsity is None or tuple(sparsity.shape) != (cfg.d_sae,):
-        got = "no 'sparsity' tensor" if sparsity is None else f"'sparsity' of shape {tuple(sparsity.shape)}"
+    expected = cfg.metadata.get(SPARSITY_SHA256_KEY)
+    if expected is None and cfg.metadata.get(WEIGHTS_SHA256_KEY) is not None:
         raise CorruptCheckpointError(
-            f"{path} holds {got}; SAELens' sparsity file holds 'sparsity' [d_sae] = [{cfg.d_sae}]."
+            f"{path} was not written with this SAE: {folder / CFG_FILENAME} commits the weights "
+            f"({WEIGHTS_SHA256_KEY}) but records no {SPARSITY_SHA256_KEY}. Delete the file, or save the SAE "
+            "again with sae.save(folder, log_feature_sparsity=...)."
+        )
+    tensors = _read_safetensors(path, "sparsity", expected)
+    sparsity = tensors.get("sparsity")
+    if sparsity is None or tuple(sparsity.shape) != (cfg.d_sae,) or not sparsity.is_floating_point():
+        got = "no 'sparsity' tensor" if sparsity is None else f"'sparsity' {sparsity.dtype} of shape {tuple(sparsity.shape)}"
+        raise CorruptCheckpointError(
+            f"{path} holds {got}; SAELens' sparsity file holds a float 'sparsity' [d_sae] = [{cfg.d_sae}]."
+        )
+    if bool(torch.isnan(sparsity).any()) or bool((sparsity > 0).any()):  # log10 of a rate: at most 0, -inf when dead
+        raise CorruptCheckpointError(
+            f"{path} holds values that are not log10 firing rates (NaN or above 0); the file is damaged. "
+            "Copy or save the SAE folder again."
         )
     return sparsity

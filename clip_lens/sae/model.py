@@ -8,8 +8,15 @@ combination of ``d_sae`` feature directions::
     f     = act(pre)                          architecture:
                                                 standard  relu(pre)
                                                 topk      the k largest entries of pre, then relu (others 0)
+                                                abstopk   the k entries of pre largest in magnitude, signed (others 0)
                                                 jumprelu  relu(pre) · [pre > relu(threshold)]
     recon = norm_out(f @ W_dec + b_dec)
+
+A ``gated`` SAE (SAELens' ``GatedSAE``) has no ``b_enc``; with ``c = x_n - b_dec``::
+
+    f     = [c @ W_enc + b_gate > 0] · relu(c @ (W_enc · exp(r_mag)) + b_mag)
+
+(``hook_sae_acts_pre`` is the magnitude path's pre-activation, as in SAELens.)
 
 With ``use_error_term`` the output is ``recon + error`` where ``error = x - recon_clean`` is computed
 without any hook intervention (SAELens' definition), so the model downstream sees exactly ``x``
@@ -49,8 +56,10 @@ from transformer_lens.hook_points import HookPoint
 
 from clip_lens.errors import InputError
 
-ARCHITECTURES = ("standard", "topk", "jumprelu")
+ARCHITECTURES = ("standard", "topk", "jumprelu", "gated", "abstopk")
 """The SAELens architectures clip_lens runs (SAELens' names)."""
+TOPK = ("topk", "abstopk")
+"""Architectures that keep ``k`` features per input."""
 NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale")
 """``normalize_activations`` values applied at run time (SAELens' names)."""
 RESHAPES = ("none", "hook_z")
@@ -72,6 +81,12 @@ _LEGACY_METADATA_KEYS = (
 )
 _LEGACY_RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index",
                    "activation_fn_str": "activation_fn"}
+
+
+def extra_parameters(architecture: str) -> tuple[str, ...]:
+    """The ``[d_sae]`` parameters an architecture has besides ``W_enc``, ``W_dec``, ``b_dec`` (and
+    ``b_enc``, which every architecture but ``gated`` has), in SAELens' names."""
+    return {"jumprelu": ("threshold",), "gated": ("b_gate", "b_mag", "r_mag")}.get(architecture, ())
 
 
 def dtype_from_str(name: str) -> torch.dtype:
@@ -98,9 +113,9 @@ class SAEConfig:
     d_sae: int
     """Number of features."""
     architecture: str = "standard"
-    """``"standard"`` (ReLU), ``"topk"`` or ``"jumprelu"``."""
+    """``"standard"`` (ReLU), ``"topk"``, ``"jumprelu"``, ``"gated"`` or ``"abstopk"``."""
     k: Optional[int] = None
-    """Active features per input (``topk`` only)."""
+    """Active features per input (``topk`` and ``abstopk`` only)."""
     hook_name: str = ""
     """The HookedCLIP hook point it reads, e.g. ``"blocks.3.hook_resid_post"``, ``"text.blocks.1.hook_resid_post"``."""
     model_name: Optional[str] = None
@@ -115,7 +130,7 @@ class SAEConfig:
     metadata: dict = field(default_factory=dict)
     """SAELens' metadata (``sae_lens_version``, ``context_size``, …); unknown keys survive a round trip."""
     rescale_acts_by_decoder_norm: bool = False
-    """``topk`` only (SAELens' ``TopKSAEConfig`` field): select on ``pre * ||W_dec||`` and decode ``f / ||W_dec||``."""
+    """``topk``/``abstopk`` only (SAELens' ``TopKSAEConfig`` field): select on ``pre * ||W_dec||`` and decode ``f / ||W_dec||``."""
     check_finite: bool = True
     """Run-time check (not written to cfg.json): a NaN/inf input raises [`InputError`][clip_lens.InputError]."""
 
@@ -129,15 +144,13 @@ class SAEConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InputError(f"SAE config: {name} must be a positive integer, got {value!r}.")
         if self.architecture not in ARCHITECTURES:
-            hint = " (gated SAEs are not supported)" if self.architecture == "gated" else ""
             raise InputError(
-                f"SAE architecture {self.architecture!r} is not supported{hint}; "
-                f"clip_lens runs {', '.join(ARCHITECTURES)}."
+                f"SAE architecture {self.architecture!r} is not supported; clip_lens runs {', '.join(ARCHITECTURES)}."
             )
-        if self.architecture == "topk":
+        if self.architecture in TOPK:
             if isinstance(self.k, bool) or not isinstance(self.k, int) or not 0 < self.k <= self.d_sae:
                 raise InputError(
-                    f"a topk SAE needs k, an integer in [1, d_sae={self.d_sae}]; got k={self.k!r}."
+                    f"a {self.architecture} SAE needs k, an integer in [1, d_sae={self.d_sae}]; got k={self.k!r}."
                 )
         if self.normalize_activations == "expected_average_only_in":
             raise InputError(
@@ -168,7 +181,7 @@ class SAEConfig:
             "normalize_activations": self.normalize_activations,
             "reshape_activations": self.reshape_activations,
         }
-        if self.architecture == "topk":
+        if self.architecture in TOPK:
             out["k"] = self.k
             out["rescale_acts_by_decoder_norm"] = self.rescale_acts_by_decoder_norm
         metadata = copy.deepcopy(self.metadata)
@@ -217,7 +230,7 @@ class SAEConfig:
                     f"SAE activation function {activation!r} is not supported: a standard SAE uses 'relu' "
                     "(SAELens' other architectures: topk, jumprelu)."
                 )
-        if architecture == "topk" and k is None:
+        if architecture in TOPK and k is None:
             kwargs = raw.get("activation_fn_kwargs") or {}
             k = kwargs.get("k") if isinstance(kwargs, Mapping) else None
         if raw.get("finetuning_scaling_factor") is True:
@@ -237,7 +250,7 @@ class SAEConfig:
             d_in=raw["d_in"],
             d_sae=raw["d_sae"],
             architecture=architecture,
-            k=k if architecture == "topk" else None,
+            k=k if architecture in TOPK else None,
             hook_name=hook_name,
             model_name=model_name,
             dtype=raw.get("dtype") or "float32",
@@ -246,7 +259,7 @@ class SAEConfig:
             normalize_activations=normalize,
             reshape_activations=reshape,
             metadata=metadata,
-            rescale_acts_by_decoder_norm=architecture == "topk" and bool(raw.get("rescale_acts_by_decoder_norm")),
+            rescale_acts_by_decoder_norm=architecture in TOPK and bool(raw.get("rescale_acts_by_decoder_norm")),
         )
 
 
@@ -254,7 +267,8 @@ class SAE(HookedRootModule):
     """A sparse autoencoder on one hook point, with SAELens' parameters, maths and hook names.
 
     Parameters: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
-    ``b_dec [d_in]``, and ``threshold [d_sae]`` for ``jumprelu``. The module docstring gives the
+    ``b_dec [d_in]``, and ``threshold [d_sae]`` for ``jumprelu``; a ``gated`` SAE has
+    ``b_gate``, ``b_mag`` and ``r_mag [d_sae]`` instead of ``b_enc``. The module docstring gives the
     equations and the hook table. Build one with `from_config`, read one with `load`
     (SAELens' folder format, see `clip_lens.sae.io`), splice it into a model with
     ``model.add_sae(sae)`` / ``model.run_with_saes(..., saes=[sae])``.
@@ -276,11 +290,12 @@ class SAE(HookedRootModule):
         w_dec = torch.empty(cfg.d_sae, cfg.d_in, dtype=dtype, device=device)
         nn.init.kaiming_uniform_(w_dec)
         self.W_enc = nn.Parameter(w_dec.T.clone().contiguous())
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
+        if cfg.architecture != "gated":
+            self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
         self.W_dec = nn.Parameter(w_dec)
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
-        if cfg.architecture == "jumprelu":
-            self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
+        for name in extra_parameters(cfg.architecture):  # zeros, as SAELens initialises them
+            setattr(self, name, nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device)))
         self.hook_sae_input = HookPoint()
         self.hook_sae_acts_pre = HookPoint()
         self.hook_sae_acts_post = HookPoint()
@@ -322,7 +337,7 @@ class SAE(HookedRootModule):
 
     def extra_repr(self) -> str:
         cfg = self.cfg
-        k = f", k={cfg.k}" if cfg.architecture == "topk" else ""
+        k = f", k={cfg.k}" if cfg.architecture in TOPK else ""
         return f"{cfg.architecture}, d_in={cfg.d_in}, d_sae={cfg.d_sae}{k}, hook_name={cfg.hook_name!r}"
 
     # --- the maths --------------------------------------------------------------------------
@@ -412,6 +427,10 @@ class SAE(HookedRootModule):
         x, state = self._normalize_in(x)
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
+        if self.cfg.architecture == "gated":  # SAELens' GatedSAE.encode
+            active = (x @ self.W_enc + self.b_gate > 0).to(x.dtype)
+            magnitude = self._hook(self.hook_sae_acts_pre, x @ (self.W_enc * self.r_mag.exp()) + self.b_mag, hooked)
+            return self._hook(self.hook_sae_acts_post, active * torch.relu(magnitude), hooked), state
         pre = self._hook(self.hook_sae_acts_pre, x @ self.W_enc + self.b_enc, hooked)
         return self._hook(self.hook_sae_acts_post, self._activation(pre), hooked), state
 
@@ -423,11 +442,14 @@ class SAE(HookedRootModule):
             return torch.relu(pre) * (pre > torch.relu(self.threshold)).to(pre.dtype)
         if self.cfg.rescale_acts_by_decoder_norm:
             pre = pre * self.W_dec.norm(dim=-1)
+        if arch == "abstopk":  # the k largest in magnitude, keeping their sign (SAELens' AbsTopK)
+            indices = torch.topk(pre.abs(), k=self.cfg.k, dim=-1, sorted=False).indices
+            return torch.zeros_like(pre).scatter(-1, indices, pre.gather(-1, indices))
         values, indices = torch.topk(pre, k=self.cfg.k, dim=-1, sorted=False)  # top k first, then relu
         return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
 
     def _decode(self, f: Tensor, state: Optional[tuple[Tensor, ...]], hooked: bool) -> Tensor:
-        if self.cfg.architecture == "topk" and self.cfg.rescale_acts_by_decoder_norm:
+        if self.cfg.architecture in TOPK and self.cfg.rescale_acts_by_decoder_norm:
             f = f / self.W_dec.norm(dim=-1)
         recons = self._hook(self.hook_sae_recons, f @ self.W_dec + self.b_dec, hooked)
         return self._normalize_out(recons, state)

@@ -44,6 +44,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from clip_lens.errors import InputError, UnsupportedArchitectureError
+from clip_lens.figures import plain
 from clip_lens.sae.model import SAE
 
 if TYPE_CHECKING:
@@ -308,12 +309,16 @@ def _image_source(model: "HookedCLIP", images: Any):
             raise InputError("the model has no preprocess transform to read the store's images with.")
         size = model.cfg.image_size[0]
         load = store_images(images, size)
-        n = images.n_images
+        # rows as the store numbers them (store_images, ids(), reads): without the images it skipped
+        ids = images.ids()
+        n = images.n_images if ids is None else len(ids)
+        skipped = images.n_images - n
+        description = f"images of store {images.path}" + (f", without the {skipped} it skipped" if skipped else "")
 
         def loader(start: int, stop: int):
             return torch.stack([preprocess(image) for image in load(range(start, stop))]), None
 
-        return ImageSource(n, loader, None, f"images of store {images.path}")
+        return ImageSource(n, loader, ids, description)
     return image_source(images, getattr(model, "preprocess", None))
 
 
@@ -445,14 +450,15 @@ class TopActivations:
                 rgba = _heat_rgba(heat)
                 ax.imshow(rgba, extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
             ax.set_title(f"#{int(self.indices[row, i])}  {float(self.values[row, i]):.2f}", fontsize=8)
-        title = f"feature {int(feature)} at {self.hook_name} (fires on {float(self.frequency[row]):.1%} of {self.n_images} images)"
+        title = f"feature {int(feature)} at {plain(self.hook_name, 80)} (fires on {float(self.frequency[row]):.1%} of {self.n_images} images)"
         if names is not None and bool((names.features == int(feature)).any()):
             text, score = names.top(int(feature))[0]
-            title += f"\nname: \"{text}\" (cos {score:.2f}{', direct path' if names.readout == 'direct' else ''})"
+            title += f"\nname: \"{plain(text, 80)}\" (cos {score:.2f}{', direct path' if names.readout == 'direct' else ''})"
         if n == 0:
             axes.flat[0].text(0.5, 0.5, "never fires", ha="center", va="center")
         width = max(40, 24 * columns)  # characters that fit above `columns` thumbnails at fontsize 9
-        fig.suptitle("\n".join(textwrap.fill(line, width) for line in title.split("\n")), fontsize=9)
+        # whole words only: a break inside a long word could split an escaped dollar sign and start mathtext
+        fig.suptitle("\n".join(textwrap.fill(line, width, break_long_words=False) for line in title.split("\n")), fontsize=9)
         return fig
 
 

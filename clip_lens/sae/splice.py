@@ -15,11 +15,23 @@ and the SAE's own hook points become children of that hook point. ``setup()`` th
 ``run_with_hooks``, ``run_with_cache`` and ``names_filter`` like any other hook. The hook point
 itself then carries what flows on (the SAE's output); its input is at ``<hook_name>.hook_sae_input``.
 The SAE's parameters are not the model's: ``model.state_dict()`` and ``model.to()`` leave them out.
+
+Checks at splice time (`SAESplicing.add_sae`), against what the SAE says it was trained on:
+
+* a hook the model lacks: ``HookNameError`` (close names listed); a width that differs: ``InputError``;
+* an SAE clip_lens trained (``metadata.clip_lens_training`` records the model and the hook):
+  another model, or a ``hook_name`` that differs from the recorded hook (the other tower, another
+  layer), is an ``InputError``: the SAE would read activations it never saw;
+* SAELens' own ``model_name`` naming another model: a ``UserWarning``, not an error. SAELens never
+  checks it and tools spell the same weights differently (``ViT-B-32`` vs
+  ``open-clip:laion/CLIP-ViT-B-32-laion2B-s34B-b79K``); set ``sae.cfg.model_name`` to the model's
+  name to silence it.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -102,6 +114,7 @@ class SAESplicing:
                 raise InputError(
                     f"'{name}' is a hook of the SAE spliced at '{spliced}'; an SAE cannot be spliced into another SAE."
                 )
+        self._check_provenance(sae, name)
         self.check_hook_name(name)
         self._check_width(sae, name)
         device = getattr(self, "device", None)
@@ -141,6 +154,36 @@ class SAESplicing:
         for hook_name in splice.sae.hook_dict:
             splice.hook_point._modules.pop(hook_name, None)
         splice.sae.setup()  # give the SAE's hook points back their own names
+
+    def _check_provenance(self, sae: SAE, name: str) -> None:
+        """Refuse an SAE clip_lens trained on another model or hook; warn when SAELens' ``model_name``
+        names another model (module docstring: why one is an error and the other a warning)."""
+        here = getattr(self, "model_name", None)
+        training = sae.cfg.metadata.get("clip_lens_training") if isinstance(sae.cfg.metadata, dict) else None
+        args = training.get("args") if isinstance(training, dict) else None
+        source = args.get("source") if isinstance(args, dict) else None
+        source = source if isinstance(source, dict) else {}
+        trained_model, trained_hook = source.get("model"), source.get("hook_name")
+        if trained_model and here and trained_model != here:
+            raise InputError(
+                f"the SAE was trained on model '{trained_model}' (metadata.clip_lens_training), not '{here}'; splice it "
+                f"into a HookedCLIP of '{trained_model}'."
+            )
+        if isinstance(trained_hook, str) and trained_hook and trained_hook != name:
+            towers = {h: "text" if h.startswith("text.") else "image" for h in (trained_hook, name)}
+            what = (f"the {towers[trained_hook]} tower's '{trained_hook}', but its hook_name says the "
+                    f"{towers[name]} tower's '{name}'") if towers[trained_hook] != towers[name] else (
+                    f"'{trained_hook}', but its hook_name says '{name}'")
+            raise InputError(
+                f"the SAE was trained on {what} (cfg.json was edited?); set sae.cfg.hook_name = {trained_hook!r} "
+                "or use an SAE trained on that hook."
+            )
+        if not trained_model and sae.cfg.model_name and here and sae.cfg.model_name != here:
+            warnings.warn(
+                f"the SAE's model_name is '{sae.cfg.model_name}' but the model is '{here}'; splicing it anyway (SAELens "
+                f"does not check model_name). If it was trained on other weights its features mean nothing here; set "
+                f"sae.cfg.model_name = {here!r} to silence this.", UserWarning, stacklevel=3,
+            )
 
     def _check_width(self, sae: SAE, name: str) -> None:
         """Compare ``d_in`` with the hook's width where the config says it (resid/attn_out/mlp_out/

@@ -266,11 +266,30 @@ def _pattern(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return pattern
 
 
+MAX_SCENES = 1_000_000
+"""The most scenes one request may ask for (`check_scene_count`; ``clip-lens … --shapes``): checked before
+anything is allocated. A store of that many 64-pixel scenes is about 15 GB; the world is a toy."""
+
+
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """``seed`` as an int: a non-negative integer (numpy seeds scenes from it), else `InputError` naming ``what``."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"{what} must be an integer >= 0, got {seed!r}.")
+    return int(seed)
+
+
+def check_scene_count(n: Any, what: str = "n") -> int:
+    """``n`` as an int: a scene count in ``1..MAX_SCENES``, else `InputError` naming ``what`` and the limit."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_SCENES:
+        raise InputError(f"{what} must be a number of scenes between 1 and {MAX_SCENES:,}, got {n!r}.")
+    return int(n)
+
+
 class ShapesWorld(Dataset):
     """A seeded, indexable world of scenes (``world[i]`` is always the same scene).
 
     Args:
-        seed: world seed; scenes of different seeds are independent.
+        seed: world seed, an integer >= 0; scenes of different seeds are independent.
         image_size: side of the square images in pixels (default 64).
         n_objects: objects per scene, an int or an inclusive ``(min, max)`` range.
         length: nominal dataset length for ``len()`` / iteration.
@@ -295,6 +314,7 @@ class ShapesWorld(Dataset):
             raise InputError(f"n_objects must lie in 1..4, got {n_objects}.")
         if version not in WORLD_VERSIONS:
             raise InputError(f"version must be one of {WORLD_VERSIONS}, got {version!r}.")
+        seed = check_seed(seed)
         self.seed, self.image_size, self.n_objects, self.length, self.transform = seed, image_size, (lo, hi), length, transform
         self.version = version
 

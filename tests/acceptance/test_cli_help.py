@@ -71,7 +71,7 @@ def test_train_toy_options_have_types_and_defaults(runner):
     flat = " ".join(out.split())  # click wraps at 80 columns
     assert "--steps INTEGER training steps (the bundled model was trained for 2800). [default: 2800; x>=1]" in flat
     assert "--batch-size INTEGER scenes per training step" in flat and "[default: 256; x>=2]" in flat
-    assert "--seed INTEGER seed of the initialisation and of the training scenes. [default: 0]" in flat
+    assert "--seed INTEGER seed of the initialisation and of the training scenes. [default: 0; 0<=x<=4294967295]" in flat
     assert "--max-minutes NUMBER stop" in flat and "-o, --out PATH run folder" in flat
     assert "--force start a run" in flat  # a flag: no placeholder
 

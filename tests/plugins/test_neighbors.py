@@ -34,7 +34,7 @@ def fake_store(path, heads: np.ndarray, chunk_size: int, done=None) -> Store:
     (path / "done").mkdir()
     for c in range(-(-n // chunk_size)) if done is None else done:
         (path / "done" / f"{c:06d}").touch()
-    return Store.open(path)
+    return Store.open(path, partial=done is not None)  # a store with unfinished chunks opens only when asked
 
 
 def brute_force(rows: torch.Tensor, queries: torch.Tensor, k: int):

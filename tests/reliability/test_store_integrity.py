@@ -22,7 +22,7 @@ import clip_lens.collect as collect_module
 from clip_lens import HookedCLIP
 from clip_lens.collect import FORMAT, ImageSource, Store, collect, shapes_world_images, store_from_arrays
 from clip_lens.errors import ClipLensError, InputError, StoreCorruptError, StoreLockedError, StoreWarning, StoreWriteError
-from tests.helpers import ok, one_line_error
+from tests.helpers import ok, one_line_error, store_files
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -79,7 +79,7 @@ def flip(path: Path, offset: int, n: int = 16) -> None:
 
 
 def files(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    return store_files(out)  # the store's random identity as a placeholder
 
 
 def assert_same_files(out: Path, reference: Path) -> None:
@@ -254,6 +254,11 @@ def test_a_marker_recording_other_checksums_is_caught_on_read(store):
     good = json.loads(marker.read_text())
     good["arrays"]["embed"]["crc32c"] ^= 1
     marker.write_text(json.dumps(good))
+    with pytest.raises(StoreCorruptError, match="done/000002 does not match its checksum") as caught:  # the marker's own
+        Store.open(store).read("embed")
+    assert caught.value.chunk == 2
+    good["checksum"] = collect_module._checksum(good)  # a consistent edit: the chunk file's checksum still differs
+    marker.write_text(json.dumps(good))
     with pytest.raises(StoreCorruptError, match="chunk 2 of array 'embed'.*checksum differs from the one its marker recorded"):
         Store.open(store).read("embed")
 
@@ -379,7 +384,7 @@ def test_a_failure_while_recording_the_arrays_is_resumable(tmp_path, pristine, t
     failing_writes(monkeypatch, 2)  # the second metadata write: after the arrays were created
     with pytest.raises(StoreWriteError):
         run(toy, out)
-    assert Store.open(out).arrays == [] and not (out / "lock").exists()
+    assert Store.open(out, partial=True).arrays == [] and not (out / "lock").exists()
     monkeypatch.undo()
     run(toy, out)
     assert_same_files(out, pristine)
@@ -390,7 +395,7 @@ def test_a_full_disk_while_writing_a_marker_keeps_finished_chunks(tmp_path, pris
     failing_writes(monkeypatch, 1, name="000001")
     with pytest.raises(StoreWriteError, match="Finished chunks are kept"):
         run(toy, out)
-    assert Store.open(out).done_chunks() == [0]
+    assert Store.open(out, partial=True).done_chunks() == [0]
     monkeypatch.undo()
     source = Recording()
     run(toy, out, source)

@@ -14,6 +14,7 @@ from clip_lens import HookedCLIP, checks
 from clip_lens.collect import Store, batches, collect, image_source, shapes_world_images
 from clip_lens.errors import InputError, StoreCorruptError
 from clip_lens.toy.world import ShapesWorld
+from tests.helpers import store_files as normalised_files
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def scene_folder(folder: Path, n: int, bad: set[int]) -> list[Path]:
 
 
 def store_files(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name != "lock"}
+    return {name: data for name, data in normalised_files(path).items() if name != "lock"}  # identity as a placeholder
 
 
 def test_undecodable_images_are_skipped_counted_and_left_out_of_every_read(toy, tmp_path):
@@ -86,7 +87,7 @@ def test_a_marker_with_a_malformed_skipped_entry_is_damage(toy, tmp_path):
 def test_a_store_without_skipped_images_has_markers_as_before(toy, tmp_path):
     store = collect(toy, shapes_world_images(8), tmp_path / "s", chunk_size=4, progress=False)
     markers = [json.loads(p.read_text()) for p in sorted((store.path / "done").iterdir())]
-    assert all(sorted(m) == ["arrays", "chunk", "rows"] for m in markers) and store.skipped() == {}
+    assert all(sorted(m) == ["arrays", "checksum", "chunk", "rows", "source", "store"] for m in markers) and store.skipped() == {}
 
 
 def test_batches_from_workers_equal_batches_in_process(tmp_path):

@@ -123,8 +123,8 @@ def test_config_that_is_not_json_or_not_an_sae_is_refused(saved):
     (saved / "cfg.json").write_text('{"d_sae": 16, "architecture": "standard"}')
     with pytest.raises(InputError, match="cfg.json.*lacks d_in"):
         SAE.load(saved)
-    (saved / "cfg.json").write_text('{"d_in": 8, "d_sae": 16, "architecture": "gated"}')
-    with pytest.raises(InputError, match="gated"):
+    (saved / "cfg.json").write_text('{"d_in": 8, "d_sae": 16, "architecture": "temporal"}')
+    with pytest.raises(InputError, match="temporal"):
         SAE.load(saved)
 
 

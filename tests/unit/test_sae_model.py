@@ -249,7 +249,7 @@ def test_config_reads_the_old_flat_layout_and_ignores_training_fields():
 @pytest.mark.parametrize("bad, message", [
     ({"d_sae": 16}, "d_in"),
     ({"d_in": 8}, "d_sae"),
-    ({"d_in": 8, "d_sae": 16, "architecture": "gated"}, "gated"),
+    ({"d_in": 8, "d_sae": 16, "architecture": "temporal"}, "temporal"),
     ({"d_in": 8, "d_sae": 16, "architecture": "matryoshka"}, "standard, topk, jumprelu"),
     ({"d_in": 8, "d_sae": 16, "architecture": "topk"}, "k"),
     ({"d_in": 8, "d_sae": 16, "architecture": "topk", "k": 17}, "k"),

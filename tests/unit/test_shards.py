@@ -182,10 +182,13 @@ def test_grouping_by_key_ignores_samples_without_an_image(tmp_path):
 
 
 @pytest.mark.parametrize("text", [b"cat", b"1.5", b"", b"\xff\xfe", b"1 2", b"7" * 100])
-def test_a_label_that_is_not_one_integer_is_minus_one(tmp_path, text):
+def test_a_label_that_is_not_one_integer_is_refused_naming_the_member(tmp_path, text):
     path = tar_of(tmp_path / "l.tar", [("a.png", png(colour_images(1)[0])), ("a.cls", text),
                                         ("b.png", png(colour_images(1)[0])), ("b.cls.txt", b"-3\n")])
-    assert TarShards(path).labels == [-1, -3]
+    shards = TarShards(path)
+    assert shards.label(1) == -3
+    with pytest.raises(InputError, match=r"l\.tar: the label member l\.tar/a\.cls holds .*, not one integer"):
+        shards.label(0)
 
 
 def test_a_shard_without_images_is_an_input_error(tmp_path):
