@@ -1,7 +1,8 @@
 """The app's Features tab: the features of sparse autoencoders (SAEs) on the image tower, over the store.
 
-Per SAE, computed once on first use (under the app's model lock, progress in ``GET /api/sae_status``)
-and then cached:
+Per SAE, computed once on first use (under the app's model lock, which it yields to other requests
+between batches; progress in ``GET /api/sae_status``, and 503 for requests of that SAE meanwhile) and
+then cached:
 
 - the store-wide dashboard, `top_activating` over every store image
   (the `TOP_K` top images of every feature, their patch maps and each feature's firing frequency);
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
@@ -33,7 +35,9 @@ import torch
 from jaxtyping import Float, UInt8
 from torch import Tensor
 
+from clip_lens.app.guard import OverBudget
 from clip_lens.errors import ClipLensError, InputError, close_matches
+from clip_lens.figures import plain
 from clip_lens.toy.evaluate import shapes_world_version
 
 if TYPE_CHECKING:
@@ -164,7 +168,7 @@ class Features:
 
     def status(self) -> dict[str, Any]:
         """Per SAE: ``state``, and ``done``/``total`` store images while computing (no lock taken)."""
-        total = self.api.store.n_images
+        total = self.api.n_rows
         return {"saes": {name: {"state": view.state, "done": view.done, "total": total}
                          for name, view in self.views.items()}}
 
@@ -187,7 +191,7 @@ class Features:
         text = fields.text("text") if "text" in fields.body else None
         start = fields.integer("start", 0, 0, d_sae - 1)
         count = fields.integer("count", 100, 1, MAX_LIST)
-        with self.api.lock:
+        with self.api.hold():
             top = self._dashboard(view)
             names = self._names(view)
             scores = self._text_scores(view, text) if text is not None else None
@@ -222,7 +226,7 @@ class Features:
         d_sae = view.sae.cfg.d_sae
         feature = fields.integer("feature", None, 0, d_sae - 1)
         k = fields.integer("k", 9, 1, TOP_K)
-        with self.api.lock:
+        with self.api.hold():
             top = self._dashboard(view)
             names = self._names(view)
             values, indices = top.values[feature, :k], top.indices[feature, :k]
@@ -251,11 +255,13 @@ class Features:
         k = fields.integer("k", 8, 1, min(32, view.sae.cfg.d_sae))
         pixels, shown = self.api.images(fields)
         sae, model = view.sae, self.api.model
-        with self.api.lock:
+        queries = self.api.query_names(fields)
+        with self.api.hold():
             names = self._names(view)
             acts = image_feature_acts(model, sae, pixels)  # [q, d_sae]
             answers, panels, note = [], [], None
             for q in range(len(pixels)):
+                self.api.check_time(f"after the patch maps of {q} of {len(pixels)} images")
                 values, order = acts[q].topk(k)
                 chosen = [int(f) for f, v in zip(order, values) if v > 0]
                 maps = None
@@ -269,15 +275,22 @@ class Features:
                      "map": maps[j].tolist() if maps is not None else None}
                     for j, f in enumerate(chosen)])
                 panels.append((shown[q], chosen, [float(acts[q, f]) for f in chosen], maps))
-            figure = _figure_url(image_figure(panels, names, sae.cfg.hook_name, queries=self.api.query_names(fields)))
+            figure = _figure_url(image_figure(panels, names, sae.cfg.hook_name, queries=queries))
         return {"sae": view.name, "images": [{"features": features} for features in answers],
                 "names_info": self._names_info(view), "maps_note": note, "figure": figure}
 
     # --- cached computations (the caller holds the lock) -------------------------------
     def _dashboard(self, view: SAEView) -> "TopActivations":
-        """Every feature's top store images (computed once)."""
+        """Every feature's top store images (computed once, over the store's rows after skipped images).
+
+        The caller holds the model lock; between batches it is handed to waiting requests (the store
+        may be large), which get 503 while they ask for this SAE. Computed once for every request, it is
+        not cut off by the asking request's budget, only by the server stopping."""
         if view.top is not None:
             return view.top
+        if view.state == "computing":  # by another request, which has lent the model lock out between batches
+            raise OverBudget(503, f"SAE '{view.name}': its feature activations over the store are being computed "
+                             f"({view.done} of {self.api.n_rows} images); try again in a few seconds.")
         from clip_lens.collect import ImageSource
         from clip_lens.sae.naming import top_activating
 
@@ -285,9 +298,14 @@ class Features:
         if api._store_images is None:
             raise InputError(f"store {api.store.path} does not record its images, so the features' top images cannot "
                              "be found; collect the store from a folder or from shapes-world scenes.")
-        n = api.store.n_images
+        n = api.n_rows
 
         def load(start: int, stop: int):
+            if start > 0:  # let other requests use the model between batches
+                api.lock.release()
+                time.sleep(0.001)  # the waiting thread takes the lock
+                api.lock.acquire()
+            api.check_time(f"while computing SAE '{view.name}' over the store ({start} of {n} images)", budget=False)
             pixels = torch.stack([api.model.preprocess(image) for image in api._store_images(range(start, stop))])
             view.done = stop
             return pixels, None
@@ -337,10 +355,10 @@ class Features:
         return (view.carried @ embedding.to(view.carried.device)).cpu()
 
     def _title(self, view: SAEView, feature: int, frequency: float, n_images: int) -> str:
-        title = f"feature {feature} of {view.name} at {view.sae.cfg.hook_name} (fires on {frequency:.1%} of {n_images} images)"
+        title = f"feature {feature} of {plain(view.name, 40)} at {view.sae.cfg.hook_name} (fires on {frequency:.1%} of {n_images} images)"
         if view.names is not None:
             text, score = view.names.top(feature)[0]
-            title += f"\nname: \"{text}\" (cos {score:.2f}{', direct path' if view.names.readout == 'direct' else ''})"
+            title += f"\nname: \"{plain(text, 80)}\" (cos {score:.2f}{', direct path' if view.names.readout == 'direct' else ''})"
         return title
 
 
@@ -434,11 +452,11 @@ def image_figure(panels: Sequence[tuple], names: Optional["FeatureNames"], hook_
     scale = max([float(maps.max()) for _, _, _, maps in panels if maps is not None and len(maps)] + [0.0])
     lines: list[list[tuple]] = []  # cells of (picture, map or None, title)
     for q, (picture, chosen, values, maps) in enumerate(panels):
-        query = queries[q] if queries is not None and q < len(queries) else "query"
+        query = plain(queries[q], 60) if queries is not None and q < len(queries) else "query"
         cells = [(picture, None, query if chosen else f"{query}: no feature fires")]
         for j, feature in enumerate(chosen):
             label = names.texts[int(names.indices[feature, 0])] if names is not None else ""
-            label = label if len(label) <= 22 else label[:21] + "…"
+            label = plain(label, 22)
             heat = maps[j].float().numpy() if maps is not None else None
             cells.append((picture, heat, f"f{feature}  {values[j]:.2f}" + (f"\n{label}" if label else "")))
         step = wrap if len(panels) == 1 else len(cells)

@@ -13,7 +13,12 @@ Per request (`Limits`):
   ([`Api.images`][clip_lens.app.Api.images], which also decodes one request at a time);
 - **time**: the whole request (line, headers and body) must arrive within ``request_timeout`` seconds
   of its first byte, else 408 (`clip_lens.app.protocol`);
-- **shape**: the body must be strict JSON (`parse_json`).
+- **headers**: the request line and headers together at most `MAX_HEADER_BYTES` (431);
+- **shape**: the body must be strict JSON (`parse_json`), its strings at most `MAX_TEXT` characters
+  where they are texts (`clip_lens.app.api.Fields`);
+- **compute**: an analysis gets ``compute_timeout`` seconds, counted from when its body has arrived;
+  it checks them between its steps and, past them, stops with `OverBudget` (504; 503 while the server
+  is busy or stopping), releasing the model.
 """
 
 from __future__ import annotations
@@ -44,6 +49,21 @@ MAX_JSON_DIGITS = 64
 digits already cost quadratic time)."""
 MAX_URL_BYTES = 8192
 """Longest request target (path and query)."""
+MAX_HEADER_BYTES = 16 * 1024
+"""Most bytes of a request line and its headers together."""
+MAX_TEXT = 300
+"""Longest text field of a request body (a query, a label, a head name), in characters: a figure lays
+out its query text, and a 1 MB title held the model lock for 13 minutes."""
+
+
+class OverBudget(Exception):
+    """An analysis stopped for lack of time: over its compute budget (504), or the server busy with
+    other analyses or shutting down (503). The server answers ``status`` with the message (and
+    ``Retry-After`` for 503)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -58,6 +78,8 @@ class Limits:
         pending_bytes: most request-body bytes held at once over all requests (at least ``max_upload_bytes``).
         linger: seconds to keep reading (and discarding) a body that was refused unread, so that the
             client reads the refusal instead of a connection reset.
+        compute_timeout: seconds an analysis may take, from the arrival of its body (waiting for the
+            model included); past them it stops at its next step with 504.
     """
 
     max_upload_bytes: int = 8 * 2**20
@@ -66,6 +88,7 @@ class Limits:
     request_timeout: float = 30.0
     pending_bytes: int = 32 * 2**20
     linger: float = 2.0
+    compute_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("max_upload_bytes", "max_images", "max_pixels", "pending_bytes"):
@@ -73,7 +96,7 @@ class Limits:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 what = "a positive number of bytes" if name.endswith("bytes") else "a positive whole number"
                 raise InputError(f"{name} must be {what}, got {value!r}.")
-        for name in ("request_timeout", "linger"):
+        for name in ("request_timeout", "linger", "compute_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 86400:
                 raise InputError(f"{name} must be a number of seconds above 0, got {value!r}.")
@@ -114,10 +137,21 @@ def _constant(name: str) -> Any:
     raise _Refused(f"{name} is not JSON")
 
 
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: with a repeated key, which value counts depends on
+    the parser (Python keeps the last, others the first), so the request is ambiguous."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _Refused(f"the key {key[:60]!r} appears more than once in one object")
+        seen.add(key)
+    return dict(pairs)
+
+
 def parse_json(raw: bytes) -> Any:
     """A request body as JSON, strictly: UTF-8, no ``NaN``/``Infinity``, integers of at most
     `MAX_JSON_DIGITS` digits, nesting at most `MAX_JSON_DEPTH` deep, no lone surrogates
-    (``"\\ud800"``, which no UTF-8 answer can carry).
+    (``"\\ud800"``, which no UTF-8 answer can carry), no key twice in one object.
 
     Raises:
         InputError: what is wrong, for a 400 answer.
@@ -127,7 +161,7 @@ def parse_json(raw: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise InputError(f"the body is not valid JSON: it is not UTF-8 ({exc.reason} at byte {exc.start}).") from exc
     try:
-        value = json.loads(text, parse_int=_integer, parse_constant=_constant)
+        value = json.loads(text, parse_int=_integer, parse_constant=_constant, object_pairs_hook=_object)
     except _Refused as exc:
         raise InputError(f"the body is not valid JSON for this server: {exc}.") from None
     except RecursionError:

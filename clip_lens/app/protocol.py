@@ -3,6 +3,8 @@
 1. **Every refusal is JSON.** A request that cannot be parsed (garbage, an HTTP/0.9 line, a request
    line or headers longer than 16 KiB, a bad header) gets h11's status (400, or 431 for too long) as
    ``{"error": …, "status": …}`` with the security headers, instead of uvicorn's plain-text 400.
+   h11 bounds only a header block that is still arriving; one that arrives whole (64 KiB in one
+   packet) is measured here before h11 parses it (`MAX_HEADER_BYTES`, 431).
 2. **A deadline per request.** The request line, headers and body must all arrive within
    ``Limits.request_timeout`` seconds of the request's first byte (the first request of a connection:
    of the connection's opening, so no idle connection is held); otherwise the answer is 408 and the
@@ -28,12 +30,14 @@ from typing import Any, Optional
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from clip_lens.app.guard import Limits, raw_error_response
+from clip_lens.app.guard import MAX_HEADER_BYTES, Limits, raw_error_response
 
 logger = logging.getLogger("clip_lens.app")
 
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \x00-\x1f\x7f]+ HTTP/[0-9]\.[0-9]\r?")
 """``METHOD target HTTP/x.y`` (RFC 9112); h11 checks the same, but only once the whole header block is in."""
+_HEAD_END = re.compile(rb"\n\r?\n")
+"""The blank line that ends a header block (h11 accepts bare ``\n`` line ends too)."""
 
 
 class AppProtocol(H11Protocol):
@@ -59,6 +63,8 @@ class AppProtocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:  # the answer is sent and the connection half-closed: discard the rest
+            return
+        if self.conn.their_state is h11.IDLE and self._head_too_long(data):
             return
         super().data_received(data)
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
@@ -94,6 +100,19 @@ class AppProtocol(H11Protocol):
             line = pending[:min(end, 60)].decode("ascii", "backslashreplace")
             logger.info("%s: not an HTTP/1.x request line → 400: %s", _peer(self.client), line)
             self._refuse(400, f"malformed HTTP request: the first line ({line!r}) is not 'METHOD /path HTTP/1.1'")
+
+    def _head_too_long(self, data: bytes) -> bool:
+        """Refuse (431) a request line and headers over `MAX_HEADER_BYTES` that arrived whole: h11 would
+        parse them, as it bounds only a header block that is still incomplete."""
+        pending = (self.conn.trailing_data[0] + data).lstrip(b"\r\n")
+        end = _HEAD_END.search(pending)
+        if end is None or end.end() <= MAX_HEADER_BYTES:  # fits, or still arriving (h11 bounds it)
+            return False
+        self.conn.receive_data(data)  # unparsed: only so that the close lingers while the client still sends
+        logger.info("%s: request line and headers of %d bytes → 431", _peer(self.client), end.end())
+        self._refuse(431, f"the request line and headers are {end.end():,} bytes; the limit is "
+                          f"{MAX_HEADER_BYTES:,} bytes (16 KiB): send fewer or shorter headers")
+        return True
 
     def _refuse(self, status: int, message: str) -> None:
         if not self.transport.is_closing():

@@ -12,9 +12,10 @@ Bad input and safety: bound to 127.0.0.1 by default, and while on a loopback add
 requests whose ``Host`` is a loopback name (a web page cannot reach it through DNS rebinding); POSTs
 must be ``application/json`` (a cross-site form cannot send that without a CORS preflight, which
 is never granted); each request has a budget (`Limits`: body bytes, image
-count, decoded pixels, time to arrive); a malformed request gets a 4xx; ``InputError`` → 400 with its
-message; anything else → 500 with a short message, the traceback going to the ``clip_lens.app``
-logger only. Every error is ``{"error": message, "status": code}``.
+count, decoded pixels and sides, text lengths, header bytes, time to arrive, time to compute); a
+malformed request gets a 4xx; ``InputError`` → 400 with its message; an analysis out of time → 504
+(503 while busy or stopping); anything else → 500 with a short message, the traceback going to the
+``clip_lens.app`` logger only. Every error is ``{"error": message, "status": code}``.
 
 Starlette and uvicorn are imported when a server is made, not when ``clip_lens.app`` is.
 """
@@ -37,7 +38,7 @@ import numpy as np
 from jaxtyping import UInt8
 
 from clip_lens.app.api import Api
-from clip_lens.app.guard import Limits
+from clip_lens.app.guard import MAX_HEADER_BYTES, Limits
 from clip_lens.collect import Store
 from clip_lens.errors import InputError
 
@@ -51,6 +52,9 @@ BACKLOG = 1024
 """Connections the kernel queues before the server accepts them (the standard library's server: 5)."""
 KEEP_ALIVE_SECONDS = 5.0
 """How long an idle keep-alive connection stays open between requests."""
+GRACE_SECONDS = 2.0
+"""How long a stopping server waits for open requests (running analyses stop at their next step) before
+it ends them with 503; the analyses run in daemon threads, so none keeps the process alive after that."""
 
 
 class Terminated(SystemExit):
@@ -149,13 +153,20 @@ class AppServer:
 
         from clip_lens.app.protocol import AppProtocol
 
+        api = self.api
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                api.stop()  # SIGINT/SIGTERM: running analyses stop at their next step
+                super().handle_exit(sig, frame)
+
         config = uvicorn.Config(
             self.asgi_app(), http=functools.partial(AppProtocol, limits=self.limits), ws="none", lifespan="off",
             loop="asyncio", log_config=None, server_header=False, proxy_headers=False,  # logging: the caller's
-            backlog=BACKLOG, timeout_keep_alive=KEEP_ALIVE_SECONDS, timeout_graceful_shutdown=5,
-            h11_max_incomplete_event_size=16 * 1024,
+            backlog=BACKLOG, timeout_keep_alive=KEEP_ALIVE_SECONDS, timeout_graceful_shutdown=GRACE_SECONDS,
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,  # headers still arriving; complete ones: AppProtocol
         )
-        server = uvicorn.Server(config)
+        server = Server(config)
         with self._lock:
             if self._exit_requested:  # shutdown() came first
                 self._exit_requested = False
@@ -178,7 +189,9 @@ class AppServer:
             on_ready()
 
     def shutdown(self) -> None:
-        """Stop `serve_forever` (from another thread) and wait until it has returned."""
+        """Stop `serve_forever` (from another thread) and wait until it has returned; running analyses
+        stop at their next step."""
+        self.api.stop()
         with self._lock:
             if self._server is None:
                 self._exit_requested = True  # serve_forever() has not started yet: it will return at once
@@ -217,6 +230,7 @@ def make_server(
     saes: Union[Mapping[str, "SAE"], Sequence["SAE"], None] = None,
     max_pixels: int = Limits.max_pixels,
     request_timeout: float = Limits.request_timeout,
+    compute_timeout: float = Limits.compute_timeout,
 ) -> AppServer:
     """A server of the app, bound (not yet serving): call ``serve_forever()`` (e.g. in a thread) and ``shutdown()``.
 
@@ -234,16 +248,18 @@ def make_server(
         max_pixels: most decoded pixels summed over one request's images (default 32 Mi: two 4096 × 4096
             images), checked from the image headers before decoding.
         request_timeout: seconds a request (line, headers, body) may take to arrive; slower ones get 408.
+        compute_timeout: seconds an analysis may take once its request has arrived, waiting for the model
+            included; it is checked between the analysis's steps, and a request past it gets 504.
 
     Raises:
         InputError: bad limits, a store of another model, a model without image size or preprocess, an
             SAE that does not fit the model (hook, width), an address that cannot be bound (e.g. the port is taken).
     """
     limits = Limits(max_upload_bytes=max_upload_bytes, max_images=max_images, max_pixels=max_pixels,
-                    request_timeout=request_timeout, pending_bytes=4 * max_upload_bytes
+                    request_timeout=request_timeout, compute_timeout=compute_timeout, pending_bytes=4 * max_upload_bytes
                     if isinstance(max_upload_bytes, int) else Limits.pending_bytes)
     store = store if isinstance(store, Store) else Store.open(store)
-    api = Api(model, store, labels, thumbnails, max_images, saes, max_pixels=max_pixels)
+    api = Api(model, store, labels, thumbnails, max_images, saes, max_pixels=max_pixels, compute_timeout=compute_timeout)
     try:
         sock = _bind(host, port)
     except OSError as exc:  # port taken, address not on this machine, …
@@ -253,10 +269,13 @@ def make_server(
 
 def serve(model: "HookedCLIP", store: Union[Store, str, Path], labels: Any = None, *, port: int = 8765, **options: Any) -> None:
     """Serve the app until Ctrl-C, SIGTERM or SIGHUP, printing its URL (``options``: ``host``, ``max_upload_bytes``,
-    ``max_images``, ``thumbnails``, ``saes``, ``max_pixels``, ``request_timeout`` of [`make_server`][clip_lens.app.make_server]).
+    ``max_images``, ``thumbnails``, ``saes``, ``max_pixels``, ``request_timeout``, ``compute_timeout`` of
+    [`make_server`][clip_lens.app.make_server]).
 
-    Each of those signals stops the server gracefully (open requests finish, the socket is closed) and
-    returns normally, so the caller's ``with`` blocks clean up (``clip-lens app``'s temporary demo folder)."""
+    Each of those signals stops the server gracefully (running analyses stop at their next step, open
+    requests get `GRACE_SECONDS` to finish, the socket is closed) and returns normally, so the caller's
+    ``with`` blocks clean up (``clip-lens app``'s temporary demo folder); an analysis that is still
+    running then runs in a daemon thread, which does not keep the process alive."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     server = make_server(model, store, labels, port=port, **options)
