@@ -1000,7 +1000,7 @@ def collect(
             store once) and recompute the damaged ones; False checks only sizes and recorded
             checksums (missing, truncated or foreign chunk files), not their bytes.
         replace: when ``out`` holds a finished store, collect again into
-            [`replacing_folder(out)`][clip_lens.collect.replacing_folder] and swap the new store in once it is finished
+            ``replacing_folder(out)`` and swap the new store in once it is finished
             (``clip-lens collect --force``); ``out``'s lock is held throughout, so a second such run is
             refused, and the old store survives a failed run. An unfinished store is resumed as always.
 
