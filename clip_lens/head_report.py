@@ -128,7 +128,8 @@ def analyse_heads(
     labels = analyses.get("head_labels")(model).run(spans)
     metrics = analyses.get("interp_metrics")().run(labels)
     summary: dict[str, Any] = {
-        "n_images": store.n_images, "images": store.meta["source"], "bank": spans.bank, "m": m,
+        # n_images: the rows analysed, without the images skipped at collection
+        "n_images": store.n_done, "images": store.meta["source"], "bank": spans.bank, "m": m,
         "spans": spans.to_dict(), "labels": labels.to_dict(), "metrics": metrics.to_dict(),
     }
     pngs = {

@@ -25,6 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from clip_lens.errors import InputError
+from clip_lens.figures import plain
 from clip_lens.files import atomic_write
 from clip_lens.head_report import analyse_heads, render_sections
 
@@ -182,9 +183,10 @@ def _pyplot():
 
 
 def _title(summary: dict[str, Any]) -> str:
-    weights = "random weights" if summary["random_weights"] else f"weights: {Path(str(summary['pretrained'])).name}"
+    """The figures' title: model, weights and images (the model name and checkpoint file name drawn literally)."""
+    weights = "random weights" if summary["random_weights"] else f"weights: {plain(Path(str(summary['pretrained'])).name, 60)}"
     kind = "shapes-world scenes" if str(summary.get("images", "")).startswith("held-out shapes") else "synthetic images"
-    return f"{summary['model']} ({weights}), {summary.get('n_images', '?')} {kind}"
+    return f"{plain(summary['model'], 60)} ({weights}), {summary.get('n_images', '?')} {kind}"
 
 
 def plot_decomposition(summary: dict[str, Any]) -> "Figure":

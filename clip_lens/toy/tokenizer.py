@@ -40,7 +40,8 @@ class WordTokenizer:
                 raise InputError(f"texts must be strings, got {type(text).__name__} at position {row}.")
             ids = [self.index["<sot>"], *(self.index.get(w, 1) for w in self.words(text)), self.index["<eot>"]]
             if len(ids) > length:
-                raise InputError(f"text {row} has {len(ids) - 2} words; at most {length - 2} fit the context: {text!r}")
+                shown = text if len(text) <= 80 else text[:79] + "…"  # a 1 MB text must not become a 1 MB error line
+                raise InputError(f"text {row} has {len(ids) - 2} words; at most {length - 2} fit the context: {shown!r}")
             out[row, : len(ids)] = torch.tensor(ids)
         return out
 

@@ -186,10 +186,12 @@ class MeanAblation:
         if not tasks:
             raise InputError("give at least one task: {name: ZeroShotTask(classifier, labels)}.")
         tasks = {name: t if isinstance(t, ZeroShotTask) else ZeroShotTask(*t) for name, t in tasks.items()}
-        for name, task in tasks.items():
-            if len(task.labels) != store.n_images:
-                raise InputError(f"task '{name}' has {len(task.labels)} labels for {store.n_images} store images.")
         embedding, terms = store.read("embedding"), store.read("heads")
+        for name, task in tasks.items():  # one label per row read: images skipped at collection have none
+            if len(task.labels) != len(embedding):
+                skipped = store.n_images - len(embedding)
+                note = f" ({skipped} of {store.n_images} images were skipped when collected: label the rows of store.ids())" if skipped else ""
+                raise InputError(f"task '{name}' has {len(task.labels)} labels for {len(embedding)} store images{note}.")
         heads = list(heads) if heads is not None else [f"L{l}H{h}" for l in store.head_layers for h in range(terms.shape[2])]
         original = {name: task.accuracy(embedding) for name, task in tasks.items()}
         original_margin = {name: task.margin(embedding) for name, task in tasks.items()}

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Optional
 
 from clip_lens.analyses import JSONResult
 from clip_lens.errors import InputError
+from clip_lens.figures import plain
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -113,10 +114,10 @@ class HeadLabelsResult(JSONResult):
         ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        ax.set_title(f"Head labels: {self.model}, {self.labeler}\n(number: confidence)", fontsize="medium")
+        ax.set_title(f"Head labels: {plain(self.model, 60)}, {plain(self.labeler, 60)}\n(number: confidence)", fontsize="medium")
         shown = [label for label in [*vocabulary, None] if any(h.label == label for h in self.heads)]
         ax.legend(
-            handles=[Patch(color=colour[label], label=label or ABSTAIN) for label in shown],
+            handles=[Patch(color=colour[label], label=plain(label or ABSTAIN, 40)) for label in shown],
             loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small",
         )
         return fig

@@ -10,6 +10,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from clip_lens.figures import plain
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -46,9 +48,9 @@ def concept_figure(
             colour = torch.tensor(mcolors.to_rgba(PART_COLOURS[part % len(PART_COLOURS)], alpha=0.55))
             mask = (parts == part).repeat_interleave(cell_h, 0).repeat_interleave(cell_w, 1)
             overlay[mask[:height, :width]] = colour
-        title = f"predicted: {classes[record.predicted]}"
+        title = f"predicted: {plain(classes[record.predicted], 40)}"
         if record.label is not None:
-            title += f"\ntrue: {classes[record.label]}"
+            title += f"\ntrue: {plain(classes[record.label], 40)}"
         axes[0, col].imshow(image.numpy())
         axes[0, col].set_title(title, fontsize=9)
         axes[1, col].imshow(image.numpy())
@@ -58,7 +60,7 @@ def concept_figure(
             if ids:
                 lines.append((PART_COLOURS[part % len(PART_COLOURS)], f"{part}: " + "; ".join(descriptors[i] for i in ids)))
         for k, (colour, text) in enumerate(lines):
-            axes[1, col].text(0, -0.06 - 0.09 * k, textwrap.shorten(text, 48), color=colour, fontsize=7,
+            axes[1, col].text(0, -0.06 - 0.09 * k, plain(textwrap.shorten(text, 48)), color=colour, fontsize=7,
                               transform=axes[1, col].transAxes, va="top")
         for ax in axes[:, col]:
             ax.set_axis_off()
@@ -83,11 +85,11 @@ def venn_figure(record: "ImageConcepts", descriptors: list[str], classes: list[s
                             (0.5, shared, f"shared ({len(shared)})"),
                             (0.8, only_textual, f"textual D_ŷ (top {len(textual)})")):
         ax.text(x, 0.86, label, ha="center", fontsize=9, weight="bold")
-        body = "\n".join(textwrap.shorten(descriptors[d], 26) for d in items[:14])
+        body = "\n".join(plain(textwrap.shorten(descriptors[d], 26)) for d in items[:14])
         ax.text(x, 0.5, body, ha="center", va="center", fontsize=7)
     ax.set_xlim(0, 1)
     ax.set_ylim(0.1, 0.9)
     ax.set_aspect("equal")
     ax.set_axis_off()
-    ax.set_title(f"{record.id}: predicted {classes[record.predicted]}, MI {record.mi:.2f}, AUC {record.auc:.2f}")
+    ax.set_title(f"{plain(record.id, 60)}: predicted {plain(classes[record.predicted], 40)}, MI {record.mi:.2f}, AUC {record.auc:.2f}")
     return fig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Union
 
@@ -12,12 +13,21 @@ from torch import Tensor
 
 from clip_lens.analyses import JSONResult
 from clip_lens.errors import InputError
+from clip_lens.figures import plain
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 ImageLoader = Callable[[list[int]], UInt8[np.ndarray, "n H W 3"]]
 """Store rows → their images, e.g. ``lambda rows: np.stack([world.scene(i).image for i in rows])``."""
+
+
+def _query_label(text: str, width: int = 18, lines: int = 6) -> str:
+    """A query text for its thumbnail-sized cell: wrapped at ``width`` characters (long words broken:
+    matplotlib's own wrapping cannot break them, and one long word collapsed the figure's layout),
+    at most ``lines`` lines, each drawn literally (`plain`)."""
+    wrapped = textwrap.wrap(text[: width * lines + 1], width, max_lines=lines, placeholder=" …")
+    return "\n".join(plain(line) for line in wrapped)
 
 
 @dataclass
@@ -82,7 +92,7 @@ class NeighborsResult(JSONResult):
         for q in range(n_queries):
             query_ax = axes[q, 0]
             if self.texts is not None:
-                query_ax.text(0.5, 0.5, self.texts[q], ha="center", va="center", wrap=True, fontsize=8)
+                query_ax.text(0.5, 0.5, _query_label(self.texts[q]), ha="center", va="center", fontsize=8)
             elif queries is not None:
                 query_ax.imshow(queries[q])
             query_ax.set_title(f"query {q}", fontsize=8)
@@ -95,5 +105,5 @@ class NeighborsResult(JSONResult):
         subspace = ""
         if self.search_texts is not None:
             subspace = f" over {len(self.search_texts)} texts" if self.metric == "concepts" else f", in the span of {len(self.search_texts)} texts"
-        fig.suptitle(f"Nearest images by {by} ({self.metric}{subspace}), {self.model}", fontsize="medium")
+        fig.suptitle(plain(f"Nearest images by {by} ({self.metric}{subspace}), {self.model}", limit=200), fontsize="medium")
         return fig

@@ -33,7 +33,11 @@ if TYPE_CHECKING:
 
 
 def shapes_world_loader(seed: int, image_size: int = 64, version: int = 1) -> ImageLoader:
-    """Scene indices → ``uint8 [n, H, W, 3]`` images of the world ``seed`` (for ``plot``)."""
+    """Scene indices → ``uint8 [n, H, W, 3]`` images of the world ``seed`` (for ``plot``).
+
+    Scene indices are the store rows of a store collected from `clip_lens.collect.shapes_world_images`,
+    which renders every scene and so never skips one; for any other store (one that may have skipped
+    images) use `clip_lens.collect.store_thumbnails`, which maps rows through ``store.ids()``."""
     world = ShapesWorld(seed=seed, image_size=image_size, version=version)
     return lambda rows: np.stack([world.scene(i).image for i in rows])
 
@@ -199,12 +203,13 @@ def property_search_truth(
     query_world = ShapesWorld(seed=query_seed, image_size=size, version=world_version)
     queries = [query_world.scene(i) for i in range(n_queries)]
 
-    rows = [row for start, stop in store.done_rows() for row in range(start, stop)]
+    rows = _finished_rows(store)
     ids = store.ids()
-    stored = {row: world.scene(int(ids[row]) if ids is not None else row) for row in rows}
-    store_values = {a: np.array([stored[row].value(a) if row in stored else "" for row in range(store.n_images)]) for a in attributes}
+    n_rows = store.n_images if ids is None else len(ids)
+    stored = {row: world.scene(int(ids[row]) if ids is not None else source) for row, source in rows.items()}
+    store_values = {a: np.array([stored[row].value(a) if row in stored else "" for row in range(n_rows)]) for a in attributes}
     query_values = {a: np.array([q.value(a) for q in queries]) for a in attributes}
-    done = np.array(rows)
+    done = np.array(list(rows))
     chance = {a: float(np.mean([(store_values[a][done] == v).mean() for v in query_values[a]])) for a in attributes}
 
     search = Neighbors(model)
@@ -246,6 +251,20 @@ def property_search_truth(
         texts=None if texts is None else list(texts), k=k, n_queries=n_queries, n_store=len(rows), world_seed=world_seed,
         query_seed=query_seed, chance=chance, searches=searches, gain=gain,
     )
+
+
+def _finished_rows(store: Store) -> dict[int, int]:
+    """Store row → source row of every image in a finished chunk. Store rows are numbered as reads,
+    search indices and ``store.ids()`` number them: without the images skipped at collection."""
+    skipped = store.skipped()
+    rows, dropped = {}, 0
+    for start, stop in store.done_rows():
+        for source in range(start, stop):
+            if source in skipped:
+                dropped += 1
+            else:
+                rows[source - dropped] = source
+    return rows
 
 
 def _random_head_sets(layers: Sequence[int], n_heads: int, avoid: Sequence[str], n: int, seed: int) -> list[list[str]]:

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from clip_lens.analyses import JSONResult
 from clip_lens.errors import InputError
+from clip_lens.figures import plain
 from clip_lens_plugins.segmentation.maps import minmax, upsample
 
 
@@ -101,7 +102,7 @@ class HeatmapResult(JSONResult):
 
     def plot(self, images: Optional[Float[Tensor, "batch 3 H W"]] = None, max_images: int = 4):
         """The normalised maps over the (preprocessed) images, one row per image."""
-        return _overlay_figure([(f"'{self.text}'\n{_describe(self.heads)}", self.maps)], images, max_images)
+        return _overlay_figure([(f"'{plain(self.text, 60)}'\n{_describe(self.heads)}", self.maps)], images, max_images)
 
 
 @dataclass
@@ -144,5 +145,6 @@ class ContrastiveResult(JSONResult):
         """A−B and B−A over the (preprocessed) images, one row per image."""
         a_minus_b, b_minus_a = self.maps
         heads = _describe(self.heads)
-        columns = [(f"'{self.text_a}' − '{self.text_b}'\n{heads}", a_minus_b), (f"'{self.text_b}' − '{self.text_a}'\n{heads}", b_minus_a)]
+        a, b = plain(self.text_a, 40), plain(self.text_b, 40)
+        columns = [(f"'{a}' − '{b}'\n{heads}", a_minus_b), (f"'{b}' − '{a}'\n{heads}", b_minus_a)]
         return _overlay_figure(columns, images, max_images)

@@ -19,6 +19,15 @@ if TYPE_CHECKING:
     from clip_lens import HookedCLIP
 
 
+def _skipped_note(store: Store) -> str:
+    """Why a store holds fewer rows than its source had images, for a label-count error ("" when it skipped none)."""
+    skipped = len(store.skipped())
+    if not skipped:
+        return ""
+    return (f" ({store.n_images} source images, {skipped} skipped when collected because they could not be decoded; "
+            "give one label per row of store.ids())")
+
+
 @dataclass
 class HeadSpan:
     """The span of one head."""
@@ -94,7 +103,8 @@ class TextSpanResult(JSONResult):
         tasks = {name: (classifier, torch.as_tensor(list(labels))) for name, (classifier, labels) in tasks.items()}
         for name, (_, labels) in tasks.items():
             if len(labels) != len(embedding):
-                raise InputError(f"task '{name}': {len(labels)} labels for {len(embedding)} images in the store.")
+                raise InputError(f"task '{name}': {len(labels)} labels for {len(embedding)} images in the store"
+                                 f"{_skipped_note(store)}.")
 
         scores: dict = {name: {"ci95": {}} for name in tasks}
 
@@ -184,7 +194,7 @@ class TextSpan:
             raise InputError(f"layers {missing} were not collected per head; the store has {store.head_layers}.")
         texts = encode_bank(self.model, bank)
         heads = store.read("heads")  # [N, head_layer, head, D]
-        result = TextSpanResult(self.model.model_name, bank.name, m, store.n_images, [])
+        result = TextSpanResult(self.model.model_name, bank.name, m, len(heads), [])  # the rows read: skipped images left out
         for layer in layers:
             outputs = heads[:, store.head_layers.index(layer)].transpose(0, 1)  # [head, N, D]
             span = textspan(outputs, texts, m, rank)
