@@ -55,6 +55,34 @@ def test_block_runs_on_its_own(section, code, tmp_path):
 
 
 def test_readme_says_how_to_install_the_cpu_build_and_run_each_suite():
+    """The CPU route itself (torch + torchvision from the CPU index, then the package, then the main job)
+    is checked in tests/unit/test_install_route.py, on this README and the docs' install pages."""
     text = README.read_text(encoding="utf-8")
-    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in text
+    assert ".venv/bin/pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in text
     assert "pytest -q  " in text and "pytest -q -m slow" in text
+    # the default suite's time is a measured figure, not "minutes"
+    assert "minutes on CPU" not in text and "4 min 21 s on 2 idle" in text
+
+
+def test_readme_builds_the_docs_from_the_venv_in_strict_mode():
+    text = README.read_text(encoding="utf-8")
+    commands = re.findall(r"`([^`]*mkdocs build[^`]*)`", text)
+    assert commands, "the README says how to build the docs site"
+    for command in commands:
+        assert ".venv/bin/mkdocs build --strict" in command and ".venv/bin/pip install" in command, command
+
+
+def test_readme_links_into_the_docs_reach_their_anchors():
+    """The docs site's strict build checks its own anchors (mkdocs.yml `validation: anchors: warn`); the
+    README is not part of it, so its links to docs/…md#anchor are checked here with the same slugs."""
+    from markdown.extensions.toc import slugify
+
+    links = re.findall(r"\]\((docs/[^)#\s]+\.md)#([^)\s]+)\)", README.read_text(encoding="utf-8"))
+    assert links
+    broken = []
+    for page, anchor in links:
+        headings = re.findall(r"^#+ (.+)$", (README.parent / page).read_text(encoding="utf-8"), re.M)
+        slugs = {slugify(re.sub(r"[`*]", "", h).strip(), "-") for h in headings}
+        if anchor not in slugs:
+            broken.append(f"{page}#{anchor}")
+    assert not broken, broken

@@ -9,7 +9,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import re
+import shutil
+import subprocess
 import sys
 import tomllib
 from importlib.metadata import EntryPoint
@@ -132,3 +136,119 @@ def test_math_is_served_by_the_site():
     assert "http" not in scripts, "the docs must build and render offline: vendor scripts under docs/javascripts/"
     for script in re.findall(r"- (\S+)", scripts):
         assert (ROOT / "docs" / script).is_file(), script
+
+
+MATHJAX_CONFIG = ROOT / "docs" / "javascripts" / "mathjax.js"
+MATHJAX = ROOT / "docs" / "javascripts" / "vendor" / "mathjax" / "tex-svg-full.js"
+
+# Runs docs/javascripts/mathjax.js as a page would, with Material's document$ and MathJax as stand-ins:
+# first before MathJax has loaded (window.MathJax is the configuration), then twice after (two pages),
+# with the API of the vendored SVG build: typesetClear / texReset / typesetPromise, startup.promise, an
+# output jax with clearFontCache and no clearCache (CommonHTML's). Prints what was called and logged.
+MATHJAX_HARNESS = r"""
+const fs = require("fs"), vm = require("vm");
+const calls = [], errors = [];
+let page = null;
+const ctx = { document$: { subscribe: (f) => { page = f; } },
+              console: { error: (...a) => errors.push(a.join(" ")), log: () => {} } };
+ctx.window = ctx;
+vm.createContext(ctx);
+vm.runInContext(fs.readFileSync(process.argv[2], "utf8"), ctx);
+const show = (when) => { try { page(); } catch (e) { errors.push(when + ": " + e.message); } };
+show("before load");
+const configured = ctx.MathJax;
+ctx.MathJax = {
+  config: configured,
+  startup: { promise: Promise.resolve(), output: { clearFontCache: () => calls.push("clearFontCache") } },
+  typesetClear: () => calls.push("typesetClear"),
+  texReset: () => calls.push("texReset"),
+  typesetPromise: () => { calls.push("typesetPromise"); return Promise.resolve(); },
+};
+show("page 1");
+show("page 2");
+ctx.MathJax.startup.promise.then(() => console.log(JSON.stringify({ calls, errors, svg: configured.svg })))
+  .catch((e) => console.log(JSON.stringify({ calls, errors: errors.concat([String(e)]) })));
+"""
+
+
+class TestMathJax:
+    def test_config_uses_the_api_of_the_vendored_build(self):
+        """Issue 31: `clearCache is not a function` on every page. The vendored build is MathJax 3.2.2 with
+        SVG output, whose only clearCache is the font cache's own (not the output jax's, as in CommonHTML)."""
+        bundle = MATHJAX.read_text(encoding="utf-8")
+        version = re.search(r"MathJax 3\.\d+\.\d+", (MATHJAX.parent / "README.txt").read_text()).group(0)
+        assert f'VERSION="{version.split()[1]}"' in bundle, version
+        assert re.findall(r"prototype\.clearCache=function\(\)\{([^}]*)\}", bundle) == [
+            'this.cache=new Map,this.defs=this.jax.svg("defs")'], "an output jax now has clearCache"
+        config = MATHJAX_CONFIG.read_text(encoding="utf-8")
+        code = "\n".join(line.split("//", 1)[0] for line in config.splitlines())
+        assert "clearCache" not in code
+        defined = {"typesetClear": "MathJax.typesetClear=function", "typesetPromise": "MathJax.typesetPromise=function",
+                   "texReset": 'MathJax[t+"Reset"]=function'}  # <input jax name>Reset, for the tex input
+        used = set(re.findall(r"MathJax\.(\w+)\(", code))
+        assert used == set(defined), used
+        for name in used:
+            assert defined[name] in bundle, name
+        assert "t.promise=new Promise" in bundle and "startup.promise" in code
+
+    @pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page script")
+    def test_each_page_is_typeset_without_errors(self, tmp_path):
+        harness = tmp_path / "harness.js"
+        harness.write_text(MATHJAX_HARNESS)
+        out = subprocess.run(["node", str(harness), str(MATHJAX_CONFIG)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        result = json.loads(out.stdout)
+        assert result["errors"] == []
+        assert result["calls"] == ["typesetClear", "texReset", "typesetPromise"] * 2
+        assert result["svg"] == {"fontCache": "global"}
+
+    @pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the page script")
+    def test_the_harness_catches_the_old_config(self, tmp_path):
+        """The configuration before issue 31 (Material's CommonHTML recipe) fails the harness as it failed
+        in the browser."""
+        old = tmp_path / "old.js"
+        old.write_text("window.MathJax = {svg: {fontCache: 'global'}};\n"
+                       "document$.subscribe(() => { if (MathJax.typesetPromise) { MathJax.startup.output.clearCache();"
+                       " MathJax.typesetClear(); MathJax.texReset(); MathJax.typesetPromise(); } });\n")
+        harness = tmp_path / "harness.js"
+        harness.write_text(MATHJAX_HARNESS)
+        out = subprocess.run(["node", str(harness), str(old)], capture_output=True, text=True, timeout=60)
+        result = json.loads(out.stdout)
+        assert result["errors"] == ["page 1: MathJax.startup.output.clearCache is not a function",
+                                    "page 2: MathJax.startup.output.clearCache is not a function"]
+        assert result["calls"] == []
+
+
+class TestStrictBuild:
+    def test_broken_anchors_fail_the_strict_build(self, tmp_path):
+        """mkdocs ≥ 1.6 reports a link to a missing #anchor as INFO unless `validation: anchors: warn`;
+        with the site's validation settings, --strict fails on one and passes once it is fixed."""
+        yaml = pytest.importorskip("yaml")
+        pytest.importorskip("mkdocs")
+        validation = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["validation"]
+        assert validation["anchors"] == "warn" and validation["unrecognized_links"] == "warn"
+        docs = tmp_path / "docs"
+        docs.mkdir()
+        (docs / "index.md").write_text("# Home\n\nSee [the section](other.md#head-analyses-on-toy-shapes).\n")
+        (docs / "other.md").write_text("# Other\n\n## Head analyses on toy-shapes (version 1)\n\ntext\n")
+        (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(
+            {"site_name": "t", "theme": {"name": "mkdocs"}, "validation": validation}))
+        env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+        build = [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")]
+        broken = subprocess.run(build, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert broken.returncode != 0
+        assert "does not contain an anchor '#head-analyses-on-toy-shapes'" in broken.stderr
+        (docs / "index.md").write_text("# Home\n\nSee [the section](other.md#head-analyses-on-toy-shapes-version-1).\n")
+        fixed = subprocess.run(build, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert fixed.returncode == 0, fixed.stderr
+
+
+def test_no_escaped_pipe_inside_code_in_tables():
+    """Python-Markdown shows the backslash of `\\|` inside a code span of a table cell (issue 31: the front
+    page showed `vision\\|text`); write the alternatives out instead."""
+    offenders = []
+    for path in sorted((ROOT / "docs").rglob("*.md")):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.lstrip().startswith("|") and any("\\|" in span for span in re.findall(r"`[^`]*`", line)):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}")
+    assert not offenders, offenders
