@@ -10,11 +10,13 @@ from clip_lens_plugins.neighbors.analysis import Neighbors
 from clip_lens_plugins.neighbors.index import HeadIndex, heads_for_property, project, property_texts, sum_heads, text_basis
 from clip_lens_plugins.neighbors.result import ImageLoader, NeighborsResult
 from clip_lens_plugins.neighbors.shapes import (
-    PropertySearchTruth, SearchShares, property_search_truth, shapes_world_loader, world_prompts,
+    PropertySearchTruth, SearchShares, TextSearchTruth, complementary_colour, property_search_truth, shapes_world_loader,
+    text_search_truth, world_prompts,
 )
 
 __all__ = [
     "Neighbors", "NeighborsResult", "HeadIndex", "ImageLoader", "heads_for_property", "sum_heads",
     "property_texts", "text_basis", "project", "property_search_truth", "PropertySearchTruth", "SearchShares",
     "shapes_world_loader", "world_prompts",
+    "text_search_truth", "TextSearchTruth", "complementary_colour",
 ]

@@ -16,16 +16,17 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
+import torch
 
 from clip_lens.analyses import JSONResult
 from clip_lens.collect import Store
 from clip_lens.errors import InputError, close_matches
 from clip_lens.stats import bootstrap_ci
 from clip_lens.toy.evaluate import shapes_world_version
-from clip_lens.toy.world import ShapesWorld, attribute_prompt, batch_images
+from clip_lens.toy.world import COLOURS, ShapesWorld, attribute_prompt, batch_images
 from clip_lens_plugins.head_labels import HeadLabelsResult
 from clip_lens_plugins.neighbors.analysis import Neighbors
-from clip_lens_plugins.neighbors.index import HeadIndex, heads_for_property, sum_heads
+from clip_lens_plugins.neighbors.index import HeadIndex, _array, heads_for_property, sum_heads
 from clip_lens_plugins.neighbors.result import ImageLoader
 
 if TYPE_CHECKING:
@@ -280,3 +281,155 @@ def _random_head_sets(layers: Sequence[int], n_heads: int, avoid: Sequence[str],
             seen.add(pick)
             draws.append([h for h in every if h in pick])
     return draws
+
+
+def complementary_colour(colour: str) -> str:
+    """The world colour nearest (in RGB) to ``1 − rgb`` of ``colour``, itself excluded: red → cyan,
+    blue → yellow, orange → blue, green → pink (`clip_lens.toy.world.COLOURS`)."""
+    if colour not in COLOURS:
+        raise InputError(f"unknown colour '{colour}'.{close_matches(colour, list(COLOURS))} Colours: {', '.join(COLOURS)}.")
+    opposite = 1 - np.array(COLOURS[colour])
+    others = [c for c in COLOURS if c != colour]
+    return min(others, key=lambda c: float(((np.array(COLOURS[c]) - opposite) ** 2).sum()))
+
+
+@dataclass
+class TextSearchTruth(JSONResult):
+    """Text → head searches for the colour prompts on shapes-world stores, against the scenes' known colours.
+
+    Every search ranks the store images by ``term · t`` (the head's share of the image-text cosine,
+    `Neighbors` with ``query_texts``); a unit is one (store, colour prompt) pair. ``same``: the share
+    of the top-``k`` images that show the prompt's colour; ``complement``: the share that show its
+    `complementary_colour`. ``"embedding"`` ranks by the whole unit image embedding (the model's own
+    answer); ``"any head"`` is, per unit, the mean over every head of the store (the expected share of
+    a head picked at random).
+    """
+
+    model: str
+    k: int
+    world_seeds: list[int]
+    n_store: list[int]
+    colours: list[str]
+    complements: list[str]
+    centred: bool
+    """Text queries centred on the mean of the colour prompts' unit embeddings (a centring check)."""
+    chance: dict[str, float]
+    """``same`` / ``complement``: the share of store scenes showing the colour, averaged over the units."""
+    same: dict[str, list[list[float]]]
+    """Search (a head, ``"embedding"``, ``"any head"``) → ``[store][colour]`` share."""
+    complement: dict[str, list[list[float]]]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TextSearchTruth":
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise InputError(f"not a text search result ({exc}); expected the JSON written by TextSearchTruth.save.") from exc
+
+    def summary(self, search: str, which: str = "same") -> tuple[float, float, float]:
+        """``(mean, low, high)`` of ``same`` or ``complement`` over the (store, colour) units, with a bootstrap 95% interval."""
+        values = np.asarray(getattr(self, which)[search], float).ravel()
+        return (float(values.mean()), *bootstrap_ci(values))
+
+    def by_colour(self, search: str, which: str = "same") -> dict[str, float]:
+        """Per colour prompt: ``same`` or ``complement`` averaged over the stores."""
+        values = np.asarray(getattr(self, which)[search], float).mean(0)
+        return dict(zip(self.colours, values.tolist()))
+
+    def to_markdown(self, searches: Optional[Sequence[str]] = None) -> str:
+        """One row per search: its same-colour and complementary-colour shares with intervals, then
+        the per-prompt same-colour shares (and the complementary ones in brackets)."""
+        searches = list(self.same) if searches is None else list(searches)
+        head = "| search | same colour | complementary colour | " + " | ".join(self.colours) + " |"
+        lines = [head, "|" + "---|" * (3 + len(self.colours)),
+                 f"| chance | {self.chance['same']:.3f} | {self.chance['complement']:.3f} | " + " | ".join("" for _ in self.colours) + " |"]
+        for name in searches:
+            cells = []
+            for which in ("same", "complement"):
+                mean, low, high = self.summary(name, which)
+                cells.append(f"{mean:.3f} [{low:.3f}, {high:.3f}]")
+            same, other = self.by_colour(name), self.by_colour(name, "complement")
+            cells += [f"{same[c]:.2f} ({other[c]:.2f})" for c in self.colours]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+
+def text_search_truth(
+    model: "HookedCLIP",
+    stores: Sequence[tuple[Store, int]],
+    *,
+    k: int = 10,
+    head_sets: Sequence[Sequence[str]] = (),
+    centred: bool = False,
+    world_version: Optional[int] = None,
+) -> TextSearchTruth:
+    """Does a text query find the images of its colour? Every head of the stores, the whole
+    embedding and the mean over heads, on the world's colour prompts ("a red shape", …).
+
+    Args:
+        model: the model the stores were collected with.
+        stores: ``(store, world seed)`` pairs, each a store of shapes-world scenes of that seed
+            (`clip_lens.collect.shapes_world_images`) collected with per-head terms.
+        k: neighbours per query.
+        head_sets: sums of heads searched too (``["L0H3", "L3H0"]`` → the search ``"L0H3+L3H0"``), as
+            ``--head L0H3,L3H0`` does.
+        centred: score with the prompts' unit embeddings minus their mean (the check of whether the
+            prompts' shared component is what ranks the images; the store's own mean term cannot
+            change a ranking: it shifts every image's score by the same amount).
+        world_version: the stores' shapes world (default: the model's, else 1). A scene shows a
+            colour when any of its objects has it.
+    """
+    if not stores:
+        raise InputError("stores is empty; give at least one (store, world seed) pair.")
+    world_version = world_version or shapes_world_version(model) or 1
+    colours = list(COLOURS)
+    complements = [complementary_colour(c) for c in colours]
+    prompts = world_prompts("colour", world_version)
+    search = Neighbors(model)
+    with torch.no_grad():
+        texts = model.encode_text(model.to_tokens(prompts), normalize=True).float()
+    queries = texts - texts.mean(0)
+    same: dict[str, list[list[float]]] = {}
+    other: dict[str, list[list[float]]] = {}
+    chance_same, chance_other, sizes = [], [], []
+    for store, seed in stores:
+        rows = _finished_rows(store)
+        ids = store.ids()
+        world = ShapesWorld(seed=seed, image_size=model.cfg.image_size[0], version=world_version)
+        shown = np.zeros((max(rows) + 1, len(colours)), bool)  # [store row, colour]: any object of that colour
+        for row, source in rows.items():
+            scene = world.scene(int(ids[row]) if ids is not None else source)
+            for obj in scene.objects:
+                shown[row, colours.index(obj.colour)] = True
+        done = np.array(sorted(rows))
+        sizes.append(len(done))
+        chance_same.append(shown[done].mean(0))
+        chance_other.append(shown[done][:, [colours.index(c) for c in complements]].mean(0))
+        n_heads = _array_heads(store)
+        heads = [f"L{layer}H{h}" for layer in store.head_layers for h in range(n_heads)]
+        for name in [*heads, *("+".join(group) for group in head_sets), "embedding"]:
+            chosen = dict(heads=None if name == "embedding" else name.split("+"), embedding=name == "embedding")
+            if centred:
+                _, indices = HeadIndex.from_store(store, device=search.device, **chosen).search(queries.to(search.device), k)
+            else:  # the analysis's own text path
+                indices = search.run(store, query_texts=prompts, k=k, **chosen).indices
+            hits = shown[indices.cpu().numpy()]  # [colour query, k, colour]
+            same.setdefault(name, []).append([float(hits[q, :, q].mean()) for q in range(len(colours))])
+            other.setdefault(name, []).append([float(hits[q, :, colours.index(complements[q])].mean()) for q in range(len(colours))])
+        same.setdefault("any head", []).append(np.mean([same[h][-1] for h in heads], 0).tolist())
+        other.setdefault("any head", []).append(np.mean([other[h][-1] for h in heads], 0).tolist())
+    return TextSearchTruth(
+        model=model.model_name or stores[0][0].meta.get("model", "?"), k=k, world_seeds=[seed for _, seed in stores],
+        n_store=sizes, colours=colours, complements=complements, centred=centred,
+        chance={"same": float(np.mean(chance_same)), "complement": float(np.mean(chance_other))}, same=same, complement=other,
+    )
+
+
+def _array_heads(store: Store) -> int:
+    """Heads per layer of the store's ``heads`` array."""
+    if "heads" not in store.arrays:
+        raise InputError(f"store {store.path} has no per-head terms (collected with heads=None); collect it with heads='all'.")
+    return _array(store, "heads").shape[2]
