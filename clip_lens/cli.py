@@ -11,7 +11,9 @@ Errors raised by clip_lens (`ClipLensError`), filesystem errors (``OSError``) an
 any work (``_refuse_special_files``). The work itself lives in
 the library (`clip_lens.report`, `clip_lens.collect`, the plugins). Library messages
 that recommend a Python call (``clip_lens.list_models()``) are printed with the CLI command that
-does the same (``clip-lens models``; ``_CLI_HINTS``).
+does the same (``clip-lens models``; ``_CLI_HINTS``). Every command that reads a store with a model
+refuses a store collected with another model or other weights (``_check_store_model``), and every
+command with a ``--model`` defaults to ``DEFAULT_MODEL`` (toy-shapes-v2).
 
 Help: plain click help, no Rich markup (a help text is printed as written, brackets included);
 every parameter has help, and options show INTEGER, NUMBER, TEXT or PATH as their placeholder
@@ -127,6 +129,10 @@ app = typer.Typer(
 )
 
 EXIT_USER_ERROR = 2
+# the default --model of every command that has one (issue 31: one default everywhere), and the default
+# text bank: shapes-attributes for the shapes-world models (as the report's head analyses), general otherwise
+DEFAULT_MODEL = "toy-shapes-v2"
+_MODEL_HELP = f"model name (see `clip-lens models`; default {DEFAULT_MODEL})."
 # --seed / --train-seed: the range every seeded library accepts (numpy's legacy seeds are below 2**32)
 _SEED_MAX = 2**32 - 1
 # scene counts (--shapes, --n-images …): clip_lens.toy.world.MAX_SCENES, not imported (it imports torch)
@@ -158,6 +164,11 @@ _CLI_HINTS = (
      "run the same `clip-lens collect` command again to finish it"),
     (r" \(or collect\(\.\.\.\) with the same arguments\)", ""),
     (r"remove them or pass dedupe=True to keep the first of each", "remove them from the file"),
+    # the offline-weights errors of clip_lens.loading (check_tag_reachable, load_open_clip)
+    (r"pass its local path as pretrained= \(with tag=('[^']*')? for its preprocessing\)",
+     "pass its local path as --pretrained PATH"),
+    (r"pass its local path: from_pretrained\([^)]*\) keeps the tag's preprocessing",
+     "pass its local path as --pretrained PATH (with the same --model)"),
 )
 
 
@@ -300,7 +311,7 @@ def _load(model: str, pretrained: Optional[str], overrides: Optional[dict]):
 @app.command()
 @_user_errors
 def report(
-    model: str = typer.Option("toy-shapes-v2", "--model", "-m", help="model name (see `clip-lens models`)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=_MODEL_HELP),
     pretrained: Optional[str] = typer.Option(
         None, "--pretrained", "-p", help="pretrained tag or local checkpoint; omitted: RANDOM weights (bundled models excepted)."
     ),
@@ -315,7 +326,8 @@ def report(
         help="shapes-world scenes for the head analyses (TextSpan, labels, metrics); default 2000 for the shapes-world models, 0 (off) otherwise.",
     ),
     images: Optional[Path] = typer.Option(None, "--images", help="folder of real images for the head analyses."),
-    bank: Optional[str] = typer.Option(None, "--bank", help="text bank: general, shapes or a text file (default: shapes for toy-shapes)."),
+    bank: Optional[str] = typer.Option(None, "--bank", help="text bank: shapes-attributes, shapes, general or a text file (default: shapes-attributes for the "
+                                        "shapes-world models, else general)."),
     sae: Optional[Path] = typer.Option(
         None, "--sae", help="an SAE folder (e.g. from `clip-lens sae train`): adds a Features section (names, "
         "frequencies, dashboards of its top features) over the head analyses' images (or 256 shapes-world scenes)."
@@ -363,7 +375,8 @@ def models(
     ),
 ) -> None:
     """List the model names HookedCLIP supports (bundled ones first)."""
-    from clip_lens.loading import list_models, model_coverage
+    # read from open_clip's config files and tag table without importing torch (0.2 s instead of 12 s)
+    from clip_lens.catalog import fast_list_models as list_models, fast_model_coverage as model_coverage
 
     if not all_models:
         for name in list_models():
@@ -500,6 +513,47 @@ def _random_weights_note(hooked, model: str) -> None:
         typer.echo(f"Note: no --pretrained given, so {model} has RANDOM weights.", err=True)
 
 
+def _default_bank(model: Optional[str]) -> str:
+    """The default text bank of every command: shapes-attributes for the shapes-world models (the
+    report's head analyses use it), general for the others."""
+    return "shapes-attributes" if _shapes_model(model) else "general"
+
+
+def _check_store_model(store: Any, hooked: Any, model: str, pretrained: Optional[str]) -> None:
+    """Refuse to pair a store with a model other than the one it was collected with: another model
+    name, or other weights (the store's ``weights`` fingerprint, `clip_lens.collect.weights_fingerprint`).
+    Random weights (no --pretrained) differ in every process, so a store collected with them can never
+    be queried again: the fix is to collect with --pretrained. Used by every command that reads a store
+    with a model (``spans``, ``neighbors``, ``app --store``, ``sae inspect --store``)."""
+    from clip_lens.collect import weights_fingerprint
+    from clip_lens.errors import InputError
+
+    meta = store.meta
+    where = f"store {store.path}"
+    collected_with = meta.get("model")
+    if collected_with not in (None, "custom") and collected_with != hooked.model_name:
+        raise InputError(f"{where} was collected with model '{collected_with}', not '{model}'; pass --model {collected_with}.")
+    recorded = meta.get("weights")
+    if recorded is None:  # a store collected from Python without a fingerprint: nothing to compare
+        return
+    here = weights_fingerprint(hooked)
+    if here == recorded:
+        return
+    stored_tag = meta.get("pretrained")
+    if stored_tag in (None, "None"):
+        fix = ("it was collected with RANDOM weights (no --pretrained), which differ in every process, so no other "
+               "command can reproduce them: collect it again with --pretrained (a tag or a local checkpoint) and pass "
+               "the same --pretrained here")
+    elif str(stored_tag).startswith("bundled:"):
+        fix = f"pass --model {collected_with} without --pretrained (the store was collected with its bundled weights)"
+    else:
+        fix = f"pass the same --model/--pretrained as `clip-lens collect` did: --model {collected_with} --pretrained {stored_tag}"
+        if pretrained is None:
+            fix += " (without --pretrained this model has RANDOM weights)"
+    raise InputError(f"{where} was collected with other weights of {collected_with} (weights fingerprint {recorded}, "
+                     f"this model's {here}); {fix}.")
+
+
 @app.command("collect")
 @_user_errors
 def collect_command(
@@ -618,7 +672,8 @@ def spans(
     model: str = typer.Option(..., "--model", "-m", help="the model the store was collected with."),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="the --pretrained the store was collected with."),
     bank: Optional[str] = typer.Option(
-        None, "--bank", help="text bank: general, shapes or a text file, one text per line (default: shapes for toy-shapes, else general)."
+        None, "--bank", help="text bank: shapes-attributes, shapes, general or a text file, one text per line (default: "
+        "shapes-attributes for the shapes-world models, as in `clip-lens report`, else general)."
     ),
     m: int = typer.Option(10, "--m", min=1, help="texts per head."),
     layers: Optional[str] = typer.Option(None, "--layers", help="layers to analyse, e.g. 10,11, or all (default: the last 4 collected)."),
@@ -638,7 +693,7 @@ def spans(
 
     outputs = [_out(_json_file(out))] + ([_out(_json_file(labels, "--labels"), f"--labels {labels}")] if labels else [])
     _check_outputs(outputs, {"--store": store, "--bank": bank, "--pretrained": pretrained}, force)
-    text_bank = load_bank(bank or ("shapes" if _shapes_model(model) else "general"))  # fail fast, before the model
+    text_bank = load_bank(bank or _default_bank(model))  # fail fast, before the model
     opened = Store.open(store)
     if not opened.complete:
         raise InputError(
@@ -657,6 +712,7 @@ def spans(
         bar.set_postfix_str("build model")
         hooked = _load(model, pretrained, None)
         _random_weights_note(hooked, model)
+        _check_store_model(opened, hooked, model, pretrained)
         bar.update(1)
         bar.set_postfix_str("textspan")
         result = analyses.get("textspan")(hooked).run(opened, bank=text_bank, m=m, layers=chosen)
@@ -788,9 +844,10 @@ def segment(
     text: str = typer.Option(..., "--text", "-t", help="the topic, e.g. 'a red shape'."),
     versus: Optional[str] = typer.Option(None, "--versus", help="a second text: contrastive maps (text − versus, versus − text)."),
     head: str = typer.Option("all", "--head", help="all, a head such as L3H0, or layers such as 2,3."),
-    model: str = typer.Option("toy-shapes", "--model", "-m", help="model name (see `clip-lens models`)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=_MODEL_HELP),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="pretrained tag or local checkpoint."),
-    images: Optional[Path] = typer.Option(None, "--images", help="folder with images/ (and masks/, unused here)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="a folder of photos (searched recursively; its "
+                                          "images/ sub-folder when it has one; no masks needed) or one image: the first 8 are mapped."),
     shapes: Optional[int] = typer.Option(None, "--shapes", min=1, max=_MAX_SCENES, help="use this many shapes-world scenes."),
     seed: int = typer.Option(1000, "--seed", min=0, max=_SEED_MAX, help="seed of the shapes-world scenes."),
     out: Path = typer.Option(Path("segment.png"), "--out", "-o", help="overlay figure NAME.png; the maps go next to it "
@@ -804,9 +861,15 @@ def segment(
 
     maps, figure, outputs = _result_and_figure(out)
     _check_outputs(outputs, {"--images": images, "--pretrained": pretrained}, force)
+    if (images is None) == (shapes is None):
+        _fail("give exactly one image source: --images FOLDER or --shapes N.")
     hooked = _load(model, pretrained, None)
-    data = _segmentation_images(hooked, images, shapes, seed)
-    pixels = data.loader(0, min(data.n, 8))[0]
+    _random_weights_note(hooked, model)
+    if images is not None:  # photos: no masks (a map needs none)
+        pixels = _plugin_function("segmentation", "folder_images")(images, hooked.preprocess, limit=8)[0]
+    else:
+        data = _segmentation_images(hooked, None, shapes, seed)
+        pixels = data.loader(0, min(data.n, 8))[0]
     selection: Any = head if head == "all" or head.upper().startswith("L") else _parse_layers(head, "--head")
     if versus is None:
         result = analyses.get("segmentation")(hooked).run(pixels, text, head=selection)
@@ -821,7 +884,7 @@ def segment(
 @app.command("segment-eval")
 @_user_errors
 def segment_eval(
-    model: str = typer.Option("toy-shapes", "--model", "-m", help="model name (see `clip-lens models`)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=_MODEL_HELP),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="pretrained tag or local checkpoint."),
     images: Optional[Path] = typer.Option(None, "--images", help="folder with images/NAME.png|jpg and masks/NAME.png."),
     classes: Optional[Path] = typer.Option(None, "--classes", help="text file of class prompts, one per line (default for shapes: colour prompts)."),
@@ -841,6 +904,7 @@ def segment_eval(
     if out is not None:  # checked before the (long) evaluation
         _check_outputs([_out(_json_file(out))], {"--images": images, "--classes": classes, "--pretrained": pretrained}, force)
     hooked = _load(model, pretrained, None)
+    _random_weights_note(hooked, model)
     data = _segmentation_images(hooked, images, shapes, seed, attribute)
     prompts = load_bank(classes).texts if classes is not None else None
     result = analyses.get("segmentation_eval")(hooked).run(data, classes=prompts)
@@ -867,7 +931,7 @@ def _concept_data(hooked, images: Optional[Path], shapes: Optional[int], seed: i
 @app.command("mi")
 @_user_errors
 def mutual_information(
-    model: str = typer.Option("toy-shapes", "--model", "-m", help="model name (see `clip-lens models`)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=_MODEL_HELP),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="pretrained tag or local checkpoint."),
     images: Optional[Path] = typer.Option(None, "--images", help="folder with images/, labels.json and boxes.json (optional)."),
     classes: Optional[Path] = typer.Option(None, "--classes", help="text file of class names, one per line (default: labels.json's)."),
@@ -899,6 +963,11 @@ def mutual_information(
     shown = data.load(range(min(4, len(data))))
     page = _plugin_function("mutual_knowledge", "write_report")(result, shown, out)
     typer.echo(f"Report written to {page.resolve()}")
+
+
+def _score(value: float) -> str:
+    """A score with three significant digits (5e-05 stays 5e-05, not 0.000)."""
+    return f"{value:.3g}"
 
 
 @app.command()
@@ -934,12 +1003,19 @@ def neighbors(
     from clip_lens.files import atomic_write, load_image
     from clip_lens.report import figure_png
 
+    if text and image:  # one query kind per run: the printed result is labelled by its query
+        _fail("give --text or --image, not both (each run answers one kind of query): run `clip-lens neighbors` once "
+              "with the texts and once with the images, with different --out.")
+    if not text and not image:
+        _fail("give a query: --text TEXT or --image FILE (repeat either for several).")
     result_path, figure, outputs = _result_and_figure(out)
     _check_outputs(outputs, {"--store": store, "--image": image, "--labels": labels, "--texts": texts,
                              "--pretrained": pretrained}, force)
     query_images = [load_image(p, "--image file") for p in image or []]  # decoded once, before the model
     opened = Store.open(store, partial=partial)
     hooked = _load(model, pretrained, None)
+    _random_weights_note(hooked, model)
+    _check_store_model(opened, hooked, model, pretrained)
     table = None
     if labels is not None:
         table = _plugin_function("head_labels", "HeadLabelsResult").load(labels)
@@ -961,14 +1037,14 @@ def neighbors(
     atomic_write(figure, png)
     for q, (rows, scores) in enumerate(zip(result.indices.tolist(), result.scores.tolist())):
         query = text[q] if text else str(image[q])
-        typer.echo(f"{query}: " + ", ".join(f"#{r} ({s:.3f})" for r, s in zip(rows, scores)))
+        typer.echo(f"{query}: " + ", ".join(f"#{r} ({_score(s)})" for r, s in zip(rows, scores)))
     typer.echo(f"Saved {saved.resolve()} and {figure.resolve()}")
 
 
 @app.command("app")
 @_user_errors
 def app_command(
-    model: str = typer.Option("toy-shapes", "--model", "-m", help="model name (see `clip-lens models`)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=_MODEL_HELP),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="pretrained tag or local checkpoint (the store's)."),
     store: Optional[Path] = typer.Option(
         None, "--store", "-s", help="store folder written by `clip-lens collect`; omitted: a demo store of shapes-world scenes."
@@ -982,7 +1058,8 @@ def app_command(
     max_images: int = typer.Option(16, "--max-images", min=1, help="most images per request."),
     sae: Optional[list[Path]] = typer.Option(
         None, "--sae", help="SAE folder (SAELens format, e.g. from `clip-lens sae train`) on an image-tower hook, for the "
-        "Features tab; repeat for several. Omitted with the demo store of toy-shapes: a small demo SAE is trained (~3 s)."
+        "Features tab; repeat for several. Omitted with the demo store of a shapes-world ViT (toy-shapes-v2, toy-shapes): "
+        "a small demo SAE is trained (~3 s)."
     ),
     partial: bool = typer.Option(False, "--partial", help="read a store whose collect has not finished (only its finished "
                                  "chunks); without it such a store is refused, naming the missing chunks."),
@@ -1007,6 +1084,8 @@ def app_command(
         saes[name if name not in saes else f"{name}~{len(saes) + 1}"] = load_sae(folder)
     hooked = _load(model, pretrained, None)
     _random_weights_note(hooked, model)
+    if opened is not None:
+        _check_store_model(opened, hooked, model, pretrained)
     for name, loaded in saes.items():  # before the demo store: a misfit is refused at once
         check_sae_fits(hooked, loaded, f"SAE '{name}' ({loaded.cfg.hook_name})")
     limits = dict(host=host, port=port, max_upload_bytes=int(max_upload_mb * 2**20), max_images=max_images, saes=saes)
@@ -1017,7 +1096,7 @@ def app_command(
             typer.echo("Note: no --sae, so the Features tab is empty (train an SAE with `clip-lens sae train`).", err=True)
         serve(hooked, opened, table, **limits)
         return
-    demo_sae = not saes and hooked.model_name == "toy-shapes"
+    demo_sae = not saes and _shapes_model(hooked.model_name) and hooked.model_name != "toy-shapes-rn"
     with tempfile.TemporaryDirectory(prefix="clip_lens_app_") as directory:
         typer.echo(f"No --store: building a demo store of shapes-world scenes with {model}, labelling its heads"
                    f"{' and training a demo SAE' if demo_sae else ''} …")
@@ -1117,7 +1196,7 @@ def sae_train(
     out: Path = typer.Option(..., "--out", "-o", help="folder for the SAE (SAELens format), metrics.json and the checkpoint; "
                              "rerunning the same command resumes an interrupted run."),
     d_sae: int = typer.Option(..., "--d-sae", help="number of features."),
-    model: str = typer.Option("toy-shapes", "--model", "-m", help="model name (see `clip-lens models`)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help=_MODEL_HELP),
     pretrained: Optional[str] = typer.Option(
         None, "--pretrained", "-p", help="pretrained tag or local checkpoint; omitted: RANDOM weights (bundled models excepted)."
     ),
@@ -1315,7 +1394,7 @@ def sae_inspect(
     store: Optional[Path] = typer.Option(None, "--store", "-s", help="the images of a store written by `clip-lens collect`."),
     bank: Optional[str] = typer.Option(
         None, "--bank", help="texts to name features with: shapes-attributes, shapes, general, a text file, or none "
-        "(default: shapes-attributes for toy-shapes, else general; skipped with a note when the hook cannot be named)."
+        "(default: shapes-attributes for the shapes-world models, else general; skipped with a note when the hook cannot be named)."
     ),
     features: Optional[str] = typer.Option(None, "--features", help="features to show, e.g. 0,5,9."),
     top_features: Optional[int] = typer.Option(
@@ -1359,7 +1438,7 @@ def sae_inspect(
         raise InputError(f"the SAE in {sae_dir} does not record its model; pass --model.")
     text_bank = None
     if bank is None or bank.lower() != "none":
-        text_bank = load_bank(bank or ("shapes-attributes" if _shapes_model(model or recorded) else "general"))  # fail fast
+        text_bank = load_bank(bank or _default_bank(model or recorded))  # fail fast
     opened = Store.open(store, partial=partial) if store is not None else None
     if model is None:
         from clip_lens.errors import ModelNotFoundError
@@ -1372,6 +1451,8 @@ def sae_inspect(
     else:
         hooked = _load(model, pretrained, None)
     _random_weights_note(hooked, model)
+    if opened is not None:
+        _check_store_model(opened, hooked, model, pretrained)
     if text_bank is not None:
         problem = naming_problem(hooked, sae.cfg.hook_name) if not sae.cfg.hook_name.startswith(("text.", "term:")) else None
         if problem is not None:

@@ -95,28 +95,16 @@ def load_bundled(
     return LoadedModel(model.eval(), name, source, WordTokenizer.from_dict(meta["tokenizer"]))
 
 
-# What HookedCLIP reproduces, and why not where it does not: one table, read before anything is
-# built. timm image towers go by architecture name (the first matching pattern wins); a timm name
-# matching none is checked structurally on the meta device (no weights) by check_trunk.
-TIMM_TOWERS: tuple[tuple[str, Optional[str]], ...] = (
-    (r"^vit_.*siglip", None),  # SigLIP / SigLIP2: ViT + MAP attention pooler
-    (r"^(eva02_|eva_giant)", None),  # EVA01 / EVA02: rotary, SwiGLU, LayerNorm in attention and MLP, post-norm
-    (r"^vit_pe_core_", None),  # PE-Core: 2-D rotary, attention pooler
-    (r"^vit_.*_clip_", None),  # CLIP-style timm ViTs (MobileCLIP2-L-14)
-    (r"^vit_base_mci_", None),  # MobileCLIP-B: ViT after a conv stem (the stem is the embedding term)
-    (r"^vitamin_", None),  # ViTamin: conv stages (the embedding term), then a ViT with GeGLU MLPs
-    (r"^convnext", None),  # ConvNeXt: stages of depthwise-conv blocks (clip_lens/towers/convnext.py)
-    (r"^fastvit", None),  # MobileCLIP FastViT: RepMixer and attention stages (clip_lens/towers/fastvit.py)
-    (r"^swin", "Swin image tower (windowed attention with relative position bias)"),
-    (r"^vit_relpos", "ViT with relative position bias"),
+# The support table and checks (TIMM_TOWERS … unsupported_feature) live in clip_lens.catalog, which
+# `clip-lens models` reads without importing torch; re-exported here.
+from clip_lens.catalog import (  # noqa: E402
+    CUSTOM_BLOCK_FEATURES,
+    Coverage,
+    NATIVE_REFUSALS,
+    TIMM_TOWERS,
+    timm_tower_problem,
+    unsupported_feature,
 )
-NATIVE_REFUSALS = {
-    "attentional_pool": "attentional_pool='{value}' (open_clip marks it untested WIP)",
-    "custom_block": "custom attention block in the {tower} tower ({features})",
-    "timm_proj": "timm_proj='mlp' (a non-linear projection head)",
-    "timm_pool": "timm_pool='{value}' (a convolutional attention pool)",
-}
-CUSTOM_BLOCK_FEATURES = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
 
 
 def list_models(include_unsupported: bool = False) -> list[str]:
@@ -155,15 +143,6 @@ def timm_create_kwargs(**kwargs: Any) -> Iterator[None]:
         timm_model.timm.create_model = create
 
 
-@dataclass
-class Coverage:
-    """One open_clip model name: why it is refused (None: supported) and how many pretrained tags it has."""
-
-    name: str
-    reason: Optional[str]
-    n_tags: int
-
-
 def model_coverage() -> list[Coverage]:
     """Every open_clip model name with its refusal reason (None when supported) and pretrained tag count."""
     return [
@@ -171,49 +150,6 @@ def model_coverage() -> list[Coverage]:
         for name in open_clip.list_models()
     ]
 
-
-@functools.cache
-def timm_tower_problem(timm_name: str) -> Optional[str]:
-    """Why the timm image tower ``timm_name`` cannot be hooked exactly, or None (see ``TIMM_TOWERS``)."""
-    for pattern, reason in TIMM_TOWERS:
-        if re.search(pattern, timm_name):
-            return reason
-    import timm
-
-    from clip_lens.towers.timm_vit import check_trunk
-
-    try:
-        with torch.device("meta"):  # module tree only: no memory, no weights, no download
-            trunk = timm.create_model(timm_name, pretrained=False)
-    except Exception as exc:  # an architecture this timm cannot build
-        return f"timm cannot build '{timm_name}' ({type(exc).__name__}: {exc})"
-    return check_trunk(trunk)
-
-
-def unsupported_feature(config: Mapping[str, Any]) -> Optional[str]:
-    """Why an open_clip model config cannot be hooked exactly, or None if it can."""
-    vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
-    timm_name = vision.get("timm_model_name")
-    if timm_name:
-        problem = timm_tower_problem(timm_name)
-        if problem is not None:
-            return f"timm image tower {timm_name}: {problem}"
-        if vision.get("timm_proj") == "mlp" and not re.search(r"^convnext", timm_name):
-            return NATIVE_REFUSALS["timm_proj"]
-        if vision.get("timm_pool") in ("abs_attn", "rot_attn"):
-            return NATIVE_REFUSALS["timm_pool"].format(value=vision["timm_pool"])
-        return None
-    if isinstance(vision.get("layers"), (list, tuple)):  # open_clip's ModifiedResNet
-        return None if not any(text.get(k) for k in CUSTOM_BLOCK_FEATURES) else NATIVE_REFUSALS["custom_block"].format(
-            tower="text", features=", ".join(k for k in CUSTOM_BLOCK_FEATURES if text.get(k)))
-    if isinstance(vision.get("attentional_pool"), str):
-        return NATIVE_REFUSALS["attentional_pool"].format(value=vision["attentional_pool"])
-    towers = [(vision, "image")] + ([] if text.get("hf_model_name") else [(text, "text")])
-    for cfg, tower in towers:
-        custom = [k for k in CUSTOM_BLOCK_FEATURES if cfg.get(k)]
-        if custom or cfg.get("block_type") == "custom":
-            return NATIVE_REFUSALS["custom_block"].format(tower=tower, features=", ".join(custom) or "block_type=custom")
-    return None
 
 
 def _merge(base: dict, overrides: Mapping[str, Any]) -> dict:

@@ -227,3 +227,32 @@ def folder_segmentation(
         return torch.stack(images), torch.stack(masks)
 
     return SegmentationData(len(image_paths), load, [p.stem for p in image_paths], description=f"{len(image_paths)} images in {folder}")
+
+
+def folder_images(path: str | Path, preprocess: Optional[Callable], limit: Optional[int] = None) -> tuple[Tensor, list[str]]:
+    """``(pixels [n, 3, H, W], names)``: the images of a plain folder of photos (no masks needed), for
+    topic maps (``clip-lens segment --images``). ``path`` is a folder of images (searched recursively; a
+    segmentation dataset's ``images/`` sub-folder is used when there is one) or one image file; the first
+    ``limit`` images in name order are read and preprocessed.
+
+    Raises:
+        InputError: no such path, no images, or an image that cannot be decoded (`clip_lens.files.load_image`).
+    """
+    from clip_lens.collect import IMAGE_SUFFIXES as PHOTO_SUFFIXES
+    from clip_lens.files import load_image
+
+    folder = Path(path)
+    if preprocess is None:
+        raise InputError("folder_images needs a preprocess transform (e.g. model.preprocess).")
+    if folder.is_file():
+        paths = [folder]
+    elif folder.is_dir():
+        root = folder / "images" if (folder / "images").is_dir() else folder
+        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+        if not paths:
+            raise InputError(f"no images ({', '.join(sorted(PHOTO_SUFFIXES))}) in {root} (searched recursively).")
+    else:
+        raise InputError(f"{folder} does not exist; give a folder of images or one image file.")
+    paths = paths[:limit] if limit is not None else paths
+    pixels = torch.stack([preprocess(load_image(p, "image")) for p in paths])
+    return pixels, [p.stem for p in paths]

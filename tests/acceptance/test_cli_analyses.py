@@ -79,7 +79,8 @@ class TestCollect:
 class TestSpans:
     def test_saves_every_head_of_the_chosen_layers(self, pipeline):
         data = json.loads((pipeline[0] / "spans.json").read_text())
-        assert data["model"] == "toy-shapes" and data["bank"] == "shapes" and data["m"] == 5 and data["n_images"] == 64
+        # the default bank of the shapes-world models is the report's, shapes-attributes (issue 31: one default bank)
+        assert data["model"] == "toy-shapes" and data["bank"] == "shapes-attributes" and data["m"] == 5 and data["n_images"] == 64
         assert [h["head"] for h in data["heads"]] == ["L3H0", "L3H1", "L3H2", "L3H3"]
         assert all(len(h["texts"]) == 5 and len(h["cumulative"]) == 5 for h in data["heads"])
 

@@ -31,7 +31,7 @@ def train_args(out, **changes) -> list:
                "--steps": 30, "--token-batch": 64, "--batch-size": 16, "--checkpoint-every": 10,
                "--eval-images": 64, "--out": out}
     options.update(changes)
-    args = ["sae", "train"]
+    args = ["sae", "train", "-m", "toy-shapes"]  # this file checks against toy-shapes (default: toy-shapes-v2, issue 31)
     for option, value in options.items():
         if value is not None:
             args += [option, value]
