@@ -654,7 +654,7 @@ class Store:
         markers = self._done()
         chosen = sorted(markers) if chunks is None else [c for c in chunks if c in markers]
         damaged: dict[int, list[str]] = {}
-        for c in tqdm(chosen, desc="verify", unit="chunk", disable=not progress):
+        for c in tqdm(chosen, desc="verify", unit="chunk", disable=not progress or not chosen):  # no bar for nothing
             for name in self.arrays:
                 problem = self._check_file(name, c, markers[c]["arrays"][name], full=True)
                 if problem:

@@ -294,6 +294,28 @@ def _img(name: str, data: bytes) -> str:
             f'src="data:image/png;base64,{base64.b64encode(data).decode()}">')
 
 
+EVERYWHERE = 0.99
+"""A feature firing on at least this share of the images fires on (nearly) every image."""
+
+
+def everywhere_note(summary: dict) -> Optional[str]:
+    """Why the features shown fire on (nearly) every image, when at least half of them do (None otherwise):
+    frequency counts an image when a feature fires at any position the SAE reads, so for an SAE on many
+    positions per image (patches) a feature active on a few patches of each image reads 100%."""
+    shown = [row["frequency"] for row in summary.get("features", [])]
+    everywhere = sum(f >= EVERYWHERE for f in shown)
+    if not shown or 2 * everywhere < len(shown):
+        return None
+    positions = str(summary.get("positions"))
+    many = positions not in ("cls", "pooled")
+    why = (f"frequency counts an image when the feature fires at any of the positions the SAE reads ({positions}), "
+           "so a feature active on a few patches of every image reads 100%: look at its patch maps for where it fires"
+           if many else "these features are dense: they rarely mean one thing")
+    return (f"{everywhere} of the {len(shown)} features shown fire on at least {EVERYWHERE:.0%} of the images, "
+            f"although the most selective are shown first: {why}. A sparser SAE (more L1, a smaller k) or one on "
+            "the class token (positions cls) gives per-image features.")
+
+
 def render_section(summary: dict, pngs: dict[str, bytes], heading: str = "h2") -> str:
     """HTML of a `FeatureInspection.to_dict` summary: a table of the features (frequency,
     names) and each one's dashboard (embedded from ``pngs``, keyed by `dashboard_name`)."""
@@ -311,6 +333,9 @@ def render_section(summary: dict, pngs: dict[str, bytes], heading: str = "h2") -
             f"<p>{summary['alive']} of {summary['d_sae']} features fire on at least one image ({summary['dense']} "
             f"on more than half of them); {summary['dead']} never fire. Shown: {esc(summary['ranking'])}.</p>"
         )
+    note = everywhere_note(summary)
+    if note:
+        intro += f'<p class="warn">{esc(note)}</p>'
     if summary.get("readout"):
         how = ("exact" if summary["readout"] == "exact"
                else "direct path only: later blocks read the direction too, so names are a logit-lens approximation")

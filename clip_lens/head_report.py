@@ -8,9 +8,13 @@ heads labelled with a property are the ones whose ablation hurts that property m
 
 from __future__ import annotations
 
+import contextlib
 import html
+import threading
+import time
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -26,6 +30,85 @@ REPORT_SEED = 2024  # report images: an independent shapes world (training used 
 CARRIER_SHARE = 0.10
 """A head carries an attribute (ground truth for its label) when mean-ablating its direct effect costs
 at least this share of the attribute's mean zero-shot margin."""
+
+
+TICK_SECONDS = 2.0
+"""While a step runs, its bar is redrawn this often (elapsed time, step name), so no step is silent."""
+
+
+class Steps:
+    """Named steps on a tqdm bar (stderr) that keeps ticking while a step runs.
+
+    ``bar``: an open bar to report on (the CLI's ``clip-lens report`` bar: steps only change its
+    postfix, ``prefix: step``, and never advance it), or None to open one of ``total`` steps named
+    ``desc`` (advanced once per step; closed by `close`). ``enabled=False``: no output at all.
+    While a step runs, a daemon thread redraws the bar every ``interval`` seconds, so its elapsed
+    time moves even when the step's own work prints nothing.
+    """
+
+    def __init__(self, bar: Any = None, *, total: Optional[int] = None, desc: str = "", prefix: str = "",
+                 enabled: bool = True, interval: float = TICK_SECONDS):
+        from tqdm.auto import tqdm
+
+        self.own = bar is None and enabled
+        self.bar = bar if bar is not None else (tqdm(total=total, desc=desc, unit="step") if enabled else None)
+        self.prefix, self.interval = prefix, interval
+        self.durations: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, label: str) -> Iterator[None]:
+        """Run the block as step ``label``: named on the bar, ticking, timed (`durations`)."""
+        start = time.perf_counter()
+        if self.bar is None:
+            yield
+            self.durations[label] = time.perf_counter() - start
+            return
+        self.bar.set_postfix_str(f"{self.prefix}: {label}" if self.prefix else label)
+        stop = threading.Event()
+
+        def tick() -> None:
+            while not stop.wait(self.interval):
+                self.bar.refresh()
+
+        ticker = threading.Thread(target=tick, name=f"clip-lens progress: {label}", daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            ticker.join()
+        self.durations[label] = time.perf_counter() - start
+        if self.own:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.own:
+            self.bar.close()
+
+
+def _bar(steps: Steps, **options: Any) -> Any:
+    """A tqdm bar for the inside of a step (disabled when the steps print nothing)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=steps.bar is None, leave=False, **options)
+
+
+SPAN_IMAGES_PER_TEXT = 2
+"""TextSpan keeps ``m`` ≤ (images − 1) / 2: the centred outputs of N images span at most N − 1
+directions, so N − 1 texts always explain 100% of any head's variance; keeping m at half that rank
+leaves the variance shares something to measure."""
+
+
+def span_texts(n_images: int, m: int) -> tuple[int, Optional[str]]:
+    """``(m to use, warning or None)`` for TextSpan over ``n_images`` images (`SPAN_IMAGES_PER_TEXT`)."""
+    cap = max(1, (n_images - 1) // SPAN_IMAGES_PER_TEXT)
+    if m <= cap:
+        return m, None
+    return cap, (
+        f"only {n_images} images for {m} span texts per head: the outputs of {n_images} images span at most "
+        f"{max(n_images - 1, 0)} directions, so that many texts explain 100% of every head's variance. Using m = {cap} "
+        f"texts per head; give at least {SPAN_IMAGES_PER_TEXT * m + 1} images for m = {m}."
+    )
 
 
 def report_attributes(model: "HookedCLIP") -> tuple[str, ...]:
@@ -105,9 +188,14 @@ def analyse_heads(
     images: Any = None,
     bank: Optional[str] = None,
     m: int = 20,
-    progress: bool = True,
+    progress: Union[bool, Any] = True,
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Run the head analyses into ``out_dir`` (store in ``out_dir/store``, resumable).
+
+    ``progress``: True: a ``head analyses`` bar of steps on stderr (each step named, ticking while it
+    runs; collection, text encoding and segmentation with bars of their own); a tqdm bar: the steps
+    are named in its postfix (``head analyses: textspan``); False: silent. With fewer images than
+    ``m`` needs, ``m`` is capped (`span_texts`) with a warning, also kept in the summary's ``warnings``.
 
     Returns the summary (JSON-able) and the figures as PNG bytes.
     """
@@ -119,39 +207,78 @@ def analyse_heads(
     from clip_lens.toy.evaluate import shapes_world_version
 
     version = shapes_world_version(model)
-    source = shapes_world_images(n_images, REPORT_SEED, model.cfg.image_size[0], version or 1) if toy else images
-    store = collect(model, source, Path(out_dir) / "store", chunk_size=250, batch_size=125, progress=progress)
-    # one attribute per text on the shapes world, so that a head's property can be read off its texts
-    bank = bank or ("shapes-attributes" if version is not None else "general")
+    outer = None if isinstance(progress, bool) else progress
+    shown = outer is not None or bool(progress)
+    steps = Steps(outer, total=(7 if toy else 4), desc="head analyses", prefix="head analyses" if outer is not None else "",
+                  enabled=shown)
+    try:
+        source = shapes_world_images(n_images, REPORT_SEED, model.cfg.image_size[0], version or 1) if toy else images
+        with steps.step("collect"):
+            store = collect(model, source, Path(out_dir) / "store", chunk_size=250, batch_size=125, progress=shown)
+        # one attribute per text on the shapes world, so that a head's property can be read off its texts
+        bank = bank or ("shapes-attributes" if version is not None else "general")
+        notes = []
+        m_used, note = span_texts(store.n_done, m)
+        if note:
+            warnings.warn(note, UserWarning, stacklevel=2)
+            notes.append(note)
 
-    spans = analyses.get("textspan")(model).run(store, bank=bank, m=m)
-    labels = analyses.get("head_labels")(model).run(spans)
-    metrics = analyses.get("interp_metrics")().run(labels)
-    summary: dict[str, Any] = {
-        # n_images: the rows analysed, without the images skipped at collection
-        "n_images": store.n_done, "images": store.meta["source"], "bank": spans.bank, "m": m,
-        "spans": spans.to_dict(), "labels": labels.to_dict(), "metrics": metrics.to_dict(),
-    }
-    pngs = {
-        "head_labels.png": figure_png(labels.plot()),
-        "span_variance.png": figure_png(spans.plot()),
-        "metrics.png": figure_png(metrics.plot()),
-    }
-    if toy:
-        tasks = attribute_tasks(model, n_images, REPORT_SEED)
-        summary["span_replacement"] = spans.replacement_accuracy(store, tasks, ms=(5, 10, 20))
-        summary["zero_shot"] = {a: scores["original"] for a, scores in summary["span_replacement"].items()}
-        ablation = analyses.get("ablation")().run(store, tasks)
-        summary["ablation"] = ablation.to_dict()
-        summary["ground_truth"] = ground_truth_agreement(labels, ablation, list(tasks))
-        pngs["ablation.png"] = figure_png(ablation.plot())
-        pngs["ablation_curves.png"] = figure_png(ablation.plot_curves())
-        scenes = analyses.plugin_function("segmentation_eval", "shapes_world_segmentation")(
-            n_images, REPORT_SEED, model.cfg.image_size[0], version=version or 1)
-        segmentation = analyses.get("segmentation_eval")(model).run(scenes)
-        summary["segmentation"] = {"markdown": segmentation.to_markdown(), **segmentation.to_dict()}
-        pngs["segmentation.png"] = figure_png(segmentation.plot())
+        with steps.step("textspan"):
+            spans = analyses.get("textspan")(model).run(store, bank=bank, m=m_used, progress=shown)
+        with steps.step("labels and metrics"):
+            labels = analyses.get("head_labels")(model).run(spans)
+            metrics = analyses.get("interp_metrics")().run(labels, top_k=min(5, m_used))  # CCS over the first 5 texts
+            summary: dict[str, Any] = {
+                # n_images: the rows analysed, without the images skipped at collection
+                "n_images": store.n_done, "images": store.meta["source"], "bank": spans.bank, "m": m_used,
+                "spans": spans.to_dict(), "labels": labels.to_dict(), "metrics": metrics.to_dict(),
+            }
+            if notes:
+                summary["warnings"] = notes
+        with steps.step("figures"):
+            pngs = {
+                "head_labels.png": figure_png(labels.plot()),
+                "span_variance.png": figure_png(spans.plot()),
+                "metrics.png": figure_png(metrics.plot()),
+            }
+        if toy:
+            with steps.step("span replacement"):
+                tasks = attribute_tasks(model, n_images, REPORT_SEED)
+                summary["span_replacement"] = spans.replacement_accuracy(store, tasks, ms=(5, 10, 20))
+                summary["zero_shot"] = {a: scores["original"] for a, scores in summary["span_replacement"].items()}
+            with steps.step("ablation"):
+                ablation = analyses.get("ablation")().run(store, tasks)
+                summary["ablation"] = ablation.to_dict()
+                summary["ground_truth"] = ground_truth_agreement(labels, ablation, list(tasks))
+                pngs["ablation.png"] = figure_png(ablation.plot())
+                pngs["ablation_curves.png"] = figure_png(ablation.plot_curves())
+            with steps.step("segmentation"):
+                scenes = analyses.plugin_function("segmentation_eval", "shapes_world_segmentation")(
+                    n_images, REPORT_SEED, model.cfg.image_size[0], version=version or 1)
+                bar = _bar(steps, total=len(scenes), desc="segmentation", unit="img")
+                scenes = _counting(scenes, bar)
+                segmentation = analyses.get("segmentation_eval")(model).run(scenes)
+                bar.close()
+                summary["segmentation"] = {"markdown": segmentation.to_markdown(), **segmentation.to_dict()}
+                pngs["segmentation.png"] = figure_png(segmentation.plot())
+    finally:
+        steps.close()
+    summary["seconds"] = {label: round(seconds, 2) for label, seconds in steps.durations.items()}
     return summary, pngs
+
+
+def _counting(dataset: Any, bar: Any) -> Any:
+    """``dataset`` (a segmentation dataset: ``loader(start, stop)``) advancing ``bar`` by each batch it loads."""
+    import dataclasses
+
+    loader = dataset.loader
+
+    def load(start: int, stop: int) -> Any:
+        batch = loader(start, stop)
+        bar.update(stop - start)
+        return batch
+
+    return dataclasses.replace(dataset, loader=load)
 
 
 KEEP_LAST_NOTE = (
@@ -197,6 +324,17 @@ def _markdown_table(markdown: str) -> str:
     return table + "".join(f"<p><small>{esc(n)}</small></p>" for n in notes)
 
 
+NO_LABEL = "none"
+"""How a head without a label is written, in the tables as in the head-label figure's legend."""
+
+
+def span_order(texts, shares, fits) -> list[tuple[str, float, bool]]:
+    """``(text, share, fits)`` of a head's span texts, largest share of its variance first (stable:
+    TextSpan's pick order among equal shares)."""
+    rows = list(zip(texts, shares, fits))
+    return sorted(rows, key=lambda row: -row[1])
+
+
 def _with_interval(value: Optional[float], interval: Optional[list]) -> str:
     """``0.950 [0.931, 0.966]``; "–" for an undefined value (no labelled head, no carrier)."""
     if value is None:
@@ -210,16 +348,18 @@ def render_sections(summary: dict[str, Any], image_tags: dict[str, str]) -> str:
     labels = {h["head"]: h for h in summary["labels"]["heads"]}
     ccs = summary["metrics"]["per_head"]
     span_rows = []
+    shown = min(10, max((len(h["texts"]) for h in summary["spans"]["heads"]), default=10))
     for h in summary["spans"]["heads"]:
         label = labels[h["head"]]
+        judged = min(shown, len(label["fits"]))  # the texts the label was read from (head_labels' n_texts)
         texts = "".join(
             f"<li>{esc(t)} <small>({v:.1%}){' ✓' if fit else ''}</small></li>"
-            for t, v, fit in zip(h["texts"][:10], h["explained_variance"], label["fits"])
+            for t, v, fit in span_order(h["texts"][:judged], h["explained_variance"], label["fits"])
         )
         span_rows.append(
-            f"<tr><td><b>{h['head']}</b></td><td>{esc(str(label['label']))}<br><small>confidence "
+            f"<tr><td><b>{h['head']}</b></td><td>{esc(label['label'] or NO_LABEL)}<br><small>confidence "
             f"{label['confidence']:.2f}, CCS {ccs[h['head']]['ccs']}</small></td>"
-            f"<td><ol>{texts}</ol></td><td>{h['cumulative'][min(9, len(h['cumulative']) - 1)]:.1%}</td></tr>"
+            f"<td><ul>{texts}</ul></td><td>{h['cumulative'][min(shown, len(h['cumulative'])) - 1]:.1%}</td></tr>"
         )
     m = summary["metrics"]
     intervals = m.get("intervals", {})
@@ -234,9 +374,12 @@ def render_sections(summary: dict[str, Any], image_tags: dict[str, str]) -> str:
     )
     parts = [
         f"<h2>Head spans (TextSpan, bank <code>{esc(summary['bank'])}</code>, {summary['n_images']} images)</h2>",
+        *(f'<p class="warn">{esc(note)}</p>' for note in summary.get("warnings", [])),
+        image_tags.get("your_images.png", ""),
         image_tags.get("head_labels.png", ""),
-        "<table><tr><th>head</th><th>label</th><th>span texts (variance explained; ✓ fits the label)</th>"
-        "<th>variance by 10 texts</th></tr>" + "".join(span_rows) + "</table>",
+        "<table><tr><th>head</th><th>label</th><th>first span texts, which the label is read from (share of the "
+        f"head's variance each explains, largest first; ✓ fits the label)</th><th>variance by {shown} texts</th></tr>"
+        + "".join(span_rows) + "</table>",
         image_tags.get("span_variance.png", ""),
         "<h2>Interpretability metrics</h2><p>[bootstrap 95% intervals over heads; labels held fixed]</p>"
         "<table><tr><th>metric</th><th>value</th></tr>" + metric_rows + "</table>",
@@ -252,8 +395,8 @@ def render_sections(summary: dict[str, Any], image_tags: dict[str, str]) -> str:
             for a in attributes
         )
         truth = "".join(
-            f"<tr><td>{r['property']}</td><td>{', '.join(r['labelled_heads']) or 'none'}</td><td>{', '.join(r['top_ablation_heads'])}</td>"
-            f"<td>{_with_interval(r['agreement'], r.get('agreement_ci95'))}</td><td>{', '.join(r.get('carriers', [])) or 'none'}</td>"
+            f"<tr><td>{r['property']}</td><td>{', '.join(r['labelled_heads']) or NO_LABEL}</td><td>{', '.join(r['top_ablation_heads'])}</td>"
+            f"<td>{_with_interval(r['agreement'], r.get('agreement_ci95'))}</td><td>{', '.join(r.get('carriers', [])) or NO_LABEL}</td>"
             f"<td>{_with_interval(r.get('precision'), r.get('precision_ci95'))}</td><td>{_with_interval(r.get('recall'), r.get('recall_ci95'))}</td></tr>"
             for r in summary["ground_truth"]
         )

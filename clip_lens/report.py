@@ -49,6 +49,11 @@ CAPTIONS = {
     "span_variance.png": "share of each head's output variance explained by its first TextSpan texts.",
     "metrics.png": "left, the share of heads with each concept-consistency score; right, CCS per head.",
     "ablation.png": "zero-shot margin lost per attribute when each head's direct effect is mean-ablated.",
+    "your_images.png": "the first of your images (--images), each beside the norm of every patch's contribution "
+    "to its embedding through the last layer's attention heads (summed over heads): where the last layer reads from.",
+    "segmentation.png": "pixel accuracy, object IoU, mIoU and mAP (%, whiskers: bootstrap 95% intervals over images) of "
+    "the decomposition's heatmaps of the predicted colour (plain bars) next to the maps that could beat them "
+    "(hatched: no object, a constant map, the pixel-only chroma and border-colour maps, raw attention, random heads).",
     "ablation_curves.png": "zero-shot accuracy with everything but the last k attention layers mean-ablated "
     "(the embedding term and the MLPs stay ablated for every k, so k = all layers is below the unablated model).",
 }
@@ -258,6 +263,52 @@ def plot_tokens(
     return fig
 
 
+USER_IMAGES_SHOWN = 3
+"""How many of the user's own images (``report --images``) the report draws with their per-patch maps."""
+
+
+def user_image_patches(model: "HookedCLIP", images: Any, n: int = USER_IMAGES_SHOWN) -> tuple[dict[str, Any], Optional[bytes]]:
+    """The first ``n`` images of ``images`` (a folder, files or tensor, as `clip_lens.collect.image_source`
+    reads them; undecodable ones left out) decomposed, each drawn beside the norm of every patch's
+    contribution to its embedding through the last layer's heads (as ``tokens.png``).
+
+    Returns ``({"ids": [...], "layer": L, "norms": [[per patch]...]}``, the PNG)``; the PNG is None, with
+    a ``note``, when this model has no per-patch terms to draw (no patch grid)."""
+    import numpy as np
+
+    from clip_lens.collect import image_source
+
+    source = image_source(images, getattr(model, "preprocess", None))
+    batch = source.load_batch(0, min(len(source), n + 8))  # spares, in case some do not decode
+    pixels = batch.pixels[:n]
+    ids = [str(source.ids[batch.start + k]) if source.ids is not None else f"image {batch.start + k}" for k in batch.kept[:n]]
+    grid_size = model.cfg.grid_size
+    if not len(pixels) or grid_size is None:
+        return {"ids": ids, "note": "no per-patch map: " + ("no image decoded" if not len(pixels) else "this model has no patch grid")}, None
+    last = model.cfg.n_layers - 1
+    with torch.no_grad():
+        decomposition = model.decompose(pixels.to(model.device), heads="all", tokens=[last])
+    n_patches = int(grid_size[0]) * int(grid_size[1])
+    norms = [token_norms(decomposition, i)[-n_patches:].reshape(int(grid_size[0]), int(grid_size[1])).cpu().numpy()
+             for i in range(len(pixels))]
+    mean, std = normalization(model)
+    shown = (pixels.float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1)
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(pixels), 2, figsize=(8.5, 3.6 * len(pixels)), squeeze=False, constrained_layout=True)
+    fig.suptitle(f"Your images: layer {last} heads, per patch (first {len(pixels)} of {len(source)})")
+    for row, (image, grid, name) in enumerate(zip(shown, norms, ids)):
+        axes[row, 0].imshow(image.permute(1, 2, 0).numpy())
+        axes[row, 0].set_title(plain(Path(name).name, 50), fontsize="medium")
+        axes[row, 0].set_axis_off()
+        im = axes[row, 1].imshow(grid, cmap="magma", origin="upper")
+        axes[row, 1].set_title("‖Σ_heads contribution of each patch‖₂", fontsize="medium")
+        axes[row, 1].set_xlabel("patch column")
+        axes[row, 1].set_ylabel("patch row")
+        fig.colorbar(im, ax=axes[row, 1], label="‖contribution‖₂")
+    summary = {"ids": ids, "layer": last, "norms": [np.round(g, 6).tolist() for g in norms]}
+    return summary, figure_png(fig)
+
+
 def figure_png(fig: "Figure", dpi: int = 110) -> bytes:
     """Render a figure to PNG bytes and close it."""
     plt = _pyplot()
@@ -338,7 +389,7 @@ FEATURES_SHOWN = 8
 
 def feature_section(
     model: "HookedCLIP", sae: Any, *, images: Any = None, n_images: int = FEATURE_IMAGES, bank: Optional[str] = None,
-    n_features: int = FEATURES_SHOWN, k: int = 9,
+    n_features: int = FEATURES_SHOWN, k: int = 9, progress: bool = False,
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The report's "Features" section: the first ``n_features`` features of an SAE by
     `clip_lens.feature_report.rank_features`, named with ``bank`` (default: shapes-attributes,
@@ -366,7 +417,7 @@ def feature_section(
         images = shapes_world_images(n_images, REPORT_SEED, model.cfg.image_size[0], shapes_world_version(model) or 1)
     if bank is None:
         bank = "shapes-attributes" if isinstance(model.tokenizer, WordTokenizer) else "general"
-    inspection = inspect_features(model, sae, images, n_features=n_features, k=k, bank=bank)
+    inspection = inspect_features(model, sae, images, n_features=n_features, k=k, bank=bank, progress=progress)
     summary = {"sae_dir": None if folder is None else str(folder.resolve()), **inspection.to_dict()}
     return summary, inspection.dashboards()
 
@@ -407,49 +458,55 @@ def build_report(
     (`feature_section`). Returns ``(summary, {file name: path})``.
     """
 
-    def step(label: str) -> None:
-        if progress is not None:
-            progress.set_postfix_str(label)
+    from clip_lens.head_report import Steps
+
+    # the CLI's bar: each step named in its postfix, redrawn while it runs (so no step is silent), then advanced
+    steps = Steps(progress, enabled=progress is not None)
 
     def done() -> None:
         if progress is not None:
             progress.update(1)
 
-    step("images")
-    images, pixels, description = report_images(model, n_images, seed)
+    with steps.step("images"):
+        images, pixels, description = report_images(model, n_images, seed)
     done()
 
-    step("decompose")
-    last = model.cfg.n_layers - 1
-    decomposition = model.decompose(images, heads="all", tokens=[last])
-    summary = summarize(
-        model, decomposition, n_images=n_images, seed=seed, images=description, **(extra or {})
-    )
+    with steps.step("decompose"):
+        last = model.cfg.n_layers - 1
+        decomposition = model.decompose(images, heads="all", tokens=[last])
+        summary = summarize(
+            model, decomposition, n_images=n_images, seed=seed, images=description, **(extra or {})
+        )
     done()
 
-    step("figures")
-    pngs = {
-        "decomposition.png": figure_png(plot_decomposition(summary)),
-        "tokens.png": figure_png(
-            plot_tokens(summary, token_norms(decomposition), pixels[0], model.cfg.grid_size, model.cfg.pool_type)
-        ),
-    }
+    with steps.step("figures"):
+        pngs = {
+            "decomposition.png": figure_png(plot_decomposition(summary)),
+            "tokens.png": figure_png(
+                plot_tokens(summary, token_norms(decomposition), pixels[0], model.cfg.grid_size, model.cfg.pool_type)
+            ),
+        }
     done()
 
     if head_images or head_source is not None:
-        step("head analyses")
-        summary["heads"], head_pngs = analyse_heads(model, Path(out_dir), n_images=head_images, images=head_source, bank=bank)
-        pngs.update(head_pngs)
+        with steps.step("head analyses"):
+            summary["heads"], head_pngs = analyse_heads(
+                model, Path(out_dir), n_images=head_images, images=head_source, bank=bank,
+                progress=progress if progress is not None else True)
+            pngs.update(head_pngs)
+            if head_source is not None:  # the user's own images, each beside its per-patch map
+                summary["heads"]["your_images"], pngs["your_images.png"] = user_image_patches(model, head_source)
         done()
 
     if sae is not None:
-        step("SAE features")
-        summary["features"], feature_pngs = feature_section(
-            model, sae, images=head_source, n_images=head_images or FEATURE_IMAGES, bank=bank)
-        pngs.update(feature_pngs)
+        with steps.step("SAE features"):
+            summary["features"], feature_pngs = feature_section(
+                model, sae, images=head_source, n_images=head_images or FEATURE_IMAGES, bank=bank,
+                progress=progress is not None)
+            pngs.update(feature_pngs)
         done()
 
-    step("write")
-    written = write_report(out_dir, summary, pngs)
+    with steps.step("write"):
+        written = write_report(out_dir, summary, pngs)
     done()
     return summary, written

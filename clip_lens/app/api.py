@@ -114,7 +114,8 @@ def name_map_rows(fig: Any, names: Sequence[str], label: str) -> Any:
     first = [ax for ax in axes if ax.get_subplotspec().colspan.start == 0]
     for ax, name in zip(first, names):
         ax.set_title(plain(name, MAX_NAME), fontsize=8)
-    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=axes, shrink=0.9, aspect=25, pad=0.02)
+    bar = getattr(fig, "map_colour_bar", None) or fig.colorbar(  # the plugin's figures draw their own
+        ScalarMappable(Normalize(0, 1), "jet"), ax=axes, shrink=0.9, aspect=25, pad=0.02)
     bar.set_label(label, fontsize=7)
     bar.ax.tick_params(labelsize=7)
     return fig

@@ -90,7 +90,6 @@ class HeadLabelsResult(JSONResult):
         ``fig.savefig(path)``. Colours follow `properties`, so a label keeps its colour across tables.
         """
         import numpy as np
-        from matplotlib import colormaps
         from matplotlib.figure import Figure
         from matplotlib.patches import Patch
 
@@ -98,9 +97,7 @@ class HeadLabelsResult(JSONResult):
         layers = sorted({layer for layer, _ in where.values()})
         n_heads = 1 + max((head for _, head in where.values()), default=0)
         vocabulary = list(dict.fromkeys([*self.properties, *(h.label for h in self.heads if h.label is not None)]))
-        palette = colormaps["tab20"]
-        colour = {label: palette(i % palette.N) for i, label in enumerate(vocabulary)}
-        colour[None] = (0.85, 0.85, 0.85, 1.0)  # grey: no label
+        colour = label_colours(vocabulary)
 
         fig = Figure(figsize=(3.5 + 0.6 * n_heads, 1.5 + 0.5 * len(layers)), layout="constrained")
         ax = fig.add_subplot()
@@ -121,3 +118,20 @@ class HeadLabelsResult(JSONResult):
             loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small",
         )
         return fig
+
+
+NO_LABEL_COLOUR = (0.85, 0.85, 0.85, 1.0)
+"""Grey: a head without a label."""
+
+
+def label_colours(vocabulary: list[str]) -> dict[Optional[str], tuple[float, float, float, float]]:
+    """Label → RGBA, in vocabulary order: the ten distinct hues of ``tab10`` first (tab20's pairs put two
+    similar blues on the first two properties, colour and shape), then tab20's light shades; None: grey."""
+    from matplotlib import colormaps
+
+    palette = [*colormaps["tab10"].colors, *colormaps["tab20"].colors[1::2]]
+    palette = [c for c in palette if max(c) - min(c) > 0.05]  # greys would read as "no label"
+    colour: dict[Optional[str], tuple[float, float, float, float]] = {
+        label: (*palette[i % len(palette)], 1.0) for i, label in enumerate(vocabulary)}
+    colour[None] = NO_LABEL_COLOUR
+    return colour

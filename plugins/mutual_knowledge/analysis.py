@@ -247,7 +247,7 @@ class MutualKnowledge:
         with torch.no_grad():
             desc_emb = desc.encode_descriptors(model, bank)
             class_emb = desc.class_embeddings(model, data.classes, data.class_templates)
-            predicted, image_emb = _predict(model, data, class_emb, batch_size)
+            predicted, image_emb = _predict(model, data, class_emb, batch_size, progress)
         generator = torch.Generator().manual_seed(seed)
         control = (predicted + torch.randint(1, max(2, len(data.classes)), predicted.shape, generator=generator)) % len(data.classes)
         textual = desc.textual_concepts(class_emb, desc_emb, predicted, u)
@@ -288,8 +288,8 @@ class MutualKnowledge:
         result_eval = None
         if evaluate:
             result_eval = _evaluate(model, data, order, eval_regions, class_emb, predicted, seed, n_parts, batch_size,
-                                    blur_kernel).to_dict()
-        result_corloc = _corloc(model, data, seed, batch_size) if corloc and data.boxes is not None else None
+                                    blur_kernel, progress).to_dict()
+        result_corloc = _corloc(model, data, seed, batch_size, progress) if corloc and data.boxes is not None else None
         labelled = data.labels
         accuracy = None if labelled is None else float((predicted == labelled).float().mean())
         seconds = time.perf_counter() - started
@@ -318,10 +318,11 @@ def _check_choices(values: Sequence[str], allowed: Sequence[str], label: str) ->
     return tuple(dict.fromkeys(values))
 
 
-def _predict(model, data: ConceptData, class_emb: Tensor, batch_size: int) -> tuple[Int[Tensor, "n"], Float[Tensor, "n d"]]:
+def _predict(model, data: ConceptData, class_emb: Tensor, batch_size: int,
+             progress: bool = False) -> tuple[Int[Tensor, "n"], Float[Tensor, "n d"]]:
     """Zero-shot predictions and unit image embeddings of every image."""
     predicted, embeddings = [], []
-    for start in range(0, len(data), batch_size):
+    for start in tqdm(range(0, len(data), batch_size), desc="zero-shot predictions", unit="batch", disable=not progress, leave=False):
         images = model.check_images(data.load(range(start, min(len(data), start + batch_size))))
         emb = model.encode_image(images, normalize=True).float().cpu()
         embeddings.append(emb)
@@ -366,7 +367,7 @@ def _concept_order(region_emb, valid, image_emb, desc_emb, region_ids) -> list[l
     return orders
 
 
-def _evaluate(model, data, order, eval_regions, class_emb, predicted, seed, n_parts, batch_size, blur_kernel):
+def _evaluate(model, data, order, eval_regions, class_emb, predicted, seed, n_parts, batch_size, blur_kernel, progress=False):
     """Deletion / Insertion / AccDrop / AccInc of the concept regions and the baselines."""
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order))
@@ -377,15 +378,16 @@ def _evaluate(model, data, order, eval_regions, class_emb, predicted, seed, n_pa
                         for s in range(0, len(data), batch_size)])
     methods["random regions"] = evaluation.random_regions(reference, generator, grid_size=regions.grid_size(model))
     methods["feature maps"] = evaluation.feature_map_regions(model, images, n_regions=n_parts)
-    return evaluation.evaluate_explanations(model, images, methods, class_emb, predicted, data.labels, blur_kernel=blur_kernel)
+    return evaluation.evaluate_explanations(model, images, methods, class_emb, predicted, data.labels, blur_kernel=blur_kernel,
+                                            progress=progress)
 
 
-def _corloc(model, data: ConceptData, seed: int, batch_size: int) -> dict[str, float]:
+def _corloc(model, data: ConceptData, seed: int, batch_size: int, progress: bool = False) -> dict[str, float]:
     """CorLoc of GDC (paper's vector and auto) and PCA foregrounds on tokens and keys (per image) and of random boxes."""
     generator = torch.Generator().manual_seed(seed + 2)
     boxes: dict[str, list[Tensor]] = {}
     size = None
-    for start in range(0, len(data), batch_size):
+    for start in tqdm(range(0, len(data), batch_size), desc="CorLoc", unit="batch", disable=not progress, leave=False):
         images = model.check_images(data.load(range(start, min(len(data), start + batch_size))))
         size = images.shape[-2:]
         grid = regions.grid_size(model)

@@ -404,23 +404,32 @@ def evaluate_explanations(
     blur_kernel: Optional[int] = None,
     insertion_blur_kernel: Optional[int] = None,
     batch_size: int = MAX_BATCH,
+    progress: bool = False,
 ) -> ExplanationEval:
     """Deletion and insertion of every method's regions (methods may have different step counts).
 
-    The original images are scored once and shared by all methods and both modes.
+    The original images are scored once and shared by all methods and both modes. ``progress``: a
+    tqdm bar on stderr, advanced per curve (method × deletion/insertion).
     """
+    from tqdm.auto import tqdm
+
     if not isinstance(regions_by_method, Mapping) or not regions_by_method:
         raise InputError("regions_by_method must be a non-empty dict {method name: Bool[batch, steps, H, W]}.")
     images, unit, batch_size, predicted, labels, kernels = _prepare(
         model, images, class_emb, predicted, labels, batch_size, blur_kernel, insertion_blur_kernel
     )
     checked = {str(name): _checked_regions(r, images, f"regions_by_method[{name!r}]") for name, r in regions_by_method.items()}
+    bar = tqdm(total=1 + len(MODES) * len(checked), desc="explanations: deletion/insertion", unit="curve", disable=not progress)
     base = _probabilities(model, len(images), lambda a, b: images[a:b], unit, batch_size)
+    bar.update(1)
     table, curves = {}, {}
     for name, regions in checked.items():
-        deletion, insertion = (
-            _curves(model, images, regions, unit, predicted, labels, mode, kernels[mode], base, batch_size) for mode in MODES
-        )
+        found = []
+        for mode in MODES:
+            bar.set_postfix_str(f"{name}, {mode}")
+            found.append(_curves(model, images, regions, unit, predicted, labels, mode, kernels[mode], base, batch_size))
+            bar.update(1)
+        deletion, insertion = found
         table[name] = {
             "deletion": float(deletion.score_auc.mean()),
             "insertion": float(insertion.score_auc.mean()),
@@ -434,6 +443,7 @@ def evaluate_explanations(
             "deletion_accuracy": None if accuracy["deletion"] is None else accuracy["deletion"].tolist(),
             "insertion_accuracy": None if accuracy["insertion"] is None else accuracy["insertion"].tolist(),
         }
+    bar.close()
     original_accuracy = None if labels is None else float((base.argmax(-1) == labels.to(base.device)).float().mean())
     return ExplanationEval(len(images), table, curves, kernels["deletion"], kernels["insertion"], original_accuracy)
 

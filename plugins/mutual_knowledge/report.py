@@ -53,7 +53,36 @@ def _html(result: "MutualKnowledgeResult", pngs: dict[str, bytes]) -> str:
     return (
         "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>clip_lens: mutual knowledge</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%}"
-        "td,th{padding:2px 8px;text-align:left}</style></head><body>\n"
+        "td,th{padding:2px 8px;text-align:left}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc}</style></head><body>\n"
         f"<h1>Mutual knowledge of {esc(str(result.parameters.get('model')))}</h1>\n"
-        f"<pre>{esc(result.to_markdown())}</pre>\n<table>{rows}</table>\n{images}\n</body></html>\n"
+        f"{markdown_html(result.to_markdown())}\n<h2>parameters</h2><table class=\"parameters\">{rows}</table>\n{images}\n</body></html>\n"
     )
+
+
+def markdown_html(markdown: str) -> str:
+    """The result's markdown (paragraphs and ``| a | b |`` tables) as HTML: each run of table lines a
+    ``<table>`` (the first row its header, the ``|---|`` line dropped), every other line a paragraph."""
+    esc = html.escape
+    parts: list[str] = []
+    table: list[list[str]] = []
+
+    def flush() -> None:
+        if table:
+            head, body = table[0], table[1:]
+            parts.append("<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in head) + "</tr>"
+                         + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body) + "</table>")
+            table.clear()
+
+    for line in markdown.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("|"):
+            cells = [c.strip() for c in stripped.strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):  # the header rule
+                table.append(cells)
+            continue
+        flush()
+        if stripped:
+            parts.append(f"<p>{esc(stripped)}</p>")
+    flush()
+    return "\n".join(parts)

@@ -27,9 +27,14 @@ def _displayable(images: Tensor, n: int):
     return einops.rearrange(stretched, "b h (w c) -> b h w c", c=3).numpy()
 
 
-def _overlay_figure(columns: list[tuple[str, Tensor]], images: Optional[Tensor], max_images: int):
+MAP_CMAP = "jet"
+
+
+def _overlay_figure(columns: list[tuple[str, Tensor]], images: Optional[Tensor], max_images: int,
+                    scale: str = "map value (0: image min, 1: image max)"):
     """One row per image: the image, then one column per ``(title, maps [B, H, W] in [0, 1])``
-    drawn over it with opacity rising with the map value, so low values leave the image visible."""
+    drawn over it with opacity rising with the map value, so low values leave the image visible;
+    a colour bar (labelled ``scale``) for the maps at the right."""
     from matplotlib.figure import Figure
 
     n = min(max_images, len(columns[0][1]))
@@ -48,11 +53,34 @@ def _overlay_figure(columns: list[tuple[str, Tensor]], images: Optional[Tensor],
             values = maps[row].cpu().numpy()
             if pictures is not None:
                 ax.imshow(pictures[row])
-            ax.imshow(values, cmap="jet", vmin=0, vmax=1, alpha=(0.1 + 0.8 * values) if pictures is not None else 1.0)
+            ax.imshow(values, cmap=MAP_CMAP, vmin=0, vmax=1, alpha=(0.1 + 0.8 * values) if pictures is not None else 1.0)
             ax.set_axis_off()
             if row == 0:
                 ax.set_title(title, fontsize=8)
+    _map_colour_bar(fig, axes.ravel().tolist(), n, scale)
     return fig
+
+
+def _map_colour_bar(fig, axes: list, rows: int, label: str):
+    """The maps' colour bar (``jet``, 0 to 1) beside ``axes``, kept as ``fig.map_colour_bar``; its label
+    (this one and any later ``set_label``) wrapped to the bar's height, so that no part of it is cut off."""
+    import textwrap
+
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), MAP_CMAP), ax=axes, shrink=0.9, aspect=25, pad=0.02)
+    characters = max(16, int(2.2 * rows * 0.9 * 11))  # ~11 characters of 7-pt text per inch of bar
+    set_label = bar.set_label
+
+    def wrapped(text: str, **options) -> None:
+        set_label(textwrap.fill(str(text), characters), **{"fontsize": 7, **options})
+
+    bar.set_label = wrapped
+    bar.set_label(label)
+    bar.ax.tick_params(labelsize=7)
+    fig.map_colour_bar = bar
+    return bar
 
 
 @dataclass
@@ -102,7 +130,8 @@ class HeatmapResult(JSONResult):
 
     def plot(self, images: Optional[Float[Tensor, "batch 3 H W"]] = None, max_images: int = 4):
         """The normalised maps over the (preprocessed) images, one row per image."""
-        return _overlay_figure([(f"'{plain(self.text, 60)}'\n{_describe(self.heads)}", self.maps)], images, max_images)
+        return _overlay_figure([(f"'{plain(self.text, 60)}'\n{_describe(self.heads)}", self.maps)], images, max_images,
+                               "share of the cosine, min–max per image (0: lowest patch, 1: highest)")
 
 
 @dataclass
@@ -147,4 +176,4 @@ class ContrastiveResult(JSONResult):
         heads = _describe(self.heads)
         a, b = plain(self.text_a, 40), plain(self.text_b, 40)
         columns = [(f"'{a}' − '{b}'\n{heads}", a_minus_b), (f"'{b}' − '{a}'\n{heads}", b_minus_a)]
-        return _overlay_figure(columns, images, max_images)
+        return _overlay_figure(columns, images, max_images, "difference of cosine shares, min–max per image over both maps")

@@ -161,6 +161,7 @@ class TextSpan:
         "m": "texts per head (default 10)",
         "layers": "layers to analyse (default: the last 4 collected per head)",
         "rank": "project texts on the top-rank singular directions of each head's outputs (default: their numerical rank)",
+        "progress": "tqdm bars on stderr while the bank is encoded and the layers are spanned (default False)",
     }
     needs = ("model", "store", "text_bank")
 
@@ -174,6 +175,7 @@ class TextSpan:
         m: int = 10,
         layers: Optional[Sequence[int]] = None,
         rank: Optional[int] = None,
+        progress: bool = False,
     ) -> TextSpanResult:
         store = store if isinstance(store, Store) else Store.open(store)
         if store.meta.get("model") != self.model.model_name:
@@ -192,10 +194,13 @@ class TextSpan:
         missing = [layer for layer in layers if layer not in store.head_layers]
         if missing:
             raise InputError(f"layers {missing} were not collected per head; the store has {store.head_layers}.")
-        texts = encode_bank(self.model, bank)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(bank), desc=f"textspan: encode {bank.name}", unit="text", disable=not progress, leave=False) as bar:
+            texts = encode_bank(_Counting(self.model, bar), bank)
         heads = store.read("heads")  # [N, head_layer, head, D]
         result = TextSpanResult(self.model.model_name, bank.name, m, len(heads), [])  # the rows read: skipped images left out
-        for layer in layers:
+        for layer in tqdm(layers, desc="textspan: layers", unit="layer", disable=not progress, leave=False):
             outputs = heads[:, store.head_layers.index(layer)].transpose(0, 1)  # [head, N, D]
             span = textspan(outputs, texts, m, rank)
             for h in range(outputs.shape[0]):
@@ -208,3 +213,18 @@ class TextSpan:
                     cumulative=one.cumulative.tolist(), total_variance=float(one.total_variance),
                 ))
         return result
+
+
+class _Counting:
+    """A model whose ``encode_text`` advances a tqdm bar by the texts it encodes (for `encode_bank`)."""
+
+    def __init__(self, model: "HookedCLIP", bar: Any):
+        self._model, self._bar = model, bar
+
+    def to_tokens(self, texts: Sequence[str]) -> Any:
+        return self._model.to_tokens(texts)
+
+    def encode_text(self, tokens: Tensor, **options: Any) -> Tensor:
+        encoded = self._model.encode_text(tokens, **options)
+        self._bar.update(len(tokens))
+        return encoded

@@ -212,7 +212,7 @@ class TestSharedKnowledge:
         for name in names:
             assert (tmp_path / "report" / f"{name}.png").read_bytes().startswith(PNG)
         text = page.read_text()
-        assert text.count("data:image/png;base64,") == len(names) and "| GDC auto keys |" in text
+        assert text.count("data:image/png;base64,") == len(names) and "<td>GDC auto keys</td>" in text and "|---" not in text
         assert MutualKnowledgeResult.load(tmp_path / "report" / "MutualKnowledgeResult.json").to_dict() == result.to_dict()
 
 

@@ -236,7 +236,9 @@ async function listFeatures() {
     const data = await withProgress(request("/api/sae_features", body), sae, note);
     const by = data.text === null ? "" : ` Ranked by the cosine of their decoder direction with “${data.text}”.`;
     note.textContent = `${data.d_sae} features at ${data.hook_name}, over ${data.n_images} store images.${by} ` +
-      (data.names.note || "");
+      "“Fires on”: the share of store images on which the feature fires at any position the SAE reads; for an SAE " +
+      "on patches (the demo's), a feature active on a few patches of every image reads 100% (order “fewest images first” lists " +
+      "the selective ones first; a feature's patch maps show where it fires). " + (data.names.note || "");
     const titles = ["feature", "fires on", "max", "name (cos)"].concat(data.text === null ? [] : ["cos with text"]);
     const table = tableWith(titles, data.features.length < data.d_sae ? `the first ${data.features.length}` : "");
     const rows = $("tbody", table);
