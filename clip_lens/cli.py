@@ -337,6 +337,7 @@ def report(
     """Decompose images, run the head analyses and write figures, summary.json and report.html into --out."""
     from tqdm import tqdm
 
+    typer.echo("clip-lens report: loading torch and the model code …", err=True)  # the imports take seconds
     from clip_lens.report import build_report
 
     overrides = _parse_overrides(config_override)
