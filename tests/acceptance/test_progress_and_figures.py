@@ -46,6 +46,7 @@ def heads(v2, tmp_path_factory):
 
 
 # --- item 5: progress --------------------------------------------------------------------------
+@pytest.mark.slow  # moved out of the default run (seconds of real work; CI runs it)
 def test_every_head_analysis_step_is_named_on_the_bar(heads):
     summary, _, err = heads
     for label in HEAD_STEPS:
@@ -63,6 +64,7 @@ def test_every_head_analysis_step_is_named_on_the_bar(heads):
     assert "verify" not in err  # a fresh store has nothing to verify: no empty "verify: 0chunk" bars
 
 
+@pytest.mark.slow  # moved out of the default run (seconds of real work; CI runs it)
 def test_outer_bar_gets_the_steps_in_its_postfix(v2, tmp_path):
     from tqdm import tqdm
 
@@ -90,6 +92,7 @@ def test_a_silent_step_keeps_ticking():
     assert steps.durations["quiet"] >= 0.6
 
 
+@pytest.mark.slow  # moved out of the default run (seconds of real work; CI runs it)
 def test_mi_shows_progress_after_its_images_bar(tmp_path):
     from clip_lens_plugins.mutual_knowledge import shapes_world_data, write_report
 
@@ -108,6 +111,7 @@ def test_mi_shows_progress_after_its_images_bar(tmp_path):
 
 
 # --- item 7: the user's photos ----------------------------------------------------------------
+@pytest.mark.slow  # moved out of the default run (seconds of real work; CI runs it)
 def test_few_own_photos_cap_m_with_a_warning_and_appear_in_the_report(v2, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -13,7 +13,7 @@ from clip_lens import HookedCLIP
 from clip_lens_plugins.mutual_knowledge import MutualKnowledge, compare_results, shapes_world_data
 from tests.unit.test_conv_towers import _model
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]  # 4 models x the MK pipeline: ~8 s
 N_SCENES = 24
 
 

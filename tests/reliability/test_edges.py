@@ -280,6 +280,7 @@ def free_port() -> int:
     (0, "rank 0 of 2 waited 1 s at MASTER_ADDR=127.0.0.1 MASTER_PORT={port} and not every rank arrived"),
     (1, "rank 1 of 2 could not reach rank 0 at MASTER_ADDR=127.0.0.1 MASTER_PORT={port} within 1 s"),
 ])
+@pytest.mark.slow  # moved out of the default run (seconds of real work; CI runs it)
 def test_a_rank_without_its_peers_times_out_naming_the_address(monkeypatch, rank, expected):
     import torch.distributed as dist
 
