@@ -30,7 +30,6 @@ from typing import Any, Mapping, Optional
 # What HookedCLIP reproduces, and why not where it does not: one table, read before anything is
 # built. timm image towers go by architecture name (the first matching pattern wins); a timm name
 # matching none is checked structurally on the meta device (no weights) by check_trunk.
-# matching none is checked structurally on the meta device (no weights) by check_trunk.
 TIMM_TOWERS: tuple[tuple[str, Optional[str]], ...] = (
     (r"^vit_.*siglip", None),  # SigLIP / SigLIP2: ViT + MAP attention pooler
     (r"^(eva02_|eva_giant)", None),  # EVA01 / EVA02: rotary, SwiGLU, LayerNorm in attention and MLP, post-norm
@@ -66,12 +65,17 @@ class Coverage:
     n_tags: int
 
 
+def _table_row(timm_name: str) -> Optional[tuple[str, Optional[str]]]:
+    """The first `TIMM_TOWERS` row whose pattern matches ``timm_name``, or None."""
+    return next((row for row in TIMM_TOWERS if re.search(row[0], timm_name)), None)
+
+
 @functools.cache
 def timm_tower_problem(timm_name: str) -> Optional[str]:
     """Why the timm image tower ``timm_name`` cannot be hooked exactly, or None (see ``TIMM_TOWERS``)."""
-    for pattern, reason in TIMM_TOWERS:
-        if re.search(pattern, timm_name):
-            return reason
+    row = _table_row(timm_name)
+    if row is not None:
+        return row[1]
     import timm
     import torch
 
@@ -122,11 +126,8 @@ def _distribution_version(name: str) -> Optional[str]:
 
 def _checked_timm_problem(timm_name: str) -> Optional[str]:
     """`timm_tower_problem` without importing timm when the verdict is known for the installed timm."""
-    for pattern, reason in TIMM_TOWERS:
-        if re.search(pattern, timm_name):
-            return reason
     known = TIMM_CHECKED.get(_distribution_version("timm") or "", {})
-    if timm_name in known:
+    if _table_row(timm_name) is None and timm_name in known:
         return known[timm_name]
     return timm_tower_problem(timm_name)
 

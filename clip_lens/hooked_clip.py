@@ -470,8 +470,8 @@ class HookedCLIP(SAESplicing, CLIPWeights, HookedRootModule):
                 )
         if start_at_layer is not None or stop_at_layer is not None:
             on_image = image is not None
-            if on_image and self.visual.family != "vit":
-                self.visual(None, start_at_layer, stop_at_layer)  # raises: a convolutional tower has stages, not layers
+            if on_image and self.visual.family != "vit":  # before the residual stream's shape is checked
+                self.visual.refuse_layer_range(start_at_layer, stop_at_layer)
             if on_image:
                 image = self._image_input(image, start_at_layer)
                 image = self.visual(image, start_at_layer, stop_at_layer)

@@ -27,6 +27,16 @@ import torch
 from open_clip.factory import convert_to_custom_text_state_dict, get_model_config
 from torch import Tensor, nn
 
+# the support table and checks (TIMM_TOWERS … unsupported_feature) live in clip_lens.catalog, which
+# `clip-lens models` reads without importing torch; re-exported here
+from clip_lens.catalog import (  # noqa: F401
+    CUSTOM_BLOCK_FEATURES,
+    NATIVE_REFUSALS,
+    TIMM_TOWERS,
+    Coverage,
+    timm_tower_problem,
+    unsupported_feature,
+)
 from clip_lens.errors import (
     CheckpointNotFoundError,
     ClipLensError,
@@ -94,17 +104,6 @@ def load_bundled(
     set_model_preprocess_cfg(model, {**meta["preprocess_cfg"], **(preprocess or {})})
     return LoadedModel(model.eval(), name, source, WordTokenizer.from_dict(meta["tokenizer"]))
 
-
-# The support table and checks (TIMM_TOWERS … unsupported_feature) live in clip_lens.catalog, which
-# `clip-lens models` reads without importing torch; re-exported here.
-from clip_lens.catalog import (  # noqa: E402
-    CUSTOM_BLOCK_FEATURES,
-    Coverage,
-    NATIVE_REFUSALS,
-    TIMM_TOWERS,
-    timm_tower_problem,
-    unsupported_feature,
-)
 
 
 def list_models(include_unsupported: bool = False) -> list[str]:

@@ -29,9 +29,6 @@ from transformer_lens.hook_points import HookPoint
 
 from clip_lens.errors import UnsupportedArchitectureError
 
-FAMILIES = ("resnet", "convnext", "fastvit")
-
-
 def as_tokens(feature_map: Float[Tensor, "batch C H W"]) -> Float[Tensor, "batch HW C"]:
     """A ``[batch, C, H, W]`` map as row-major tokens ``[batch, H·W, C]``."""
     return einops.rearrange(feature_map, "b c h w -> b (h w) c")
@@ -81,13 +78,18 @@ class ConvTower(nn.Module):
         start_at_layer: Optional[int] = None,
         stop_at_layer: Optional[int] = None,
     ) -> Float[Tensor, "batch E"]:
+        self.refuse_layer_range(start_at_layer, stop_at_layer)
+        return self.hook_image_embed(self.head(self.spatial_tokens(images)))
+
+    def refuse_layer_range(self, start_at_layer: Optional[int], stop_at_layer: Optional[int]) -> None:
+        """Raise for TransformerLens' ``start_at_layer``/``stop_at_layer``: there is no residual stream
+        of fixed shape to start or stop at."""
         if start_at_layer is not None or stop_at_layer is not None:
             raise UnsupportedArchitectureError(
                 f"start_at_layer/stop_at_layer need one residual stream of fixed shape; a {self.family} tower's "
                 "feature map changes shape from stage to stage. Patch a stage's hook instead "
                 "(e.g. stages.2.blocks.0.hook_resid_pre), or use model.run_with_hooks."
             )
-        return self.hook_image_embed(self.head(self.spatial_tokens(images)))
 
     def readout_plan(self):
         raise UnsupportedArchitectureError(
