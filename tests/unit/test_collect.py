@@ -70,6 +70,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # long; the default suite stays under 5 minutes
 def test_collect_resumes_after_a_kill_and_equals_an_uninterrupted_run(toy, tmp_path):
     script = tmp_path / "slow_scenes.py"
     script.write_text(SCRIPT)

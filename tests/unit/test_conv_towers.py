@@ -92,6 +92,7 @@ def test_start_at_layer_is_refused_with_the_stage_hooks_named(conv):
         conv.blocks
 
 
+@pytest.mark.slow  # long; the default suite stays under 5 minutes
 def test_textspan_runs_on_the_resnet_attention_pool_heads(tmp_path):
     model = _model("resnet")
     store = collect(model, _images(model, 12), tmp_path / "store", chunk_size=6, batch_size=6, progress=False)

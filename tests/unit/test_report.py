@@ -47,6 +47,7 @@ def test_keep_last_table_explains_its_last_row():
     assert KEEP_LAST_NOTE.format(n=4).split(",")[0] in page
 
 
+@pytest.mark.slow  # long; the default suite stays under 5 minutes
 def test_one_property_vocabulary_in_every_table(toy, tmp_path):
     summary, _ = analyse_heads(toy, tmp_path, n_images=250, progress=False)
     names = set(ATTRIBUTES)

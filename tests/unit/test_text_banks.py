@@ -182,6 +182,7 @@ class TestEncodeBank:
         with pytest.raises(InputError, match=r"text 3 of bank 'list' cannot be tokenized"):
             encode_bank(FakeModel(), TextBank("list", ["a", "b", "long"], "list"))
 
+    @pytest.mark.slow  # long; the default suite stays under 5 minutes
     def test_toy_model_on_the_shapes_bank(self):
         model = HookedCLIP.from_pretrained("toy-shapes")
         bank = load_bank("shapes")

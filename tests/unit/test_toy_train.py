@@ -130,6 +130,7 @@ def test_fine_tuning_starts_from_the_bundled_weights_with_new_words_added():
     assert tokenizer(["two shapes"])[0, 1] != 1  # "two" is a known word, not <unk>
 
 
+@pytest.mark.slow  # long; the default suite stays under 5 minutes
 def test_kept_checkpoints_are_the_weights_at_their_step(tmp_path):
     from safetensors.torch import load_file
 
