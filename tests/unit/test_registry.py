@@ -18,7 +18,7 @@ from clip_lens.analyses import GROUP, Analysis, PluginImportError, Result, Unkno
 from clip_lens.errors import ClipLensError, InputError
 
 BUILTINS = ("ablation", "contrastive_segmentation", "head_labels", "interp_metrics", "mutual_knowledge", "neighbors",
-            "segmentation", "segmentation_eval", "textspan")
+            "neurons", "segmentation", "segmentation_eval", "splice", "textspan")
 
 GOOD = '''
 """A third-party analysis: counts the values it is given."""
