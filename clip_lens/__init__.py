@@ -32,6 +32,10 @@ _LAZY = {
     "PatchingResult": "clip_lens.patching",
     "activation_patch": "clip_lens.patching",
     "attribution_patch": "clip_lens.patching",
+    "SecondOrder": "clip_lens.second_order",
+    "SecondOrderMaps": "clip_lens.second_order",
+    "second_order": "clip_lens.second_order",
+    "second_order_maps": "clip_lens.second_order",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
@@ -42,6 +46,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from clip_lens.hooked_clip import HookedCLIP
     from clip_lens.loading import list_models
     from clip_lens.patching import PatchingResult, activation_patch, attribution_patch
+    from clip_lens.second_order import SecondOrder, SecondOrderMaps, second_order, second_order_maps
 
 
 def __getattr__(name: str) -> Any:
@@ -69,6 +74,8 @@ __all__ = [
     "ModelNotFoundError",
     "StateDictMismatchError",
     "PatchingResult",
+    "SecondOrder",
+    "SecondOrderMaps",
     "TowerConfig",
     "UnsupportedArchitectureError",
     "activation_patch",
@@ -76,6 +83,8 @@ __all__ = [
     "decompose",
     "decompose_text",
     "list_models",
+    "second_order",
+    "second_order_maps",
 ]
 
 

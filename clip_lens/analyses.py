@@ -19,14 +19,12 @@ from [`get`][clip_lens.analyses.get]; the other plugins keep working.
 from __future__ import annotations
 
 import builtins
-import json
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any, ClassVar, Optional, Protocol, runtime_checkable
 
 from clip_lens.errors import ClipLensError, InputError, close_matches
-from clip_lens.files import atomic_write, read_json
+from clip_lens.results import JSONResult, Result  # noqa: F401  (defined low, in clip_lens.results; re-exported for plugins)
 
 GROUP = "clip_lens.analyses"
 
@@ -43,17 +41,6 @@ class PluginImportError(ClipLensError, ImportError):
 
 
 @runtime_checkable
-class Result(Protocol):
-    """What every analysis returns."""
-
-    def to_dict(self) -> dict: ...
-
-    def save(self, path: str | Path) -> Path: ...
-
-    def plot(self) -> Any: ...
-
-
-@runtime_checkable
 class Analysis(Protocol):
     """An analysis plugin (a class; the registry hands out the class, users build it)."""
 
@@ -65,30 +52,6 @@ class Analysis(Protocol):
     """What ``run`` reads: any of ``"model"``, ``"store"``, ``"cache"``, ``"text_bank"``, ``"spans"``, ``"labels"``."""
 
     def run(self, *args: Any, **kwargs: Any) -> Result: ...
-
-
-class JSONResult:
-    """Mixin for results: ``save`` writes ``to_dict()`` as JSON, atomically; ``load`` reads it back
-    through the result's ``from_dict``."""
-
-    def to_dict(self) -> dict:  # pragma: no cover - every result defines it
-        raise NotImplementedError
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        if path.suffix != ".json":
-            path = path / f"{type(self).__name__}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(self.to_dict(), indent=1))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path):
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"no {cls.__name__} file at {path}.")
-        data = read_json(path, f"{cls.__name__} file", "what its save() wrote")  # FIFOs, deep nesting refused
-        return cls.from_dict(data)
 
 
 @dataclass(frozen=True)

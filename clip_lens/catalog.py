@@ -201,10 +201,14 @@ def _bundled_names() -> list[str]:
 
 def fast_list_models(include_unsupported: bool = False) -> list[str]:
     """`clip_lens.loading.list_models` without importing torch (the same names in the same order)."""
-    if "open_clip" in sys.modules:  # imported already (configs may have been added): ask it
-        from clip_lens.loading import list_models
+    if "open_clip" in sys.modules:  # imported already (configs may have been added): ask it, as loading.list_models does
+        import open_clip
+        from open_clip.factory import get_model_config
 
-        return list_models(include_unsupported)
+        names = open_clip.list_models()
+        if not include_unsupported:
+            names = [name for name in names if unsupported_feature(get_model_config(name)) is None]
+        return [*_bundled_names(), *names]
     configs = open_clip_configs()
     names = [name for name, config in configs.items() if include_unsupported or fast_unsupported_feature(config) is None]
     return [*_bundled_names(), *names]
@@ -212,10 +216,12 @@ def fast_list_models(include_unsupported: bool = False) -> list[str]:
 
 def fast_model_coverage() -> list[Coverage]:
     """`clip_lens.loading.model_coverage` without importing torch (the same rows)."""
-    if "open_clip" in sys.modules:
-        from clip_lens.loading import model_coverage
+    if "open_clip" in sys.modules:  # as loading.model_coverage (this module stays below loading)
+        import open_clip
+        from open_clip.factory import get_model_config
 
-        return model_coverage()
+        return [Coverage(name, unsupported_feature(get_model_config(name)), len(open_clip.list_pretrained_tags_by_model(name)))
+                for name in open_clip.list_models()]
     tags = pretrained_tags()
     return [Coverage(name, fast_unsupported_feature(config), len(tags.get(name, [])))
             for name, config in open_clip_configs().items()]

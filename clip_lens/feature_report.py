@@ -22,7 +22,6 @@ For any other hook (``attn.hook_z``, ``mlp.hook_post``, a tower with an attentio
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import html
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor
 
 from clip_lens.errors import ClipLensError, InputError
+from clip_lens.figures import figure_png, png_data_url
 
 if TYPE_CHECKING:
     from clip_lens.banks import TextBank
@@ -190,8 +190,6 @@ class FeatureInspection:
 
     def dashboards(self, dpi: int = 100) -> dict[str, bytes]:
         """``{file name: PNG}``: per feature, its top images with patch maps and its name (TopActivations.plot)."""
-        from clip_lens.report import figure_png
-
         return {dashboard_name(f): figure_png(self.top.plot(f, names=self.names), dpi=dpi) for f in self.features}
 
 
@@ -291,7 +289,7 @@ def inspect_features(
 # --- html ----------------------------------------------------------------------------------------
 def _img(name: str, data: bytes) -> str:
     return (f'<img alt="{html.escape(name)}" loading="lazy" '
-            f'src="data:image/png;base64,{base64.b64encode(data).decode()}">')
+            f'src="{png_data_url(data)}">')
 
 
 EVERYWHERE = 0.99

@@ -199,7 +199,7 @@ def analyse_heads(
 
     Returns the summary (JSON-able) and the figures as PNG bytes.
     """
-    from clip_lens.report import figure_png
+    from clip_lens.figures import figure_png
 
     toy = images is None
     if toy and model.cfg.image_size is None:

@@ -1,7 +1,9 @@
 """Model names, pretrained tags and local checkpoints, with errors that say what to do.
 
 Checkpoints are read with ``safetensors`` or ``torch.load(weights_only=True)``: no pickled
-code from user files is ever executed.
+code from user files is ever executed (`clip_lens.checkpoints`); what a pretrained tag implies and
+whether its weights can be reached is `clip_lens.pretrained_tags`; both are re-exported here. Bundled
+models come from the registry ``pretrained.json`` (data: config, weights, tokenizer class, world version).
 """
 
 from __future__ import annotations
@@ -17,14 +19,12 @@ import inspect
 import os
 import pickle
 import re
-import socket
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import open_clip
 import torch
-from open_clip.factory import convert_to_custom_text_state_dict, get_model_config
+from open_clip.factory import get_model_config
 from torch import Tensor, nn
 
 # the support table and checks (TIMM_TOWERS … unsupported_feature) live in clip_lens.catalog, which
@@ -37,18 +37,35 @@ from clip_lens.catalog import (  # noqa: F401
     timm_tower_problem,
     unsupported_feature,
 )
+# local checkpoints and pretrained tags: their own modules, re-exported here (where users import them)
+from clip_lens.checkpoints import (  # noqa: F401
+    CHECKPOINT_FORMATS,
+    CHECKPOINT_SUFFIXES,
+    _looks_like_path,
+    check_finite_weights,
+    checkpoint_format,
+    load_state_dict_strict,
+    nonfinite_tensors,
+    pickle_globals,
+    read_state_dict,
+)
 from clip_lens.errors import (
     CheckpointNotFoundError,
     ClipLensError,
     CorruptCheckpointError,
     InputError,
     ModelNotFoundError,
-    StateDictMismatchError,
     UnsupportedArchitectureError,
     close_matches,
 )
+from clip_lens.pretrained_tags import (  # noqa: F401
+    TAG_PREPROCESS_KEYS,
+    _check_tag,
+    check_tag_reachable,
+    checkpoint_preprocess,
+    tag_preprocess,
+)
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 BUNDLED_REGISTRY = "pretrained.json"  # models whose weights ship inside the package (data, not code)
 
 
@@ -82,8 +99,6 @@ def load_bundled(
     from open_clip.factory import set_model_preprocess_cfg
     from open_clip.model import CLIP
 
-    from clip_lens.toy.tokenizer import WordTokenizer
-
     entry = bundled_models()[name]
     package = resources.files("clip_lens")
     meta = json.loads(package.joinpath(entry["config"]).read_text())
@@ -102,7 +117,24 @@ def load_bundled(
     load_state_dict_strict(model, state_dict, source=f"checkpoint {source} of {name}")
     check_finite_weights(model, f"checkpoint {source} of {name}", allow_nonfinite)
     set_model_preprocess_cfg(model, {**meta["preprocess_cfg"], **(preprocess or {})})
-    return LoadedModel(model.eval(), name, source, WordTokenizer.from_dict(meta["tokenizer"]))
+    return LoadedModel(model.eval(), name, source, bundled_tokenizer(name, entry).from_dict(meta["tokenizer"]))
+
+
+def bundled_tokenizer(name: str, entry: Mapping[str, Any]) -> Any:
+    """The tokenizer class a bundled model's registry entry names (``"tokenizer": "module:Class"``,
+    built with ``Class.from_dict`` from the model's config): data, so that loading imports no
+    particular tokenizer (the shapes world's lives in `clip_lens.toy`, above the core)."""
+    import importlib
+
+    target = entry.get("tokenizer")
+    module, _, attribute = str(target).partition(":")
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise CorruptCheckpointError(
+            f"the registry entry of bundled model '{name}' ({BUNDLED_REGISTRY}) names the tokenizer {target!r}, which "
+            f"cannot be imported ({type(exc).__name__}: {exc}); it must be 'module:Class'. Reinstall clip_lens."
+        ) from exc
 
 
 
@@ -334,321 +366,8 @@ def model_config(model_name: str, overrides: Optional[Mapping[str, Any]] = None)
     return merged
 
 
-def _looks_like_path(pretrained: Union[str, Path]) -> bool:
-    text = str(pretrained)
-    return isinstance(pretrained, Path) or os.sep in text or text.endswith(CHECKPOINT_SUFFIXES) or os.path.exists(text)
-
-
-CHECKPOINT_FORMATS = (
-    "safetensors (an 8-byte little-endian header length, then a JSON header)",
-    "a torch.save zip checkpoint (PyTorch >= 1.6, starts with PK\\x03\\x04)",
-    "a legacy torch.save pickle (_use_new_zipfile_serialization=False, starts with the pickle protocol byte \\x80)",
-)
-"""What `read_state_dict` reads, recognised by content (never by the file name's suffix)."""
-
-
-def checkpoint_format(path: Union[str, Path]) -> str:
-    """The format of a checkpoint file from its first bytes: ``"safetensors"``, ``"torch-zip"`` or
-    ``"torch-legacy"``; [`CorruptCheckpointError`][clip_lens.CorruptCheckpointError] for an empty, truncated or unknown file."""
-    from clip_lens.files import require_regular
-
-    path = require_regular(path, "checkpoint")  # a FIFO would read as empty (or block)
-    size = path.stat().st_size
-    if size == 0:
-        raise CorruptCheckpointError(f"Cannot read checkpoint {path}: the file is empty (0 bytes). Is the file complete?")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[8:9] == b"{":
-        header_length = int.from_bytes(head[:8], "little")
-        if header_length <= size - 8:
-            return "safetensors"
-        if head[:4] != b"PK\x03\x04":
-            raise CorruptCheckpointError(
-                f"Cannot read checkpoint {path}: it starts like a safetensors file, but its header claims "
-                f"{header_length} bytes and the file holds {size}. It is truncated; is the file complete?"
-            )
-    if head[:4] == b"PK\x03\x04":
-        return "torch-zip"
-    if head[:1] == b"\x80":
-        return "torch-legacy"
-    named = f" (its name says {path.suffix}, but the content is not)" if path.suffix in CHECKPOINT_SUFFIXES else ""
-    raise CorruptCheckpointError(
-        f"Cannot read checkpoint {path}: unknown file format{named}; it starts with {head[:8]!r} ({size} bytes). "
-        f"clip_lens reads {'; '.join(CHECKPOINT_FORMATS)}. Is it a complete checkpoint file?"
-    )
-
-
-_TORCH_ADVICE = re.compile(r"weights_only|Re-running|add_safe_globals|safe_globals|trusted source|allowlist", re.I)
-
-
-def _blocked_in_message(exc: BaseException) -> list[str]:
-    """The globals torch's weights_only unpickler names in its refusal (its wording varies by version)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    names = re.findall(r"GLOBAL ([\w.]+)", text)
-    return list(dict.fromkeys(name if "." in name else f"builtins.{name}" for name in names))  # torch drops 'builtins.'
-
-
-def _pickle_bytes(path: Path, fmt: str) -> bytes:
-    """The pickle stream of a torch checkpoint (``data.pkl`` inside a zip; the file itself otherwise)."""
-    if fmt == "torch-zip":
-        import zipfile
-
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith("data.pkl")]
-            return archive.read(names[0]) if names else b""
-    with open(path, "rb") as f:
-        return f.read(64 << 20)  # the pickles come first; storages follow them
-
-
-def pickle_globals(data: bytes) -> list[str]:
-    """Every ``module.name`` a pickle stream would import (GLOBAL / STACK_GLOBAL opcodes), read with
-    `pickletools` without executing anything. Consecutive pickles (legacy torch.save files)
-    are all read; reading stops quietly at the first bytes that are not a pickle."""
-    import io
-    import pickletools
-
-    found: list[str] = []
-    stream = io.BytesIO(data)
-    strings = ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING")
-    while stream.tell() < len(data):
-        memo: dict[Any, Any] = {}
-        stack: list[Any] = []  # only the last few pushed strings matter (STACK_GLOBAL's operands)
-        try:
-            for op, arg, _ in pickletools.genops(stream):
-                name = op.name
-                if name == "GLOBAL":
-                    found.append(".".join(str(arg).split(" ", 1)))
-                    stack.append(None)
-                elif name == "STACK_GLOBAL":
-                    if len(stack) >= 2 and isinstance(stack[-2], str) and isinstance(stack[-1], str):
-                        found.append(f"{stack[-2]}.{stack[-1]}")
-                    else:
-                        found.append("<a global whose name is computed>")
-                    stack.append(None)
-                elif name in strings:
-                    stack.append(arg)
-                elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
-                    memo[arg] = stack[-1] if stack else None
-                elif name == "MEMOIZE":
-                    memo[len(memo)] = stack[-1] if stack else None
-                elif name in ("BINGET", "LONG_BINGET", "GET"):
-                    stack.append(memo.get(arg))
-                elif name == "STOP":
-                    break
-                else:
-                    stack.append(None)
-                del stack[:-4]
-        except Exception:  # the storages after the pickles, or a damaged stream: report what was read
-            break
-    return list(dict.fromkeys(found))
-
-
-def _allowed_globals() -> set[str]:
-    """What ``torch.load(weights_only=True)`` imports by default (private torch API: empty if it moved)."""
-    try:
-        from torch import _weights_only_unpickler as unpickler
-
-        return set(unpickler._get_allowed_globals()) | set(unpickler._get_user_allowed_globals())
-    except Exception:
-        return set()
-
-
-def _blocked_globals(path: Path, fmt: str, exc: BaseException) -> list[str]:
-    """The globals a refused pickle would import: named in torch's message, else found statically."""
-    blocked = _blocked_in_message(exc)
-    try:
-        allowed = _allowed_globals()
-        scanned = [
-            g for g in pickle_globals(_pickle_bytes(path, fmt))
-            if g not in allowed and (allowed or not g.startswith("torch."))  # no list: torch's own assumed safe
-        ]
-    except Exception:
-        scanned = []
-    return list(dict.fromkeys([*blocked, *scanned]))
-
-
-def _plain_reason(exc: BaseException) -> str:
-    """torch's error in one line, without its advice to load with weights_only=False."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    lines = [line.strip() for line in re.split(r"[\n.]\s", text) if line.strip()]
-    useful = [line for line in lines if not _TORCH_ADVICE.search(line) and not line.startswith("Weights only load failed")]
-    line = (useful or [type(exc).__name__])[0]
-    line = re.sub(r"^(WeightsUnpickler error|Please file an issue[^:]*):\s*", "", line)
-    return line[:300]
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, Tensor):
-        return f"tensor {tuple(value.shape)}"
-    return type(value).__name__
-
-
-def read_state_dict(path: Union[str, Path]) -> dict[str, Tensor]:
-    """Read a checkpoint file into a flat ``{name: tensor}`` dict without running pickled code.
-
-    Accepts safetensors and ``torch.save`` files (zip or legacy) of a state dict, recognised by
-    their content whatever the file is called (`checkpoint_format`), optionally wrapped as
-    ``{"state_dict": ...}`` (open_clip training checkpoints) with ``module.`` prefixes (DDP).
-    A pickle that would import anything but tensor types is refused, naming what it would import.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointNotFoundError(f"Checkpoint not found: {path}. Check the path (it is read from local disk).")
-    if path.is_dir():
-        raise CheckpointNotFoundError(f"{path} is a directory; pass the checkpoint file inside it.")
-    fmt = checkpoint_format(path)
-    if fmt == "safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            checkpoint: Any = load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types
-            raise CorruptCheckpointError(f"Cannot read {path} as safetensors ({exc}). Is the file complete?") from exc
-    else:
-        try:
-            with open(path, "rb") as f:  # a file object: torch must not guess the format from the name either
-                checkpoint = torch.load(f, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            blocked = _blocked_globals(path, fmt, exc)
-            if not blocked and "Weights only load failed" not in str(exc):
-                raise CorruptCheckpointError(
-                    f"Cannot read checkpoint {path}: it is corrupt or not a PyTorch checkpoint "
-                    f"({_plain_reason(exc)}). Is the file complete?"
-                ) from exc
-            what = (
-                f"it would import {_listing(blocked, 5)}, which {'is' if len(blocked) == 1 else 'are'} not "
-                "tensor data" if blocked else f"torch refused it: {_plain_reason(exc)}"
-            )
-            raise CorruptCheckpointError(
-                f"{path} is not a tensor-only checkpoint ({what}). clip_lens loads pickled checkpoints only with "
-                "torch.load(weights_only=True) and never runs code from a file. Convert it to safetensors "
-                "in an environment where you trust the file and its code, e.g. "
-                "safetensors.torch.save_file(model.state_dict(), 'model.safetensors'), and load that."
-            ) from exc
-        except Exception as exc:
-            raise CorruptCheckpointError(
-                f"Cannot read checkpoint {path} ({path.stat().st_size} bytes): it is truncated, corrupt or not a "
-                f"PyTorch checkpoint ({type(exc).__name__}: {_plain_reason(exc)})."
-            ) from exc
-    if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
-        checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, Mapping):
-        raise CorruptCheckpointError(
-            f"{path} does not hold a state dict {{name: tensor}} (got {type(checkpoint).__name__})."
-        )
-    bad = [f"{k} ({_describe(v)})" for k, v in checkpoint.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise CorruptCheckpointError(
-            f"{path} does not hold a state dict {{name: tensor}}: non-tensor entries {_listing(bad)}. "
-            "Save model.state_dict() itself (or a dict with the weights under 'state_dict')."
-        )
-    state_dict = dict(checkpoint)
-    if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from DistributedDataParallel
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
-def _listing(keys: list[str], limit: int = 10) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def load_state_dict_strict(model: nn.Module, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
-    """Load ``state_dict`` into an open_clip model, naming every missing, unexpected or misshapen key
-    and every tensor whose dtype is of another kind than the model's (int8/bool where it has floats)."""
-    state_dict = dict(state_dict)  # never modify the caller's dict
-    if "positional_embedding" in state_dict and not hasattr(model, "positional_embedding"):
-        state_dict = convert_to_custom_text_state_dict(state_dict)
-    expected = model.state_dict()
-    position_ids = "text.transformer.embeddings.position_ids"  # HF text towers saved by transformers < 4.31
-    if position_ids in state_dict and position_ids not in expected:
-        del state_dict[position_ids]  # a non-persistent buffer today; open_clip drops it too
-    for key in ("logit_scale", "logit_bias"):  # scalar vs 1-d parameter, as open_clip does
-        if key in state_dict and key in expected and state_dict[key].shape != expected[key].shape:
-            if state_dict[key].numel() == expected[key].numel():
-                state_dict[key] = state_dict[key].reshape(expected[key].shape)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{k} {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state_dict))
-        if state_dict[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
-        raise StateDictMismatchError(
-            f"The {source} does not match the model architecture: " + "; ".join(parts)
-            + ". Is it a checkpoint of this model name?",
-            missing, unexpected, mismatched,
-        )
-    wrong_dtype = [
-        f"{k} ({state_dict[k].dtype}; expected {_KIND_NAMES[_dtype_kind(expected[k])]}, the model's is {expected[k].dtype})"
-        for k in sorted(expected)
-        if _dtype_kind(state_dict[k]) != _dtype_kind(expected[k])
-    ]
-    if wrong_dtype:
-        raise StateDictMismatchError(
-            f"The {source} holds tensors whose dtype does not fit the model ({len(wrong_dtype)}): "
-            f"{_listing(wrong_dtype, 5)}. Copying them would silently turn integer/bool codes into float weights "
-            "(a quantised or damaged checkpoint?). Convert it to floating-point weights (dequantise it) first.",
-            [], [], wrong_dtype,
-        )
-    model.load_state_dict(state_dict, strict=True)
-
-
-_KIND_NAMES = {"float": "floating point", "complex": "complex", "bool": "bool", "int": "an integer dtype"}
-
-
-def _dtype_kind(tensor: Tensor) -> str:
-    """``"float"``, ``"complex"``, ``"bool"`` or ``"int"``: tensors of one kind load into each other
-    (float16 into float32 is a cast); across kinds the values would change meaning."""
-    if tensor.is_floating_point():
-        return "float"
-    if tensor.is_complex():
-        return "complex"
-    return "bool" if tensor.dtype == torch.bool else "int"
-
-
-# --- non-finite weights -------------------------------------------------------------------------
-
-
-def nonfinite_tensors(module: nn.Module) -> list[str]:
-    """``"name (n of N values NaN/inf)"`` for every floating-point parameter or buffer of ``module``
-    that holds a NaN or an infinity (empty when all are finite)."""
-    found = []
-    for name, tensor in module.state_dict().items():
-        if tensor.is_floating_point() or tensor.is_complex():
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                found.append(f"{name} ({bad} of {tensor.numel()} values NaN/inf)")
-    return found
-
-
-def check_finite_weights(module: nn.Module, source: str, allow_nonfinite: bool = False) -> None:
-    """Refuse weights holding NaN/inf (a damaged or diverged checkpoint gives NaN embeddings).
-
-    Raises [`CorruptCheckpointError`][clip_lens.CorruptCheckpointError] naming each tensor and how many of
-    its values are not finite; with ``allow_nonfinite`` (research on broken checkpoints) a
-    ``UserWarning`` names them instead, so the model still loads but never silently.
-    """
-    bad = nonfinite_tensors(module)
-    if not bad:
-        return
-    listing = f"{len(bad)} tensor{'s' if len(bad) > 1 else ''}: {_listing(bad, 5)}"
-    if allow_nonfinite:
-        warnings.warn(f"The {source} holds NaN/inf weights in {listing}; loaded anyway (allow_nonfinite=True).",
-                      UserWarning, stacklevel=3)
-        return
-    raise CorruptCheckpointError(
-        f"The {source} holds NaN/inf weights in {listing}; the model would compute NaN embeddings. Restore or "
-        "re-download the checkpoint, or pass allow_nonfinite=True to load it anyway (research on broken checkpoints)."
-    )
+# local checkpoints (formats, safe reading, strict loading, finite weights) and pretrained tags live in
+# clip_lens.checkpoints and clip_lens.pretrained_tags; re-exported above
 
 
 # --- open_clip's create_model keyword arguments ---------------------------------------------------
@@ -876,129 +595,6 @@ def precision_dtype(precision: Optional[str], dtype: Optional[torch.dtype]) -> t
     if dtype is not None and dtype != chosen:
         raise InputError(f"precision={precision!r} means {chosen} weights but dtype={dtype}; pass one of them.")
     return chosen
-
-
-# --- preprocessing of pretrained tags -----------------------------------------------------------
-TAG_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
-
-
-def tag_preprocess(model_name: str, tag: str) -> dict[str, Any]:
-    """The preprocessing open_clip uses for ``model_name`` with pretrained ``tag`` (mean, std,
-    interpolation, resize_mode; open_clip's defaults where the tag says nothing)."""
-    from open_clip.pretrained import get_pretrained_cfg
-    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-
-    merged = merge_preprocess_dict(PreprocessCfg(), get_pretrained_cfg(model_name, tag))
-    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in merged.items() if k in TAG_PREPROCESS_KEYS}
-
-
-def _describe_preprocess(cfg: Mapping[str, Any]) -> str:
-    mean = ", ".join(f"{v:g}" for v in cfg["mean"])
-    std = ", ".join(f"{v:g}" for v in cfg["std"])
-    return f"mean ({mean}), std ({std}), {cfg['interpolation']}, {cfg['resize_mode']}"
-
-
-def checkpoint_preprocess(model_name: str, source: str) -> dict[str, Any]:
-    """Preprocessing for a local checkpoint of ``model_name`` given without ``tag=``.
-
-    When every pretrained tag of the model preprocesses alike, theirs (a SigLIP checkpoint gets
-    mean 0.5 and ``squash``, not open_clip's default for a file). When the tags disagree, open_clip's
-    default, with a ``UserWarning`` naming the tags of each preprocessing and how to choose one.
-    """
-    from open_clip.transform import PreprocessCfg
-
-    groups: dict[tuple, list[str]] = {}
-    for tag in open_clip.list_pretrained_tags_by_model(model_name):
-        cfg = tag_preprocess(model_name, tag)
-        groups.setdefault(tuple(cfg[k] for k in TAG_PREPROCESS_KEYS), []).append(tag)
-    if len(groups) == 1:
-        return dict(zip(TAG_PREPROCESS_KEYS, next(iter(groups))))
-    default = {k: tuple(v) if isinstance(v, (list, tuple)) else v
-               for k, v in dataclasses.asdict(PreprocessCfg()).items() if k in TAG_PREPROCESS_KEYS}
-    if groups:
-        kinds = "; ".join(f"{', '.join(tags)}: {_describe_preprocess(dict(zip(TAG_PREPROCESS_KEYS, key)))}"
-                          for key, tags in groups.items())
-        warnings.warn(
-            f"{model_name}'s pretrained tags preprocess images differently ({kinds}). The {source} is "
-            f"preprocessed with open_clip's default ({_describe_preprocess(default)}); pass tag='…' naming the tag "
-            "it was trained with to use that tag's preprocessing.", UserWarning, stacklevel=4,
-        )
-    return default
-
-
-def _check_tag(model_name: str, tag: Any) -> str:
-    tags = open_clip.list_pretrained_tags_by_model(model_name)
-    if not isinstance(tag, str) or tag not in tags:
-        raise ModelNotFoundError(
-            f"tag={tag!r} is not a pretrained tag of {model_name}.{close_matches(str(tag), tags)} "
-            f"Tags: {', '.join(tags) or 'none'}."
-        )
-    return tag
-
-
-# --- pretrained tags offline ----------------------------------------------------------------------
-
-
-def _tag_cached(cfg: Mapping[str, Any], cache_dir: Optional[str]) -> bool:
-    """Whether open_clip would find the tag's weights without the network."""
-    if cfg.get("file"):
-        return os.path.isfile(cfg["file"])
-    if cfg.get("hf_hub"):
-        from huggingface_hub import try_to_load_from_cache
-        from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
-
-        repo, filename = os.path.split(cfg["hf_hub"])
-        filename = filename or HF_WEIGHTS_NAME
-        return any(
-            isinstance(try_to_load_from_cache(repo, name, cache_dir=cache_dir), str)
-            for name in [*_get_safe_alternatives(filename), filename]
-        )
-    url = cfg.get("url", "")
-    return bool(url) and os.path.isfile(os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url)))
-
-
-def _hub_offline() -> bool:
-    import huggingface_hub.constants as constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "")
-    return bool(constants.HF_HUB_OFFLINE) or flag.upper() in ("1", "ON", "YES", "TRUE")
-
-
-def check_tag_reachable(model_name: str, tag: str, cache_dir: Optional[str] = None, timeout: float = 5.0) -> None:
-    """Fail fast when the weights of ``tag`` are neither cached nor downloadable.
-
-    Offline, open_clip's download retries for most of a minute before failing; this looks in the
-    local cache, then (unless ``HF_HUB_OFFLINE`` is set) opens one connection to the host with a
-    ``timeout``, and raises a [`ClipLensError`][clip_lens.ClipLensError] at once when neither works.
-    """
-    from urllib.parse import urlparse
-
-    from open_clip.pretrained import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(model_name, tag)
-    if _tag_cached(cfg, cache_dir):
-        return
-    local = (f"download the checkpoint elsewhere and pass its local path: from_pretrained({model_name!r}, 'PATH', "
-             f"tag={tag!r}) keeps the tag's preprocessing.")
-    if _hub_offline():
-        raise ClipLensError(f"The '{tag}' weights of {model_name} are not in the local cache and HF_HUB_OFFLINE is set: "
-                            f"{local}")
-    hint = f"Set HF_HUB_OFFLINE=1 to use weights already in the Hugging Face cache, or {local}"
-    if cfg.get("hf_hub"):
-        import huggingface_hub.constants as constants
-
-        host = urlparse(constants.ENDPOINT).hostname
-    else:
-        host = urlparse(cfg.get("url", "")).hostname
-    if not host:
-        return
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError as exc:
-        raise ClipLensError(
-            f"Could not fetch the '{tag}' weights of {model_name}: {host} is unreachable ({exc}) and they are not in "
-            f"the local cache. {hint}"
-        ) from exc
 
 
 def load_open_clip(

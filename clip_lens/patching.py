@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from clip_lens.analyses import JSONResult
+from clip_lens.results import JSONResult
 from clip_lens.config import as_int
 from clip_lens.errors import IndexOutOfRangeError, InputError
 

@@ -5,16 +5,18 @@ Everything here is plain functions over a [`HookedCLIP`][clip_lens.HookedCLIP] a
 
 * `synthetic_images` — a seeded batch of smooth colour-blob images, normalised like CLIP;
 * `summarize` — the numbers (per-layer and per-head contribution norms, sum check);
-* `plot_decomposition`, `plot_tokens` — matplotlib figures (Agg backend);
+* `plot_decomposition`, `plot_tokens` — matplotlib figures (`clip_lens.figures`: Agg backend, `figure_png`);
 * `render_html` — a self-contained page with the figures embedded as base64;
 * files go through `clip_lens.files.atomic_write`, so an interrupted run never leaves a half file.
+
+The report composes the sections of `clip_lens.head_report` and `clip_lens.feature_report`; nothing but
+the CLI imports it (figure helpers live in `clip_lens.figures`; ``clip_lens.report.figure_png`` still
+names the same function).
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 from pathlib import Path
@@ -25,7 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from clip_lens.errors import InputError
-from clip_lens.figures import plain
+from clip_lens.figures import HEAD_CMAP, TOKEN_CMAP, figure_png, plain, png_data_url, pyplot  # figure_png: also clip_lens.report.figure_png, as before
 from clip_lens.files import atomic_write
 from clip_lens.head_report import analyse_heads, render_sections
 
@@ -178,15 +180,6 @@ def summarize(model: "HookedCLIP", decomposition: "Decomposition", **extra: Any)
 
 
 # --- figures ------------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _title(summary: dict[str, Any]) -> str:
     """The figures' title: model, weights and images (the model name and checkpoint file name drawn literally)."""
     weights = "random weights" if summary["random_weights"] else f"weights: {plain(Path(str(summary['pretrained'])).name, 60)}"
@@ -196,7 +189,7 @@ def _title(summary: dict[str, Any]) -> str:
 
 def plot_decomposition(summary: dict[str, Any]) -> "Figure":
     """Heatmap of mean ‖head term‖ (layer × head) and bars of per-layer attention vs MLP norms."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = [row["layer"] for row in summary["layers"]]
     fig, (ax_heads, ax_layers) = plt.subplots(
         1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1.15, 1]}, constrained_layout=True
@@ -208,7 +201,7 @@ def plot_decomposition(summary: dict[str, Any]) -> "Figure":
         import numpy as np
 
         grid = np.array(heads)
-        im = ax_heads.imshow(grid, aspect="auto", cmap="viridis", origin="upper")
+        im = ax_heads.imshow(grid, aspect="auto", cmap=HEAD_CMAP, origin="upper")
         ax_heads.set_yticks(range(len(summary["head_layers"])), [str(l) for l in summary["head_layers"]])
         n_heads = grid.shape[1]
         step = max(1, n_heads // 16)
@@ -241,7 +234,7 @@ def plot_tokens(
     grid_size: Sequence[int], pool_type: str,
 ) -> "Figure":
     """The first image beside its per-patch contribution norms (last layer, summed over heads)."""
-    plt = _pyplot()
+    plt = pyplot()
     n_patches = int(grid_size[0]) * int(grid_size[1])
     patches = norms[norms.shape[0] - n_patches:]  # after the prefix tokens (class, registers), if any
     grid = patches.reshape(int(grid_size[0]), int(grid_size[1])).cpu().numpy()
@@ -253,7 +246,7 @@ def plot_tokens(
     ax_img.set_title("input image")
     ax_img.set_xlabel("x (pixels)")
     ax_img.set_ylabel("y (pixels)")
-    im = ax_map.imshow(grid, cmap="magma", origin="upper")
+    im = ax_map.imshow(grid, cmap=TOKEN_CMAP, origin="upper")
     n_prefix = norms.shape[0] - n_patches
     cls = f"; prefix tokens: {float(norms[:n_prefix].sum()):.3g}" if n_prefix else ""
     ax_map.set_title(f"‖Σ_heads contribution of each patch‖₂ (pool: {pool_type}{cls})", fontsize="medium")
@@ -293,29 +286,20 @@ def user_image_patches(model: "HookedCLIP", images: Any, n: int = USER_IMAGES_SH
              for i in range(len(pixels))]
     mean, std = normalization(model)
     shown = (pixels.float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1)
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(pixels), 2, figsize=(8.5, 3.6 * len(pixels)), squeeze=False, constrained_layout=True)
     fig.suptitle(f"Your images: layer {last} heads, per patch (first {len(pixels)} of {len(source)})")
     for row, (image, grid, name) in enumerate(zip(shown, norms, ids)):
         axes[row, 0].imshow(image.permute(1, 2, 0).numpy())
         axes[row, 0].set_title(plain(Path(name).name, 50), fontsize="medium")
         axes[row, 0].set_axis_off()
-        im = axes[row, 1].imshow(grid, cmap="magma", origin="upper")
+        im = axes[row, 1].imshow(grid, cmap=TOKEN_CMAP, origin="upper")
         axes[row, 1].set_title("‖Σ_heads contribution of each patch‖₂", fontsize="medium")
         axes[row, 1].set_xlabel("patch column")
         axes[row, 1].set_ylabel("patch row")
         fig.colorbar(im, ax=axes[row, 1], label="‖contribution‖₂")
     summary = {"ids": ids, "layer": last, "norms": [np.round(g, 6).tolist() for g in norms]}
     return summary, figure_png(fig)
-
-
-def figure_png(fig: "Figure", dpi: int = 110) -> bytes:
-    """Render a figure to PNG bytes and close it."""
-    plt = _pyplot()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 # --- html ---------------------------------------------------------------------------------
@@ -328,7 +312,7 @@ def render_html(summary: dict[str, Any], pngs: dict[str, bytes]) -> str:
         for r in summary["layers"]
     )
     tags = {
-        name: f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+        name: f'<figure><img alt="{esc(name)}" src="{png_data_url(data)}">'
         f"<figcaption><code>{esc(name)}</code>: {esc(CAPTIONS.get(name, ''))}</figcaption></figure>"
         for name, data in pngs.items()
     }

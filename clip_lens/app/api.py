@@ -54,7 +54,7 @@ from clip_lens import analyses
 from clip_lens.app.guard import MAX_TEXT, OverBudget
 from clip_lens.collect import Store, store_images, store_thumbnails, weights_fingerprint
 from clip_lens.errors import InputError, close_matches
-from clip_lens.figures import plain
+from clip_lens.figures import figure_data_url, plain, png_data_url
 
 if TYPE_CHECKING:
     from clip_lens import HookedCLIP
@@ -83,17 +83,6 @@ QUERY_SEED = 1000
 """Default world seed of ``{"scene": N}`` queries: held out from the bundled model's training (seed 0)."""
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
 _DATA_URL = re.compile(r"data:image/[a-z.+-]+;base64,", re.IGNORECASE)
-
-
-def png_data_url(png: bytes) -> str:
-    """PNG bytes as a ``data:`` URL, which an ``<img src>`` shows as is."""
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def _figure_url(fig) -> str:
-    from clip_lens.report import figure_png
-
-    return png_data_url(figure_png(fig))
 
 
 def name_neighbour_queries(fig: Any, names: Sequence[str]) -> Any:
@@ -360,7 +349,7 @@ class Api:
             result = self.neighbors(self.model).run(self.store, query_images=pixels, property=prop, labels=self.labels,
                                                     k=k, metric=metric, texts=texts)
             self.check_time("after the search, before its figure")
-            figure = _figure_url(name_neighbour_queries(result.plot(self.thumbnail_loader, shown), names))
+            figure = figure_data_url(name_neighbour_queries(result.plot(self.thumbnail_loader, shown), names))
         return {**self._neighbours(result), "figure": figure}
 
     @budgeted
@@ -372,7 +361,7 @@ class Api:
         with self.hold():
             result = analyses.get("segmentation")(self.model).run(pixels, text, head=head)
             self.check_time("after the maps, before their figure")
-            figure = _figure_url(name_map_rows(result.plot(pixels, max_images=len(pixels)), names,
+            figure = figure_data_url(name_map_rows(result.plot(pixels, max_images=len(pixels)), names,
                                                "share of the image–text similarity (per image, min to max)"))
         return {"text": result.text, "heads": result.heads, "grid": result.grid.tolist(), "prefix": result.prefix.tolist(),
                 "figure": figure}
@@ -387,7 +376,7 @@ class Api:
         with self.hold():
             result = analyses.get("contrastive_segmentation")(self.model).run(pixels, text_a, text_b, heads=head)
             self.check_time("after the maps, before their figure")
-            figure = _figure_url(name_map_rows(result.plot(pixels, max_images=len(pixels)), names,
+            figure = figure_data_url(name_map_rows(result.plot(pixels, max_images=len(pixels)), names,
                                                "A − B and B − A on one scale per image (min to max)"))
         return {"text_a": text_a, "text_b": text_b, "heads": result.heads, "a_minus_b": result.a_minus_b.tolist(),
                 "b_minus_a": result.b_minus_a.tolist(), "figure": figure}
@@ -401,7 +390,7 @@ class Api:
         with self.hold():
             result = self.neighbors(self.model).run(self.store, query_images=pixels, head=head, k=k)
             self.check_time("after the search, before its figure")
-            figure = _figure_url(name_neighbour_queries(result.plot(self.thumbnail_loader, shown), names))
+            figure = figure_data_url(name_neighbour_queries(result.plot(self.thumbnail_loader, shown), names))
         return {**self._neighbours(result), "figure": figure}
 
     @budgeted
@@ -412,7 +401,7 @@ class Api:
         with self.hold():
             result = self.neighbors(self.model).run(self.store, query_texts=[text], head=head, k=k)
             self.check_time("after the search, before its figure")
-            figure = _figure_url(result.plot(self.thumbnail_loader))
+            figure = figure_data_url(result.plot(self.thumbnail_loader))
         return {**self._neighbours(result), "figure": figure}
 
     # --- the Features tab (SAEs; clip_lens.app.features) --------------------------------------

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from clip_lens.app.guard import OverBudget
 from clip_lens.errors import ClipLensError, InputError, close_matches
-from clip_lens.figures import plain
+from clip_lens.figures import figure_data_url, heat_rgba, plain
 from clip_lens.toy.evaluate import shapes_world_version
 
 if TYPE_CHECKING:
@@ -236,7 +236,7 @@ class Features:
             scale = float(maps.max()) if maps is not None and len(keep) else 0.0
             title = self._title(view, feature, float(top.frequency[feature]), top.n_images)
             thumbnails = self.api.thumbnail_loader(rows) if rows else np.zeros((0, 1, 1, 3), np.uint8)
-            figure = _figure_url(feature_figure(thumbnails, maps, [float(values[i]) for i in keep], rows, title, scale))
+            figure = figure_data_url(feature_figure(thumbnails, maps, [float(values[i]) for i in keep], rows, title, scale))
         ids = self.api.ids
         return {
             "sae": view.name, "feature": feature, "frequency": float(top.frequency[feature]), "n_images": top.n_images,
@@ -275,7 +275,7 @@ class Features:
                      "map": maps[j].tolist() if maps is not None else None}
                     for j, f in enumerate(chosen)])
                 panels.append((shown[q], chosen, [float(acts[q, f]) for f in chosen], maps))
-            figure = _figure_url(image_figure(panels, names, sae.cfg.hook_name, queries=queries))
+            figure = figure_data_url(image_figure(panels, names, sae.cfg.hook_name, queries=queries))
         return {"sae": view.name, "images": [{"features": features} for features in answers],
                 "names_info": self._names_info(view), "maps_note": note, "figure": figure}
 
@@ -382,29 +382,12 @@ def _maps_note(positions: Optional[str], has_maps: bool) -> Optional[str]:
     return None
 
 
-def _figure_url(fig: "Figure") -> str:
-    from clip_lens.app.api import png_data_url
-    from clip_lens.report import figure_png
-
-    return png_data_url(figure_png(fig))
-
-
 # --- figures ---------------------------------------------------------------------------------------
-def _heat_rgba(heat: np.ndarray) -> np.ndarray:
-    """A map in [0, 1] as an RGBA overlay: the inferno colour of the value, opacity 0.75 × value."""
-    from matplotlib import colormaps
-
-    heat = np.clip(heat, 0, 1)
-    rgba = colormaps["inferno"](heat)
-    rgba[..., 3] = 0.75 * heat
-    return rgba
-
-
 def _draw(ax, picture: np.ndarray, heat: Optional[np.ndarray], scale: float) -> None:
     ax.imshow(picture)
     if heat is not None and scale > 0:
         h, w = picture.shape[:2]
-        ax.imshow(_heat_rgba(heat / scale), extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
+        ax.imshow(heat_rgba(heat / scale), extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
 
 
 def _colour_scale(fig: "Figure", axes: Any, scale: float) -> None:

@@ -1,7 +1,8 @@
 """Sparse autoencoders on any hook point of a HookedCLIP, in SAELens' format and semantics.
 
-- `clip_lens.sae.model`: `SAEConfig` and `SAE` (standard / topk / jumprelu).
-- `clip_lens.sae.io`: SAELens' folder format (``cfg.json`` + ``sae_weights.safetensors``).
+- `clip_lens.sae.config`: `SAEConfig` (SAELens' ``cfg.json`` layout).
+- `clip_lens.sae.model`: `SAE` (standard / topk / jumprelu / gated / abstopk) and `load_sae`.
+- `clip_lens.sae.io`: SAELens' folder format (``cfg.json`` + ``sae_weights.safetensors``), `save_sae`.
 - `clip_lens.sae.splice`: ``model.add_sae``, ``run_with_saes``, ``run_with_cache_with_saes``
   (the `SAESplicing` mixin of [`HookedCLIP`][clip_lens.HookedCLIP]).
 - `clip_lens.sae.activations`: `ActivationSource`, a memory-bounded shuffled stream of
@@ -16,8 +17,8 @@ this package, and training imports ``hooked_clip``'s neighbours.
 import importlib
 from typing import Any
 
-from clip_lens.sae.io import load_config, load_sae, load_sparsity, save_sae
-from clip_lens.sae.model import ARCHITECTURES, SAE, SAEConfig
+from clip_lens.sae.io import load_config, load_sparsity, save_sae
+from clip_lens.sae.model import ARCHITECTURES, SAE, SAEConfig, load_sae
 from clip_lens.sae.splice import SAESplicing
 
 _LAZY = {

@@ -11,7 +11,8 @@
 
 Writing is atomic per file (temporary file + ``os.replace``): the weights and the sparsity file
 first, then ``cfg.json``, which carries the sha256 of each (``metadata.clip_lens_weights_sha256``,
-``metadata.clip_lens_sparsity_sha256``) and so commits them; a reader (`load_sae` and
+``metadata.clip_lens_sparsity_sha256``) and so commits them; a reader (`read_sae`, used by
+`clip_lens.sae.model.load_sae`, and
 `load_sparsity`) verifies both checksums when they are present, so a damaged or half-replaced file
 is reported, never read. A sparsity file next to a ``cfg.json`` that commits the weights but not
 it was not written with them and is refused too. Reading never unpickles anything
@@ -26,14 +27,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch import Tensor
 
 from clip_lens.errors import CheckpointNotFoundError, CorruptCheckpointError, InputError
 from clip_lens.files import atomic_write, read_json, require_regular
-from clip_lens.sae.model import ARCHITECTURES, SAE, SAEConfig, dtype_from_str, extra_parameters
+from clip_lens.sae.config import ARCHITECTURES, SAEConfig, extra_parameters
+
+if TYPE_CHECKING:
+    from clip_lens.sae.model import SAE
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -55,7 +59,7 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_sae(sae: SAE, folder: Union[str, Path], log_feature_sparsity: Optional[Tensor] = None) -> Path:
+def save_sae(sae: "SAE", folder: Union[str, Path], log_feature_sparsity: Optional[Tensor] = None) -> Path:
     """Write ``sae`` to ``folder`` in SAELens' format; returns the folder.
 
     Args:
@@ -201,8 +205,9 @@ def _check_tensors(tensors: dict[str, Tensor], cfg: SAEConfig, path: Path) -> di
     return tensors
 
 
-def load_sae(folder: Union[str, Path], device: Union[str, torch.device] = "cpu", sae_class: type = SAE) -> SAE:
-    """Read an SAE folder (written by SAELens or by `save_sae`) onto ``device``.
+def read_sae(folder: Union[str, Path]) -> tuple[SAEConfig, dict[str, Tensor]]:
+    """The config and the checked weights of an SAE folder (written by SAELens or by `save_sae`);
+    `clip_lens.sae.model.load_sae` builds the SAE from them.
 
     Raises:
         CheckpointNotFoundError: the folder, ``cfg.json`` or the weights file is missing.
@@ -216,13 +221,7 @@ def load_sae(folder: Union[str, Path], device: Union[str, torch.device] = "cpu",
     path = folder / WEIGHTS_FILENAME
     tensors = _check_tensors(_read_safetensors(path, "weights", cfg.metadata.get(WEIGHTS_SHA256_KEY)), cfg, path)
     _read_sparsity(folder, cfg)  # a damaged folder is reported when it is loaded, not later
-    cfg.device = str(torch.device(device))
-    sae = sae_class(cfg)
-    dtype = dtype_from_str(cfg.dtype)
-    with torch.no_grad():
-        for name, param in sae.named_parameters():
-            param.copy_(tensors[name].to(dtype=dtype))
-    return sae
+    return cfg, tensors
 
 
 def load_sparsity(folder: Union[str, Path]) -> Optional[Tensor]:

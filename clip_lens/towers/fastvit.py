@@ -61,7 +61,7 @@ from clip_lens.config import TowerConfig
 from clip_lens.decompose import Decomposition, _layers
 from clip_lens.errors import InputError, UnsupportedArchitectureError
 from clip_lens.towers.conv import ConvTower, as_map, as_tokens
-from clip_lens.towers.timm_vit import TimmQKV, _qkv
+from clip_lens.towers.timm_qkv import TimmQKV, _qkv
 
 STEM_BLOCKS = ("MobileOneBlock",)
 BLOCKS = ("RepMixerBlock", "AttentionBlock")

@@ -29,15 +29,18 @@ def _command(meta: dict) -> str:
     defaults = asdict(TrainConfig())
     train = meta["train"]
     parts = [f"--steps {train['steps']}", f"--seed {train['seed']}"]
-    parts += [f"--{k.replace('_', '-')} {v}" for k, v in train.items()
-              if k not in ("steps", "seed", "max_minutes", "stop_at", "eval_every", "eval_images", "checkpoint_every")
-              and v != defaults.get(k)]
+    changed = {k: v for k, v in train.items()
+               if k not in ("steps", "seed", "max_minutes", "stop_at", "eval_every", "eval_images", "checkpoint_every")
+               and v != defaults.get(k)}
+    parts += [f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}") for k, v in changed.items()]  # bools are flags
     if meta["steps_done"] < train["steps"]:
         parts.append(f"--stop-at {meta['steps_done']}")
     return "python -m clip_lens.toy.train " + " ".join(parts)
 
 
-def bundle(run_dir: str | Path, name: str = "toy-shapes", n_eval: int = 2000) -> dict:
+def bundle(run_dir: str | Path, name: str = "toy-shapes", n_eval: int = 2000, half: bool = False) -> dict:
+    """Copy the run's weights as ``name`` (``half``: stored in float16, half the bytes; the loader casts
+    them to the model's float32), measure it and write its config."""
     from clip_lens import HookedCLIP
     from clip_lens.toy.evaluate import binding_accuracy, zero_shot_accuracy
 
@@ -45,7 +48,13 @@ def bundle(run_dir: str | Path, name: str = "toy-shapes", n_eval: int = 2000) ->
     meta = json.loads((run_dir / "config.json").read_text())
     version = int(meta["train"].get("world_version", 1))
     WEIGHTS_DIR.mkdir(exist_ok=True)
-    atomic_write(WEIGHTS_DIR / f"{name}.safetensors", (run_dir / "model.safetensors").read_bytes())
+    if half:
+        from safetensors.torch import load_file, save
+
+        state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(run_dir / "model.safetensors").items()}
+        atomic_write(WEIGHTS_DIR / f"{name}.safetensors", save(state))
+    else:
+        atomic_write(WEIGHTS_DIR / f"{name}.safetensors", (run_dir / "model.safetensors").read_bytes())
     preprocess = {**PREPROCESS, "size": meta["model_cfg"]["vision_cfg"]["image_size"]}
     config = {
         "model_cfg": meta["model_cfg"],
@@ -57,6 +66,7 @@ def bundle(run_dir: str | Path, name: str = "toy-shapes", n_eval: int = 2000) ->
             "train": meta["train"],
             "steps_done": meta["steps_done"],
             "minutes": round(meta["minutes"], 1),
+            **({"stored_dtype": "float16"} if half else {}),
             "history": meta["history"],
         },
     }
@@ -74,8 +84,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--name", default="toy-shapes")
+    parser.add_argument("--half", action="store_true", help="store the weights in float16 (half the bytes)")
     args = parser.parse_args()
-    config = bundle(args.run_dir, args.name)
+    config = bundle(args.run_dir, args.name, half=args.half)
     print(json.dumps(config["metrics"], indent=1))
 
 

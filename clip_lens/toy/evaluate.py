@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from clip_lens.stats import bootstrap_ci
@@ -25,6 +26,13 @@ class ZeroShotResult:
     seed: int
     interval: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Per attribute: bootstrap 95% interval over the scenes."""
+    per_value: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per attribute and true value: accuracy on that value's scenes (count: ``{"one": 1.0, "three": 0.02, …}``)."""
+    per_value_interval: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    """Per attribute and true value: bootstrap 95% interval over that value's scenes."""
+    confusion: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    """Per attribute, true value and predicted value: share of the true value's scenes given that prediction
+    (``confusion["count"]["three"]["four"]``: three-object scenes called "four")."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +71,8 @@ def zero_shot_accuracy(
         for a in world.attributes
     }
     correct: dict[str, list[float]] = {a: [] for a in world.attributes}
+    truths: dict[str, list[int]] = {a: [] for a in world.attributes}
+    predictions: dict[str, list[int]] = {a: [] for a in world.attributes}
     for start in range(0, n_images, batch_size):
         indices = range(start, min(n_images, start + batch_size))
         for source, attributes in sources:
@@ -70,14 +80,48 @@ def zero_shot_accuracy(
             images = model.encode_image(batch_images(scenes).to(parameter.device, parameter.dtype), normalize=True)
             for a in attributes:
                 truth = torch.tensor([world.values[a].index(s.value(a)) for s in scenes])
-                correct[a].extend(((images @ prompts[a].T).argmax(-1).cpu() == truth).float().tolist())
+                predicted = (images @ prompts[a].T).argmax(-1).cpu()
+                correct[a].extend((predicted == truth).float().tolist())
+                truths[a].extend(truth.tolist())
+                predictions[a].extend(predicted.tolist())
+    per_value, per_value_interval, confusion = {}, {}, {}
+    for a in world.attributes:
+        per_value[a], per_value_interval[a], confusion[a] = _per_value(world.values[a], truths[a], predictions[a])
     return ZeroShotResult(
         accuracy={a: sum(v) / n_images for a, v in correct.items()},
         chance={a: 1 / len(world.values[a]) for a in world.attributes},
         n_images=n_images,
         seed=seed,
         interval={a: bootstrap_ci(v) for a, v in correct.items()},
+        per_value=per_value,
+        per_value_interval=per_value_interval,
+        confusion=confusion,
     )
+
+
+def _per_value(values, truths: list[int], predictions: list[int]):
+    """Accuracy, its interval and the confusion row of every value that occurs among ``truths`` (indices into ``values``)."""
+    truth, predicted = np.asarray(truths), np.asarray(predictions)
+    accuracy, interval, confusion = {}, {}, {}
+    for index, value in enumerate(values):
+        mine = predicted[truth == index]
+        if mine.size == 0:  # a value no scene showed: no row rather than a made-up 0
+            continue
+        hits = (mine == index).astype(float)
+        accuracy[value], interval[value] = float(hits.mean()), bootstrap_ci(hits)
+        confusion[value] = {other: float((mine == j).mean()) for j, other in enumerate(values)}
+    return accuracy, interval, confusion
+
+
+def versus_chance(accuracy: float, interval: tuple[float, float], chance: float) -> str:
+    """Words for an accuracy that follow its interval: "at chance (0.498 [0.476, 0.520]; chance 0.5)" when
+    the interval holds chance, else "above chance by 3 points (0.529 [0.508, 0.550]; chance 0.5)"."""
+    low, high = interval
+    figures = f"{accuracy:.3f} [{low:.3f}, {high:.3f}]; chance {chance:g}"
+    if low <= chance <= high:
+        return f"at chance ({figures})"
+    side = "above" if low > chance else "below"
+    return f"{side} chance by {abs(accuracy - chance) * 100:.0f} points ({figures})"
 
 
 def shapes_world_version(model) -> Optional[int]:
@@ -109,6 +153,10 @@ class BindingResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def verdicts(self) -> dict[str, str]:
+        """Per test, its accuracy worded by its interval against chance (`versus_chance`)."""
+        return {test: versus_chance(a, self.interval[test], self.chance) for test, a in self.accuracy.items()}
 
 
 @torch.no_grad()

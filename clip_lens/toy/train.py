@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from tqdm import tqdm
 
+from clip_lens.errors import InputError
 from clip_lens.files import atomic_write
 from clip_lens.toy.claims import count_claim, object_claim, positives, relation_claim
 from clip_lens.toy.evaluate import zero_shot_accuracy
@@ -60,6 +61,12 @@ class TrainConfig:
     """Version 2: share of each batch made of 2–4-object scenes with relation, count or object captions."""
     keep_every: int = 0
     """Keep a copy of the weights every this many steps (``steps/model-<step>.safetensors``; 0: none)."""
+    camouflage: float = 0.0
+    """Version 2: share of each batch drawn from the camouflage world (``ShapesWorld(camouflage=True)``,
+    seeded ``seed + CAMOUFLAGE_SEED_OFFSET``), built as a version-2 batch of its own (`training_batch_mixed`)."""
+    freeze_text: bool = False
+    """Keep the text tower (and the token embeddings) as initialised: only the image tower and the
+    logit scale learn, so the captions' embeddings, and what earlier analyses found in them, stay put."""
     init_from: Optional[str] = None
     """Start from a bundled model's weights (e.g. ``toy-shapes``) instead of random ones; words the new
     vocabulary adds get fresh embeddings, the others keep theirs (`initial_weights`)."""
@@ -82,6 +89,7 @@ CONTRAST_WEIGHTS = {"colour": 0.1, "shape": 0.5, "size": 0.2, "position": 0.1, "
 """Which attribute a minimal set varies: mostly the ones a random batch rarely needs (shape, size)."""
 CONTRAST_INDEX = 2**40  # minimal sets come from world indices far from the random scenes'
 MULTI_INDEX = 2**41  # and version 2's several-object scenes from others again
+CAMOUFLAGE_SEED_OFFSET = 2**31  # the camouflage part of a mixed batch comes from another world seed
 
 
 def sample_keep(rng: np.random.Generator, keep_prob: float) -> dict[str, bool]:
@@ -138,10 +146,16 @@ def training_batch_v2(world: ShapesWorld, config: TrainConfig, step: int):
     """Version 2's batch ``step``: minimal sets as in version 1, one-object scenes with partial
     captions (a tenth of them counted: "one shape") and ``multi`` × batch scenes of 2–4 objects,
     captioned by a relation between two of them (40 %), their count (20 %) or one object (40 %)."""
+    scenes, claims = _scenes_and_claims(world, config, step)
+    return scenes, [c.text for c in claims], positives(scenes, claims)
+
+
+def _scenes_and_claims(world: ShapesWorld, config: TrainConfig, step: int):
     grouped, varied = minimal_sets(world, config, step)
     n_multi = int(config.multi * config.batch_size)
     n_single = config.batch_size - len(grouped) - n_multi
-    several = ShapesWorld(seed=config.seed, image_size=config.image_size, n_objects=(2, 4), version=2)
+    several = ShapesWorld(seed=config.seed, image_size=config.image_size, n_objects=(2, 4), version=2,
+                          camouflage=world.camouflage)
     singles = [world.scene(i) for i in range(step * n_single, (step + 1) * n_single)]
     multis = [several.scene(MULTI_INDEX + i) for i in range(step * n_multi, (step + 1) * n_multi)]
     rng = np.random.default_rng([config.seed, 1, step])
@@ -151,7 +165,24 @@ def training_batch_v2(world: ShapesWorld, config: TrainConfig, step: int):
         kind = rng.random()
         claims.append(relation_claim(scene, rng) if kind < 0.4 else count_claim(scene, rng) if kind < 0.6
                       else object_claim(scene, rng, config.keep_prob))
-    scenes = singles + grouped + multis
+    return singles + grouped + multis, claims
+
+
+def training_batch_mixed(world: ShapesWorld, config: TrainConfig, step: int):
+    """Batch ``step`` with ``camouflage`` × batch camouflage scenes and the rest version 2's, each part
+    built as a `training_batch_v2` of its size (the camouflage part from world seed ``seed +
+    CAMOUFLAGE_SEED_OFFSET``, so neither part repeats the other's draws); the positives span both
+    parts, since a caption can be true of scenes of either world."""
+    from dataclasses import replace
+
+    n_camo = int(round(config.camouflage * config.batch_size))
+    parts = []
+    for size, camouflage in ((config.batch_size - n_camo, False), (n_camo, True)):
+        part = replace(config, batch_size=size, seed=config.seed + CAMOUFLAGE_SEED_OFFSET * camouflage)
+        source = world if not camouflage else ShapesWorld(seed=part.seed, image_size=config.image_size, version=2, camouflage=True)
+        parts.append(_scenes_and_claims(source, part, step))
+    scenes = [s for part_scenes, _ in parts for s in part_scenes]
+    claims = [c for _, part_claims in parts for c in part_claims]
     return scenes, [c.text for c in claims], positives(scenes, claims)
 
 
@@ -170,6 +201,12 @@ def initial_weights(model: CLIP, name: str, tokenizer: WordTokenizer) -> None:
             rows[i] = state["token_embedding.weight"][old[word]]
     state["token_embedding.weight"] = rows
     model.load_state_dict(state)
+
+
+def text_parameters(model: CLIP) -> list[torch.nn.Parameter]:
+    """The text tower's parameters: token and position embeddings, transformer, final LN, projection."""
+    skip = {id(p) for p in model.visual.parameters()} | {id(model.logit_scale)}
+    return [p for p in model.parameters() if id(p) not in skip]
 
 
 def multi_positive_loss(image_features, text_features, logit_scale, positives: torch.Tensor) -> torch.Tensor:
@@ -199,6 +236,9 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), log=print) -> di
     )
     if config.init_from:
         initial_weights(model, config.init_from, tokenizer)
+    if config.freeze_text:
+        for parameter in text_parameters(model):
+            parameter.requires_grad_(False)
     ckpt_path = out / "checkpoint.pt"
     step, history, losses, elapsed = 0, [], [], 0.0
     if ckpt_path.exists():
@@ -209,7 +249,9 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), log=print) -> di
         history, losses = json.loads(state["history"]), json.loads(state.get("losses", "[]"))
         log(f"resumed from step {step}")
     world = ShapesWorld(seed=config.seed, image_size=config.image_size, version=config.world_version)
-    make_batch = training_batch if config.world_version == 1 else training_batch_v2
+    if config.camouflage and config.world_version != 2:
+        raise InputError(f"camouflage scenes are an option of world version 2; pass --world-version 2 (got {config.world_version}).")
+    make_batch = training_batch if config.world_version == 1 else training_batch_mixed if config.camouflage else training_batch_v2
 
     def lr_at(s: int) -> float:
         if s < config.warmup:
@@ -236,7 +278,8 @@ def train(out: str | Path, config: TrainConfig = TrainConfig(), log=print) -> di
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         image_features = F.normalize(model.encode_image(batch_images(scenes)), dim=-1)
-        text_features = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
+        with torch.set_grad_enabled(not config.freeze_text):
+            text_features = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
         loss = multi_positive_loss(image_features, text_features, model.logit_scale.exp(), truth)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -275,7 +318,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", default="toy_shapes_run")
     for name, value in asdict(TrainConfig()).items():
         kind = float if name in ("lr", "weight_decay", "keep_prob", "contrast", "max_minutes", "multi") else int
-        kind = str if name == "init_from" else kind
+        kind = str if name == "init_from" else float if name == "camouflage" else kind
+        if name == "freeze_text":
+            parser.add_argument("--freeze-text", action="store_true")
+            continue
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
     args = vars(parser.parse_args(argv))
     out = args.pop("out")

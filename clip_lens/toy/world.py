@@ -9,6 +9,9 @@ Version 2 (``ShapesWorld(version=2)``, the bundled ``toy-shapes-v2``) draws the 
 colours that keep their distance from the objects' colours, scatters small coloured marks (clutter,
 never an object, its own mask) under the objects, lets neighbouring objects overlap, and adds the
 scene attribute ``count``; captions can bind attributes ("a red circle above a blue square").
+Camouflage (``ShapesWorld(version=2, camouflage=True)``, the bundled ``toy-shapes-camo``) paints
+object and background from one two-colour palette in equal shares, so that only texture, outline
+and shape tell them apart (`CAMOUFLAGE_PERIOD`, `_camouflage_texture`).
 
 >>> world = ShapesWorld(seed=0)
 >>> scene = world.scene(0)
@@ -228,6 +231,43 @@ def _coloured_background(kind: str, size: int, rng: np.random.Generator, avoid: 
     return np.where(pattern[..., None], alt, base)
 
 
+CAMOUFLAGE_PERIOD = 8
+"""Camouflage textures: period in pixels of every pattern (stripes 4 px wide, 8-px checks)."""
+
+
+def _camouflage_texture(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Camouflage: ``bool [size, size]``, True on about half the pixels whatever ``kind``, so the two
+    tones cover object and background in equal shares. ``"plain"`` is an irregular mix of 2-px
+    blocks (no period), dots have radius 0.4 × period (area ≈ 0.50), stripes run "/" (objects: "\\")."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    period = CAMOUFLAGE_PERIOD
+    phase = rng.integers(period)
+    if kind == "plain":
+        blocks = rng.random((size // 2 + 1, size // 2 + 1)) < 0.5
+        return blocks[yy // 2, xx // 2]
+    if kind == "striped":
+        return ((xx + yy + phase) // (period // 2)) % 2 == 0
+    if kind == "object":  # the objects' stripes, at a right angle to the background's
+        return ((xx - yy + phase) // (period // 2)) % 2 == 0
+    if kind == "checkered":
+        return (((xx + phase) // period) + ((yy + phase) // period)) % 2 == 0
+    if kind == "dotted":
+        return ((xx + phase) % period - period / 2) ** 2 + ((yy + phase) % period - period / 2) ** 2 <= (0.4 * period) ** 2
+    raise InputError(f"unknown background '{kind}'; choose from {', '.join(BACKGROUNDS)}.")
+
+
+def _outline(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``bool [H, W]`` twice: the pixels of ``mask`` with a 4-neighbour outside it (the image edge counts
+    as outside), and the pixels outside ``mask`` with a 4-neighbour inside it."""
+    padded = np.pad(mask, 1)
+    neighbours = (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:])
+    eroded, dilated = mask.copy(), mask.copy()
+    for neighbour in neighbours:
+        eroded &= neighbour
+        dilated |= neighbour
+    return mask & ~eroded, dilated & ~mask
+
+
 def _clutter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Draw 0–6 small marks (dots and short strokes in saturated colours) into ``image``; their mask."""
     size = image.shape[0]
@@ -296,6 +336,13 @@ class ShapesWorld(Dataset):
         transform: optional callable applied to the ``uint8 [H, W, 3]`` image in ``__getitem__``.
         version: 1 (grey textures, the bundled ``toy-shapes``) or 2 (coloured textures, clutter,
             overlapping objects and the ``count`` attribute; ``toy-shapes-v2``).
+        camouflage: version 2 only. Each scene draws a palette of two colours: the first object's
+            colour and another; every object takes the first object's colour and every texture
+            (background and objects) covers half its pixels with each tone, objects in stripes
+            at a right angle to the background's pattern and outlined in their colour (1 px inside the
+            mask) against a 1-px ring of the other colour outside it. No
+            clutter, no per-object colour noise: a pixel's colour says nothing about whether it
+            is an object's, only texture, outline and shape do (``toy-shapes-camo``).
     """
 
     def __init__(
@@ -306,6 +353,7 @@ class ShapesWorld(Dataset):
         length: int = 10_000,
         transform: Optional[Callable[[np.ndarray], Any]] = None,
         version: int = 1,
+        camouflage: bool = False,
     ):
         lo, hi = (n_objects, n_objects) if isinstance(n_objects, int) else n_objects
         if image_size < 16:
@@ -314,9 +362,12 @@ class ShapesWorld(Dataset):
             raise InputError(f"n_objects must lie in 1..4, got {n_objects}.")
         if version not in WORLD_VERSIONS:
             raise InputError(f"version must be one of {WORLD_VERSIONS}, got {version!r}.")
+        if camouflage and version != 2:
+            raise InputError(f"camouflage is an option of world version 2, got version={version!r}; pass version=2.")
         seed = check_seed(seed)
         self.seed, self.image_size, self.n_objects, self.length, self.transform = seed, image_size, (lo, hi), length, transform
         self.version = version
+        self.camouflage = bool(camouflage)
 
     @property
     def attributes(self) -> tuple[str, ...]:
@@ -346,10 +397,15 @@ class ShapesWorld(Dataset):
             )
             for c in cells
         ]
-        return objects, str(rng.choice(BACKGROUNDS))
+        background = str(rng.choice(BACKGROUNDS))
+        if self.camouflage:  # one palette: every object has the first one's colour
+            objects = [replace(o, colour=objects[0].colour) for o in objects]
+        return objects, background
 
     def render(self, objects: Sequence[ShapeObject], background: str, rng: np.random.Generator) -> Scene:
         size = self.image_size
+        if self.camouflage:
+            return self._render_camouflage(objects, background, rng)
         extra = {}
         if self.version == 1:
             image = _background(background, size, rng)
@@ -378,6 +434,40 @@ class ShapesWorld(Dataset):
         if "clutter_mask" in extra:
             extra["clutter_mask"] &= ~masks.any(0)  # marks under an object are not visible
             extra["occluded"] = hidden  # bool [n_objects]: partly covered by a later object
+        return Scene((image * 255).round().astype(np.uint8), list(objects), background, masks, extra=extra)
+
+    def _object_geometry(self, obj: ShapeObject, rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+        """``bool [H, W]``: the object's shape at a jittered radius and centre inside its cell (version 2's spread)."""
+        size, cell = self.image_size, self.image_size / 3
+        row, col = obj.cell
+        radius = SIZES[obj.size] * size / 2 * (1 + 0.08 * rng.standard_normal())
+        slack = max(0.0, cell / 2 - radius)
+        cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
+        cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
+        return _shape_mask(obj.shape, (xx - cx) / radius, (yy - cy) / radius)
+
+    def _render_camouflage(self, objects: Sequence[ShapeObject], background: str, rng: np.random.Generator) -> Scene:
+        """Camouflage rendering: the palette is the objects' colour and a second colour drawn here."""
+        size = self.image_size
+        names = list(COLOURS)
+        first = names.index(objects[0].colour)
+        tone = np.array(COLOURS[objects[0].colour])
+        other = np.array(COLOURS[names[(first + 1 + int(rng.integers(len(names) - 1))) % len(names)]])
+        image = np.where(_camouflage_texture(background, size, rng)[..., None], tone, other)
+        stripes = np.where(_camouflage_texture("object", size, rng)[..., None], tone, other)
+        masks = np.zeros((len(objects), size, size), bool)
+        hidden = np.zeros(len(objects), bool)
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+        for i, obj in enumerate(objects):
+            mask = self._object_geometry(obj, rng, xx, yy)
+            hidden[:i] |= (masks[:i] & mask).any((1, 2))
+            masks[:i] &= ~mask
+            masks[i] = mask
+            image[mask] = stripes[mask]
+            inner, outer = _outline(mask)
+            image[inner], image[outer] = tone, other  # a two-tone contour: each tone on its side
+        image = np.clip(image + 0.02 * rng.standard_normal(image.shape), 0, 1)
+        extra = {"clutter_mask": np.zeros((size, size), bool), "occluded": hidden}
         return Scene((image * 255).round().astype(np.uint8), list(objects), background, masks, extra=extra)
 
     def scene(self, index: int) -> Scene:
@@ -410,6 +500,8 @@ class ShapesWorld(Dataset):
                 varied, back = objects, str(value)
             else:
                 varied, back = [replace(objects[0], **{attribute: str(value)}), *objects[1:]], background
+                if self.camouflage and attribute == "colour":  # the palette: every object changes colour
+                    varied = [replace(o, colour=str(value)) for o in objects]
             scene = self.render(varied, back, np.random.default_rng(render_seed))
             scene.index = index
             scenes.append(scene)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import html
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,7 +10,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from clip_lens.files import atomic_write
-from clip_lens.report import figure_png
+from clip_lens.figures import figure_png, png_data_url
 
 if TYPE_CHECKING:
     from clip_lens_plugins.mutual_knowledge.analysis import MutualKnowledgeResult
@@ -47,7 +46,7 @@ def _html(result: "MutualKnowledgeResult", pngs: dict[str, bytes]) -> str:
     esc = html.escape
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in result.parameters.items())
     images = "".join(
-        f"<h2>{esc(name.replace('_', ' '))}</h2><img alt=\"{esc(name)}\" src=\"data:image/png;base64,{base64.b64encode(data).decode()}\">"
+        f"<h2>{esc(name.replace('_', ' '))}</h2><img alt=\"{esc(name)}\" src=\"{png_data_url(data)}\">"
         for name, data in pngs.items()
     )
     return (

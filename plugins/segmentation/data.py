@@ -93,6 +93,7 @@ def shapes_world_segmentation(
     image_size: int = 64,
     attribute: str = "colour",
     version: int = 1,
+    camouflage: bool = False,
 ) -> SegmentationData:
     """``n`` one-object shapes-world scenes with the object's exact mask as foreground.
 
@@ -110,6 +111,12 @@ def shapes_world_segmentation(
     (500 scenes, AP of the no-model maps: chroma 100.0 in v1, 90.5 in v2; distance from the border
     colour 99.9 and 96.1). Evaluate a model on the version it was trained on (``toy-shapes``: 1,
     ``toy-shapes-v2``: 2).
+
+    ``camouflage=True`` (version 2 only) draws object and background from one two-colour palette in
+    equal shares (`ShapesWorld`'s ``camouflage``): pixel colour no longer tells object from
+    background, and the no-model maps score the object's pixel share (docs/concepts/segmentation.md).
+    Its object colour shows only in the 1-px outline; use ``attribute="shape"`` or ``"position"``
+    there (``toy-shapes-camo``).
     """
     from clip_lens.toy.world import ShapesWorld, attribute_prompt, batch_images
 
@@ -117,13 +124,13 @@ def shapes_world_segmentation(
         raise InputError(f"attribute must be an object attribute ({', '.join(OBJECT_ATTRIBUTES)}), got '{attribute}'.")
     if n < 1:
         raise InputError(f"n must be at least 1, got {n}.")
-    world = ShapesWorld(seed=seed, image_size=image_size, n_objects=1, version=version)
+    world = ShapesWorld(seed=seed, image_size=image_size, n_objects=1, version=version, camouflage=camouflage)
     scenes = [world.scene(i) for i in range(n)]
     masks = torch.from_numpy(np.stack([s.object_masks[0] for s in scenes]))
     values = world.values[attribute]
     labels = torch.tensor([values.index(s.value(attribute)) for s in scenes])
     classes = [attribute_prompt(attribute, value) for value in values]
-    world_name = "shapes-world" if version == 1 else f"shapes-world v{version}"
+    world_name = "shapes-world" if version == 1 else f"shapes-world v{version}" + (" camouflage" if camouflage else "")
     return SegmentationData.from_tensors(
         batch_images(scenes), masks, classes, labels, f"{n} {world_name} scenes (seed {seed}, classes: {attribute})"
     )

@@ -12,6 +12,9 @@ Scored in the same run, on the same images and masks, the baselines a method has
   the method sums (uniform over all heads of the tower), reported as the mean over the draws; one
   row per head count, shared by the methods of that count. A method that sums every head of the
   tower has no such control (the only set of its size is its own).
+- *random all-layer* ("random 16 heads drawn per layer (4/4/4/4)"): for a method with heads in
+  every layer, ``random_draws`` multisets with the method's number of heads in each layer, drawn
+  per layer with replacement (`heads.random_per_layer_sets`); the all-layer map's own control.
 - *raw attention*: the last layer's CLS → patch attention, averaged over heads.
 - *chroma* and *colour contrast*: no model, from the pixels (`baselines`).
 - *uniform*: a constant map (AP = foreground share; thresholded at its mean it is all foreground).
@@ -38,7 +41,7 @@ from clip_lens.errors import InputError
 from clip_lens_plugins.segmentation.analysis import checked_images, encode_texts
 from clip_lens_plugins.segmentation.baselines import chroma_map, contrast_map, pixel_values
 from clip_lens_plugins.segmentation.data import SegmentationData
-from clip_lens_plugins.segmentation.heads import HeadSelection, HeadSpec, parse_heads, random_head_sets
+from clip_lens_plugins.segmentation.heads import HeadCounts, HeadSelection, HeadSpec, parse_heads, random_head_sets, random_per_layer_sets
 from clip_lens_plugins.segmentation.maps import split_tokens, upsample
 from clip_lens_plugins.segmentation.metrics import METRIC_NAMES, SegmentationScore, foreground_scores, image_intervals
 
@@ -108,6 +111,11 @@ def _class_embeddings(model: "HookedCLIP", classes) -> tuple[list[str], Float[Te
 def random_control_name(size: int) -> str:
     """The table row of the random-head control of the methods that sum ``size`` heads."""
     return f"random {size} head{'' if size == 1 else 's'}"
+
+
+def all_layer_control_name(per_layer: Sequence[int]) -> str:
+    """The table row of the random all-layer control of the methods with ``per_layer[l]`` heads in layer ``l``."""
+    return f"random {sum(per_layer)} heads drawn per layer ({'/'.join(map(str, per_layer))})"
 
 
 @dataclass
@@ -243,15 +251,19 @@ class SegmentationEval:
         methods = {name: parse_heads(spec, cfg.n_layers, cfg.n_heads) for name, spec in _method_specs(layers).items()}
         n_all = cfg.n_layers * cfg.n_heads
         reserved = {*BASELINES, *(random_control_name(k) for k in range(1, n_all + 1))}
-        taken = [name for name in methods if name in reserved]
+        taken = [name for name in methods if name in reserved or (name.startswith("random ") and "drawn per layer" in name)]
         if taken:
             raise InputError(f"method name {taken[0]!r} is a baseline's row name; give your methods other names.")
-        controls: dict[str, tuple[list[str], list[HeadSelection]]] = {}  # row → (its methods, the random sets)
+        controls: dict[str, tuple[list[str], list[HeadSelection | HeadCounts]]] = {}  # row → (its methods, the random sets)
         for name, selection in methods.items():
             if random_draws and math.comb(n_all, selection.size) > 1:
                 row = random_control_name(selection.size)  # methods of one size share their control
                 draws = random_head_sets(cfg.n_layers, cfg.n_heads, selection.size, random_draws, seed)
                 controls.setdefault(row, ([], draws))[0].append(name)
+        for name, selection in methods.items():  # the all-layer maps' own controls, after the others
+            if random_draws and len(selection.layers) == cfg.n_layers:  # methods with one per-layer count share it
+                row = all_layer_control_name(selection.mask.sum(1).tolist())
+                controls.setdefault(row, ([], random_per_layer_sets(selection, random_draws, seed)))[0].append(name)
         selections = [*methods.values(), *(s for _, draws in controls.values() for s in draws)]
         used = sorted(set().union(*(s.layers for s in selections)))  # the layers any map needs decomposed
 
@@ -266,8 +278,8 @@ class SegmentationEval:
             predicted = (embedding @ class_text.T).argmax(-1)
             head_maps = class_contrast_head_maps(model, images, class_text, predicted, used).cpu()
 
-            def scored(selection: HeadSelection) -> Tensor:
-                token_map = torch.einsum("blht,lh->bt", head_maps, selection.mask[used].to(head_maps.dtype))
+            def scored(selection: HeadSelection | HeadCounts) -> Tensor:
+                token_map = torch.einsum("blht,lh->bt", head_maps, selection.weights[used].to(head_maps.dtype))
                 return foreground_scores(upsample(split_tokens(token_map, cfg.grid_size)[1], cfg.image_size))
 
             for name, selection in methods.items():

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from clip_lens.errors import InputError
@@ -39,6 +39,38 @@ class HeadSelection:
     def labels(self) -> list[str]:
         """``"L{l}H{h}"`` keys of the selected heads, layer-major."""
         return [f"L{int(l)}H{int(h)}" for l, h in self.mask.nonzero()]
+
+    @property
+    def weights(self) -> Bool[Tensor, "layer head"]:
+        """How many times each head's map enters the sum: once for every selected head."""
+        return self.mask
+
+
+@dataclass(frozen=True)
+class HeadCounts:
+    """A multiset of heads (a head may enter a map's sum more than once): the random all-layer controls."""
+
+    counts: Int[Tensor, "layer head"]
+
+    @property
+    def size(self) -> int:
+        """Number of heads, with multiplicity."""
+        return int(self.counts.sum())
+
+    @property
+    def layers(self) -> list[int]:
+        """Layers with at least one head drawn."""
+        return [int(layer) for layer in (self.counts > 0).any(1).nonzero().flatten()]
+
+    @property
+    def labels(self) -> list[str]:
+        """``"L{l}H{h}"`` keys, a head repeated as often as it was drawn, layer-major."""
+        return [f"L{int(l)}H{int(h)}" for l, h in self.counts.nonzero() for _ in range(int(self.counts[l, h]))]
+
+    @property
+    def weights(self) -> Int[Tensor, "layer head"]:
+        """How many times each head's map enters the sum."""
+        return self.counts
 
 
 def _layer_index(layer: int, n_layers: int, spec) -> int:
@@ -114,3 +146,31 @@ def random_head_sets(n_layers: int, n_heads: int, size: int, n_draws: int, seed:
         mask[list(pick)] = True
         selections.append(HeadSelection(mask.view(n_layers, n_heads)))
     return selections
+
+
+def random_per_layer_sets(selection: HeadSelection, n_draws: int, seed: int = 0) -> list[HeadCounts]:
+    """``n_draws`` random controls of ``selection`` that keep its number of heads in every layer: in each
+    layer, as many heads as ``selection`` takes there, drawn uniformly *with replacement* from that
+    layer's heads (with every head of a layer taken, that is the only way a draw can differ from it).
+
+    Each head's expected count is its layer's share, so for a selection of whole layers the expected
+    map is the selection's own: the control asks how much a score owes to these particular heads,
+    each once, rather than to any mix of the same layers. Seeded CPU generator: same arguments,
+    same draws.
+
+    Raises:
+        InputError: a negative ``n_draws``.
+    """
+    if n_draws < 0:
+        raise InputError(f"n_draws must be at least 0, got {n_draws}.")
+    n_layers, n_heads = selection.mask.shape
+    generator = torch.Generator().manual_seed(seed)
+    per_layer = selection.mask.sum(1)
+    draws = []
+    for _ in range(n_draws):
+        counts = torch.zeros(n_layers, n_heads, dtype=torch.long)
+        for layer in range(n_layers):
+            picks = torch.randint(n_heads, (int(per_layer[layer]),), generator=generator)
+            counts[layer] = torch.bincount(picks, minlength=n_heads)
+        draws.append(HeadCounts(counts))
+    return draws

@@ -31,11 +31,12 @@ from clip_lens.sae.naming import (
 )
 from clip_lens.stats import bootstrap_ci
 from clip_lens.toy.world import ShapesWorld, batch_images
+from tests.seeds import TEST_SEEDS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small forwards: 2 threads mostly wait
 
-SMOKE = dict(n_train=2000, steps=600, token_batch=256, n_select=1000, n_eval=1000)
-"""A short run for the default suite (2,000 scenes, 600 steps of 256 rows; ~15 s on one loaded core)."""
+SMOKE = dict(n_train=2000, steps=600, token_batch=256, n_select=1000, n_eval=1000, train_seed=TEST_SEEDS[4], eval_seed=TEST_SEEDS[5])
+"""A short run for the default suite (2,000 scenes, 600 steps of 256 rows; ~15 s on one loaded core), on test worlds."""
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_decoder_directions_reach_the_embedding_exactly_through_the_frozen_reado
     sae = _random_sae(last, toy.cfg.d_model)
     carried = feature_directions_to_embedding(toy, sae)
     assert carried.shape == (16, toy.cfg.d_embed) and readout_kind(toy, last) == "exact"
-    pixels = batch_images([ShapesWorld(seed=3).scene(i) for i in range(4)])
+    pixels = batch_images([ShapesWorld(seed=TEST_SEEDS[0]).scene(i) for i in range(4)])
     _, cache = toy.run_with_cache(pixels, names_filter="ln_post.hook_scale")
     scale = cache["ln_post.hook_scale"]  # [batch, n, 1]
     clean = toy.encode_image(pixels)
@@ -139,7 +140,7 @@ def test_names_are_the_bank_texts_nearest_to_the_carried_direction(toy):
 def test_top_activating_images_agree_with_a_full_pass(toy):
     sae = _random_sae("blocks.2.hook_resid_post", toy.cfg.d_model, d_sae=6, seed=1)
     sae.cfg.metadata["clip_lens_training"] = {"args": {"source": {"positions": "patches"}}}
-    pixels = batch_images([ShapesWorld(seed=5).scene(i) for i in range(40)])
+    pixels = batch_images([ShapesWorld(seed=TEST_SEEDS[1]).scene(i) for i in range(40)])
     top = top_activating(toy, sae, pixels, k=5, batch_size=16)
     full = image_feature_acts(toy, sae, pixels, batch_size=16)  # [40, 6], largest over patches
     values, indices = full.topk(5, dim=0)
@@ -185,9 +186,9 @@ def test_ground_truth_refuses_to_evaluate_on_the_training_world(toy):
 def test_documented_run_finds_most_values_and_beats_pca(toy):
     """The run of docs/concepts/sae.md (2,000 steps of 256 class-token rows of 8,000 scenes; ~40 s on one core): every colour
     is found and named, more values are found than with PCA components or random directions, and
-    detectors are named after their value. (Measured over 5 training seeds by
+    detectors are named after their value, on test worlds (training and held-out scenes). (Measured over 5 training seeds by
     docs/scripts/sae_ground_truth.py; the issue's bar of 80% is met by 5 of 10 seeds.)"""
-    result = shapes_world_ground_truth(toy)
+    result = shapes_world_ground_truth(toy, train_seed=TEST_SEEDS[4], eval_seed=TEST_SEEDS[5])
     found = {r.value: r.detected(result.threshold) for r in result.rows}
     assert all(found[v] for v in ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")), result.table()
     assert result.fraction("sae") > result.fraction("pca") > result.fraction("random"), result.table()

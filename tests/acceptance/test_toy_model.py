@@ -14,18 +14,21 @@ from open_clip.model import CLIP
 from clip_lens import HookedCLIP, list_models
 from clip_lens.toy import ShapesWorld, batch_images, zero_shot_accuracy
 from clip_lens.toy.evaluate import ZeroShotResult
+from tests.seeds import TEST_SEEDS
 
 # One line per bundled model: its name and the shapes-world issue's zero-shot targets.
 MODELS = [
     ("toy-shapes", {"colour": 0.95, "shape": 0.95, "position": 0.90, "size": 0.90, "background": 0.90}),
-    # the issue asks 0.90 for every one-object attribute of world v2: shape reached 0.9075 [0.8945, 0.920]
-    # on the bundle's 2,000 scenes (seed 1000) but 0.882 [0.852, 0.908] on this test's 500 (seed 1001),
-    # so shape is held to 0.85 here; count (scenes of 1–4 objects) only to beat chance clearly
-    ("toy-shapes-v2", {"colour": 0.95, "shape": 0.85, "position": 0.90, "size": 0.90, "background": 0.90, "count": 0.45}),
+    # the issue asks 0.90 for every one-object attribute of world v2; shape sits at about 0.90 (0.9075 on the
+    # bundle's 2,000 scenes, 0.912 and 0.897 on the two test worlds' 2,000), so the target holds for the mean
+    # over both test worlds, as docs/concepts/shapes_world.md states it. Count had no target: its claim is
+    # per count (tests/acceptance/test_shapes_world_claims.py)
+    ("toy-shapes-v2", {"colour": 0.95, "shape": 0.90, "position": 0.90, "size": 0.90, "background": 0.90}),
     # the ResNet tower distilled from toy-shapes (clip_lens.toy.distill): held to toy-shapes' targets
     ("toy-shapes-rn", {"colour": 0.95, "shape": 0.95, "position": 0.90, "size": 0.90, "background": 0.90}),
 ]
-REMEASURED_IMAGES = 500
+REMEASURED_IMAGES = 500  # the recorded figures' check (default suite)
+TARGET_IMAGES = 2000  # the targets' check (slow): as many scenes as the recorded figures
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +41,9 @@ def _meta(name: str) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _remeasured(name: str) -> ZeroShotResult:
-    """Zero-shot accuracy of ``name`` on scenes of another world seed than the recorded figures'."""
-    return zero_shot_accuracy(HookedCLIP.from_pretrained(name), n_images=REMEASURED_IMAGES, seed=_meta(name)["metrics"]["seed"] + 1)
+def _remeasured(name: str, n_images: int = REMEASURED_IMAGES, seed: int = TEST_SEEDS[0]) -> ZeroShotResult:
+    """Zero-shot accuracy of ``name`` on scenes of a test world (`tests/seeds.py`), not the recorded figures'."""
+    return zero_shot_accuracy(HookedCLIP.from_pretrained(name), n_images=n_images, seed=seed)
 
 
 @pytest.mark.parametrize("name", [name for name, _ in MODELS])
@@ -51,7 +54,7 @@ def test_bundled_model_is_listed_small_and_matches_open_clip(name):
     assert weights.stat().st_size <= 25 * 2**20
     reference = CLIP(**_meta(name)["model_cfg"]).eval()
     reference.load_state_dict(_bundled_state_dict(name), strict=True)
-    images = batch_images([ShapesWorld(seed=7, image_size=model.cfg.image_size[0]).scene(i) for i in range(4)])
+    images = batch_images([ShapesWorld(seed=TEST_SEEDS[0], image_size=model.cfg.image_size[0]).scene(i) for i in range(4)])
     tokens = model.to_tokens(["a red circle", "a shape on a striped background"])
     with torch.no_grad():
         assert (reference.encode_image(images, normalize=True) - model.encode_image(images, normalize=True)).abs().max() <= 1e-5
@@ -66,13 +69,14 @@ def test_all_bundled_weights_together_stay_under_40_mib():
     assert total <= 40 * 2**20, f"{total / 2**20:.1f} MiB"
 
 
-def test_version_2_model_binds_no_better_than_chance_is_what_it_records():
-    """Binding on two-object scenes is reported against chance (0.5), not assumed: the recorded
-    figure must agree with a re-measurement on another seed, whatever it is."""
+def test_recorded_binding_figures_hold_on_a_test_world():
+    """The bundle's binding figures (two-object scenes, chance 0.5) agree with a re-measurement on a test
+    world, whatever they are; what they mean against chance is asserted, per test with its interval, by
+    tests/acceptance/test_shapes_world_claims.py."""
     from clip_lens.toy.evaluate import binding_accuracy
 
     recorded = _meta("toy-shapes-v2")["metrics"]["binding"]
-    again = binding_accuracy(HookedCLIP.from_pretrained("toy-shapes-v2"), n_scenes=400, seed=recorded["seed"] + 1)
+    again = binding_accuracy(HookedCLIP.from_pretrained("toy-shapes-v2"), n_scenes=400, seed=TEST_SEEDS[-1])
     assert again.chance == recorded["chance"] == 0.5
     for test, accuracy in again.accuracy.items():
         before = recorded["accuracy"][test]
@@ -88,9 +92,9 @@ def _bundled_state_dict(name: str):
 
 
 @pytest.mark.parametrize("name", [name for name, _ in MODELS])
-def test_recorded_zero_shot_figures_hold_on_scenes_of_another_seed(name):
-    """The json's figures (measured when bundling) against a re-measurement on an independent world
-    seed: two binomial samples of one accuracy agree within 4 standard errors of their difference
+def test_recorded_zero_shot_figures_hold_on_scenes_of_a_test_world(name):
+    """The json's figures (measured when bundling) against a re-measurement on a test world
+    (`tests/seeds.py`): two binomial samples of one accuracy agree within 4 standard errors of their difference
     (pooled p, both sample sizes) plus 0.01 for the world's seed-to-seed variation."""
     recorded = _meta(name)["metrics"]
     result = _remeasured(name)
@@ -103,19 +107,21 @@ def test_recorded_zero_shot_figures_hold_on_scenes_of_another_seed(name):
         assert abs(accuracy - before) <= bound, f"{attribute}: {accuracy:.3f} now, {before:.3f} recorded (bound {bound:.3f})"
 
 
+@pytest.mark.slow  # 2 × 2,000 scenes per model: 36–97 s each on one core of a loaded machine
 @pytest.mark.parametrize("name, targets", MODELS)
-def test_zero_shot_accuracy_meets_the_issue_targets_on_scenes_of_another_seed(name, targets):
-    """The shapes-world issue's targets, on the re-measurement (not the recorded figures), each with
-    the lower bound of its bootstrap 95% interval over scenes well above chance (1 / number of values)."""
-    result = _remeasured(name)
+def test_zero_shot_accuracy_meets_the_issue_targets_on_two_test_worlds(name, targets):
+    """The shapes-world issues' targets at their stated values: the mean accuracy over 2,000 scenes of each
+    of two test worlds (not the recorded figures') reaches the target, and on each world the lower bound
+    of the bootstrap 95% interval over scenes lies well above chance (1 / number of values)."""
+    results = [_remeasured(name, TARGET_IMAGES, seed) for seed in TEST_SEEDS[:2]]
     for attribute, target in targets.items():
-        accuracy, (low, high) = result.accuracy[attribute], result.interval[attribute]
-        assert accuracy >= target, f"{attribute}: {accuracy:.3f} [{low:.3f}, {high:.3f}] < {target} (seed {result.seed})"
-        assert low > result.chance[attribute] + 0.2, attribute
+        shown = ", ".join(f"{r.accuracy[attribute]:.3f} [{r.interval[attribute][0]:.3f}, {r.interval[attribute][1]:.3f}]" for r in results)
+        assert sum(r.accuracy[attribute] for r in results) / len(results) >= target, f"{attribute}: {shown} < {target}"
+        assert all(r.interval[attribute][0] > r.chance[attribute] + 0.2 for r in results), (attribute, shown)
 
 
 def test_decomposition_of_the_bundled_model_is_exact(model):
-    images = batch_images([ShapesWorld(seed=8).scene(i) for i in range(8)])
+    images = batch_images([ShapesWorld(seed=TEST_SEEDS[1]).scene(i) for i in range(8)])
     parts = model.decompose(images, tokens="all")
     assert parts.relative_error().max().item() <= 1e-4
     assert parts.tokens.shape == (8, 4, 4, 65, 128)
@@ -153,7 +159,7 @@ def test_readme_main_job_reports_on_the_bundled_model(tmp_path):
 
 
 def test_resnet_colour_and_shape_directions_point_at_the_object_better_than_text_free_maps():
-    """On held-out scenes of a seed the docs never used: the per-position decomposition of the true
+    """On held-out scenes of a test world (`tests/seeds.py`), which no doc figure used: the per-position decomposition of the true
     value's text direction (against the attribute's other values) peaks on the object's cell far above
     chance, and concentrates its positive mass there more than the maps that need no text (the spatial
     tokens' norm, the attention pool's pattern), which find the salient object as often."""
@@ -161,11 +167,11 @@ def test_resnet_colour_and_shape_directions_point_at_the_object_better_than_text
 
     model = HookedCLIP.from_pretrained("toy-shapes-rn")
     for attribute in ("colour", "shape"):
-        result = localisation(model, attribute, n_images=300, seed=3031)
+        result = localisation(model, attribute, n_images=300, seed=TEST_SEEDS[2])
         low, _ = result.interval["decomposition"]
         assert low > result.interval["random cell"][1] + 0.5, (attribute, result.hit_rate)
         share = result.object_share
         assert share["decomposition"] > max(share["pool attention"], share["feature norm"]) + 0.2, (attribute, share)
         assert share["decomposition"] > share["wrong value"] + 0.2, (attribute, share)
-        parts = model.decompose(batch_images([ShapesWorld(seed=3031, image_size=96).scene(0)]), tokens="all")
+        parts = model.decompose(batch_images([ShapesWorld(seed=TEST_SEEDS[2], image_size=96).scene(0)]), tokens="all")
         assert parts.relative_error().max().item() <= 1e-5 and parts.positions.shape == (1, 9, 128)

@@ -157,7 +157,7 @@ class TestEvaluation:
         table = result.table
         assert result.zero_shot_accuracy == 1.0 and result.n_images == 120
         assert list(table) == ["decomposition (all layers)", "decomposition (last layer)",
-                               "random 4 heads", "raw attention", "chroma (no model)",
+                               "random 4 heads", "random 16 heads drawn per layer (4/4/4/4)", "raw attention", "chroma (no model)",
                                "colour contrast (no model)", "uniform", "all background"]
         assert result.baselines == list(table)[2:]
         assert result.layers == {"decomposition (all layers)": [0, 1, 2, 3], "decomposition (last layer)": [3]}

@@ -14,12 +14,13 @@ from clip_lens.stats import bootstrap_ci
 from clip_lens_plugins.segmentation import SegmentationData, SegmentationEval, SegmentationEvalResult, shapes_world_segmentation
 from clip_lens_plugins.segmentation.baselines import chroma_map, contrast_map
 from clip_lens_plugins.segmentation.evaluation import BASELINES, METRICS
-from clip_lens_plugins.segmentation.heads import random_head_sets
+from clip_lens_plugins.segmentation.heads import parse_heads, random_head_sets, random_per_layer_sets
 from clip_lens_plugins.segmentation.metrics import (
     SegmentationScore, average_precision, average_precisions, foreground_scores, image_intervals, threshold_at_mean,
 )
 
 RANDOM_ROW = "random 4 heads"
+ALL_LAYER_ROW = "random 16 heads drawn per layer (4/4/4/4)"
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +135,24 @@ class TestRandomHeads:
         assert again.random_heads == result.random_heads and again.table == result.table
         other = SegmentationEval(toy).run(shapes_world_segmentation(16), batch_size=32, seed=1, n_boot=50)
         assert other.random_heads[RANDOM_ROW]["draws"] != control["draws"]
-        # a method over every head has no random set of its size but itself: no control row
-        assert list(result.random_heads) == [RANDOM_ROW]
+        # a method over every head has no random *set* of its size but itself: its control is drawn per layer
+        assert list(result.random_heads) == [RANDOM_ROW, ALL_LAYER_ROW]
+
+    def test_the_all_layer_control_keeps_each_layers_head_count_and_draws_with_replacement(self, evaluated):
+        everything = parse_heads("all", 4, 4)
+        draws = random_per_layer_sets(everything, 200, seed=0)
+        counts = torch.stack([d.counts for d in draws]).float()  # [draw, layer, head]
+        assert (counts.sum(2) == 4).all()  # four heads in every layer, like the all-layer map
+        assert (counts != 1).any((1, 2)).float().mean() > 0.9  # with replacement: almost no draw is the map itself
+        assert (counts.mean(0) - 1).abs().max() < 0.25  # each head once on average
+        assert [d.labels for d in random_per_layer_sets(everything, 5, seed=0)] == [d.labels for d in draws[:5]]
+        assert random_per_layer_sets(parse_heads(["L0H1", "L0H2", "L3H0"], 4, 4), 1)[0].counts.sum(1).tolist() == [2, 0, 0, 1]
+        _, result = evaluated[16]
+        control = result.random_heads[ALL_LAYER_ROW]
+        assert control["methods"] == ["decomposition (all layers)"] and control["size"] == 16
+        assert all(len(d) == 16 for d in control["draws"])
+        for metric, values in control["per_draw"].items():
+            assert result.table[ALL_LAYER_ROW][metric] == pytest.approx(np.mean(values))
 
     def test_head_keys_as_a_method(self, toy):
         result = SegmentationEval(toy).run(shapes_world_segmentation(8), layers={"L1H2": ["L1H2"]}, random_draws=3, n_boot=50)
@@ -146,7 +163,7 @@ class TestRandomHeads:
     def test_methods_of_one_size_share_a_control(self, toy):
         result = SegmentationEval(toy).run(shapes_world_segmentation(8), layers={"layer 0": [0], "layer 1": [1], "all": "all"},
                                            random_draws=2, n_boot=50)
-        assert list(result.random_heads) == ["random 4 heads"]
+        assert list(result.random_heads) == ["random 4 heads", ALL_LAYER_ROW]
         assert result.random_heads["random 4 heads"]["methods"] == ["layer 0", "layer 1"]
         with pytest.raises(InputError, match="is a baseline's row name"):
             SegmentationEval(toy).run(shapes_world_segmentation(2), layers={"uniform": [0]})
@@ -213,7 +230,7 @@ class TestResult:
         markdown = result.to_markdown()
         rows = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line][1:]
         assert [r.split("|")[1].strip() for r in rows] == list(result.table)
-        assert result.baselines == [RANDOM_ROW, *BASELINES]
+        assert result.baselines == [RANDOM_ROW, ALL_LAYER_ROW, *BASELINES]
         low, high = result.intervals["raw attention"]["object_iou"]
         assert f"{100 * result.table['raw attention']['object_iou']:.1f} [{100 * low:.1f}, {100 * high:.1f}]" in markdown
         assert "| method | pixel acc | object IoU | mIoU | mAP |" in markdown

@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 import clip_lens.collect as collect_module
+import clip_lens.store_write as store_write
 from clip_lens import HookedCLIP
 from clip_lens.collect import FORMAT, ImageSource, Store, collect, shapes_world_images, store_from_arrays
 from clip_lens.errors import ClipLensError, InputError, StoreCorruptError, StoreLockedError, StoreWarning, StoreWriteError
@@ -346,13 +347,13 @@ def test_store_from_arrays_writes_a_checked_store(tmp_path):
 # -- creation is atomic ----------------------------------------------------------------------------
 
 
-real_write = collect_module.atomic_write
+real_write = store_write.atomic_write
 
 
 def failing_writes(monkeypatch, fail_on: int, name: str = "zarr.json"):
     """Make the ``fail_on``-th atomic write of a file called ``name`` raise ENOSPC (a full disk)."""
     writes = []
-    real = collect_module.atomic_write
+    real = store_write.atomic_write
 
     def write(path, data):
         if Path(path).name == name:
@@ -361,7 +362,7 @@ def failing_writes(monkeypatch, fail_on: int, name: str = "zarr.json"):
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, data)
 
-    monkeypatch.setattr(collect_module, "atomic_write", write)
+    monkeypatch.setattr(store_write, "atomic_write", write)
 
 
 @pytest.mark.parametrize("existing_empty_folder", [False, True])
@@ -420,7 +421,7 @@ def test_a_store_is_built_in_place_when_its_parent_is_not_writable(tmp_path, pri
     with pytest.raises(StoreWriteError, match="No space left"):
         run(toy, out)
     assert sorted(p.name for p in out.iterdir()) == ["done", "ids.json"] and collect_module.resumable_folder(out)
-    monkeypatch.setattr(collect_module, "atomic_write", real_write)
+    monkeypatch.setattr(store_write, "atomic_write", real_write)
     run(toy, out)
     assert_same_files(out, pristine)
     assert not collect_module.resumable_folder(tmp_path / "s" / "heads" / "zarr.json")

@@ -47,17 +47,17 @@ def figure_texts(monkeypatch, api, endpoint: str, body: dict) -> tuple[list[str]
     import clip_lens.app.api as api_module
 
     seen = {}
-    original = api_module._figure_url
+    original = api_module.figure_data_url  # clip_lens.figures.figure_data_url, as both modules call it
 
     def spy(fig):
         seen["titles"] = [ax.get_title() for ax in fig.axes]
         seen["colour_bars"] = sum(1 for ax in fig.axes if ax.get_label() == "<colorbar>")
         return original(fig)
 
-    monkeypatch.setattr(api_module, "_figure_url", spy)
+    monkeypatch.setattr(api_module, "figure_data_url", spy)
     import clip_lens.app.features as features_module
 
-    monkeypatch.setattr(features_module, "_figure_url", spy)
+    monkeypatch.setattr(features_module, "figure_data_url", spy)
     answer = getattr(api, endpoint)(body)
     assert answer["figure"].startswith("data:image/png;base64,")
     return seen["titles"], seen["colour_bars"]

@@ -336,6 +336,53 @@ function setupFeatures(info) {
   $("#form-features-image").addEventListener("submit", (event) => { event.preventDefault(); imageFeatures(event.target); });
 }
 
+// --- the Neurons tab (second-order effects of MLP neurons) -------------------------------
+const codeText = (code) => code.slice(0, 3).map(([text, c]) => `${text} (${c >= 0 ? "+" : ""}${c.toFixed(2)})`).join(", ") || "—";
+
+async function neuronsImage(form) {
+  const result = $("#result-neurons-image");
+  if (!state.image) { showError("neurons-image", "choose a query image first: upload one or pick a store image on the left."); return; }
+  result.replaceChildren(element("p", { class: "status" }, "Running… (the first time, the neurons are analysed on the store)"));
+  try {
+    const data = await request("/api/neuron_image", { images: [state.image], names: [state.name], k: number(form.elements.k) });
+    const table = tableWith(["neuron", "|effect|", "code (coefficient)"],
+      `Largest second-order effects on the query image (layers ${data.layers.join(", ")})`);
+    for (const neuron of data.images[0].neurons) {
+      $("tbody", table).append(element("tr", {}, ""));
+      $("tbody", table).lastChild.append(element("td", {}, neuron.neuron), element("td", { class: "num" }, neuron.effect.toFixed(3)),
+        element("td", {}, codeText(neuron.code)));
+    }
+    result.replaceChildren(element("img", { class: "figure", src: data.figure, alt: "the query image's top neurons" }), table);
+  } catch (error) {
+    showError("neurons-image", error.message);
+  }
+}
+
+async function neuronsSearch(form) {
+  const result = $("#result-neurons-search");
+  result.replaceChildren(element("p", { class: "status" }, "Searching…"));
+  try {
+    const data = await request("/api/neuron_search", { text: form.elements.text.value, k: number(form.elements.k) });
+    const table = tableWith(["neuron", "cosine", "code (coefficient)", "top store images"],
+      `Neurons whose rank-1 direction points along "${data.text}" (over ${data.n_analysed} store images)`);
+    for (const neuron of data.neurons) {
+      const strip = element("td", {});
+      strip.append(element("img", { src: neuron.strip, alt: `top store images of ${neuron.neuron}` }));
+      $("tbody", table).append(element("tr", {}, ""));
+      $("tbody", table).lastChild.append(element("td", {}, neuron.neuron), element("td", { class: "num" }, neuron.cosine.toFixed(3)),
+        element("td", {}, codeText(neuron.code)), strip);
+    }
+    result.replaceChildren(table);
+  } catch (error) {
+    showError("neurons-search", error.message);
+  }
+}
+
+function setupNeurons() {
+  $("#form-neurons-image").addEventListener("submit", (event) => { event.preventDefault(); neuronsImage(event.target); });
+  $("#form-neurons-search").addEventListener("submit", (event) => { event.preventDefault(); neuronsSearch(event.target); });
+}
+
 // --- start ------------------------------------------------------------------------------
 function fillControls(info) {
   const labelled = (head) => head.label ? `${head.key} (${head.label})` : head.key;
@@ -372,6 +419,7 @@ async function start() {
   }
   fillControls(state.info);
   setupFeatures(state.info);
+  setupNeurons();
   $("#upload").addEventListener("change", (event) => { if (event.target.files[0]) readUpload(event.target.files[0]); });
   $("#store-row-form").addEventListener("submit", (event) => {
     event.preventDefault();
