@@ -528,7 +528,8 @@ class ShapesWorld(Dataset):
             atomic_write(folder / "images" / f"{i:06d}.png", lambda f: Image.fromarray(scene.image).save(f, format="PNG"))
             atomic_write(folder / "masks" / f"{i:06d}.npz", lambda f: np.savez_compressed(f, objects=scene.object_masks, **scene.extra))
             records.append({**scene.record(), "image": f"images/{i:06d}.png", "masks": f"masks/{i:06d}.npz", "caption": scene.caption()})
-        meta = {"seed": self.seed, "version": self.version, "image_size": self.image_size, "n_objects": list(self.n_objects), "scenes": records}
+        meta = {"seed": self.seed, "version": self.version, "image_size": self.image_size, "n_objects": list(self.n_objects),
+                **({"camouflage": True} if self.camouflage else {}), "scenes": records}
         atomic_write(folder / "scenes.json", json.dumps(meta, indent=1))
         return folder
 

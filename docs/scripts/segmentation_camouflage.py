@@ -6,7 +6,8 @@ scenes this measures, with 95 % bootstrap intervals over scenes:
 
 - the zero-shot accuracy of ``toy-shapes-camo`` per attribute on camouflage scenes (shape, size,
   position, background, colour: the colour shows only in the 1-px outline) against chance;
-- `SegmentationEval` with shape classes: the decomposition maps (all layers, last layer) against
+- `SegmentationEval` with position classes (``--attribute shape`` for shape classes, the model
+  mostly wrong there): the decomposition maps (all layers, last layer) against
   raw attention, random heads, the random all-layer control (16 heads drawn per layer with
   replacement), chroma, colour contrast, uniform and all-background.
 
@@ -50,7 +51,7 @@ def camouflage_accuracy(model, n: int, seed: int, batch_size: int = 250) -> dict
             for a, v in correct.items()}
 
 
-def measure(model_name: str = "toy-shapes-camo", n: int = 2000, seed: int = DOCS_SEED, attribute: str = "shape",
+def measure(model_name: str = "toy-shapes-camo", n: int = 2000, seed: int = DOCS_SEED, attribute: str = "position",
             random_draws: int = 10, n_boot: int = 2000):
     """``(zero-shot accuracies, SegmentationEvalResult)`` on ``n`` camouflage scenes of world ``seed``."""
     model = clip_lens.HookedCLIP.from_pretrained(model_name)
@@ -65,7 +66,7 @@ def main() -> None:
     parser.add_argument("--model", default="toy-shapes-camo")
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=DOCS_SEED)
-    parser.add_argument("--attribute", default="shape")
+    parser.add_argument("--attribute", default="position", help="the classes: position (the docs' table) or shape")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     accuracy, result = measure(args.model, args.images, args.seed, args.attribute)

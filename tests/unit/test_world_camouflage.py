@@ -10,7 +10,7 @@ from clip_lens.errors import InputError
 from clip_lens.toy.world import COLOURS, ShapesWorld
 
 # sha256 of 20 scenes (images and masks) and one colour minimal set of world seed 7, rendered by the
-# code before the camouflage option existed (git HEAD of that change): the option must not move a pixel.
+# code before the camouflage option existed (commit e576640): the option must not move a pixel.
 UNCHANGED = {
     1: "32b639b34d1cdc6acd14a9c1f00715d836a3aa2ae56f718a56066901d3917474",
     2: "7ee3fad40106893ee8559c3cf297e3d9ca06b13b1e974719bd967cea5fc3e9ac",
