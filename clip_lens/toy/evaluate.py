@@ -55,7 +55,10 @@ def zero_shot_accuracy(
     attribute ("a red shape", "a shape at the top left", "a shape on a striped background");
     the prediction is the argmax over the attribute's values. The scenes hold one object, except
     for version 2's ``count``, measured on scenes of 1–4 objects ("one shape" … "four shapes").
-    ``world_version`` defaults to the model's (`shapes_world_version`), else 1.
+    ``world_version`` defaults to the model's (`shapes_world_version`), else 1. Besides one accuracy
+    per attribute, the result holds it per true value with intervals and the confusion rows
+    (``per_value``, ``per_value_interval``, ``confusion``): one number can hide that a model counts
+    one and four objects and calls three "four".
     """
     tokenize = tokenize or model.to_tokens
     size = image_size or model.cfg.image_size[0]

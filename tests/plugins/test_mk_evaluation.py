@@ -14,6 +14,7 @@ from clip_lens_plugins.mutual_knowledge.evaluation import (
     evaluate_explanations, explanation_curves, feature_map_channels, feature_map_regions, random_regions,
 )
 from clip_lens_plugins.mutual_knowledge.regions import default_blur_kernel, gaussian_blur
+from tests.seeds import TEST_SEEDS
 
 N_SCENES = 120
 
@@ -28,8 +29,8 @@ def toy():
 
 @pytest.fixture(scope="module")
 def data(toy):
-    """Held-out one-object scenes (seed 1000; the toy trained on seed 0), shape classes, predictions."""
-    world = ShapesWorld(seed=1000, n_objects=1)
+    """Held-out one-object scenes of a test world (the toy trained on seed 0), shape classes, predictions."""
+    world = ShapesWorld(seed=TEST_SEEDS[6], n_objects=1)
     scenes = [world.scene(i) for i in range(N_SCENES)]
     images = batch_images(scenes)
     objects = torch.from_numpy(np.stack([s.object_masks[0] for s in scenes]))

@@ -18,6 +18,11 @@ CLAIM_TESTS = [
     "tests/acceptance/test_sae_truth.py",
     "tests/acceptance/test_shapes_world_claims.py",
     "tests/plugins/test_text_neighbours_truth.py",
+    "tests/plugins/test_mk_analysis.py",
+    "tests/plugins/test_mk_descriptors.py",
+    "tests/plugins/test_mk_evaluation.py",
+    "tests/plugins/test_mk_regions.py",
+    "tests/plugins/test_segmentation.py",
     "tests/acceptance/test_neurons_truth.py",
 ]
 # a world seed written as a literal in a test: ShapesWorld(seed=7), binding_accuracy(model, seed=1001), eval_seed=5
