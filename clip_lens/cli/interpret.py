@@ -18,11 +18,14 @@ def _segmentation_images(hooked, images: Optional[Path], shapes: Optional[int], 
     if (images is None) == (shapes is None):
         _fail("give exactly one image source: --images FOLDER or --shapes N.")
     if shapes is not None:
-        from clip_lens.toy.evaluate import shapes_world_version
+        from clip_lens.toy.evaluate import shapes_world_camouflage, shapes_world_version
 
         make = _plugin_function("segmentation", "shapes_world_segmentation")
+        camouflage = shapes_world_camouflage(hooked)
+        if camouflage:  # the scenes follow the model's world; say so, since they change every figure
+            typer.echo(f"{hooked.model_name} was trained on camouflage scenes: drawing shapes-world v2 camouflage scenes.")
         return make(shapes, seed=seed, image_size=hooked.cfg.image_size[0], attribute=attribute,
-                    version=shapes_world_version(hooked) or 1)
+                    version=shapes_world_version(hooked) or 1, camouflage=camouflage)
     return _plugin_function("segmentation", "folder_segmentation")(images, hooked.preprocess)
 
 

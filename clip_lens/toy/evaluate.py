@@ -137,6 +137,15 @@ def shapes_world_version(model) -> Optional[int]:
     return None if version is None else int(version)
 
 
+
+def shapes_world_camouflage(model) -> bool:
+    """Whether a bundled model was trained on camouflage scenes (its registry entry's ``camouflage``:
+    ``toy-shapes-camo``); its shapes-world scenes are then drawn with ``camouflage=True``."""
+    from clip_lens.loading import bundled_models
+
+    name = model if isinstance(model, str) else getattr(model, "model_name", None)
+    return bool(bundled_models().get(name or "", {}).get("camouflage", False))
+
 @dataclass
 class BindingResult:
     """Two-object scenes: does the model prefer the true caption to the same words wrongly bound?

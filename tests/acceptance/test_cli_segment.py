@@ -73,3 +73,16 @@ def test_neighbors_of_a_text_by_a_head_are_images_showing_it(tmp_path):
     assert saved["metric"] == "concepts" and len(saved["search_texts"]) == len(VALUES["colour"])
     shared = [world.scene(r).value("colour") == query.value("colour") for query, rows in zip(queries, saved["indices"]) for r in rows]
     assert np.mean(shared) >= 0.9
+
+
+def test_segment_eval_draws_the_camouflage_scenes_the_model_was_trained_on(tmp_path):
+    """toy-shapes-camo's registry entry says camouflage: its scenes are camouflaged (said on stdout), so the
+    no-model colour maps fall to the object share while the model's map does not."""
+    result = CliRunner().invoke(app, ["segment-eval", "-m", "toy-shapes-camo", "--shapes", "40", "--attribute", "position",
+                                      "--seed", "52713", "--out", str(tmp_path / "table.json")])
+    assert result.exit_code == 0, result.output
+    assert "drawing shapes-world v2 camouflage scenes" in result.output
+    table = json.loads((tmp_path / "table.json").read_text())["table"]
+    share = table["uniform"]["mean_ap"]  # a constant map's AP is the object share
+    assert table["chroma (no model)"]["mean_ap"] < share + 0.03
+    assert table["decomposition (all layers)"]["mean_ap"] > table["chroma (no model)"]["mean_ap"] + 0.20
