@@ -123,7 +123,7 @@ class NeuronInspection:
         fig.suptitle("\n".join(textwrap.fill(line, width, break_long_words=False) for line in title.split("\n")), fontsize=9)
         return fig
 
-    def dashboards(self, dpi: int = 100) -> dict[str, bytes]:
+    def dashboards(self, dpi: int = 80) -> dict[str, bytes]:
         """``{file name: PNG}``: one dashboard per shown neuron (`plot`)."""
         return {dashboard_name(row.layer, row.neuron): figure_png(self.plot(r), dpi=dpi) for r, row in enumerate(self.rows)}
 

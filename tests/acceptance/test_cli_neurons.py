@@ -111,3 +111,16 @@ def test_neurons_failures_are_one_line_with_the_fix(store, tmp_path):
     one_error(runner.invoke(app, ["neurons", "--store", str(plain), *out]), "clip-lens collect --neurons")
     one_error(runner.invoke(app, ["collect", "-m", "toy-shapes-rn", "--shapes", "4", "--neurons", "0",
                                   "--out", str(tmp_path / "rn")]), "ViT towers")
+
+
+def test_report_section_shows_the_largest_mean_effects_and_skips_towers_without_neurons(toy):
+    from clip_lens.neurons_report import neurons_section, render_section
+
+    summary, pngs = neurons_section(toy, n_images=30, seed=SEED, n_neurons=3)
+    assert summary["n_analysed"] == (toy.cfg.n_layers - 1) * toy.cfg.d_mlp and summary["n_images"] == 30
+    by_label = {f"L{n['layer']}N{n['neuron']}": n["effect_norm"] for n in summary["neurons"]}
+    effects = [by_label[shown["neuron"]] for shown in summary["shown"]]
+    assert len(pngs) == 3 and effects == sorted(effects, reverse=True)
+    assert render_section(summary, pngs).count("<img") == 3
+    skipped, none = neurons_section(HookedCLIP.from_pretrained("toy-shapes-rn"), n_images=4)
+    assert none == {} and "ViT towers" in skipped["skipped"] and "Not analysed" in render_section(skipped, none)

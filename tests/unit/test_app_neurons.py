@@ -7,12 +7,13 @@ import urllib.request
 
 import pytest
 import torch
+from PIL import Image
 
 from clip_lens import HookedCLIP, analyses, second_order
 from clip_lens.app import Api, demo_workspace, make_server
 from clip_lens.banks import encode_bank, load_bank
 from clip_lens.errors import InputError
-from clip_lens.toy.world import ShapesWorld, batch_images
+from clip_lens.toy.world import ShapesWorld
 from tests.helpers import serving
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -31,10 +32,14 @@ def api(toy, tmp_path_factory):
     return Api(toy, workspace.store, workspace.labels, thumbnails=workspace.thumbnails)
 
 
+def scene_pixels(toy, seed, index):
+    return toy.preprocess(Image.fromarray(ShapesWorld(seed=seed, image_size=64).scene(index).image))
+
+
 @pytest.fixture(scope="module")
 def library(toy):
-    """The neurons analysis on the store's scenes, computed here without the app."""
-    images = batch_images([ShapesWorld(seed=STORE_SEED, version=2).scene(i) for i in range(N_SCENES)])
+    """The neurons analysis on the store's scenes (the demo store holds version-1 scenes), computed here without the app."""
+    images = torch.stack([scene_pixels(toy, STORE_SEED, i) for i in range(N_SCENES)])
     return analyses.get("neurons")(toy).run(images, bank="shapes-attributes", layers=[0, 1, 2], k=8, top_k=N_SCENES)
 
 
@@ -51,7 +56,7 @@ def test_search_ranks_neurons_by_the_cosine_of_their_rank_one_direction_with_the
 
 def test_image_neurons_are_the_largest_second_order_effects_on_that_image(toy, api):
     answer = api.neuron_image({"images": [{"scene": 3, "seed": QUERY_SEED}], "k": 4})
-    image = batch_images([ShapesWorld(seed=QUERY_SEED, version=2).scene(3)])
+    image = scene_pixels(toy, QUERY_SEED, 3)[None]  # as the app reads {"scene": 3}: a version-1 scene, preprocessed
     norms = second_order(toy, image, layers=[0, 1, 2]).effects[0].norm(dim=-1).flatten()  # [layer · neuron]
     values, order = norms.topk(4)
     shown = answer["images"][0]["neurons"]
@@ -69,7 +74,7 @@ def test_bad_neuron_requests_are_refused_with_the_reason(api, toy):
         api.neuron_search({"text": " "})
     server = make_server(toy, api.store, api.labels)
     with serving(server):
-        request = urllib.request.Request(f"{server.url}/api/neuron_search", data=json.dumps({"text": ""}).encode(),
+        request = urllib.request.Request(f"{server.url}api/neuron_search", data=json.dumps({"text": ""}).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=30)
