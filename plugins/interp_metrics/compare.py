@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence, Union
 
-from clip_lens.analyses import JSONResult
+from clip_lens.results import JSONResult
 from clip_lens.errors import InputError
 from clip_lens_plugins.head_labels.result import HeadLabelsResult
 from clip_lens_plugins.interp_metrics.analysis import InterpMetrics, MetricsResult

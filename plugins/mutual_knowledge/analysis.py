@@ -29,7 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from clip_lens.analyses import JSONResult
+from clip_lens.results import JSONResult
 from clip_lens.errors import InputError
 from clip_lens_plugins.mutual_knowledge import descriptors as desc
 from clip_lens_plugins.mutual_knowledge import evaluation, information, regions

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from clip_lens.analyses import JSONResult
+from clip_lens.results import JSONResult
 from clip_lens.errors import InputError
 from clip_lens.stats import bootstrap_correlation, pearson, spearman
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from clip_lens.analyses import JSONResult
+from clip_lens.results import JSONResult
 from clip_lens.errors import InputError
 from clip_lens_plugins.mutual_knowledge.regions import default_blur_kernel, gaussian_blur
 

@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Float, Int, UInt8
 from torch import Tensor
 
-from clip_lens.analyses import JSONResult
+from clip_lens.results import JSONResult
 from clip_lens.errors import InputError
 from clip_lens.figures import plain
 

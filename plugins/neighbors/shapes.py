@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 import torch
 
-from clip_lens.analyses import JSONResult
+from clip_lens.results import JSONResult
 from clip_lens.collect import Store
 from clip_lens.errors import InputError, close_matches
 from clip_lens.stats import bootstrap_ci

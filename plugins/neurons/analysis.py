@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from clip_lens.analyses import JSONResult
+from clip_lens.results import JSONResult
 from clip_lens.banks import TextBank, encode_bank, load_bank
 from clip_lens.errors import InputError
 from clip_lens_plugins.neurons.checks import check_tasks, replacement_accuracy

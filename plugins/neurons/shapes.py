@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clip_lens.analyses import JSONResult
+from clip_lens.results import JSONResult
 from clip_lens.errors import InputError
 from clip_lens.stats import bootstrap_ci
 from clip_lens_plugins.neurons.naming import DEFAULT_NAMES, world_names

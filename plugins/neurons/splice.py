@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from clip_lens.analyses import JSONResult
+from clip_lens.results import JSONResult
 from clip_lens.banks import TextBank
 from clip_lens.errors import InputError
 from clip_lens.sparse_coding import centered_dictionary, nonnegative_sparse_code

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from clip_lens.analyses import JSONResult
+from clip_lens.results import JSONResult
 from clip_lens.errors import InputError
 from clip_lens_plugins.segmentation.analysis import checked_images, encode_texts
 from clip_lens_plugins.segmentation.baselines import chroma_map, contrast_map, pixel_values

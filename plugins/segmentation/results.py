@@ -10,7 +10,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from clip_lens.analyses import JSONResult
+from clip_lens.results import JSONResult
 from clip_lens.errors import InputError
 from clip_lens.figures import plain
 from clip_lens_plugins.segmentation.maps import minmax, upsample

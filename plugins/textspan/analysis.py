@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from clip_lens.analyses import JSONResult
+from clip_lens.results import JSONResult
 from clip_lens.banks import TextBank, encode_bank, load_bank
 from clip_lens.collect import Store, weights_fingerprint
 from clip_lens.errors import InputError
