@@ -20,6 +20,7 @@ Arrays of a store (``N`` images, ``D`` = d_embed, ``K`` = number of directions w
 ``blocks``                ``[N, n_blocks, D]`` per block                ConvNeXt
 ``feature_map``           ``[N, D]`` the final feature map's term       FastViT
 ``tokens``                ``[N, n_token_layers, H, P, K or D]``         ``tokens`` not None
+``neurons``               ``[N, n_neuron_layers, d_mlp, K or D]``       ``neurons`` not None (ViT)
 ``block_positions``       ``[N, n_token_layers, P, K or D]``            ConvNeXt, ``tokens``
 ``positions``             ``[N, P, K or D]`` per final position         conv towers, ``tokens``
 ``labels``                ``[N]`` int64 (-1: none)                      always
@@ -83,7 +84,7 @@ from clip_lens.precision import autocast
 from clip_lens.sources import (  # noqa: F401
     IMAGE_SUFFIXES, Batch, ImageSource, batches, image_source, shapes_world_images, store_images, store_thumbnails,
 )
-from clip_lens.store import FORMAT, LEGACY_FORMATS, Store, _checksum, _Lock  # noqa: F401
+from clip_lens.store import FORMAT, LEGACY_FORMATS, Store, _checksum, _Lock, weights_fingerprint  # noqa: F401
 from clip_lens.store_write import (  # noqa: F401
     _chunks_to_compute, _create_arrays, _open_arrays, _open_or_create, _write_chunk, _write_group, _writing,
     resumable_folder, store_from_arrays,
@@ -91,16 +92,6 @@ from clip_lens.store_write import (  # noqa: F401
 
 if TYPE_CHECKING:
     from clip_lens.hooked_clip import HookedCLIP
-
-
-def weights_fingerprint(model: "HookedCLIP") -> str:
-    """A short hash of the weights, so that a store is never resumed with another model."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
-        digest.update(str(tuple(tensor.shape)).encode())
-    return digest.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -111,6 +102,7 @@ def collect(
     *,
     heads: LayerSpec = "all",
     tokens: LayerSpec = None,
+    neurons: LayerSpec = None,
     directions: Optional[Float[Tensor, "k d_embed"]] = None,
     chunk_size: int = 256,
     batch_size: int = 64,
@@ -130,7 +122,13 @@ def collect(
         heads: layers whose per-head terms are kept (``"all"``, a list, or None).
         tokens: layers whose per-head, per-token terms are kept (None: none). Large: use
             ``directions`` to keep only their projections.
-        directions: ``[K, d_embed]``; when given, token terms are stored projected on them.
+        neurons: layers whose MLP neurons' second-order effects
+            ([`second_order`][clip_lens.second_order.second_order], every neuron) are kept as ``neurons``
+            ``[N, n_neuron_layers, d_mlp, K or D]`` (the store's ``neuron_layers``), divided by ‖embedding‖
+            like every term. Large (``d_mlp · D`` floats per image and layer, times ``chunk_size`` in
+            memory): pick few layers, or pass ``directions``. Refused before any work for towers
+            ``second_order`` does not handle (convolutional, a MAP pooler).
+        directions: ``[K, d_embed]``; when given, token terms and neuron effects are stored projected on them.
         chunk_size: images per store chunk (the unit of resumption); batch_size: images per forward.
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the forward pass and the decomposition
             under ``torch.autocast`` ([`clip_lens.precision`][clip_lens.precision]); the store keeps fp32 arrays
@@ -183,6 +181,12 @@ def collect(
     head_layers, token_layers = decomposition_layers(model, heads, tokens)
     if directions is not None and directions.shape[-1] != cfg.d_embed:
         raise InputError(f"directions must be [K, {cfg.d_embed}], got {tuple(directions.shape)}.")
+    neuron_maps = None
+    if neurons is not None:  # the image-independent half of second_order, built once (and the refusals, before any work)
+        from clip_lens.second_order import second_order_maps
+
+        on_device = None if directions is None else directions.to(model.device, torch.float32)
+        neuron_maps = second_order_maps(model, layers=neurons, directions=on_device)
     n = len(source)
     params = {
         "format": FORMAT, "model": model.model_name, "pretrained": str(model.pretrained), "weights": weights_fingerprint(model),
@@ -190,6 +194,8 @@ def collect(
         "directions": None if directions is None else hashlib.sha256(directions.float().cpu().numpy().tobytes()).hexdigest()[:16],
         "source": source.description, **source.meta,
     }
+    if neuron_maps is not None:  # only when asked: stores without neurons keep the parameters they always had
+        params["neuron_layers"] = list(neuron_maps.layers)
     if precision != "fp32":  # fp32 stores keep the parameters they always had, so older ones still resume
         params["precision"] = precision
     out = Path(out)
@@ -198,7 +204,10 @@ def collect(
 
     def terms(pixels: Tensor) -> dict[str, Tensor]:
         with autocast(model.device, precision):
-            return _terms(model, pixels, head_layers, token_layers, directions)
+            found = _terms(model, pixels, head_layers, token_layers, directions)
+            if neuron_maps is not None:
+                found["neurons"] = _neuron_terms(model, pixels, neuron_maps, found["embedding_norm"])
+            return found
 
     def compute(todo: Sequence[int], store: Store, bar) -> Iterator[tuple[int, dict[str, np.ndarray], dict]]:
         # fingerprints before any image is read (workers read ahead), compared with after each chunk
@@ -543,3 +552,11 @@ def _terms(model, pixels, head_layers, token_layers, directions) -> dict[str, Te
         if value is not None and token_layers:
             terms[name] = value if directions is None else value @ directions.to(value).T
     return {key: value.float() for key, value in terms.items()}
+
+
+def _neuron_terms(model, pixels, maps, norm) -> Tensor:
+    """One batch's second-order effects of every neuron of ``maps``' layers, divided by ‖embedding‖ like every term."""
+    from clip_lens.second_order import second_order
+
+    effects = second_order(model, pixels, maps=maps, batch_size=len(pixels)).effects
+    return (effects / norm.to(effects)[:, None, None, None]).float()

@@ -36,7 +36,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 import google_crc32c
 import numpy as np
@@ -48,11 +48,23 @@ from tqdm.auto import tqdm
 from clip_lens.errors import InputError, StoreCorruptError, StoreLockedError, StoreWarning
 from clip_lens.files import read_bytes
 
+if TYPE_CHECKING:
+    from clip_lens.hooked_clip import HookedCLIP
+
 FORMAT = "clip_lens.store/2"
 LEGACY_FORMATS = ("clip_lens.store/1",)  # no checksums: read with a warning, never resumed
 MARKER = re.compile(r"[0-9]{6,}")  # done/000003
 WRITE_CONFIG = {"write_empty_chunks": True}  # every chunk has a file, even all-fill ones: a missing file is damage
 
+
+def weights_fingerprint(model: "HookedCLIP") -> str:
+    """A short hash of the weights, so that a store is never resumed or read with another model."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+        digest.update(str(tuple(tensor.shape)).encode())
+    return digest.hexdigest()[:16]
 
 @dataclass
 class Store:
@@ -329,6 +341,38 @@ class Store:
         if layer not in self.head_layers:
             raise InputError(f"layer {layer} was not collected per head; the store has layers {self.head_layers}.")
         return self.read("heads", index=(self.head_layers.index(layer), head))
+
+    def check_model(self, model: "HookedCLIP", pretrained: Optional[str] = None) -> None:
+        """Refuse to read this store with a model other than the one it was collected with: another model
+        name, or other weights (the ``weights`` fingerprint, `weights_fingerprint`). The one check every
+        reader uses (TextSpan, neighbours, the app, the CLI). A store without a fingerprint (written from
+        arrays) has nothing to compare. ``pretrained`` is what the caller loaded (None: random weights),
+        so the fix can say what to pass."""
+        meta, where = self.meta, f"store {self.path}"
+        collected_with = meta.get("model")
+        if collected_with not in (None, "custom") and collected_with != model.model_name:
+            raise InputError(f"{where} was collected with model '{collected_with}', not '{model.model_name}'; "
+                             f"pass --model {collected_with}.")
+        recorded = meta.get("weights")
+        if recorded is None:
+            return
+        here = weights_fingerprint(model)
+        if here == recorded:
+            return
+        stored_tag = meta.get("pretrained")
+        if stored_tag in (None, "None"):
+            fix = ("it was collected with RANDOM weights (no --pretrained), which differ in every process, so no "
+                   "other command can reproduce them: collect it again with --pretrained (a tag or a local "
+                   "checkpoint) and pass the same --pretrained here")
+        elif str(stored_tag).startswith("bundled:"):
+            fix = f"pass --model {collected_with} without --pretrained (the store was collected with its bundled weights)"
+        else:
+            fix = (f"pass the same --model/--pretrained as `clip-lens collect` did: --model {collected_with} "
+                   f"--pretrained {stored_tag}")
+            if pretrained is None:
+                fix += " (without --pretrained this model has RANDOM weights)"
+        raise InputError(f"{where} was collected with other weights of {collected_with} (weights fingerprint "
+                         f"{recorded}, this model's {here}); {fix}.")
 
     def verify(self, chunks: Optional[Iterable[int]] = None, progress: bool = False) -> dict[int, list[str]]:
         """Check every file of the finished ``chunks`` (default: all) completely: it exists, has the

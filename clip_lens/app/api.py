@@ -15,6 +15,8 @@ Request fields (``POST /api/<name>``):
                            `clip_lens.app.features`)
 ``sae_feature``            ``sae``, ``feature``, ``k`` (9)
 ``sae_image``              ``sae``, ``images``, ``k`` (8)
+``neuron_image``           ``images``, ``k`` (8) (the Neurons tab, `clip_lens.app.neurons`)
+``neuron_search``          ``text``, ``k`` (8)
 =========================  =================================================================
 
 ``images`` is a list of 1..``max_images`` items, each a data URL (``"data:image/png;base64,…"``,
@@ -52,7 +54,7 @@ from torch import Tensor
 
 from clip_lens import analyses
 from clip_lens.app.guard import MAX_TEXT, OverBudget
-from clip_lens.collect import Store, store_images, store_thumbnails, weights_fingerprint
+from clip_lens.collect import Store, store_images, store_thumbnails
 from clip_lens.errors import InputError, close_matches
 from clip_lens.figures import figure_data_url, plain, png_data_url
 
@@ -208,7 +210,7 @@ class Api:
     """
 
     ENDPOINTS = ("property_neighbors", "topic_segmentation", "contrastive_segmentation", "image_neighbors", "text_neighbors",
-                 "sae_features", "sae_feature", "sae_image")
+                 "sae_features", "sae_feature", "sae_image", "neuron_image", "neuron_search")
     """The analyses, by the name of their method and of their ``POST /api/<name>`` endpoint."""
 
     def __init__(
@@ -223,6 +225,7 @@ class Api:
         compute_timeout: float = COMPUTE_SECONDS,
     ):
         from clip_lens.app.features import Features
+        from clip_lens.app.neurons import NeuronsTab
 
         if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
             raise InputError(f"max_pixels must be a positive whole number, got {max_pixels!r}.")
@@ -233,15 +236,7 @@ class Api:
             raise InputError("the app needs a model with a fixed image size (its maps and thumbnails are drawn at it).")
         if model.preprocess is None:
             raise InputError("the app needs a model with a preprocess transform to read uploaded images.")
-        if store.meta.get("model") != model.model_name:
-            raise InputError(
-                f"store {store.path} was collected with model '{store.meta.get('model')}', not '{model.model_name}'."
-            )
-        if store.meta.get("weights") not in (None, weights_fingerprint(model)):
-            raise InputError(
-                f"store {store.path} was collected with other weights of {model.model_name}; load the model with the "
-                "store's pretrained weights."
-            )
+        store.check_model(model, model.pretrained)
         self.model, self.store, self.labels, self.max_images, self.max_pixels = model, store, labels, max_images, max_pixels
         self.image_size: tuple[int, int] = tuple(model.cfg.image_size)
         try:
@@ -263,6 +258,7 @@ class Api:
         # Uploads are decoded one request at a time: at most one request's pixels are in memory at full size.
         self.decode_lock = threading.Lock()
         self.features = Features(self, saes)
+        self.neuron_tab = NeuronsTab(self)
 
     # --- the compute budget -------------------------------------------------------------
     def stop(self) -> None:
@@ -319,6 +315,7 @@ class Api:
                       "has_images": self._store_images is not None},
             "limits": {"max_images": self.max_images, "max_k": MAX_K, "max_pixels": self.max_pixels},
             "saes": self.features.info(),
+            "neurons": self.neuron_tab.info(),
         }
 
     def sae_status(self) -> dict[str, Any]:
@@ -420,6 +417,17 @@ class Api:
     def sae_image(self, body: Any) -> dict[str, Any]:
         """The features that fire most on each query image, with their patch maps on it."""
         return self.features.image(Fields(body, ("sae", "images", "names", "k")))
+
+    # --- the Neurons tab (second-order effects of MLP neurons; clip_lens.app.neurons) -----------
+    @budgeted
+    def neuron_image(self, body: Any) -> dict[str, Any]:
+        """Per query image, the MLP neurons with the largest second-order effect on it: codes, patch maps."""
+        return self.neuron_tab.image(Fields(body, ("images", "names", "k")))
+
+    @budgeted
+    def neuron_search(self, body: Any) -> dict[str, Any]:
+        """The MLP neurons whose rank-1 direction has the largest cosine with the text's embedding."""
+        return self.neuron_tab.search(Fields(body, ("text", "k")))
 
     def _neighbours(self, result) -> dict[str, Any]:
         """Rows, store ids and scores of each query's neighbours, best first."""

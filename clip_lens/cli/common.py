@@ -315,38 +315,9 @@ def _default_bank(model: Optional[str]) -> str:
 
 
 def _check_store_model(store: Any, hooked: Any, model: str, pretrained: Optional[str]) -> None:
-    """Refuse to pair a store with a model other than the one it was collected with: another model
-    name, or other weights (the store's ``weights`` fingerprint, `clip_lens.collect.weights_fingerprint`).
-    Random weights (no --pretrained) differ in every process, so a store collected with them can never
-    be queried again: the fix is to collect with --pretrained. Used by every command that reads a store
-    with a model (``spans``, ``neighbors``, ``app --store``, ``sae inspect --store``)."""
-    from clip_lens.collect import weights_fingerprint
-    from clip_lens.errors import InputError
-
-    meta = store.meta
-    where = f"store {store.path}"
-    collected_with = meta.get("model")
-    if collected_with not in (None, "custom") and collected_with != hooked.model_name:
-        raise InputError(f"{where} was collected with model '{collected_with}', not '{model}'; pass --model {collected_with}.")
-    recorded = meta.get("weights")
-    if recorded is None:  # a store collected from Python without a fingerprint: nothing to compare
-        return
-    here = weights_fingerprint(hooked)
-    if here == recorded:
-        return
-    stored_tag = meta.get("pretrained")
-    if stored_tag in (None, "None"):
-        fix = ("it was collected with RANDOM weights (no --pretrained), which differ in every process, so no other "
-               "command can reproduce them: collect it again with --pretrained (a tag or a local checkpoint) and pass "
-               "the same --pretrained here")
-    elif str(stored_tag).startswith("bundled:"):
-        fix = f"pass --model {collected_with} without --pretrained (the store was collected with its bundled weights)"
-    else:
-        fix = f"pass the same --model/--pretrained as `clip-lens collect` did: --model {collected_with} --pretrained {stored_tag}"
-        if pretrained is None:
-            fix += " (without --pretrained this model has RANDOM weights)"
-    raise InputError(f"{where} was collected with other weights of {collected_with} (weights fingerprint {recorded}, "
-                     f"this model's {here}); {fix}.")
+    """Refuse to pair a store with a model other than the one it was collected with
+    (`clip_lens.store.Store.check_model`); used by every command that reads a store with a model."""
+    store.check_model(hooked, pretrained)
 
 
 def _concept_data(hooked, images: Optional[Path], shapes: Optional[int], seed: int, classes: Optional[Path]):

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from clip_lens.results import JSONResult
 from clip_lens.banks import TextBank, encode_bank, load_bank
-from clip_lens.collect import Store, weights_fingerprint
+from clip_lens.collect import Store
 from clip_lens.errors import InputError
 from clip_lens_plugins.textspan.algorithm import Span, textspan
 
@@ -178,15 +178,7 @@ class TextSpan:
         progress: bool = False,
     ) -> TextSpanResult:
         store = store if isinstance(store, Store) else Store.open(store)
-        if store.meta.get("model") != self.model.model_name:
-            raise InputError(
-                f"the store was collected with model '{store.meta.get('model')}' but this analysis has '{self.model.model_name}'."
-            )
-        if store.meta.get("weights") != weights_fingerprint(self.model):
-            raise InputError(
-                f"the store was collected with other weights (pretrained {store.meta.get('pretrained')}); load the model "
-                "with the same weights (`--pretrained` of `clip-lens collect`)."
-            )
+        store.check_model(self.model, self.model.pretrained)
         bank = bank if isinstance(bank, TextBank) else load_bank(bank)
         if not store.head_layers:
             raise InputError("the store has no per-head terms; collect it with heads='all' or a list of layers.")
