@@ -9,7 +9,8 @@ Everything here is plain functions over a [`HookedCLIP`][clip_lens.HookedCLIP] a
 * `render_html` — a self-contained page with the figures embedded as base64;
 * files go through `clip_lens.files.atomic_write`, so an interrupted run never leaves a half file.
 
-The report composes the sections of `clip_lens.head_report` and `clip_lens.feature_report`; nothing but
+The report composes the sections of `clip_lens.head_report`, `clip_lens.neurons_report` (with the head
+analyses) and `clip_lens.feature_report`; nothing but
 the CLI imports it (figure helpers live in `clip_lens.figures`; ``clip_lens.report.figure_png`` still
 names the same function).
 """
@@ -322,6 +323,10 @@ def render_html(summary: dict[str, Any], pngs: dict[str, bytes]) -> str:
         from clip_lens.feature_report import render_section
 
         head_sections += render_section(summary["features"], pngs)
+    if "neurons" in summary:
+        from clip_lens.neurons_report import render_section as render_neurons
+
+        head_sections += render_neurons(summary["neurons"], pngs)
     overrides = summary.get("config_overrides")
     overrides_html = f" Config overrides: <code>{esc(json.dumps(overrides))}</code>." if overrides else ""
     warning = (
@@ -480,6 +485,15 @@ def build_report(
             pngs.update(head_pngs)
             if head_source is not None:  # the user's own images, each beside its per-patch map
                 summary["heads"]["your_images"], pngs["your_images.png"] = user_image_patches(model, head_source)
+        done()
+
+    if head_images or head_source is not None:  # the Neurons section, on (the first of) the head analyses' images
+        from clip_lens.neurons_report import SECTION_IMAGES, neurons_section
+
+        with steps.step("neurons"):
+            summary["neurons"], neuron_pngs = neurons_section(
+                model, images=head_source, n_images=min(head_images or SECTION_IMAGES, SECTION_IMAGES), bank=bank)
+            pngs.update(neuron_pngs)
         done()
 
     if sae is not None:

@@ -6,7 +6,7 @@ installed analysis plugins; ``sae train`` / ``sae inspect`` train sparse autoenc
 features (`clip_lens.feature_report`). Plugins are reached through `clip_lens.analyses` only.
 
 Layout: one module per command group (`models`: models/hooks/train-toy; `heads`: collect/spans/compare/
-analyses; `interpret`: segment/segment-eval/neighbors; `mutual`: mi; `serve`: app; `sae`; `report`), the
+analyses; `interpret`: segment/segment-eval/neighbors; `neurons`: neurons; `mutual`: mi; `serve`: app; `sae`; `report`), the
 shared option parsing and the one-line error wrapper in `common`. The commands are registered below, in
 the order ``--help`` lists them; a new command goes in its group's module and gets one line here.
 
@@ -35,7 +35,7 @@ decoded with `clip_lens.files.load_image` (one line naming a bad file); ``collec
 
 from __future__ import annotations
 
-from clip_lens.cli import heads, interpret, models, mutual, report, sae, serve
+from clip_lens.cli import heads, interpret, models, mutual, neurons, report, sae, serve
 from clip_lens.cli.common import (  # noqa: F401  (re-exported: tests and scripts import them from clip_lens.cli)
     _MAX_SCENES, _SEED_MAX, DEFAULT_MODEL, EXIT_USER_ERROR, _cli_hints, _Group, _user_errors, app,
 )
@@ -52,6 +52,7 @@ app.command()(interpret.segment)
 app.command("segment-eval")(interpret.segment_eval)
 app.command("mi")(mutual.mutual_information)
 app.command()(interpret.neighbors)
+app.command()(neurons.neurons)
 app.command("app")(serve.app_command)
 app.add_typer(sae.sae_app, name="sae")
 

@@ -27,6 +27,9 @@ def collect_command(
     out: Path = typer.Option(..., "--out", "-o", help="store folder; an unfinished store made by the same command is resumed."),
     heads: str = typer.Option("all", "--heads", help="layers whose per-head terms are kept: all, none or e.g. 0,1,2."),
     tokens: str = typer.Option("none", "--tokens", help="layers whose per-head, per-token terms are kept (large): none, all or e.g. 11."),
+    neurons: str = typer.Option("none", "--neurons", help="layers whose MLP neurons' second-order effects are kept, for "
+                                "`clip-lens neurons --store` (large: d_mlp × d_embed floats per image and layer): none, "
+                                "all or e.g. 0,1,2."),
     chunk_size: int = typer.Option(256, "--chunk-size", min=1, help="images per store chunk (the unit of resumption)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="images per forward pass."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 / fp16: the forward pass and the "
@@ -55,6 +58,7 @@ def collect_command(
         _fail("give exactly one image source: --images FOLDER or --shapes N.")
     launched()  # a bad launch environment (MASTER_PORT=abc …) is refused before any work
     head_layers, token_layers = _parse_layers(heads, "--heads"), _parse_layers(tokens, "--tokens")
+    neuron_layers = _parse_layers(neurons, "--neurons")
     finished, replace, damaged = 0, False, {}
     if (out / "zarr.json").is_file():
         try:
@@ -91,7 +95,8 @@ def collect_command(
     with process_group(str(hooked.device)) as job:  # under torchrun: the ranks share the store, rank 0 reports
         lead = job is None or job.rank == 0
         store = collect(
-            hooked, source, out, heads=head_layers, tokens=token_layers, chunk_size=chunk_size, batch_size=batch_size,
+            hooked, source, out, heads=head_layers, tokens=token_layers, neurons=neuron_layers, chunk_size=chunk_size,
+            batch_size=batch_size,
             precision=precision, workers=workers, progress=lead, replace=replace,
         )
     if not lead:
@@ -116,6 +121,8 @@ def collect_command(
     kept = f"per-head layers {store.head_layers}" if store.head_layers else "no per-head terms"
     if store.token_layers:
         kept += f", per-token layers {store.token_layers}"
+    if store.meta.get("neuron_layers"):
+        kept += f", neurons of layers {store.meta['neuron_layers']}"
     if bad:
         more = f"; and {len(bad) - 5} more (Store.skipped() lists them)" if len(bad) > 5 else ""
         typer.echo(f"Note: skipped {len(bad)} unreadable image{'s' if len(bad) > 1 else ''} of {store.n_images}: {listed}{more}", err=True)

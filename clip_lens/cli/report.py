@@ -58,7 +58,7 @@ def report(
     start = time.perf_counter()
     if head_images is None:
         head_images = 2000 if _shapes_model(model) and images is None else 0
-    with tqdm(total=(6 if head_images or images else 5) + (sae is not None), desc="clip-lens report", unit="step") as bar:
+    with tqdm(total=(7 if head_images or images else 5) + (sae is not None), desc="clip-lens report", unit="step") as bar:
         bar.set_postfix_str("build model")
         hooked = _load(model, pretrained, overrides)
         if hooked.pretrained is None:

@@ -8,6 +8,7 @@ from matplotlib.figure import Figure
 
 from clip_lens import HookedCLIP
 from clip_lens.errors import InputError
+from clip_lens.stats import bootstrap_ci
 from clip_lens.toy.world import VALUES, ShapesWorld, attribute_prompt, batch_images
 from clip_lens_plugins.mutual_knowledge.evaluation import (
     CurveSet, ExplanationEval, class_scores, default_insertion_kernel,
@@ -73,17 +74,43 @@ class TestObjectVersusRandom:
         assert rows["object"]["insertion"] > rows["random"]["insertion"] + 0.06  # measured 0.633 vs 0.527
         assert rows["object"]["acc_inc"] > rows["random"]["acc_inc"] + 0.06  # measured 0.638 vs 0.538
 
-    def test_accdrop_is_lower_for_the_object_with_a_stronger_blur(self, toy, data):
-        """Kernel 7 (σ 1.4): measured AccDrop 0.950 vs 0.975, Deletion 0.956 vs 0.987."""
+    def test_blurring_the_object_lowers_the_score_more_than_a_random_region(self, toy, data):
+        """Kernel 7 (σ 1.4), paired over the 120 scenes: the object's deletion area is below the random region's
+        (measured −0.020 [−0.035, −0.008] here; −0.015 and −0.030 on a second test world and seed 1000)."""
         images, objects, labels, classes, _, predicted = data
         curves = {
             name: explanation_curves(toy, images, regions, classes, predicted, labels, "deletion", blur_kernel=7)
             for name, regions in [("object", objects[:, None]), ("random", random_regions(objects[:, None], 0))]
         }
-        assert curves["object"].accuracy_auc < curves["random"].accuracy_auc - 0.01
-        assert curves["object"].accuracy_curve[1] < curves["object"].accuracy_curve[0] - 0.03
-        assert curves["object"].score_auc.mean() < curves["random"].score_auc.mean() - 0.015
-        assert (curves["object"].score[:, 1] < curves["random"].score[:, 1]).float().mean() > 0.55  # measured 0.66
+        assert bootstrap_ci((curves["object"].score_auc - curves["random"].score_auc).numpy())[1] < 0
+        assert curves["object"].accuracy_auc < curves["random"].accuracy_auc
+
+
+N_ACCURACY_SCENES = 600
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", TEST_SEEDS[6:8])
+def test_blurring_the_object_lowers_accuracy_by_a_few_points(toy, seed):
+    """docs/concepts/mutual_knowledge.md: blurring the whole object (kernel 7) lowers zero-shot accuracy by 2–4
+    points, more than blurring a random region of its area; 120 scenes cannot show it (0.025 [−0.017, 0.067]).
+    Measured on 600 scenes: 0.022 [0.005, 0.038] and 0.028 [0.012, 0.047] on the two test worlds (paired with
+    random regions: 0.023 [0.007, 0.042], 0.025 [0.007, 0.043]); 0.042 [0.023, 0.060] on seed 1000."""
+    world = ShapesWorld(seed=seed, n_objects=1)
+    scenes = [world.scene(i) for i in range(N_ACCURACY_SCENES)]
+    images, objects = batch_images(scenes), torch.from_numpy(np.stack([s.object_masks[0] for s in scenes]))
+    labels = torch.tensor([VALUES["shape"].index(s.value("shape")) for s in scenes])
+    with torch.no_grad():
+        classes = toy.encode_text(toy.to_tokens([attribute_prompt("shape", v) for v in VALUES["shape"]]), normalize=True)
+    predicted = class_scores(toy, images, classes).argmax(-1)
+    drop = {
+        name: (curves.correct[:, 0].float() - curves.correct[:, 1].float()).numpy()  # per scene: right before, wrong after
+        for name, regions in [("object", objects[:, None]), ("random", random_regions(objects[:, None], 0))]
+        for curves in [explanation_curves(toy, images, regions, classes, predicted, labels, "deletion", blur_kernel=7)]
+    }
+    low, high = bootstrap_ci(drop["object"])
+    assert 0 < low and high < 0.1, (seed, low, high)  # a few points, not zero and not ten
+    assert bootstrap_ci(drop["object"] - drop["random"])[0] > 0
 
 
 class TestCurves:

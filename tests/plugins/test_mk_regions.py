@@ -12,6 +12,7 @@ from PIL import Image
 
 from clip_lens import HookedCLIP
 from clip_lens.errors import InputError
+from clip_lens.stats import bootstrap_ci
 from clip_lens.toy.world import ShapesWorld, batch_images
 from clip_lens_plugins.mutual_knowledge.regions import (
     box_iou, concept_parts, connected_components, corloc, fit_ellipses, fix_sign, folder_boxes, gaussian_blur,
@@ -169,9 +170,9 @@ def test_gdc_recovers_a_planted_object_and_drops_specks():
 
 
 def test_gdc_corloc_on_held_out_shapes_world(held_out):
-    """Measured (200 scenes): the paper's GDC (2nd vector) per image: tokens 0.010, keys 0.060; joint keys
-    0.145; the toy's object features are anti-correlated with the background (negative affinities), so
-    the 1st vector splits them: tokens 0.370, keys 0.570. PCA: tokens 0.115, keys 0.170. Random ≤ 0.015."""
+    """Per image, on a test world (200 scenes): the paper's GDC (2nd vector) tokens 0.010, keys 0.070; the toy's
+    object features are anti-correlated with the background (negative affinities), so the 1st vector splits
+    them: keys 0.560 (0.50–0.57 on four worlds). PCA keys 0.135 (0.11–0.17). Random boxes ≤ 0.015."""
     _, masks, features = held_out
     paper = {s: prominent_region(f, (8, 8)) for s, f in features.items()}
     first = {s: prominent_region(f, (8, 8), vector=0) for s, f in features.items()}
@@ -181,8 +182,27 @@ def test_gdc_corloc_on_held_out_shapes_world(held_out):
     random_paper, random_first = _random_corloc(paper[best], masks), _random_corloc(first[best_first], masks)
     assert scores[best] >= 0.03 and scores[best] >= 3 * max(random_paper, 0.005)
     assert first_scores[best_first] >= 0.45 and random_first <= 0.05
-    assert _corloc(prominent_region(features["keys"], (8, 8), joint=True), masks) >= 0.10
     assert 0.08 <= _corloc(pca_foreground(features["keys"], (8, 8)), masks) <= 0.3
+
+
+def test_joint_gdc_second_vector_is_ill_defined_on_the_toy(held_out):
+    """Over the stacked keys of 200 scenes the 2nd and 3rd singular values nearly tie (within 1–5 % on five
+    worlds) and neither the 2nd vector nor its sign follows the object, so joint GDC with the paper's vector
+    finds the object in 0.000–0.145 of the scenes depending on the world (0.145 on seed 1000, 0.005 here:
+    not a code path, the sign fix picks the minority side of a ~40/60 split unrelated to the object). The
+    1st vector is stable: joint CorLoc 0.68–0.70 on the same five worlds (the analysis' ``auto`` takes it)."""
+    _, masks, features = held_out
+    f = F.normalize(features["keys"], dim=-1).reshape(-1, features["keys"].shape[-1])
+    values = torch.linalg.svdvals(f)
+    assert (values[1] - values[2]) / values[1] < 0.05  # measured 0.013 on the test world, 0.046 on seed 1000
+    obj = F.interpolate(masks[:, None].float(), size=(8, 8), mode="area").flatten() > 0.3
+    first, second = (spectral_vector(features["keys"], index=i, joint=True).flatten() for i in (0, 1))
+    correlation = lambda v: float(np.corrcoef(v.numpy(), obj.float().numpy())[0, 1])
+    assert abs(correlation(second)) < 0.2 < 0.6 < correlation(first)  # measured −0.08 and 0.72
+    joint_first = prominent_region(features["keys"], (8, 8), joint=True, vector=0)
+    hits = (box_iou(mask_box(upsample_mask(joint_first, 64)), mask_box(masks)) > 0.5).float().numpy()
+    assert bootstrap_ci(hits)[0] > 0.5  # measured 0.680 [0.615, 0.745]
+    assert _corloc(joint_first, masks) > _corloc(prominent_region(features["keys"], (8, 8), joint=True), masks) + 0.3
 
 
 # --- parts -------------------------------------------------------------------------------------
