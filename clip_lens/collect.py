@@ -82,7 +82,7 @@ from clip_lens.errors import ClipLensError, InputError, StoreCorruptError, Store
 from clip_lens.precision import autocast
 # re-exported: the public names of the store and its sources, where users imported them before the split
 from clip_lens.sources import (  # noqa: F401
-    IMAGE_SUFFIXES, Batch, ImageSource, batches, image_source, shapes_world_images, store_images, store_thumbnails,
+    IMAGE_SUFFIXES, Batch, ImageSource, batches, image_source, model_world_images, shapes_world_images, store_images, store_thumbnails,
 )
 from clip_lens.store import FORMAT, LEGACY_FORMATS, Store, _checksum, _Lock, weights_fingerprint  # noqa: F401
 from clip_lens.store_write import (  # noqa: F401

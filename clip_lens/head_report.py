@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from clip_lens import analyses
-from clip_lens.collect import collect, shapes_world_images
+from clip_lens.collect import collect, model_world_images
 from clip_lens.errors import InputError
 
 if TYPE_CHECKING:
@@ -212,7 +212,7 @@ def analyse_heads(
     steps = Steps(outer, total=(7 if toy else 4), desc="head analyses", prefix="head analyses" if outer is not None else "",
                   enabled=shown)
     try:
-        source = shapes_world_images(n_images, REPORT_SEED, model.cfg.image_size[0], version or 1) if toy else images
+        source = model_world_images(model, n_images, REPORT_SEED) if toy else images
         with steps.step("collect"):
             store = collect(model, source, Path(out_dir) / "store", chunk_size=250, batch_size=125, progress=shown)
         # one attribute per text on the shapes world, so that a head's property can be read off its texts

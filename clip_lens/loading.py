@@ -85,6 +85,15 @@ def bundled_models() -> dict[str, dict[str, Any]]:
     return json.loads(resources.files("clip_lens").joinpath(BUNDLED_REGISTRY).read_text())
 
 
+def bundled_world(model: Any) -> tuple[Optional[int], bool]:
+    """The shapes world a bundled model (or model name) was trained on: its registry entry's
+    ``world_version`` (None for other models) and ``camouflage`` (``toy-shapes-camo``)."""
+    name = model if isinstance(model, str) else getattr(model, "model_name", None)
+    entry = bundled_models().get(name or "", {})
+    version = entry.get("world_version")
+    return (None if version is None else int(version)), bool(entry.get("camouflage", False))
+
+
 def load_bundled(
     name: str,
     weights_file: Union[str, Path, None] = None,

@@ -301,7 +301,7 @@ def neurons_section(
     Returns the summary (``summary.json``'s ``neurons``) and the dashboards as PNG bytes.
     """
     from clip_lens import analyses
-    from clip_lens.collect import image_source, shapes_world_images
+    from clip_lens.collect import image_source, model_world_images
     from clip_lens.second_order import UnsupportedTowerError, second_order_maps
 
     try:
@@ -312,12 +312,7 @@ def neurons_section(
         return {"skipped": "the tower has one layer: no attention layer follows its MLP."}, {}
     if images is None:
         from clip_lens.head_report import REPORT_SEED
-        from clip_lens.toy.evaluate import shapes_world_version
-
-        if model.cfg.image_size is None:
-            raise InputError("this model has no fixed image size, so shapes-world scenes cannot be rendered; pass images.")
-        images = shapes_world_images(n_images, REPORT_SEED if seed is None else seed, model.cfg.image_size[0],
-                                     shapes_world_version(model) or 1)
+        images = model_world_images(model, n_images, REPORT_SEED if seed is None else seed)
     source = image_source(images, getattr(model, "preprocess", None))
     n = min(n_images, len(source))
     pixels, _ = source.load(0, n)

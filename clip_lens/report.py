@@ -388,7 +388,7 @@ def feature_section(
 
     Returns the summary (``summary.json``'s ``features``) and the dashboards as PNG bytes.
     """
-    from clip_lens.collect import shapes_world_images
+    from clip_lens.collect import model_world_images
     from clip_lens.feature_report import inspect_features
     from clip_lens.head_report import REPORT_SEED
     from clip_lens.sae import SAE, load_sae
@@ -401,9 +401,7 @@ def feature_section(
     if images is None:
         if model.cfg.image_size is None:
             raise InputError("this model has no fixed image size, so shapes-world scenes cannot be rendered; pass images.")
-        from clip_lens.toy.evaluate import shapes_world_version
-
-        images = shapes_world_images(n_images, REPORT_SEED, model.cfg.image_size[0], shapes_world_version(model) or 1)
+        images = model_world_images(model, n_images, REPORT_SEED)
     if bank is None:
         bank = "shapes-attributes" if isinstance(model.tokenizer, WordTokenizer) else "general"
     inspection = inspect_features(model, sae, images, n_features=n_features, k=k, bank=bank, progress=progress)

@@ -280,17 +280,34 @@ def image_source(images: Any, preprocess=None) -> ImageSource:
     raise InputError(f"cannot read images from a {type(images).__name__}; give a tensor, a folder, paths or a dataset.")
 
 
-def shapes_world_images(n: int, seed: int = 0, image_size: int = 64, version: int = 1) -> ImageSource:
-    """``n`` one-object scenes of shapes world ``version`` as an image source (labels: -1; ``ids``: scene indices)."""
+def shapes_world_images(
+    n: int, seed: int = 0, image_size: int = 64, version: int = 1, camouflage: bool = False
+) -> ImageSource:
+    """``n`` one-object scenes of shapes world ``version`` (``camouflage``: `ShapesWorld`'s camouflage
+    scenes, version 2) as an image source (labels: -1; ``ids``: scene indices)."""
     from clip_lens.toy.world import ShapesWorld, batch_images, check_scene_count
 
     n = check_scene_count(n)  # before the ids list: 10**12 scenes must not grow memory first
-    world = ShapesWorld(seed=seed, image_size=image_size, version=version)
+    world = ShapesWorld(seed=seed, image_size=image_size, version=version, camouflage=camouflage)
+    name = f"shapes-world{'' if version == 1 else f' v{version}'}{' camouflage' if camouflage else ''}"
+    key = f"shapes-world|{version}|{seed}|{image_size}" + ("|camouflage" if camouflage else "")  # older keys unchanged
     return ImageSource(
         n, lambda a, b: (batch_images([world.scene(i) for i in range(a, b)]), None),
-        [str(i) for i in range(n)], f"{n} shapes-world{'' if version == 1 else f' v{version}'} scenes (seed {seed})",
-        fingerprint=lambda a, b: _hashed([f"shapes-world|{version}|{seed}|{image_size}|{a}|{b}".encode()]),
+        [str(i) for i in range(n)], f"{n} {name} scenes (seed {seed})",
+        fingerprint=lambda a, b: _hashed([f"{key}|{a}|{b}".encode()]),
     )
+
+
+def model_world_images(model: "HookedCLIP", n: int, seed: int = 0) -> ImageSource:
+    """``n`` scenes of the world ``model`` was trained on (`clip_lens.loading.bundled_world`: version and
+    camouflage of a bundled model; version 1 for any other), at the model's image size."""
+    from clip_lens.loading import bundled_world
+
+    if model.cfg.image_size is None:
+        raise InputError(f"{model.model_name} has no fixed image size, so shapes-world scenes cannot be rendered for it; "
+                         "use images of your own.")
+    version, camouflage = bundled_world(model)
+    return shapes_world_images(n, seed, model.cfg.image_size[0], version or 1, camouflage)
 
 
 def store_images(store: Store, image_size: int = 64) -> Callable[[Sequence[int]], list["PIL.Image.Image"]]:
@@ -306,13 +323,14 @@ def store_images(store: Store, image_size: int = 64) -> Callable[[Sequence[int]]
     from clip_lens.files import load_image
 
     ids = store.ids()
-    match = re.search(r"shapes-world scenes \(seed (\d+)\)", store.meta.get("source", ""))
+    match = re.search(r"shapes-world(?: v(\d+))?( camouflage)? scenes \(seed (\d+)\)", store.meta.get("source", ""))
     if match:
         from PIL import Image
 
         from clip_lens.toy.world import ShapesWorld
 
-        world = ShapesWorld(seed=int(match.group(1)), image_size=image_size)
+        world = ShapesWorld(seed=int(match.group(3)), image_size=image_size, version=int(match.group(1) or 1),
+                            camouflage=bool(match.group(2)))
         return lambda rows: [Image.fromarray(world.scene(int(ids[r]) if ids else int(r)).image) for r in rows]
     if "shards" in store.meta and ids is not None:
         shards = TarShards(store.meta["shards"])

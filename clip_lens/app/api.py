@@ -507,9 +507,12 @@ class Api:
             scene, seed = item["scene"], item.get("seed", QUERY_SEED)
             if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 for v in (scene, seed)):
                 raise InputError(f"images[{i}]: scene and seed must be whole numbers in 0..2**31 - 1, got {_shown(item)}.")
+            from clip_lens.loading import bundled_world
             from clip_lens.toy.world import ShapesWorld
 
-            return Image.fromarray(ShapesWorld(seed=seed, image_size=self.image_size[0]).scene(scene).image)
+            version, camouflage = bundled_world(self.model)  # the scenes of the world the model was trained on
+            world = ShapesWorld(seed=seed, image_size=self.image_size[0], version=version or 1, camouflage=camouflage)
+            return Image.fromarray(world.scene(scene).image)
         raise InputError(
             f'images[{i}] must be a data URL ("data:image/png;base64,..."), {{"store_row": N}} or {{"scene": N, "seed": S}}.'
         )

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import UInt8
 
 from clip_lens import analyses
-from clip_lens.collect import ImageSource, Store, collect, shapes_world_images, store_thumbnails
+from clip_lens.collect import ImageSource, Store, collect, model_world_images, store_thumbnails
 from clip_lens.errors import InputError
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def demo_workspace(
         directory.mkdir(parents=True, exist_ok=True)
         size = model.cfg.image_size[0]
         say(1, f"collecting {n_scenes} shapes-world scenes into {directory / 'store'}")
-        store = collect(model, shapes_world_images(n_scenes, seed=seed, image_size=size), directory / "store",
+        store = collect(model, model_world_images(model, n_scenes, seed), directory / "store",
                         progress=progress)
         say(2, "TextSpan on the shapes-attributes bank and head labels")
         spans = analyses.get("textspan")(model).run(store, bank="shapes-attributes", m=20)
@@ -83,7 +83,7 @@ def demo_workspace(
         labels.save(directory / "labels.json")
         if sae:
             say(3, "training the demo SAE (Features tab)")
-        saes = {"demo": demo_sae(model, shapes_world_images(n_scenes, seed=seed, image_size=size))} if sae else {}
+        saes = {"demo": demo_sae(model, model_world_images(model, n_scenes, seed))} if sae else {}
         if progress:
             print(f"demo ready in {time.perf_counter() - began:.1f} s", file=sys.stderr, flush=True)
         return Workspace(store, labels, store_thumbnails(store, size), saes)

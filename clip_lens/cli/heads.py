@@ -49,7 +49,7 @@ def collect_command(
     N processes split the chunks and write one store, the same as a single process writes."""
     import shutil
 
-    from clip_lens.collect import Store, collect, replacing_folder, resumable_folder, shapes_world_images
+    from clip_lens.collect import Store, collect, model_world_images, replacing_folder, resumable_folder
     from clip_lens.distributed import launched, process_group
     from clip_lens.errors import InputError
     from clip_lens.precision import PRECISIONS
@@ -89,7 +89,7 @@ def collect_command(
     if shapes is not None:
         if hooked.cfg.image_size is None:
             raise InputError(f"{model} has no fixed image size, so shapes-world scenes cannot be rendered for it; use --images.")
-        source: Any = shapes_world_images(shapes, seed, hooked.cfg.image_size[0])
+        source: Any = model_world_images(hooked, shapes, seed)
     else:
         source = images
     with process_group(str(hooked.device)) as job:  # under torchrun: the ranks share the store, rank 0 reports

@@ -120,7 +120,7 @@ def neurons(
     import torch
 
     from clip_lens import analyses
-    from clip_lens.collect import Store, image_source, shapes_world_images, store_images
+    from clip_lens.collect import Store, image_source, model_world_images, store_images
     from clip_lens.errors import InputError
     from clip_lens.files import atomic_write
     from clip_lens.neurons_report import inspect_neurons, neuron_label, render_page
@@ -152,11 +152,7 @@ def neurons(
         description = str(opened.meta.get("source") or f"store {opened.path}")
     else:
         if shapes is not None:
-            from clip_lens.toy.evaluate import shapes_world_version
-
-            if hooked.cfg.image_size is None:
-                raise InputError(f"{model} has no fixed image size, so shapes-world scenes cannot be rendered for it; use --images.")
-            source = shapes_world_images(shapes, seed, hooked.cfg.image_size[0], version=shapes_world_version(hooked) or 1)
+            source = model_world_images(hooked, shapes, seed)
         else:
             source = image_source(readable, hooked.preprocess)
         n_analysed = len(selected) if selected is not None else max(n_layers - 1, 1)

@@ -193,7 +193,7 @@ def sae_train(
     _check_outputs([_out(out, folder=True, resume=True)], {"--images": images, "--pretrained": pretrained}, force)
     images_or_paths, _ = _readable_images(images)
 
-    from clip_lens.collect import shapes_world_images
+    from clip_lens.collect import model_world_images
     from clip_lens.files import atomic_write
     from clip_lens.sae import evaluate_sae, save_sae, train_sae
     from clip_lens.toy.evaluate import HELD_OUT_SEED
@@ -205,7 +205,7 @@ def sae_train(
         raise InputError(f"{model} has no fixed image size, so shapes-world scenes cannot be rendered for it; use --images.")
     source_images: Any = images_or_paths
     if shapes is not None:
-        source_images = shapes_world_images(shapes, seed, hooked.cfg.image_size[0])
+        source_images = model_world_images(hooked, shapes, seed)
     source = _activation_source(hooked, source_images, hook, positions, batch_size, buffer_size, token_batch, train_seed)
     described = source.describe()
     record = out / SAE_TRAIN_FILE
@@ -248,7 +248,7 @@ def sae_train(
         eval_source: Any = images_or_paths
         evaluated_on = f"the {len(source.data)} training images of {images} (not held out)"
     else:
-        eval_source = None if toy else shapes_world_images(eval_images, HELD_OUT_SEED, hooked.cfg.image_size[0])
+        eval_source = None if toy else model_world_images(hooked, eval_images, HELD_OUT_SEED)
         evaluated_on = f"{eval_images} held-out shapes-world scenes (seed {HELD_OUT_SEED})"
     evaluation = evaluate_sae(hooked, result.sae, eval_source, n_images=eval_images).to_dict()
     if toy and images is not None and evaluation.get("zero_shot") is not None:
@@ -332,7 +332,7 @@ def sae_inspect(
                                               "--pretrained": pretrained}, force)
 
     from clip_lens.banks import load_bank
-    from clip_lens.collect import Store, shapes_world_images
+    from clip_lens.collect import Store, model_world_images
     from clip_lens.feature_report import inspect_features, naming_problem, recorded_model, render_page
     from clip_lens.files import atomic_write
     from clip_lens.sae import load_sae
@@ -371,7 +371,7 @@ def sae_inspect(
     if shapes is not None:
         if hooked.cfg.image_size is None:
             raise InputError(f"{model} has no fixed image size, so shapes-world scenes cannot be rendered for it; use --images.")
-        source: Any = shapes_world_images(shapes, seed, hooked.cfg.image_size[0])
+        source: Any = model_world_images(hooked, shapes, seed)
     else:
         source = opened if opened is not None else readable
     inspection = inspect_features(

@@ -130,21 +130,18 @@ def versus_chance(accuracy: float, interval: tuple[float, float], chance: float)
 def shapes_world_version(model) -> Optional[int]:
     """The shapes-world version a bundled model (or model name) was trained on: its registry
     entry's ``world_version`` (``toy-shapes``: 1, ``toy-shapes-v2``: 2); None for other models."""
-    from clip_lens.loading import bundled_models
+    from clip_lens.loading import bundled_world
 
-    name = model if isinstance(model, str) else getattr(model, "model_name", None)
-    version = bundled_models().get(name or "", {}).get("world_version")
-    return None if version is None else int(version)
+    return bundled_world(model)[0]
 
 
 
 def shapes_world_camouflage(model) -> bool:
     """Whether a bundled model was trained on camouflage scenes (its registry entry's ``camouflage``:
     ``toy-shapes-camo``); its shapes-world scenes are then drawn with ``camouflage=True``."""
-    from clip_lens.loading import bundled_models
+    from clip_lens.loading import bundled_world
 
-    name = model if isinstance(model, str) else getattr(model, "model_name", None)
-    return bool(bundled_models().get(name or "", {}).get("camouflage", False))
+    return bundled_world(model)[1]
 
 @dataclass
 class BindingResult:

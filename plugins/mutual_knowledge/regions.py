@@ -22,8 +22,9 @@ Step 1 of Sammani & Deligiannis (NeurIPS 2024), implemented from our notes
 
 CorLoc on the bundled ``toy-shapes`` model (200 held-out one-object scenes, world seed 1000; the
 objects cover ~7% of the image, ~4 patches of 64): the paper's GDC (second vector) localises
-poorly: per image tokens 0.010 / keys 0.060, jointly 0.020 / 0.145. The toy's object and
-background patch features are anti-correlated (keys: mean cosine −0.23, 81% negative
+poorly: per image tokens 0.010 / keys 0.060, jointly 0.020 / 0.145 (the joint keys figure depends on
+the world, 0.000–0.145 on five: the stacked matrix's 2nd and 3rd singular values tie within 1–5 %).
+The toy's object and background patch features are anti-correlated (keys: mean cosine −0.23, 81% negative
 affinities; tokens ≈ 0), so the affinity matrix is not positive and the *first* singular vector
 already splits object from background: ``prominent_region(..., vector=0)`` gives tokens 0.370 /
 keys 0.570 per image (0.475 / 0.685 jointly). PCA (centred, first component): tokens 0.115 /

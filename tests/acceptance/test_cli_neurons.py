@@ -42,8 +42,8 @@ def one_error(result, *phrases):
 
 
 def store_scenes():
-    """The store's images: `clip-lens collect --shapes` renders the scenes of the world it records (version 1)."""
-    return shapes_world_images(40, SEED, 64).load(0, 40)[0]
+    """The store's images: `clip-lens collect --shapes` renders the scenes of the model's world (toy-shapes-v2: version 2)."""
+    return shapes_world_images(40, SEED, 64, version=2).load(0, 40)[0]
 
 
 def test_collected_neuron_effects_equal_second_order_on_the_same_images(toy, store):

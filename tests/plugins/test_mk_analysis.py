@@ -120,8 +120,8 @@ class TestSharedKnowledge:
 
     @pytest.mark.parametrize("method", ["pca", "kmeans"])
     def test_concept_regions_beat_random_regions_on_insertion(self, evaluated, method):
-        """Insertion and AccInc, paired over the 100 images (20–35 points on every world measured); deletion
-        needs 300 scenes (`TestClaimsOnMoreScenes`)."""
+        """Insertion and AccInc, paired over the 100 images (PCA: 0.12 [0.05, 0.19] and 0.13 [0.06, 0.21]; 20–30 points
+        on 300 scenes); deletion needs 300 scenes (`TestClaimsOnMoreScenes`)."""
         result, per_image = evaluated
         concepts, random = per_image[f"concepts ({method})"], per_image["random regions"]
         for metric in ("insertion", "acc_inc"):

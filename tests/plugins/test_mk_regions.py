@@ -190,7 +190,7 @@ def test_joint_gdc_second_vector_is_ill_defined_on_the_toy(held_out):
     worlds) and neither the 2nd vector nor its sign follows the object, so joint GDC with the paper's vector
     finds the object in 0.000–0.145 of the scenes depending on the world (0.145 on seed 1000, 0.005 here:
     not a code path, the sign fix picks the minority side of a ~40/60 split unrelated to the object). The
-    1st vector is stable: joint CorLoc 0.68–0.70 on the same five worlds (the analysis' ``auto`` takes it)."""
+    1st vector is stable: joint CorLoc 0.68–0.71 on the same five worlds (the analysis' ``auto`` takes it)."""
     _, masks, features = held_out
     f = F.normalize(features["keys"], dim=-1).reshape(-1, features["keys"].shape[-1])
     values = torch.linalg.svdvals(f)

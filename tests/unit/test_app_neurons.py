@@ -33,12 +33,12 @@ def api(toy, tmp_path_factory):
 
 
 def scene_pixels(toy, seed, index):
-    return toy.preprocess(Image.fromarray(ShapesWorld(seed=seed, image_size=64).scene(index).image))
+    return toy.preprocess(Image.fromarray(ShapesWorld(seed=seed, image_size=64, version=2).scene(index).image))
 
 
 @pytest.fixture(scope="module")
 def library(toy):
-    """The neurons analysis on the store's scenes (the demo store holds version-1 scenes), computed here without the app."""
+    """The neurons analysis on the store's scenes (the demo store holds the scenes of the model's world, version 2), computed here without the app."""
     images = torch.stack([scene_pixels(toy, STORE_SEED, i) for i in range(N_SCENES)])
     return analyses.get("neurons")(toy).run(images, bank="shapes-attributes", layers=[0, 1, 2], k=8, top_k=N_SCENES)
 
@@ -56,7 +56,7 @@ def test_search_ranks_neurons_by_the_cosine_of_their_rank_one_direction_with_the
 
 def test_image_neurons_are_the_largest_second_order_effects_on_that_image(toy, api):
     answer = api.neuron_image({"images": [{"scene": 3, "seed": QUERY_SEED}], "k": 4})
-    image = scene_pixels(toy, QUERY_SEED, 3)[None]  # as the app reads {"scene": 3}: a version-1 scene, preprocessed
+    image = scene_pixels(toy, QUERY_SEED, 3)[None]  # as the app reads {"scene": 3}: a scene of the model's world (v2), preprocessed
     norms = second_order(toy, image, layers=[0, 1, 2]).effects[0].norm(dim=-1).flatten()  # [layer · neuron]
     values, order = norms.topk(4)
     shown = answer["images"][0]["neurons"]
