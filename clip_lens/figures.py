@@ -114,3 +114,25 @@ def heat_rgba(heat: "np.ndarray", opacity: float = 0.75) -> "np.ndarray":
     rgba = colormaps[HEAT_CMAP](heat)
     rgba[..., 3] = opacity * heat
     return rgba
+
+
+PAGE_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+td, th { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: left; vertical-align: top; }
+td ol { margin: 0; padding-left: 1.4em; }
+img { max-width: 100%; } figure { margin: 1.5em 0; }
+.warn { background: #fff3cd; border: 1px solid #e0c060; padding: 0.6em; }
+code { background: #f3f3f3; padding: 0 0.2em; }
+"""
+"""The style of the stand-alone dashboard pages (`clip-lens sae inspect`, `clip-lens neurons`)."""
+
+
+def html_page(title: str, body: str, numbers: str) -> str:
+    """A self-contained HTML page: ``title`` as its heading, ``body`` (HTML), and a line naming the JSON file
+    ``numbers`` that holds the figures' numbers next to it."""
+    import html
+
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
+            f"<style>{PAGE_STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{body}\n"
+            f"<p>Numbers: <code>{html.escape(numbers)}</code> next to this file.</p>\n</body></html>\n")

@@ -261,23 +261,9 @@ def render_section(summary: dict, pngs: dict[str, bytes], heading: str = "h2") -
 
 def render_page(summary: dict, pngs: dict[str, bytes], title: str) -> str:
     """A self-contained HTML page (dashboards embedded) around `render_section`."""
-    esc = html.escape
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>{esc(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }}
-table {{ border-collapse: collapse; margin: 1em 0; }}
-td, th {{ border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: left; vertical-align: top; }}
-td ol {{ margin: 0; padding-left: 1.4em; }}
-img {{ max-width: 100%; }} figure {{ margin: 1.5em 0; }}
-code {{ background: #f3f3f3; padding: 0 0.2em; }}
-</style></head><body>
-<h1>{esc(title)}</h1>
-{render_section(summary, pngs)}
-<p>Numbers: <code>neurons.json</code> next to this file.</p>
-</body></html>
-"""
+    from clip_lens.figures import html_page
+
+    return html_page(title, render_section(summary, pngs), "neurons.json")
 
 
 # --- the report's section ------------------------------------------------------------------------
