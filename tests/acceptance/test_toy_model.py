@@ -156,7 +156,10 @@ def test_readme_main_job_reports_on_the_bundled_model(tmp_path):
     for attribute in ("colour", "position", "background"):
         assert truth[attribute]["top_ablation_heads"][0] in truth[attribute]["labelled_heads"], attribute
     page = (tmp_path / "report.html").read_text()
-    assert "Head spans" in page and "Checks against ground truth" in page and page.count("data:image/png") == 8
+    # 8 figures of the decomposition and head sections, and one dashboard per neuron the Neurons section shows
+    shown = summary["neurons"]["shown"]
+    assert shown and "Head spans" in page and "Checks against ground truth" in page and ">Neurons<" in page
+    assert page.count("data:image/png") == 8 + len(shown)
     assert "Zero-shot segmentation against baselines" in page and "chroma (no model)" in page
 
 
