@@ -155,6 +155,7 @@ def test_top_activating_images_agree_with_a_full_pass(toy):
 
 
 # --- ground truth --------------------------------------------------------------------------------
+@pytest.mark.slow  # trains an SAE in its fixture (10 s); the default suite stays under 5 minutes
 def test_sae_features_detect_shapes_world_values_beyond_random_directions(smoke):
     """A short run already finds detectors of many values, far beyond random directions."""
     sae = [r.detected(smoke.threshold) for r in smoke.rows]
@@ -168,6 +169,7 @@ def test_sae_features_detect_shapes_world_values_beyond_random_directions(smoke)
     assert sum(easy) >= 10, smoke.table()
 
 
+@pytest.mark.slow  # trains an SAE in its fixture (10 s); the default suite stays under 5 minutes
 def test_features_that_detect_a_value_are_named_after_it_by_the_readout(smoke):
     """Naming through the read-out agrees with detection: a feature with held-out AUROC ≥ 0.95
     for a value has that value's prompt as its nearest attribute prompt (chance: 1/29)."""

@@ -364,6 +364,7 @@ class TestCorrelation:
         assert line_fit([1, 2, 3, 4], [2, 4, 5, 9]) == pytest.approx((2.2, -0.5), abs=1e-12)  # slope 11 / 5, 5 − 2.2 · 2.5
         assert math.isnan(line_fit([2, 2], [1, 3])[0])
 
+    @pytest.mark.slow  # two more models' results (3.4 s); the default suite stays under 5 minutes
     def test_compare_results_of_three_models(self, result, worse_results, tmp_path):
         runs = {"toy-shapes": result, **worse_results}
         table = compare_results(runs)
@@ -396,6 +397,7 @@ class TestCorrelation:
         saved = table.save(tmp_path / "comparison.json")
         assert MutualKnowledgeComparison.load(saved).to_dict() == table.to_dict()
 
+    @pytest.mark.slow  # needs the two more models' results (3.4 s)
     def test_compare_files_names_rows_by_model(self, result, worse_results, tmp_path):
         result.save(tmp_path / "a")
         worse_results["noise 0.5"].save(tmp_path / "b" / "run.json")
