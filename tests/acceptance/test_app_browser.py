@@ -28,6 +28,10 @@ from clip_lens.sae import SAE, SAEConfig  # noqa: E402
 from clip_lens.toy.world import ShapesWorld  # noqa: E402
 from tests.helpers import serving  # noqa: E402
 
+# a real browser against a real server: 9 s for the module, so it runs in CI's slow step (the default suite
+# stays under 5 minutes)
+pytestmark = pytest.mark.slow
+
 
 
 @pytest.fixture(scope="module")

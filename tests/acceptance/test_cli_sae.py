@@ -327,6 +327,7 @@ class TestInspect:
 
 # --- report --sae --------------------------------------------------------------------------------
 class TestReport:
+    @pytest.mark.slow  # a whole report (3.8 s); the default suite stays under 5 minutes
     def test_report_with_sae_has_a_features_section(self, runner, trained, tmp_path):
         sae_dir = trained[0] / "sae"
         ok(runner, ["report", "--model", "toy-shapes", "--out", tmp_path / "r", "--n-images", 2, "--head-images", 0, "--sae", sae_dir])

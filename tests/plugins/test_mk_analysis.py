@@ -108,6 +108,7 @@ def worse_results():
 
 
 # --- what the analysis finds --------------------------------------------------------------
+@pytest.mark.slow  # the 100-scene analysis fixture (10 s); the default suite stays under 5 minutes
 class TestSharedKnowledge:
     @pytest.mark.parametrize("method", ["pca", "kmeans"])
     def test_predicted_class_concepts_share_more_than_a_random_class(self, result, method):
@@ -358,6 +359,7 @@ class TestBadInput:
 
 
 # --- across models ---------------------------------------------------------------------------
+@pytest.mark.slow  # needs the same 100-scene analysis
 class TestCorrelation:
     def test_line_fit_by_hand(self):
         # centred: x (-1.5, -0.5, 0.5, 1.5), y (-3, -1, 0, 4); Σxy = 11, Σx² = 5 (Pearson/Spearman: tests/unit/test_stats.py)

@@ -290,6 +290,7 @@ def trickle(connection: socket.socket, data: bytes, pause: float) -> bytes:
     return read_reply(connection)
 
 
+@pytest.mark.slow  # each waits out a 1.5 s timeout; the default suite stays under 5 minutes
 class TestSlowClients:
     def test_a_trickled_body_gets_408(self, server, no_tracebacks):
         start = time.monotonic()

@@ -287,6 +287,7 @@ def test_shutdown_before_serving_returns_at_once_then_it_serves(toy, workspace):
     assert status == 200 and answer["model"] == "toy-shapes"
 
 
+@pytest.mark.slow  # a fresh interpreter per check (6 s); the default suite stays under 5 minutes
 def test_the_server_stack_is_imported_only_when_a_server_runs():
     """`clip-lens` and `import clip_lens.app` do not import Starlette or uvicorn."""
     code = ("import sys, clip_lens.cli, clip_lens.app; "
