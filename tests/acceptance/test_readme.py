@@ -61,7 +61,7 @@ def test_readme_says_how_to_install_the_cpu_build_and_run_each_suite():
     assert ".venv/bin/pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in text
     assert "pytest -q  " in text and "pytest -q -m slow" in text
     # the default suite's time is a measured figure, not "minutes"
-    assert "minutes on CPU" not in text and "4 min 28 s on 2 idle" in text
+    assert "minutes on CPU" not in text and "3 min 46 s on 2 idle" in text
 
 
 def test_readme_builds_the_docs_from_the_venv_in_strict_mode():
