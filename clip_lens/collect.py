@@ -26,28 +26,12 @@ Arrays of a store (``N`` images, ``D`` = d_embed, ``K`` = number of directions w
 ``labels``                ``[N]`` int64 (-1: none)                      always
 ========================  ===========================================  ==========================
 
-Crash safety: a chunk counts as written only once a marker file ``done/<chunk>`` exists, and the
-marker is created (atomically) after every array of that chunk is written. Running [`collect`][clip_lens.collect.collect]
-again with the same arguments skips marked chunks and rewrites the others; readers never see an
-unmarked chunk.
-
-Integrity (store format 2): every chunk file ends in a crc32c of its bytes (Zarr's ``crc32c``
-codec, checked on every decode), and the chunk's marker records each file's size and crc32c, so a
-missing, truncated, bit-flipped or foreign chunk file raises
-[`StoreCorruptError`][clip_lens.errors.StoreCorruptError] instead of reading as zeros or wrong rows. The group's
-attributes carry a sha256 ``checksum`` of themselves and the sha256 of every array's ``zarr.json``
-(``array_meta``) and of ``ids.json`` (``ids``). Resuming verifies every finished chunk
-([`Store.verify`][clip_lens.collect.Store.verify]) and recomputes exactly the damaged ones. A store is created in a temporary
-sibling folder renamed into place, and one writer at a time holds its ``lock`` file. Stores of
-format 1 (no checksums) are read with a [`StoreWarning`][clip_lens.errors.StoreWarning], not resumed.
-
-Identity: every store gets a random ``identity`` when it is created (in its checksummed
-attributes), and every marker records it, a fingerprint of the chunk's images (``source``: see
-[`ImageSource.fingerprint`][clip_lens.collect.ImageSource.fingerprint]) and a sha256 ``checksum`` of itself. So a
-marker or chunk copied from another store, a ``zarr.json`` copied from one, or an edited marker is
-damage, and a resumed run recomputes the chunks whose images changed. Readers refuse a store whose
-markers do not cover every chunk unless it is opened with ``partial=True``. Format-2 stores written
-before identities read with a StoreWarning and get one when ``collect`` resumes them.
+The store format — chunk markers, crc32c checksums, identities, the lock, format-1 stores — is described
+in `clip_lens.store`. What collection adds: running [`collect`][clip_lens.collect.collect] again with the
+same arguments skips marked chunks and recomputes the others (and any chunk that fails
+[`Store.verify`][clip_lens.collect.Store.verify] or whose images changed: the marker's ``source``
+fingerprint); a store is created in a temporary sibling folder renamed into place; format-2 stores
+written before identities read with a StoreWarning and get one when ``collect`` resumes them.
 
 Several processes (``torch.distributed``, e.g. ``torchrun``): the ranks split the chunks and write one
 store, the one a single process writes, file for file; rank 0 holds the lock and the others write

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 import threading
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Optional
 
 import open_clip
@@ -142,10 +145,6 @@ def write_shards(folder, images, per_shard: int, labels=None, fmt: str = "png") 
     ``fmt``; bytes are stored as they are) and, when ``labels`` is given, ``KEY.cls`` holding
     ``str(labels[i])``. Returns the shard paths in order.
     """
-    import io
-    import tarfile
-    from pathlib import Path
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -199,3 +198,13 @@ def store_files(folder) -> dict[str, bytes]:
             data = data.replace(identity.encode(), b"<identity>")
         found[name] = data
     return found
+
+
+def tar_of(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar at ``path`` holding ``(name, data)`` members in order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path

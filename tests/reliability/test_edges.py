@@ -13,7 +13,6 @@ import hashlib
 import io
 import os
 import signal
-import tarfile
 import time
 import tracemalloc
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from typer.testing import CliRunner
 
 from clip_lens.cli import app
 from clip_lens.errors import ClipLensError, InputError
-from tests.helpers import ok, one_line_error
+from tests.helpers import ok, one_line_error, tar_of
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -66,15 +65,6 @@ def png_bytes(seed: int = 0, size: int = 16) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def tar_of(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

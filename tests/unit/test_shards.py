@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import pickle
 import re
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import clip_lens.shards as shards_module
 from clip_lens.errors import InputError
 from clip_lens.files import load_image, load_image_bytes
 from clip_lens.shards import TarShards, expand_braces, is_shard, shard_paths
-from tests.helpers import write_shards
+from tests.helpers import tar_of, write_shards
 
 
 def colour_images(n: int) -> list[Image.Image]:
@@ -32,16 +31,6 @@ def png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def tar_of(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    """A tar at ``path`` holding ``(name, data)`` members in order."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 @pytest.fixture()
