@@ -196,6 +196,14 @@ def _readout_maps(model: "HookedCLIP", plan: "ReadoutPlan") -> Float[Tensor, "ch
     return _readout(model, plan, store).maps
 
 
+def _projected(plan: "ReadoutPlan", directions: Optional[Tensor]) -> "ReadoutPlan":
+    """The read-out plan projected on ``directions`` (the read-out is linear in its output axis)."""
+    if directions is None:
+        return plan
+    bias = None if plan.bias is None else plan.bias @ directions.T
+    return replace(plan, weight=plan.weight @ directions.T, bias=bias)
+
+
 def _write_vectors(block, neurons: Tensor) -> Float[Tensor, "neuron d_model"]:
     """``w_n``: what each neuron writes into the residual per unit of ``hook_post`` (LayerScale and a
     SwiGLU LayerNorm's weight and centring folded in; divide by its frozen scale)."""
@@ -220,10 +228,7 @@ def second_order_maps(
     directions = _check_directions(model, plan.weight.shape[1], directions)
     blocks = model.visual.blocks
     with torch.no_grad(), torch.autocast(model.device.type, enabled=False):
-        if directions is not None:  # the read-out is linear in its output axis: project before building it
-            bias = None if plan.bias is None else plan.bias @ directions.T
-            plan = replace(plan, weight=plan.weight @ directions.T, bias=bias)
-        maps = _readout_maps(model, plan)  # [channel, d_model, out]
+        maps = _readout_maps(model, _projected(plan, directions))  # projected before the maps are built  # [channel, d_model, out]
         # per later layer: C diag(γ_1) W_V^h [head, d_model, d_head] and W_O^h F_r [channel, head, d_head, out]
         first_later = selected[0] + 1
         values = {lp: _through_norm(blocks[lp].ln1, blocks[lp].attn.W_V, 1) for lp in range(first_later, len(blocks))}
@@ -316,13 +321,15 @@ def _batch(model: "HookedCLIP", plan: "ReadoutPlan", maps: SecondOrderMaps, imag
             later = torch.cat([rows[lp] for lp in range(layer + 1, n_layers)], 2)  # [batch, channel, later_head, token]
             c = torch.einsum("brkt,btn->rnbk", later, post)  # [channel, neuron, batch, later_head]
             U = maps.head_maps[i]  # [channel, neuron, later_head, out]
+            if per_head:  # the split is kept, so the effects are its sum (no second product)
+                offset = (layer - maps.layers[0]) * n_heads
+                heads[:, i, :, offset:] = torch.einsum("rnbk,rnko->bnko", c, U)
+                effects[:, i] = heads[:, i, :, offset:].sum(2)
+                continue
             for start in range(0, n_neurons, chunk):
                 part = slice(start, start + chunk)
                 for r in range(U.shape[0]):
                     effects[:, i, part] += torch.bmm(c[r, part], U[r, part]).transpose(0, 1)
-            if per_head:
-                offset = (layer - maps.layers[0]) * n_heads
-                heads[:, i, :, offset:] = torch.einsum("rnbk,rnko->bnko", c, U)
         mlp_bias = torch.einsum("br,rlo->blo", weights.sum(-1), maps.bias_maps)
     return effects, first, heads, mlp_bias
 
@@ -364,7 +371,7 @@ def second_order(
         A [`SecondOrder`][clip_lens.second_order.SecondOrder] on the model's device, in its dtype.
     """
     if maps is None:
-        maps = second_order_maps(model, layers=layers, neurons=neurons, directions=directions)
+        maps = second_order_maps(model, layers=layers, neurons=neurons, directions=directions)  # checks the tower
         plan = _plan(model)
     else:
         if not isinstance(maps, SecondOrderMaps):
@@ -374,9 +381,7 @@ def second_order(
         plan = _refuse_unsupported(model)
         if maps.n_layers != model.cfg.n_layers or maps.direct_maps.device != model.device:
             raise InputError("maps were built for another model (or device); rebuild them with second_order_maps(model, ...).")
-    if maps.directions is not None:
-        bias = None if plan.bias is None else plan.bias @ maps.directions.T
-        plan = replace(plan, weight=plan.weight @ maps.directions.T, bias=bias)
+    plan = _projected(plan, maps.directions)
     batch_size = as_int(batch_size, "batch_size")
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}.")

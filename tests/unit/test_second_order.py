@@ -208,7 +208,9 @@ def test_per_head_sums_to_effects_and_matches_the_oracle_for_one_head():
     n_heads = model.cfg.n_heads
     assert result.head_labels == [f"L{l}H{h}" for l in (1, 2) for h in range(n_heads)]
     assert result.per_head.shape == (2, 2, len(NEURONS), 2 * n_heads, model.cfg.d_embed)
-    torch.testing.assert_close(result.per_head.sum(3), result.effects, rtol=0, atol=ATOL)
+    plain = second_order(model, images, layers=[0, 1], neurons=NEURONS)  # effects computed without the split
+    torch.testing.assert_close(result.per_head.sum(3), plain.effects, rtol=0, atol=ATOL)
+    torch.testing.assert_close(result.effects, plain.effects, rtol=0, atol=ATOL)
     assert result.per_head[:, 1, :, :n_heads].abs().max().item() == 0.0  # layer 1 is not later than layer 1
     cache = _clean(model, images)
     clean = _frozen(model, images, cache, 0, [], free_attn=())
