@@ -96,6 +96,8 @@ class SecondOrder:
     mlp_bias: Optional[Float[Tensor, "batch layer out"]] = None
     """The MLP output bias ``b_out`` of each layer through the read-out: the part of ``decompose``'s
     ``mlp[l]`` that belongs to no neuron."""
+    embedding: Optional[Float[Tensor, "batch d_embed"]] = None
+    """The image embeddings of the same forward pass (``encode_image``, not normalised, never projected)."""
 
     def total(self) -> Float[Tensor, "batch layer out"]:
         """Σ over the selected neurons of ``effects``."""
@@ -253,9 +255,9 @@ def second_order_maps(
     )
 
 
-def _capture(model: "HookedCLIP", plan: "ReadoutPlan", maps: SecondOrderMaps, images: Tensor) -> dict:
-    """One forward pass; the frozen quantities at the pooled positions and each selected layer's
-    post-activations of the selected neurons."""
+def _capture(model: "HookedCLIP", plan: "ReadoutPlan", maps: SecondOrderMaps, images: Tensor) -> tuple[Tensor, dict]:
+    """One forward pass: the image embeddings, and in a dict the frozen quantities at the pooled positions
+    and each selected layer's post-activations of the selected neurons."""
     store: dict = {}
     positions = plan.positions
     neurons = maps.neurons.to(model.device)
@@ -283,13 +285,13 @@ def _capture(model: "HookedCLIP", plan: "ReadoutPlan", maps: SecondOrderMaps, im
         if blocks[layer].attn.ln_inner is not None:
             hooks.append((f"blocks.{layer}.attn.ln_inner.hook_scale", save(("ln_inner", layer), (slice(None), positions))))
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        model.visual(images)
-    return store
+        embedding = model.visual(images)
+    return embedding, store
 
 
 def _batch(model: "HookedCLIP", plan: "ReadoutPlan", maps: SecondOrderMaps, images: Tensor, per_head: bool):
-    """``(effects, first_order, per_head, mlp_bias)`` of one batch of images."""
-    store = _capture(model, plan, maps, images)
+    """``(effects, first_order, per_head, mlp_bias, embedding)`` of one batch of images."""
+    embedding, store = _capture(model, plan, maps, images)
     with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
         store = {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in store.items()}
         weights = _readout(model, plan, store).weights  # [batch, channel, pos]
@@ -331,7 +333,7 @@ def _batch(model: "HookedCLIP", plan: "ReadoutPlan", maps: SecondOrderMaps, imag
                 for r in range(U.shape[0]):
                     effects[:, i, part] += torch.bmm(c[r, part], U[r, part]).transpose(0, 1)
         mlp_bias = torch.einsum("br,rlo->blo", weights.sum(-1), maps.bias_maps)
-    return effects, first, heads, mlp_bias
+    return effects, first, heads, mlp_bias, embedding
 
 
 def second_order(
@@ -392,13 +394,13 @@ def second_order(
 
         starts = tqdm(starts, desc="second_order", unit="batch")
     parts = [_batch(model, plan, maps, images[s:s + batch_size], bool(per_head)) for s in starts]
-    effects, first, heads, bias = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
+    effects, first, heads, bias, embedding = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
     labels = None
     if per_head:
         labels = [f"L{lp}H{h}" for lp in range(maps.layers[0] + 1, maps.n_layers) for h in range(maps.n_heads)]
     return SecondOrder(
         effects=effects, first_order=first, layers=list(maps.layers), neurons=maps.neurons.clone(), per_head=heads,
-        head_labels=labels, directions=maps.directions, mlp_bias=bias,
+        head_labels=labels, directions=maps.directions, mlp_bias=bias, embedding=embedding,
     )
 
 

@@ -226,7 +226,10 @@ class Neurons:
             raise InputError("the neurons analysis needs effects in embedding space: compute second_order without directions.")
         if list(so.layers) != layers or so.effects.shape[0] != len(images):
             raise InputError(f"effects cover layers {so.layers} and {so.effects.shape[0]} images; expected {layers} and {len(images)}.")
-        embedding = torch.cat([model.encode_image(images[s:s + batch_size]) for s in range(0, len(images), batch_size)]).float().cpu()
+        if so.embedding is not None:  # the embeddings of second_order's own forward pass
+            embedding = so.embedding.float().cpu()
+        else:  # effects read from a store
+            embedding = torch.cat([model.encode_image(images[s:s + batch_size]) for s in range(0, len(images), batch_size)]).float().cpu()
         one = rank_one(so.effects.cpu(), embedding.norm(dim=-1), top_k, threshold)
         n_layers, n_neurons, d = one.direction.shape
         codes = text_codes(one.direction.reshape(-1, d), bank_embeddings, texts.texts, k)

@@ -169,8 +169,8 @@ def shapes_world_truth(
         for start in range(0, n_images, batch_size):
             scenes = [world.scene(i) for i in range(start, min(n_images, start + batch_size))]
             images = batch_images(scenes).to(model.device, model.dtype)
-            effects = second_order(model, images, layers=layers, batch_size=batch_size).effects.float().cpu()
-            embedding = model.encode_image(images).float().cpu()
+            so = second_order(model, images, layers=layers, batch_size=batch_size)
+            effects, embedding = so.effects.float().cpu(), so.embedding.float().cpu()  # one forward for both
             norms.append(effects.norm(dim=-1).flatten(1))  # [b, layer·neuron]
             for a in ATTRIBUTES:
                 labels = torch.tensor([values[a].index(s.value(a)) for s in scenes])

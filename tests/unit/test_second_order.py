@@ -134,6 +134,7 @@ def test_first_order_sums_to_decompose_mlp_term_minus_output_bias(family):
     result = second_order(model, images)  # every layer, every neuron
     parts = model.decompose(images, heads=None)
     torch.testing.assert_close(result.first_order.sum(2) + result.mlp_bias, parts.mlp, rtol=0, atol=1e-9)
+    torch.testing.assert_close(result.embedding, model.encode_image(images), rtol=0, atol=1e-12)  # the same forward
 
 
 def test_mlp_bias_is_b_out_through_the_frozen_ln_post():
