@@ -72,9 +72,12 @@ def _store_effects(opened: Any, hooked: Any, layers: Optional[list[int]]) -> tup
 
     # one stored layer at a time: the store may hold layers that are not wanted
     effects = torch.stack([opened.read("neurons", index=(stored.index(layer),)) for layer in wanted], 1).float()
-    effects *= opened.read("embedding_norm").float()[:, None, None, None]  # stored divided by ‖embedding‖
+    norm = opened.read("embedding_norm").float()
+    effects *= norm[:, None, None, None]  # stored divided by ‖embedding‖
+    embedding = opened.read("embedding").float() * norm[:, None]  # the store's own embeddings, not a new forward
     d_mlp = effects.shape[2]
-    return SecondOrder(effects=effects, first_order=None, layers=wanted, neurons=torch.arange(d_mlp)), wanted
+    return SecondOrder(effects=effects, first_order=None, layers=wanted, neurons=torch.arange(d_mlp),
+                       embedding=embedding), wanted
 
 
 @_user_errors
